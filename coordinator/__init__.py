@@ -1,0 +1,1 @@
+"""umm-coordinator: discovers experts, verifies and ranks them, merges and publishes."""

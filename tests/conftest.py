@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny real Llama checkpoints saved with ``save_pretrained``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("UMM_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base and two experts (base + noise): 2 layers, hidden 64, fp32. Read-only: copy to modify."""
+    from umm.experts.random_models import make_random_llama
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    base = make_random_llama(root / "base", seed=0)
+    return {
+        "base": base,
+        "math": make_random_llama(root / "math", seed=1, base=base),
+        "code": make_random_llama(root / "code", seed=2, base=base),
+    }

@@ -1,0 +1,53 @@
+"""The ``umm`` command line: one typer app, one module per command group.
+
+Each ``umm/cli/<name>.py`` module defines ``register(app)`` and imports heavy libraries (torch,
+transformers, hivemind) inside its command functions, so ``umm --help`` stays fast.
+:class:`umm.errors.UmmError` raised anywhere becomes a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from umm.errors import UmmError
+from umm.ui import err_console, setup_logging
+
+app = typer.Typer(
+    name="umm",
+    help="Unconstrained model merging: merge, evolve, fuse and evaluate LLM experts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v for INFO logs, -vv for DEBUG."),
+) -> None:
+    setup_logging(verbose)
+
+
+def _register_all() -> None:
+    from umm.cli import demo, eval, experts, merge
+
+    for module in (merge, eval, experts, demo):
+        module.register(app)
+
+
+_register_all()
+
+
+def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a typer app, turning :class:`UmmError` into a clean message and exit code 2."""
+    try:
+        typer_app(args=argv, standalone_mode=True)
+    except UmmError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(app, argv)

@@ -1,0 +1,86 @@
+"""Terminal output shared by every command: logging set-up, progress bars and tables.
+
+Library code logs with :mod:`logging` and reports progress through :func:`progress`; only the
+CLI prints results (through :data:`console`). Progress bars go to stderr and switch themselves
+off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is set, so logs and CI output stay clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    """Configure the root logger once: WARNING by default, INFO with -v, DEBUG with -vv."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("hivemind", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def progress_enabled() -> bool:
+    if os.environ.get("UMM_NO_PROGRESS") == "1":
+        return False
+    return sys.stderr.isatty()
+
+
+def progress(
+    iterable: Iterable[T] | None = None,
+    *,
+    total: int | float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    unit_scale: bool = False,
+    leave: bool = True,
+    disable: bool | None = None,
+) -> Any:
+    """A tqdm progress bar on stderr; off when stderr is not a TTY (see module docstring)."""
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        leave=leave,
+        disable=(not progress_enabled()) if disable is None else disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    """A rich table with the given columns; cells are rendered with ``str``."""
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*("" if c is None else str(c) for c in row))
+    return t
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
