@@ -1,0 +1,199 @@
+"""The ``umm evolve`` configuration: one frozen pydantic model read from a YAML file.
+
+Unknown keys are errors whose message lists the valid keys of that section, so a typo never
+silently falls back to a default. See ``examples/evolve.yaml`` for every key, commented.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from umm.errors import UmmError
+
+#: Default search bounds per method parameter (``weight`` may exceed 1 only if widened here).
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
+    "weight": (0.0, 1.0),
+    "density": (0.1, 1.0),
+    "t": (0.0, 1.0),
+}
+
+
+class EvolveConfigError(UmmError):
+    """The evolve config file is missing, unreadable or invalid."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Frozen):
+    """One task of the fitness: its evaluator name, weight and subset sizes."""
+
+    name: str
+    weight: float = 1.0
+    #: items of the ``search`` split used for every candidate (fixed, seeded subset)
+    search_size: int | None = Field(default=64, ge=1)
+    #: items of the ``test`` split in the final table (``None``: all of them)
+    test_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("task weight must be a finite number >= 0")
+        return v
+
+
+class Budget(_Frozen):
+    """When to stop: after ``evaluations`` candidates or ``seconds`` of wall time, whichever first."""
+
+    evaluations: int = 100
+    seconds: float | None = None
+
+    @field_validator("evaluations")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"budget.evaluations must be at least 1 (got {v}): a search needs candidates")
+        return v
+
+    @field_validator("seconds")
+    @classmethod
+    def _positive_seconds(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"budget.seconds must be > 0 or null (got {v})")
+        return v
+
+
+class EvolveConfig(_Frozen):
+    """Everything a search needs; paths are resolved relative to the config file."""
+
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    method: str = "task_arithmetic"
+    #: parameters of the method that are searched (default: every per-tensor parameter of the method)
+    search_params: list[str] | None = None
+    #: fixed global parameters of the method (e.g. ``normalize``, ``lambda``)
+    global_params: dict[str, Any] = Field(default_factory=dict)
+    #: layers per group: 1 = one gene per layer, ``num_layers`` = one gene for the whole model
+    layer_granularity: int = Field(default=1, ge=1)
+    #: optional name filters with their own genes (e.g. ``[self_attn, mlp]``)
+    filters: list[str] = Field(default_factory=list)
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    #: starting point: ``uniform`` or the path of a recipe YAML
+    start: str = "uniform"
+    tasks: list[TaskSpec] = Field(min_length=1)
+    budget: Budget = Field(default_factory=Budget)
+    optimizer: Literal["cma", "random"] = "cma"
+    #: candidates per generation (``None``: CMA-ES's default 4 + 3 ln(n))
+    population: int | None = Field(default=None, ge=2)
+    #: initial step size in the unbounded search space (logit units)
+    sigma0: float = Field(default=0.7, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    #: dtype of the live model and of the precomputed tensors (``float32`` or ``bfloat16``...)
+    dtype: str = "float32"
+    batch_size: int = Field(default=16, ge=1)
+    #: dtype of the written merged model
+    out_dtype: str | None = None
+    #: write the merged model of the best recipe into the run folder
+    write_model: bool = True
+    #: score the sources and untuned merges on ``test`` for the final table
+    compare: bool = True
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for name, (lo, hi) in v.items():
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"bounds.{name} must be [low, high] with low < high (got [{lo}, {hi}])")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks_unique(self) -> EvolveConfig:
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"tasks listed twice: {', '.join(dup)}")
+        if sum(t.weight for t in self.tasks) <= 0:
+            raise ValueError("at least one task must have a weight > 0")
+        return self
+
+    def bounds_for(self, param: str) -> tuple[float, float]:
+        """Search interval of a method parameter (config value, else the default, else [0, 1])."""
+        if param in self.bounds:
+            return tuple(self.bounds[param])  # type: ignore[return-value]
+        return DEFAULT_BOUNDS.get(param, (0.0, 1.0))
+
+    def population_size(self, dimension: int) -> int:
+        """Candidates per generation for a genome of ``dimension`` genes."""
+        if self.population is not None:
+            return self.population
+        return 4 + int(3 * math.log(max(dimension, 1)))
+
+
+def _valid_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"": EvolveConfig, "budget": Budget, "tasks": TaskSpec}
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid evolve config {source}:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            section = next((p for p in reversed(loc[:-1]) if p in _SECTIONS), "")
+            lines.append(
+                f"  unknown key '{where}'; valid keys here: {_valid_keys(_SECTIONS[section])}"
+            )
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> EvolveConfig:
+    """Validate a mapping into an :class:`EvolveConfig`; relative model paths are resolved against
+    ``base_dir`` when they exist there. Raises :class:`EvolveConfigError` with every problem listed."""
+    if not isinstance(data, dict):
+        raise EvolveConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
+    data = dict(data)
+    if "tasks" in data and isinstance(data["tasks"], list):
+        data["tasks"] = [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]
+    if base_dir is not None:
+        def _resolve(p: Any) -> Any:
+            if isinstance(p, str) and not Path(p).is_absolute() and (base_dir / p).exists():
+                return str((base_dir / p).resolve())
+            return p
+
+        if isinstance(data.get("models"), list):
+            data["models"] = [_resolve(m) for m in data["models"]]
+        if "base_model" in data:
+            data["base_model"] = _resolve(data["base_model"])
+        if isinstance(data.get("start"), str) and data["start"] != "uniform":
+            data["start"] = _resolve(data["start"])
+    try:
+        return EvolveConfig.model_validate(data)
+    except ValidationError as exc:
+        raise EvolveConfigError(_explain(exc, source)) from None
+
+
+def load_config(path: str | Path, **overrides: Any) -> EvolveConfig:
+    """Read a YAML config; ``overrides`` (e.g. ``optimizer="random"``) replace top-level keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvolveConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise EvolveConfigError(f"{p}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, source=str(p), base_dir=p.parent.resolve())
