@@ -1,9 +1,84 @@
-"""``umm merge``: (being built; see the module's owner issue)."""
+"""``umm merge RECIPE.yaml OUT_DIR``: run a mergekit-style recipe with the streaming executor."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the ``umm`` app."""
+    """Add ``umm merge`` to the ``umm`` app."""
+    app.command("merge")(merge_command)
+
+
+def merge_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format: models, base_model, merge_method, parameters, dtype, out_dtype, tokenizer_source)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write the merged model to (created atomically)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
+    threads: int = typer.Option(0, "--threads", help="Worker threads and torch threads (0: up to 4, by CPU count)."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 200MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new model is complete)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of random methods (DARE, DELLA); default: recipe parameters.seed or 0."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and the models, print the plan, write nothing."),
+) -> None:
+    """Merge the models of RECIPE into OUT_DIR, one tensor at a time.
+
+    Relative model paths in the recipe are read from the current directory (as mergekit does).
+    """
+    from umm.errors import UmmError
+    from umm.merge.recipe import MergeRecipe
+    from umm.ui import console, human_bytes, table
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
+    if threads < 0:
+        raise UmmError("--threads must be >= 0")
+    if not recipe.is_file():
+        raise UmmError(f"recipe file not found: {recipe}")
+    rec = MergeRecipe.load(recipe)
+
+    if dry_run:
+        _dry_run(rec, out_dir, overwrite, shard_size)
+        return
+
+    from umm.merge.executor import merge
+
+    s = merge(
+        rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
+        overwrite=overwrite, show_progress=True, seed=seed,
+    )
+    rows = [
+        ("output", str(s.out_dir)),
+        ("method", s.method),
+        ("models", "\n".join(s.models)),
+        ("base model", s.base_model or "-"),
+        ("tensors", s.num_tensors),
+        ("output size", f"{human_bytes(s.output_bytes)} in {s.shards} shard(s), {s.out_dtype}"),
+        ("time", f"{s.wall_s:.1f} s"),
+        ("peak memory (RSS)", human_bytes(s.peak_rss_bytes)),
+        ("device / threads", f"{s.device} / {s.threads}"),
+    ]
+    console.print(table("umm merge", ["", ""], rows))
+
+
+def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:
+    from umm.checkpoints.writer import TensorSpec, check_output_dir, parse_size, plan_shards
+    from umm.merge.executor import open_inputs
+    from umm.ui import console, human_bytes, table
+
+    check_output_dir(out_dir, overwrite)
+    inputs = open_inputs(rec)
+    try:
+        specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
+        plan = plan_shards(specs, parse_size(shard_size))
+        rows = [
+            ("method", inputs.method.name),
+            ("models", "\n".join(inputs.names)),
+            ("tensors", len(specs)),
+            ("output size", f"{human_bytes(plan.total_tensor_bytes)} in {len(plan.files)} shard(s)"),
+            ("would write", str(out_dir)),
+        ]
+        console.print(table("umm merge --dry-run (nothing written)", ["", ""], rows))
+    finally:
+        inputs.close()

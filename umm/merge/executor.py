@@ -1,0 +1,665 @@
+"""The streaming merge executor: one tensor (or one block of rows) at a time, bounded memory.
+
+:func:`merge` runs a recipe end to end: open every checkpoint (headers only), check that they are
+compatible (same architecture, tensor shapes and tokenizer) before any work, plan the output
+(every tensor's name, dtype, shape: from the base model's headers and ``out_dtype``), then merge
+tensor by tensor and stream each result into :class:`~umm.checkpoints.writer.CheckpointWriter`,
+which publishes the folder atomically at the end.
+
+:func:`merge_tensors` is the engine underneath and works without a disk target: it feeds each
+merged block to a *sink* (``sink(name, row_start, tensor)``), so the CMA-ES search can merge a
+candidate in memory (:func:`merge_state_dict`).
+
+How memory stays bounded:
+
+* inputs are read with ``os.preadv`` into fresh buffers (never memory-mapped), so page-cache
+  pages are not charged to this process and every buffer is freed as soon as its job ends;
+* for element-wise, non-random methods (linear, task arithmetic, ...) large tensors are split
+  into blocks of rows of about ``chunk_bytes`` of float32 work each; other methods (TIES,
+  breadcrumbs: their thresholds need the whole tensor; random methods: the generator stream
+  must not depend on the split) get whole tensors;
+* jobs run on a small thread pool (``threads`` workers overlap reading, computing and writing;
+  torch releases the GIL) but a job only starts when its estimated working memory fits in
+  ``memory_budget`` alongside the jobs already running (a job larger than the budget runs alone).
+
+Random methods draw from :func:`umm.merge.tensor_generator` ``(seed, tensor name)``, so results
+do not depend on tensor order, threads or chunking.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from umm.errors import UmmError
+
+logger = logging.getLogger(__name__)
+
+#: A sink receives each merged block: tensor name, first row of the block, the rows (out dtype).
+Sink = Callable[[str, int, torch.Tensor], None]
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def parse_dtype(name: str | None, what: str = "dtype") -> torch.dtype | None:
+    """``"bfloat16"`` (also ``bf16``, ``torch.bfloat16``) -> ``torch.bfloat16``; ``None`` -> ``None``."""
+    if name is None:
+        return None
+    key = str(name).strip().lower().removeprefix("torch.")
+    try:
+        return _DTYPE_NAMES[key]
+    except KeyError:
+        valid = ", ".join(sorted({"float32", "float16", "bfloat16", "float64"}))
+        raise UmmError(f"unknown {what} {name!r}; valid: {valid}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (bytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor sources
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointSource:
+    """Reads blocks of rows of a checkpoint's tensors with ``os.preadv`` into fresh buffers.
+
+    Thread-safe: ``preadv`` takes explicit offsets, so workers share one descriptor per file.
+    """
+
+    def __init__(self, ckpt: Any) -> None:
+        self.ckpt = ckpt
+        self.path = Path(ckpt.path)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(self.path / file, os.O_RDONLY)
+                self._fds[file] = fd
+            return fd
+
+    def read_rows(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` of tensor ``name`` (whole tensor by default), as stored."""
+        from umm.checkpoints.errors import CorruptCheckpointError
+
+        info = self.ckpt.tensors[name]
+        shape = tuple(info.shape)
+        first, last = info.byte_range
+        nbytes_total = last - first
+        if start is None or not shape:
+            lo, hi, rows_shape = 0, nbytes_total, shape
+        else:
+            row_bytes = nbytes_total // shape[0] if shape[0] else 0
+            lo, hi = start * row_bytes, end * row_bytes  # type: ignore[operator]
+            rows_shape = (end - start, *shape[1:])  # type: ignore[operator]
+        buf = torch.empty(hi - lo, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd = self._fd(info.file)
+        offset, done = first + lo, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CorruptCheckpointError(
+                    f"{self.path / info.file}: ends inside tensor {name!r} (truncated shard?)"
+                )
+            done += n
+        return buf.view(info.dtype).view(rows_shape)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class MemorySource:
+    """A dict of tensors (e.g. cached by the CMA-ES search) with the same interface."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str = "<memory>") -> None:
+        self.tensors = tensors
+        self.path = path
+
+    def read_rows(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if start is None or t.dim() == 0 else t[start:end]
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeInputs:
+    """What one merge reads: the method, its models and the tensors to produce.
+
+    ``sources[i]`` / ``names[i]`` are the models in ``recipe.model_paths()`` order;
+    ``base_index`` points at the base (or ``None``); ``merge_indices`` are the models passed to
+    ``method.merge`` as ``tensors`` (the base excluded, in recipe order).
+    """
+
+    recipe: Any
+    method: Any
+    names: list[str]
+    sources: list[Any]
+    base_index: int | None
+    merge_indices: list[int]
+    num_layers: int
+    tensor_names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    in_dtypes: dict[str, torch.dtype]
+    out_dtypes: dict[str, torch.dtype]
+    checkpoints: list[Any] = field(default_factory=list)
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        for c in self.checkpoints:
+            close = getattr(c, "close", None)
+            if close is not None:
+                close()
+
+    @property
+    def output_bytes(self) -> int:
+        total = 0
+        for n in self.tensor_names:
+            numel = 1
+            for d in self.shapes[n]:
+                numel *= d
+            total += numel * torch.empty((), dtype=self.out_dtypes[n]).element_size()
+        return total
+
+
+def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int]]:
+    """Model paths (recipe order, base first), index of the base, indices merged as ``tensors``."""
+    paths = list(recipe.model_paths())
+    base = recipe.base_model
+    base_index = paths.index(base) if base is not None and base in paths else None
+    merge_indices = [i for i in range(len(paths)) if i != base_index]
+    return paths, base_index, merge_indices
+
+
+def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeInputs:
+    """Validate the recipe, open every checkpoint and check they can be merged (before any work).
+
+    Raises :class:`UmmError` subclasses naming the model, file or tensor at fault.
+    """
+    from umm.checkpoints.fingerprint import require_compatible
+    from umm.checkpoints.reader import Checkpoint
+    from umm.merge import get_method
+
+    recipe.validate_for_merge()
+    method = get_method(recipe.merge_method)
+    paths, base_index, merge_indices = _model_roles(recipe)
+    if method.requires_base and base_index is None:
+        raise UmmError(f"merge method {method.name!r} needs a base_model")
+    if not merge_indices:
+        raise UmmError("the recipe has no model to merge besides the base")
+    ckpts: list[Any] = []
+    try:
+        for p in paths:
+            if not Path(p).exists():
+                raise UmmError(
+                    f"model folder not found: {p} (relative paths are read from the current "
+                    f"directory {os.getcwd()}; umm reads local folders only, download models first)"
+                )
+            ckpts.append(Checkpoint.open(p))
+        if len(ckpts) > 1:
+            require_compatible(ckpts)
+    except BaseException:
+        for c in ckpts:
+            c.close()
+        raise
+    ref = ckpts[base_index if base_index is not None else 0]
+    out = out_dtype
+    if out is None:
+        out = parse_dtype(recipe.out_dtype, "out_dtype") or parse_dtype(recipe.dtype, "dtype")
+    names = list(ref.tensors)
+    shapes = {n: tuple(ref.tensors[n].shape) for n in names}
+    in_dtypes = {n: ref.tensors[n].dtype for n in names}
+    out_dtypes = {
+        n: (out if (out is not None and in_dtypes[n].is_floating_point) else in_dtypes[n]) for n in names
+    }
+    num_layers = ref.num_layers if ref.num_layers is not None else 0
+    return MergeInputs(
+        recipe=recipe,
+        method=method,
+        names=paths,
+        sources=[CheckpointSource(c) for c in ckpts],
+        base_index=base_index,
+        merge_indices=merge_indices,
+        num_layers=num_layers,
+        tensor_names=names,
+        shapes=shapes,
+        in_dtypes=in_dtypes,
+        out_dtypes=out_dtypes,
+        checkpoints=ckpts,
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    start: int | None  # None: the whole tensor
+    end: int | None
+    est_bytes: int     # estimated peak working memory of the job
+    out_bytes: int
+
+
+def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
+    """Split the work into jobs: whole tensors, or blocks of rows for element-wise methods."""
+    method = inputs.method
+    can_chunk = bool(getattr(method, "elementwise", False)) and not bool(getattr(method, "random", False))
+    n_in = len(inputs.sources)
+    jobs: list[_Job] = []
+    for name in inputs.tensor_names:
+        shape = inputs.shapes[name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        in_item = torch.empty((), dtype=inputs.in_dtypes[name]).element_size()
+        out_item = torch.empty((), dtype=inputs.out_dtypes[name]).element_size()
+        # inputs as stored + float32 copies/deltas of each + result and its cast
+        per_elem = n_in * (in_item + 4) + 4 + out_item
+        rows = shape[0] if shape else 1
+        if can_chunk and shape and rows > 1 and numel * 4 > chunk_bytes:
+            row_elems = numel // rows
+            step = max(1, chunk_bytes // (4 * max(1, row_elems)))
+            for s in range(0, rows, step):
+                e = min(rows, s + step)
+                jobs.append(_Job(name, s, e, (e - s) * row_elems * per_elem, (e - s) * row_elems * out_item))
+        else:
+            jobs.append(_Job(name, None, None, numel * per_elem, numel * out_item))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_finite(t: torch.Tensor, name: str, model: str) -> None:
+    """Refuse NaN/Inf. Fast path: a float32 sum is finite iff every element is (barring overflow)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    if bool(torch.isfinite(t).all()):
+        return  # the sum overflowed; the values are fine
+    from umm.checkpoints.errors import NonFiniteTensorError
+
+    bad = int((~torch.isfinite(t)).sum())
+    raise NonFiniteTensorError(
+        f"tensor {name!r} of model {model} holds {bad} NaN/Inf value(s); refusing to merge it "
+        "(fix or drop this model)"
+    )
+
+
+class _Budget:
+    """Admits jobs while their estimated memory fits; one oversized job may run alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _run_job(
+    inputs: MergeInputs,
+    job: _Job,
+    device: torch.device,
+    seed: int,
+    params_cache: dict[str, Any],
+    check_finite: bool,
+) -> torch.Tensor:
+    from umm.merge import resolve_tensor_params, tensor_generator
+
+    method = inputs.method
+    name = job.name
+    blocks = []
+    for src, model in zip(inputs.sources, inputs.names):
+        t = src.read_rows(name, job.start, job.end)
+        if check_finite:
+            _check_finite(t, name, model)
+        blocks.append(t)
+    out_dtype = inputs.out_dtypes[name]
+    if not inputs.in_dtypes[name].is_floating_point:
+        ref = blocks[inputs.base_index if inputs.base_index is not None else 0]
+        return ref.to(out_dtype)
+    if device.type != "cpu":
+        blocks = [b.to(device, non_blocking=True) for b in blocks]
+    params = params_cache.get(name)
+    if params is None:
+        params = resolve_tensor_params(inputs.recipe, method, name, inputs.num_layers)
+        params_cache[name] = params
+    base = blocks[inputs.base_index] if inputs.base_index is not None else None
+    tensors = [blocks[i] for i in inputs.merge_indices]
+    gen = tensor_generator(seed, name, device=device) if getattr(method, "random", False) else None
+    result = method.merge(base, tensors, params.per_model, params.global_, generator=gen)
+    del blocks, tensors, base
+    if result.dtype != out_dtype:
+        result = result.to(out_dtype)
+    if result.device.type != "cpu":
+        result = result.cpu()
+    return result
+
+
+def merge_tensors(
+    inputs: MergeInputs,
+    sink: Sink,
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    seed: int = 0,
+    chunk_bytes: int = 64 * 2**20,
+    memory_budget: int | None = None,
+    check_finite: bool = True,
+    names: Iterable[str] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Merge every tensor of ``inputs`` (or only ``names``) and hand each block to ``sink``.
+
+    ``sink`` may be called from worker threads, concurrently, blocks in any order. Returns the
+    number of tensors produced. ``on_progress(out_bytes)`` is called from this thread as blocks
+    complete. Errors from any job are raised here after the pool stops.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UmmError("--device cuda asked for but CUDA is not available; use --device cpu")
+    workers = max(1, threads or min(4, os.cpu_count() or 1))
+    jobs = plan_jobs(inputs, chunk_bytes)
+    if names is not None:
+        wanted = set(names)
+        unknown = wanted - set(inputs.tensor_names)
+        if unknown:
+            raise UmmError(f"unknown tensor(s): {sorted(unknown)[:5]}")
+        jobs = [j for j in jobs if j.name in wanted]
+    if memory_budget is None:
+        biggest = max((j.est_bytes for j in jobs), default=0)
+        memory_budget = max(biggest, workers * 2 * chunk_bytes * len(inputs.sources))
+    budget = _Budget(memory_budget)
+    params_cache: dict[str, Any] = {}
+    done_names: set[str] = set()
+    stop = threading.Event()
+
+    def work(job: _Job) -> _Job:
+        try:
+            if stop.is_set():
+                return job
+            block = _run_job(inputs, job, dev, seed, params_cache, check_finite)
+            sink(job.name, job.start or 0, block)
+            return job
+        finally:
+            budget.give(job.est_bytes)
+
+    pending: set[Future] = set()
+    it = iter(jobs)
+    nxt: _Job | None = next(it, None)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="umm-merge") as pool:
+        try:
+            while nxt is not None or pending:
+                # submit while workers are free and memory fits
+                while nxt is not None and len(pending) < workers:
+                    with budget.cond:
+                        if not budget.fits(nxt.est_bytes):
+                            break
+                        budget.take(nxt.est_bytes)
+                    pending.add(pool.submit(work, nxt))
+                    nxt = next(it, None)
+                if not pending:
+                    continue
+                finished, pending = wait(pending, timeout=None, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    job = f.result()  # re-raises a job's error
+                    done_names.add(job.name)
+                    if on_progress is not None:
+                        on_progress(job.out_bytes)
+        except BaseException:
+            stop.set()
+            for f in pending:
+                f.cancel()
+            raise
+    return len(done_names)
+
+
+def merge_state_dict(
+    recipe: Any,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    inputs: MergeInputs | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge in memory: ``{name: tensor}`` on CPU (for evaluating a candidate without disk)."""
+    own = inputs is None
+    inp = inputs if inputs is not None else open_inputs(recipe, out_dtype=out_dtype)
+    if not own:
+        inp.recipe = recipe
+    try:
+        out = {n: torch.empty(inp.shapes[n], dtype=inp.out_dtypes[n]) for n in inp.tensor_names}
+
+        def sink(name: str, start: int, block: torch.Tensor) -> None:
+            t = out[name]
+            if t.dim() == 0:
+                t.copy_(block)
+            else:
+                t[start : start + block.shape[0]].copy_(block)
+
+        merge_tensors(inp, sink, device=device, threads=threads, seed=_seed(recipe, seed))
+        return out
+    finally:
+        if own:
+            inp.close()
+
+
+def _seed(recipe: Any, seed: int | None) -> int:
+    if seed is not None:
+        return int(seed)
+    params = getattr(recipe, "parameters", None) or {}
+    value = params.get("seed") if isinstance(params, Mapping) else None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# To disk
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    """What a merge did: where, what, how long, how much memory and disk."""
+
+    out_dir: Path
+    method: str
+    models: tuple[str, ...]
+    base_model: str | None
+    num_tensors: int
+    output_bytes: int
+    shards: int
+    out_dtype: str
+    device: str
+    threads: int
+    seed: int
+    wall_s: float
+    peak_rss_bytes: int
+
+
+def _tokenizer_dir(inputs: MergeInputs) -> Path:
+    """The folder whose tokenizer files are copied (``tokenizer_source``: base/union/<model>)."""
+    from umm.checkpoints.errors import IncompatibleCheckpointsError
+    from umm.checkpoints.fingerprint import tokenizer_fingerprint
+
+    recipe = inputs.recipe
+    ref = Path(inputs.names[inputs.base_index if inputs.base_index is not None else 0])
+    src = getattr(recipe, "tokenizer_source", None)
+    if src is None or src == "base":
+        return ref
+    fps = {p: tokenizer_fingerprint(p) for p in inputs.names}
+    if src == "union":
+        if len(set(fps.values())) > 1:
+            raise IncompatibleCheckpointsError(
+                "tokenizer_source: union needs a vocabulary merge, but the models' tokenizers "
+                "differ; umm merges identical tokenizers only: use `umm fuse` (distribution fusion) "
+                "for heterogeneous models"
+            )
+        return ref
+    path = Path(str(src))
+    if not path.is_dir():
+        valid = ", ".join(["base", "union", *inputs.names])
+        raise UmmError(f"tokenizer_source {src!r} is not a model folder; valid: {valid}")
+    if tokenizer_fingerprint(path) != fps[str(ref)]:
+        raise IncompatibleCheckpointsError(
+            f"tokenizer_source {src} has a different tokenizer from the merged models; a merge "
+            "keeps the models' vocabulary: use `umm fuse` (distribution fusion) to change tokenizers"
+        )
+    return path
+
+
+def _updated_config(ref_dir: Path, out_dtypes: Mapping[str, torch.dtype]) -> dict[str, Any] | None:
+    import json
+
+    cfg_path = ref_dir / "config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    float_dtypes = {d for d in out_dtypes.values() if d.is_floating_point}
+    if len(float_dtypes) == 1:
+        name = dtype_name(next(iter(float_dtypes)))
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = name
+        cfg["dtype"] = name
+    return cfg
+
+
+def merge(
+    recipe: Any,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    show_progress: bool = True,
+    seed: int | None = None,
+    chunk_bytes: int = 64 * 2**20,
+) -> MergeSummary:
+    """Run ``recipe`` and write the merged model folder to ``out_dir`` (atomically).
+
+    Checks (before merging): the output folder (refused if it exists and is not empty, unless
+    ``overwrite``), the recipe, that every model exists, is safetensors, and is compatible with
+    the others. During: every input block is checked for NaN/Inf. Any failure removes the
+    temporary output; with ``overwrite`` the old folder stays until the new one is complete.
+    """
+    from umm import __version__
+    from umm.checkpoints.writer import (
+        TOKENIZER_FILES,
+        CheckpointWriter,
+        TensorSpec,
+        check_output_dir,
+        model_card,
+        parse_size,
+    )
+    from umm.ui import progress
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    max_shard = parse_size(shard_size)
+    workers = max(1, threads or min(4, os.cpu_count() or 1))
+    if threads:
+        torch.set_num_threads(max(1, threads))
+    the_seed = _seed(recipe, seed)
+    inputs = open_inputs(recipe)
+    try:
+        tok_dir = _tokenizer_dir(inputs)
+        ref_dir = Path(inputs.names[inputs.base_index if inputs.base_index is not None else 0])
+        specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
+        recipe_yaml = recipe.to_yaml()
+        with CheckpointWriter(out, specs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
+            bar = progress(total=inputs.output_bytes, desc=f"merge ({inputs.method.name})", unit="B",
+                           unit_scale=True, disable=None if show_progress else True)
+            try:
+                n = merge_tensors(
+                    inputs, writer.write_rows, device=device, threads=workers, seed=the_seed,
+                    chunk_bytes=chunk_bytes, on_progress=bar.update,
+                )
+            finally:
+                bar.close()
+            cfg = _updated_config(ref_dir, inputs.out_dtypes)
+            if cfg is not None:
+                writer.write_json("config.json", cfg)
+            writer.copy_files(ref_dir, ["generation_config.json"])
+            writer.copy_files(tok_dir, TOKENIZER_FILES)
+            writer.write_text("umm_recipe.yaml", recipe_yaml)
+            writer.write_text("mergekit_config.yml", recipe_yaml)
+            out_dt = {dtype_name(d) for d in inputs.out_dtypes.values()}
+            writer.write_text("README.md", model_card(
+                method=inputs.method.name,
+                sources=inputs.names,
+                base_model=inputs.names[inputs.base_index] if inputs.base_index is not None else None,
+                parameters=dict(getattr(recipe, "parameters", {}) or {}),
+                recipe_yaml=recipe_yaml,
+                out_dtype=", ".join(sorted(out_dt)),
+                version=__version__,
+            ))
+            writer.finalize()
+            shards = len(writer.plan.files)
+    finally:
+        inputs.close()
+    return MergeSummary(
+        out_dir=out.absolute(),
+        method=inputs.method.name,
+        models=tuple(inputs.names),
+        base_model=inputs.names[inputs.base_index] if inputs.base_index is not None else None,
+        num_tensors=n,
+        output_bytes=inputs.output_bytes,
+        shards=shards,
+        out_dtype=", ".join(sorted({dtype_name(d) for d in inputs.out_dtypes.values()})),
+        device=str(device),
+        threads=workers,
+        seed=the_seed,
+        wall_s=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss_bytes(),
+    )
