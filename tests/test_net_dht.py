@@ -1,0 +1,140 @@
+"""DHT records on a real 2-peer hivemind swarm on 127.0.0.1: who may write what, shapes, expiry."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from umm.net import keys, records
+from umm.net.dht import start_dht, visible_maddrs
+from umm.net.records import ExpertRecord, MergedRecord, NetworkRecords, ProviderRecord, Refresher
+
+NET = "testnet"
+H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
+
+
+def expert(name: str = "math-7b", manifest_hash: str = H1) -> ExpertRecord:
+    return ExpertRecord(
+        name=name, domains=["math"], architecture="llama:abc", tokenizer="tok:def", num_parameters=1000,
+        manifest_hash=manifest_hash, total_bytes=4096, address="127.0.0.1:50051",
+        self_scores={"gsm8k": 0.5}, base_model=None, software_version="0.1.0",
+    )
+
+
+def merged(round_: int = 1) -> MergedRecord:
+    return MergedRecord(
+        round=round_, name=f"merged-r{round_}", manifest_hash=H3, total_bytes=10, address="127.0.0.1:6000",
+        sources=[H1, H2], method="ties", recipe_hash=H2, scores={"gsm8k": 0.7},
+        source_scores={H1: {"gsm8k": 0.5}, H2: {"gsm8k": 0.4}}, published_at=1.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """Peer A = coordinator, peer B = contributor; both trust the coordinator's key."""
+    root = tmp_path_factory.mktemp("dht")
+    coord_key = keys.load_or_create_key(root / "coord.key")
+    coord_pub = keys.public_key_bytes(coord_key)
+    dhts = []
+    try:
+        a = start_dht(NET, root / "coord.key", coordinator_public_key=coord_pub)
+        dhts.append(a)
+        b = start_dht(NET, root / "peer.key", initial_peers=visible_maddrs(a), coordinator_public_key=coord_pub)
+        dhts.append(b)
+        yield {
+            "a": a, "b": b, "coord_pub": coord_pub, "root": root,
+            "ra": NetworkRecords(a, NET, coord_key, coord_pub),
+            "rb": NetworkRecords(b, NET, keys.load_key(root / "peer.key"), coord_pub),
+        }
+    finally:
+        for d in dhts:
+            d.shutdown()
+
+
+def test_identity_file_gives_peer_id_and_signing_key(swarm):
+    assert str(swarm["a"].peer_id) == keys.peer_id_of(swarm["root"] / "coord.key")
+    assert all("/p2p/" in m for m in visible_maddrs(swarm["a"]))
+
+
+def test_peer_writes_only_its_own_expert_subkey(swarm):
+    ra, rb = swarm["ra"], swarm["rb"]
+    assert rb.announce_expert(expert())
+    seen = ra.experts()
+    assert seen[rb.public_key].record == expert()
+
+    # A forges an entry under B's subkey: it cannot sign for B's key, so every peer refuses it.
+    forged = records.to_value(expert(name="forged", manifest_hash=H2))
+    assert not records.store_value(swarm["a"], records.experts_key(NET), rb.owner, forged, ttl=60)
+    assert ra.experts()[rb.public_key].record.name == "math-7b"
+    assert rb.experts()[rb.public_key].record.manifest_hash == H1
+
+
+def test_wrong_shaped_values_are_rejected(swarm):
+    rb = swarm["rb"]
+    key = records.experts_key(NET)
+    good = records.to_value(expert(name="shape"))
+    assert not records.store_value(swarm["b"], key, rb.owner, {**good, "num_parameters": "1000"}, ttl=60)
+    assert not records.store_value(swarm["b"], key, rb.owner, {**good, "extra": 1}, ttl=60)
+    assert not records.store_value(swarm["b"], key, rb.owner, {k: v for k, v in good.items() if k != "name"}, ttl=60)
+    assert not records.store_value(swarm["b"], key, rb.owner, {**good, "schema_version": 99}, ttl=60)
+    assert not records.store_value(swarm["b"], key, rb.owner, b"not a dict", ttl=60)
+    # an entry without an owner marker is refused for schema keys
+    assert not records.store_value(swarm["b"], key, b"plain-subkey", good, ttl=60)
+    with pytest.raises(records.RecordError):
+        records.parse_record(ExpertRecord, {**good, "total_bytes": 1.5})
+
+
+def test_only_the_coordinator_writes_merged_records(swarm):
+    ra, rb = swarm["ra"], swarm["rb"]
+    # B signs a merged record under its own key: refused by peers that know the coordinator key.
+    assert not rb.publish_merged(merged(round_=99))
+    # B forges one under the coordinator's subkey: the signature check refuses it.
+    assert not records.store_value(swarm["b"], records.merged_key(NET), ra.owner, records.to_value(merged(98)), 60)
+    assert rb.merged() is None
+    assert ra.publish_merged(merged(round_=1))
+    entry = rb.merged()
+    assert entry is not None and entry.record.round == 1 and entry.owner == swarm["coord_pub"]
+
+
+def test_reader_ignores_merged_records_from_untrusted_keys(swarm, tmp_path):
+    # Peer C runs without the coordinator key, so it keeps a merged record signed by its own key;
+    # a reader that trusts only the coordinator's key still ignores that record.
+    assert swarm["ra"].publish_merged(merged(round_=2))
+    c = start_dht(NET, tmp_path / "c.key", initial_peers=visible_maddrs(swarm["a"]))
+    try:
+        c_key = keys.load_key(tmp_path / "c.key")
+        c_pub = keys.public_key_bytes(c_key)
+        NetworkRecords(c, NET, c_key).publish_merged(merged(round_=7))  # A and B refuse; C keeps it
+        everything = records.read_entries(c, records.merged_key(NET), MergedRecord)
+        assert everything[c_pub].record.round == 7  # the untrusted record is really there
+        entry = NetworkRecords(c, NET, c_key, coordinator_public_key=swarm["coord_pub"]).merged()
+        assert entry is not None and entry.owner == swarm["coord_pub"] and entry.record.round == 2
+        with pytest.raises(records.RecordError):
+            NetworkRecords(c, NET, c_key).merged()  # no coordinator key configured: refuse to guess
+    finally:
+        c.shutdown()
+
+
+def test_providers_and_expiry_without_refresh(swarm):
+    ra, rb = swarm["ra"], swarm["rb"]
+    assert rb.announce_provider(H3, "127.0.0.1:7000", ttl=2.0)
+    assert ra.providers(H3)[rb.public_key].record == ProviderRecord(manifest_hash=H3, address="127.0.0.1:7000")
+    # a provider entry of the wrong shape (not schema-checked by the DHT) is dropped on read
+    bad = {"schema_version": 1, "manifest_hash": H3, "address": "no port"}
+    assert records.store_value(swarm["a"], records.providers_key(NET, H3), ra.owner, bad, ttl=2.0)
+    assert ra.public_key not in rb.providers(H3)
+    time.sleep(2.5)
+    assert ra.providers(H3) == {}
+
+
+def test_refresher_keeps_records_alive_and_stops(swarm):
+    ra, rb = swarm["ra"], swarm["rb"]
+    refresher = Refresher(period=1.0)
+    assert refresher.add("provider", lambda ttl: rb.announce_provider(H2, "127.0.0.1:7001", ttl=ttl))
+    with refresher:
+        time.sleep(3.0)  # > TTL (2 s): only refreshes keep the record
+        assert rb.public_key in ra.providers(H2)
+    assert not refresher._thread.is_alive()
+    time.sleep(2.5)
+    assert ra.providers(H2) == {}

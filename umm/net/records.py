@@ -1,0 +1,452 @@
+"""DHT records of a umm network: keys, schemas, validators, announce/read and periodic refresh.
+
+Keys (``<network>`` is the network's name)::
+
+    umm.<network>.experts                 subkey: contributor's owner marker  -> ExpertRecord
+    umm.<network>.scores                  subkey: coordinator's owner marker  -> ScoresRecord
+    umm.<network>.merged                  subkey: coordinator's owner marker  -> MergedRecord
+    umm.<network>.providers.<hash>        subkey: provider's owner marker     -> ProviderRecord
+
+An *owner marker* is ``b"[owner:" + OpenSSH public key + b"]"``: hivemind's
+:class:`~hivemind.dht.crypto.RSASignatureValidator` then requires every write under that subkey
+to carry the owner's signature (over key, subkey, value and expiration), so a peer can write only
+its own entries. hivemind's :class:`~hivemind.dht.schema.SchemaValidator` rejects values of the
+wrong shape for the three fixed keys (strict pydantic v1 types, no extra fields, our
+``schema_version``). Provider keys contain a hash, so no fixed schema can name them: they are
+protected by signature like the others and their shape is checked on read.
+
+Scores and merged-model records are trusted only under the coordinator's marker. Readers ignore
+every other subkey, and a DHT started with ``coordinator_public_key`` (see
+:func:`make_validators`) refuses to store or relay them at all. Give every peer of a network the
+coordinator key: hivemind drops a whole dictionary answer when one entry of it fails validation.
+
+Records expire; their owners re-store them every refresh period with an expiration of twice the
+period (:class:`Refresher`), so an owner that goes away disappears within two periods.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Dict, Generic, List, Optional, Type, TypeVar
+
+import pydantic.v1 as pyd
+
+from umm.net.errors import RecordError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_REFRESH_PERIOD = 60.0
+HASH_RE = r"^[0-9a-f]{64}$"
+_NETWORK_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MAX_ENTRIES = 512
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+
+def check_network(network: str) -> str:
+    if not isinstance(network, str) or not _NETWORK_RE.match(network):
+        raise RecordError(f"invalid network name {network!r}: use 1-64 letters, digits, '-' or '_'")
+    return network
+
+
+def experts_key(network: str) -> str:
+    return f"umm.{check_network(network)}.experts"
+
+
+def scores_key(network: str) -> str:
+    return f"umm.{check_network(network)}.scores"
+
+
+def merged_key(network: str) -> str:
+    return f"umm.{check_network(network)}.merged"
+
+
+def providers_key(network: str, manifest_hash: str) -> str:
+    if not re.match(HASH_RE, manifest_hash or ""):
+        raise RecordError(f"invalid manifest hash {manifest_hash!r}: expected 64 lowercase hex digits")
+    return f"umm.{check_network(network)}.providers.{manifest_hash}"
+
+
+def owner_marker(public_key: bytes) -> bytes:
+    """The subkey under which only the holder of ``public_key`` (OpenSSH bytes) can write."""
+    return b"[owner:" + bytes(public_key) + b"]"
+
+
+def public_key_of_marker(marker: Any) -> bytes | None:
+    """The public key inside an owner marker, or None when ``marker`` is not one."""
+    if isinstance(marker, bytes) and marker.startswith(b"[owner:") and marker.endswith(b"]"):
+        return marker[len(b"[owner:") : -1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas (pydantic v1: the API hivemind's SchemaValidator uses; strict types, no coercion)
+
+Hash = pyd.constr(strict=True, regex=HASH_RE)
+Name = pyd.constr(strict=True, min_length=1, max_length=128)
+Text = pyd.constr(strict=True, max_length=1024)
+Address = pyd.constr(strict=True, min_length=3, max_length=256, regex=r"^[^\s/]+:[0-9]{1,5}$")
+Count = pyd.conint(strict=True, ge=0)
+
+
+def _bounded(value: dict | list, what: str) -> Any:
+    if len(value) > _MAX_ENTRIES:
+        raise ValueError(f"{what} has {len(value)} entries (at most {_MAX_ENTRIES})")
+    return value
+
+
+class _Record(pyd.BaseModel):
+    schema_version: pyd.StrictInt = SCHEMA_VERSION
+
+    class Config:
+        extra = pyd.Extra.forbid
+        allow_mutation = False
+
+    @pyd.validator("schema_version")
+    def _version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not {SCHEMA_VERSION} (peers run different umm versions)")
+        return v
+
+
+class ExpertRecord(_Record):
+    """A contributor's announcement of one expert model (self-reported; the coordinator verifies)."""
+
+    name: Name
+    domains: List[Name]
+    architecture: Text  # architecture fingerprint
+    tokenizer: Text  # tokenizer fingerprint
+    num_parameters: Count
+    manifest_hash: Hash
+    total_bytes: Count
+    address: Address  # gRPC CheckpointService "host:port"
+    self_scores: Dict[Name, pyd.StrictFloat]
+    base_model: Optional[Text]
+    software_version: Name
+
+    _b1 = pyd.validator("domains", allow_reuse=True)(lambda v: _bounded(v, "domains"))
+    _b2 = pyd.validator("self_scores", allow_reuse=True)(lambda v: _bounded(v, "self_scores"))
+
+
+class ExpertVerdict(pyd.BaseModel):
+    """The coordinator's verdict on one expert (by manifest hash)."""
+
+    admitted: pyd.StrictBool
+    reason: Text
+    scores: Dict[Name, pyd.StrictFloat]  # verified scores per task
+    ranks: Dict[Name, pyd.conint(strict=True, ge=1)]  # rank per domain (1 = best)
+
+    class Config:
+        extra = pyd.Extra.forbid
+        allow_mutation = False
+
+
+class ScoresRecord(_Record):
+    """Verified scores, admission verdicts and ranks, written by the coordinator only."""
+
+    round: Count
+    updated_at: pyd.StrictFloat
+    experts: Dict[Hash, ExpertVerdict]
+
+    _b = pyd.validator("experts", allow_reuse=True)(lambda v: _bounded(v, "experts"))
+
+
+class MergedRecord(_Record):
+    """The latest published merged (or fused) model, written by the coordinator only."""
+
+    round: Count
+    name: Name
+    manifest_hash: Hash
+    total_bytes: Count
+    address: Address
+    sources: List[Hash]
+    method: Name
+    recipe_hash: Hash
+    scores: Dict[Name, pyd.StrictFloat]
+    source_scores: Dict[Hash, Dict[Name, pyd.StrictFloat]]
+    published_at: pyd.StrictFloat
+
+    _b1 = pyd.validator("sources", allow_reuse=True)(lambda v: _bounded(v, "sources"))
+    _b2 = pyd.validator("source_scores", allow_reuse=True)(lambda v: _bounded(v, "source_scores"))
+
+
+class ProviderRecord(_Record):
+    """A peer that serves the bytes of one model (``manifest_hash``) at ``address``."""
+
+    manifest_hash: Hash
+    address: Address
+
+
+R = TypeVar("R", bound=_Record)
+
+
+def to_value(record: _Record) -> dict[str, Any]:
+    """The msgpack-able value stored in the DHT: every field, so strict schema checks match exactly."""
+    return record.dict()
+
+
+def parse_record(cls: Type[R], value: Any) -> R:
+    """Parse a DHT value into ``cls``; :class:`RecordError` for anything of the wrong shape."""
+    if not isinstance(value, dict):
+        raise RecordError(f"{cls.__name__}: expected a dictionary, got {type(value).__name__}")
+    try:
+        record = cls.parse_obj(value)
+    except pyd.ValidationError as e:
+        raise RecordError(f"malformed {cls.__name__}: {e}") from e
+    if to_value(record) != value:
+        raise RecordError(f"malformed {cls.__name__}: values need type conversion or fields are missing")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# validators
+
+
+def _key_id(raw_key: str) -> bytes:
+    from hivemind.dht.routing import DHTID
+
+    return DHTID.generate(source=raw_key).to_bytes()
+
+
+def dht_schema(network: str) -> Type[pyd.BaseModel]:
+    """The pydantic v1 model for hivemind's SchemaValidator: one field per fixed key of ``network``."""
+    from hivemind.dht.schema import BytesWithPublicKey
+
+    fields = {
+        experts_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ExpertRecord]]], None),
+        scores_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ScoresRecord]]], None),
+        merged_key(network): (Optional[Dict[BytesWithPublicKey, Optional[MergedRecord]]], None),
+    }
+    return pyd.create_model(f"UmmRecords_{network.replace('-', '_')}", **fields)
+
+
+def _coordinator_only_validator_class():
+    from hivemind.dht.validation import RecordValidatorBase
+    from hivemind.utils import MSGPackSerializer
+
+    class CoordinatorOnlyValidator(RecordValidatorBase):
+        """Rejects scores/merged entries whose subkey is not the coordinator's owner marker."""
+
+        def __init__(self, network: str, coordinator_public_key: bytes):
+            self._key_ids = {_key_id(scores_key(network)), _key_id(merged_key(network))}
+            self._owner = owner_marker(coordinator_public_key)
+
+        def validate(self, record) -> bool:
+            if record.key not in self._key_ids:
+                return True
+            try:
+                subkey = MSGPackSerializer.loads(record.subkey)
+            except Exception:
+                return False
+            if subkey != self._owner:
+                logger.debug("refused a coordinator-only record under a foreign subkey")
+                return False
+            return True
+
+    return CoordinatorOnlyValidator
+
+
+def make_validators(network: str, local_key, coordinator_public_key: bytes | None = None) -> list:
+    """hivemind record validators for ``network``: signatures (``local_key`` signs our writes),
+    strict schemas, and, when ``coordinator_public_key`` is given, coordinator-only scores/merged."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.schema import SchemaValidator
+
+    validators = [
+        RSASignatureValidator(local_key),
+        SchemaValidator(dht_schema(network), allow_extra_keys=True),
+    ]
+    if coordinator_public_key is not None:
+        validators.append(_coordinator_only_validator_class()(network, bytes(coordinator_public_key)))
+    return validators
+
+
+# ---------------------------------------------------------------------------------------------
+# announce / read
+
+_DHT_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_DHT_LOCKS_GUARD = threading.Lock()
+
+
+def _dht_call(dht, method: str, **kwargs) -> Any:
+    # hivemind.DHT talks to its process over one pipe; serialise sends from our threads.
+    with _DHT_LOCKS_GUARD:
+        lock = _DHT_LOCKS.setdefault(dht, threading.Lock())
+    with lock:
+        future = getattr(dht, method)(return_future=True, **kwargs)
+    return future.result()
+
+
+def dht_time() -> float:
+    from hivemind.utils import get_dht_time
+
+    return get_dht_time()
+
+
+@dataclass(frozen=True)
+class Entry(Generic[R]):
+    """One parsed record read from the DHT, with its owner's public key and expiration time."""
+
+    owner: bytes  # OpenSSH public key of the writer
+    record: R
+    expiration_time: float
+
+
+def store_value(dht, key: str, subkey: bytes, value: dict | None, ttl: float) -> bool:
+    """Store ``value`` (None withdraws) under ``key``/``subkey`` until now + ``ttl``; True if stored."""
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    return bool(_dht_call(dht, "store", key=key, value=value, subkey=subkey, expiration_time=dht_time() + ttl))
+
+
+def read_entries(dht, key: str, cls: Type[R], *, owners: set[bytes] | None = None) -> dict[bytes, Entry[R]]:
+    """All well-formed, unexpired entries under ``key`` (optionally only those of ``owners``), by owner."""
+    found = _dht_call(dht, "get", key=key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    out: dict[bytes, Entry[R]] = {}
+    now = dht_time()
+    for subkey, item in found.value.items():
+        owner = public_key_of_marker(subkey)
+        if owner is None or (owners is not None and owner not in owners):
+            continue
+        value, expiration = item.value, item.expiration_time
+        if value is None or expiration < now:
+            continue
+        try:
+            out[owner] = Entry(owner, parse_record(cls, value), expiration)
+        except RecordError as e:
+            logger.debug("ignoring a malformed entry under %s: %s", key, e)
+    return out
+
+
+class NetworkRecords:
+    """Typed announce/read of one network's records through a running ``hivemind.DHT``.
+
+    ``key`` must be the private key given to :func:`make_validators` for this DHT (it signs our
+    writes). ``coordinator_public_key`` is the only key whose scores/merged records are returned.
+    """
+
+    def __init__(self, dht, network: str, key, coordinator_public_key: bytes | None = None):
+        from umm.net.keys import public_key_bytes
+
+        self.dht = dht
+        self.network = check_network(network)
+        self.public_key = public_key_bytes(key)
+        self.owner = owner_marker(self.public_key)
+        self.coordinator_public_key = coordinator_public_key
+
+    # writes ------------------------------------------------------------------------------
+    def announce_expert(self, record: ExpertRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        return store_value(self.dht, experts_key(self.network), self.owner, to_value(record), ttl)
+
+    def withdraw_expert(self, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        return store_value(self.dht, experts_key(self.network), self.owner, None, ttl)
+
+    def publish_scores(self, record: ScoresRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        return store_value(self.dht, scores_key(self.network), self.owner, to_value(record), ttl)
+
+    def publish_merged(self, record: MergedRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        return store_value(self.dht, merged_key(self.network), self.owner, to_value(record), ttl)
+
+    def announce_provider(self, manifest_hash: str, address: str, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        record = ProviderRecord(manifest_hash=manifest_hash, address=address)
+        return store_value(self.dht, providers_key(self.network, manifest_hash), self.owner, to_value(record), ttl)
+
+    # reads -------------------------------------------------------------------------------
+    def experts(self) -> dict[bytes, Entry[ExpertRecord]]:
+        """Every announced expert, by its contributor's public key."""
+        return read_entries(self.dht, experts_key(self.network), ExpertRecord)
+
+    def _coordinator_entry(self, key: str, cls: Type[R]) -> Entry[R] | None:
+        if self.coordinator_public_key is None:
+            raise RecordError("no coordinator public key configured: scores and merged records cannot be trusted")
+        owner = bytes(self.coordinator_public_key)
+        return read_entries(self.dht, key, cls, owners={owner}).get(owner)
+
+    def scores(self) -> Entry[ScoresRecord] | None:
+        """The coordinator's scores record (records by any other key are ignored)."""
+        return self._coordinator_entry(scores_key(self.network), ScoresRecord)
+
+    def merged(self) -> Entry[MergedRecord] | None:
+        """The coordinator's merged-model record (records by any other key are ignored)."""
+        return self._coordinator_entry(merged_key(self.network), MergedRecord)
+
+    def providers(self, manifest_hash: str) -> dict[bytes, Entry[ProviderRecord]]:
+        """Peers announcing that they serve ``manifest_hash``, by public key."""
+        entries = read_entries(self.dht, providers_key(self.network, manifest_hash), ProviderRecord)
+        return {k: e for k, e in entries.items() if e.record.manifest_hash == manifest_hash}
+
+
+# ---------------------------------------------------------------------------------------------
+# refresh
+
+
+class Refresher:
+    """Re-runs announcements every ``period`` seconds with a TTL of ``2 * period``, in a thread.
+
+    ``add(name, announce)`` runs ``announce(ttl) -> bool`` at once (returning its result) and then
+    every period until ``discard(name)`` or :meth:`stop`; adding an existing name replaces it.
+    Failures are logged and retried at the next period.
+    """
+
+    def __init__(self, period: float = DEFAULT_REFRESH_PERIOD, *, name: str = "umm-refresher"):
+        if period <= 0:
+            raise ValueError("refresh period must be positive")
+        self.period = float(period)
+        self.ttl = 2.0 * self.period
+        self._jobs: dict[str, Callable[[float], bool]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def add(self, name: str, announce: Callable[[float], bool]) -> bool:
+        with self._lock:
+            self._jobs[name] = announce
+        return self._run(name, announce)
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._jobs.pop(name, None)
+
+    def start(self) -> Refresher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop refreshing; records then expire within ``2 * period``."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def refresh_now(self) -> dict[str, bool]:
+        with self._lock:
+            jobs = list(self._jobs.items())
+        return {name: self._run(name, fn) for name, fn in jobs}
+
+    def _run(self, name: str, announce: Callable[[float], bool]) -> bool:
+        try:
+            ok = bool(announce(self.ttl))
+        except Exception as e:  # keep refreshing the other records
+            logger.warning("refreshing %s failed: %s", name, e)
+            return False
+        if not ok:
+            logger.warning("refreshing %s: the DHT did not store the record", name)
+        return ok
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self.refresh_now()
+
+    def __enter__(self) -> Refresher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
