@@ -167,11 +167,17 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
     data = dict(data)
     if "tasks" in data and isinstance(data["tasks"], list):
         data["tasks"] = [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]
-    if base_dir is not None:
-        def _resolve(p: Any) -> Any:
-            if isinstance(p, str) and not Path(p).is_absolute() and (base_dir / p).exists():
-                return str((base_dir / p).resolve())
+
+    def _resolve(p: Any) -> Any:
+        if not isinstance(p, str):
             return p
+        if p.startswith("~"):
+            return str(Path(p).expanduser())
+        if base_dir is not None and not Path(p).is_absolute() and (base_dir / p).exists():
+            return str((base_dir / p).resolve())
+        return p
+
+    if True:
 
         if isinstance(data.get("models"), list):
             data["models"] = [_resolve(m) for m in data["models"]]

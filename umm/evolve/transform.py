@@ -40,7 +40,7 @@ class BoxTransform:
 
     def to_bounded(self, z: np.ndarray) -> np.ndarray:
         """Map an unbounded vector to genome values strictly inside the bounds."""
-        z = np.asarray(z, dtype=np.float64)
+        z = np.clip(np.asarray(z, dtype=np.float64), -700.0, 700.0)  # exp stays finite
         return self.low + (self.high - self.low) / (1.0 + np.exp(-z))
 
     def to_unbounded(self, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""``umm evolve CONFIG.yaml``: layer-wise evolutionary merging (CMA-ES or random search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``umm evolve`` to the ``umm`` app."""
+
+    @app.command("evolve")
+    def evolve(
+        config: Path = typer.Argument(..., help="Evolve config YAML (see examples/evolve.yaml)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the search saved in the run folder."),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="cma (default) or random: overrides the config."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: $UMM_HOME/runs/evolve-<config>-<optimizer>-seed<seed>)."),
+        layer_granularity: Optional[int] = typer.Option(None, "--layer-granularity", help="Layers per gene group: overrides the config."),
+    ) -> None:
+        """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
+        from umm.evolve.config import load_config
+        from umm.evolve.run import default_run_dir, run_evolve
+        from umm.ui import console
+
+        cfg = load_config(config, optimizer=optimizer, device=device, layer_granularity=layer_granularity)
+        out = run_dir or default_run_dir(config, cfg)
+        console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}")
+
+        def show(state, gen, total) -> None:  # noqa: ANN001 - search state / generation
+            best = state.best()
+            n = len(gen.candidates)
+            per = sum(c.seconds for c in gen.candidates) / max(1, n)
+            apply = sum(c.apply_seconds for c in gen.candidates) / max(1, n)
+            console.print(
+                f"generation {gen.index}/{total}  best so far {best.fitness:.4f}  "
+                f"generation best {gen.best.fitness:.4f}  {per:.2f} s/candidate "
+                f"(applying {apply:.3f} s)  evaluations {state.evaluations}",
+                highlight=False,
+            )
+
+        result = run_evolve(cfg, out, resume=resume, on_generation=show)
+        best = result.state.best()
+        console.print(f"best fitness {best.fitness:.4f} (generation {best.generation}, candidate {best.index})")
+        console.print(f"best recipe: {result.best_recipe}")
+        if result.model_dir is not None:
+            console.print(f"merged model: {result.model_dir}")
+        if result.comparison_md:
+            console.print("test split comparison:")
+            console.print(result.comparison_md, highlight=False, markup=False)
