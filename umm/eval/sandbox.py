@@ -1,0 +1,203 @@
+"""Run untrusted Python programs (model completions + tests) in a sandbox, one process each.
+
+What is enforced, and where (Linux; see ``_sandbox_child.py`` for the child's side):
+
+- **process** (here): a fresh interpreter per program (``python -I -B``), new session
+  (``start_new_session=True``), stdin closed, stdout/stderr to size-capped files, environment
+  replaced by ``PATH``, ``HOME`` = ``TMPDIR`` = the scratch dir and ``LANG`` (nothing inherited),
+  cwd = a fresh scratch dir removed afterwards; on a missed deadline the whole process group
+  is killed with SIGKILL.
+- **namespaces** (launcher): new network namespace (no interfaces up, so no network) and new
+  PID namespace (the program is its PID 1: when it ends, the kernel kills everything it
+  started). Unprivileged, via a user namespace where the kernel allows it.
+- **resource limits** (child): RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE,
+  RLIMIT_CORE = 0; a wall-clock deadline enforced by the launcher (SIGKILL).
+- **filesystem** (child): Landlock (kernel >= 5.13) allows writes only below the scratch dir
+  (and to ``/dev/null``); ABI >= 4 also blocks TCP bind/connect, ABI >= 6 blocks signals and
+  abstract unix sockets to processes outside the sandbox. When running as root the child also
+  drops to an unprivileged uid/gid (``nobody`` by default): root's RLIMIT_NPROC exemption and
+  its read access to other processes' ``/proc/<pid>/environ`` go away. Standard-library modules
+  the program imports are loaded before the uid drop (the interpreter may live in a directory
+  the unprivileged uid cannot read).
+- **reliability guard** (child, optional, on by default): destructive ``os``/``shutil``/
+  ``subprocess`` functions are set to ``None``. Defence in depth only; the tests check that each
+  attack is contained with the guard off.
+
+:attr:`ExecResult.applied` records which of these took effect for each run, as the kernel
+decides (e.g. no namespaces inside some containers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_CHILD = Path(__file__).with_name("_sandbox_child.py")
+_TAIL = 2000
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one program run. Defaults fit benchmark programs (HumanEval, MBPP)."""
+
+    timeout_seconds: float = 10.0
+    cpu_seconds: int = 10
+    memory_bytes: int = 1 << 30
+    file_size_bytes: int = 16 << 20
+    max_processes: int = 32
+    max_open_files: int = 64
+    guard: bool = True
+    namespaces: bool = True
+    landlock: bool = True
+    user: str | None = "nobody"  # uid to drop to when running as root (None: stay root, Landlock only)
+
+
+@dataclass
+class ExecResult:
+    """Outcome of one program: ``passed`` is True only if it ran to the end within its limits."""
+
+    passed: bool
+    status: str  # "passed" | "failed" | "timed out" | "sandbox error"
+    exit_code: int | None
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+    applied: dict[str, Any] = field(default_factory=dict)
+
+
+def _drop_ids(user: str | None) -> tuple[int | None, int | None]:
+    if user is None or os.geteuid() != 0:
+        return None, None
+    try:
+        pw = pwd.getpwnam(user)
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _kill_group(pgid: int, late: bool) -> None:
+    if late:
+        logger.warning("sandbox launcher %d missed its deadline; killing its process group", pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _TAIL))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def run_program(code: str, limits: SandboxLimits | None = None) -> ExecResult:
+    """Run ``code`` (a complete Python program) in the sandbox and report how it ended.
+
+    Never raises for anything the program does; an error of the sandbox itself (launcher
+    crashed) is reported as ``status="sandbox error"`` and counts as not passed.
+    """
+    lim = limits or SandboxLimits()
+    t0 = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="umm-sbx-"))
+    try:
+        os.chmod(root, 0o711)
+        scratch = root / "scratch"
+        scratch.mkdir(mode=0o700)
+        uid, gid = _drop_ids(lim.user)
+        if uid is not None:
+            os.chown(scratch, uid, gid)
+        program = root / "program.py"
+        program.write_text(code, encoding="utf-8")
+        cfg = {
+            "program": str(program),
+            "scratch": str(scratch),
+            "status": str(root / "status.json"),
+            "uid": uid,
+            "gid": gid,
+            "guard": lim.guard,
+            "namespaces": lim.namespaces,
+            "landlock": lim.landlock,
+            "env": {"PATH": "/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"},
+            "limits": {
+                "timeout_seconds": lim.timeout_seconds,
+                "cpu_seconds": lim.cpu_seconds,
+                "memory_bytes": lim.memory_bytes,
+                "file_size_bytes": lim.file_size_bytes,
+                "max_processes": lim.max_processes,
+                "max_open_files": lim.max_open_files,
+            },
+        }
+        (root / "config.json").write_text(json.dumps(cfg))
+        with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-S", str(_CHILD), str(root / "config.json")],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                cwd=scratch,
+                env=cfg["env"],
+                start_new_session=True,
+                close_fds=True,
+            )
+            # the launcher enforces the program's deadline itself; this watchdog only catches a
+            # launcher that misses it (a blocking wait: Popen.wait(timeout) polls with sleeps)
+            watchdog = threading.Timer(lim.timeout_seconds + 10.0, _kill_group, (proc.pid, True))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                proc.wait()
+            finally:
+                watchdog.cancel()
+                _kill_group(proc.pid, False)
+        stdout, stderr = _tail(root / "stdout"), _tail(root / "stderr")
+        try:
+            st = json.loads((root / "status.json").read_text())
+        except (OSError, ValueError):
+            return ExecResult(False, "sandbox error", proc.returncode, stdout, stderr, time.monotonic() - t0)
+        status = "passed" if st["passed"] else "timed out" if st["timed_out"] else "failed"
+        return ExecResult(st["passed"], status, st["exit_code"], stdout, stderr, time.monotonic() - t0, st["applied"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_programs(
+    programs: Sequence[str],
+    limits: SandboxLimits | None = None,
+    workers: int = 2,
+    on_done: Callable[[int, ExecResult], None] | None = None,
+) -> list[ExecResult]:
+    """Run many programs, ``workers`` at a time (each in its own sandbox); results in input order."""
+    if not programs:
+        return []
+    results: list[ExecResult | None] = [None] * len(programs)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="umm-sandbox") as pool:
+        futures = {pool.submit(run_program, code, limits): i for i, code in enumerate(programs)}
+        from concurrent.futures import as_completed
+
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if on_done is not None:
+                on_done(i, results[i])  # type: ignore[arg-type]
+    return [r for r in results if r is not None]

@@ -1,0 +1,1 @@
+"""The built-in tasks: each module defines its task class(es) and a ``register()`` function."""
