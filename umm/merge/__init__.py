@@ -1,0 +1,52 @@
+"""Model merging: pure tensor methods, mergekit-compatible recipes, layer-wise parameters, genome.
+
+- :mod:`umm.merge.methods`: one module per method (linear, task_arithmetic, ties, dare_linear,
+  dare_ties, slerp, breadcrumbs, breadcrumbs_ties, della, della_linear) and the registry.
+- :mod:`umm.merge.params`: parameter values (scalars, gradients, filter rules) and their
+  resolution for one tensor, with mergekit's precedence.
+- :mod:`umm.merge.recipe`: the recipe YAML (mergekit's schema).
+- :mod:`umm.merge.genome`: the typed layer-group × model × parameter set the CMA-ES search writes.
+- :mod:`umm.merge.executor`: the streaming executor (``umm merge``).
+"""
+
+from umm.merge.genome import Genome
+from umm.merge.methods.registry import (
+    METHODS,
+    MergeMethod,
+    MergeParameterError,
+    UnknownMethodError,
+    get_method,
+    tensor_generator,
+)
+from umm.merge.params import (
+    FilterRule,
+    ParameterError,
+    ParamValue,
+    TensorParams,
+    layer_index,
+    layer_t,
+    resolve,
+    resolve_tensor_params,
+)
+from umm.merge.recipe import MergeRecipe, ModelEntry, RecipeError
+
+__all__ = [
+    "METHODS",
+    "FilterRule",
+    "Genome",
+    "MergeMethod",
+    "MergeParameterError",
+    "MergeRecipe",
+    "ModelEntry",
+    "ParamValue",
+    "ParameterError",
+    "RecipeError",
+    "TensorParams",
+    "UnknownMethodError",
+    "get_method",
+    "layer_index",
+    "layer_t",
+    "resolve",
+    "resolve_tensor_params",
+    "tensor_generator",
+]

@@ -1,0 +1,171 @@
+"""The :class:`MergeMethod` record every method module builds, and the checks they share.
+
+A method is a pure function over the tensors of one parameter name: ``merge(base, tensors,
+tensor_params, global_params)`` returns the merged tensor in float32 and never modifies its
+inputs. Parameters follow mergekit: *tensor parameters* are per model (``weight``, ``density``,
+``gamma``, ``epsilon``), *global parameters* are per tensor for the whole merge (``normalize``,
+``rescale``, ``lambda``, ``int8_mask``, ``t``). ``None`` as a default means "required".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from umm.errors import UmmError
+
+logger = logging.getLogger(__name__)
+
+ParamMap = Mapping[str, float | bool]
+MergeFn = Callable[
+    [torch.Tensor | None, Sequence[torch.Tensor], Sequence[Mapping[str, float]], Mapping[str, float | bool], "torch.Generator | None"],
+    torch.Tensor,
+]
+# Decides, from the resolved parameters, whether a call is elementwise (slice of result == result of slice).
+ElementwiseFn = Callable[[Sequence[Mapping[str, float]], Mapping[str, float | bool]], bool]
+
+
+class MergeParameterError(UmmError):
+    """A merge method got a parameter it does not know, lacks a required one, or got a bad value."""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method: its parameters (with mergekit's defaults) and its tensor function.
+
+    ``tensors`` excludes the base model when ``requires_base`` is true (the base is passed as
+    ``base``); for methods that do not use a base (``linear``) every source is in ``tensors``.
+    ``elementwise`` is true when, for any parameters, merging a row slice of every input gives
+    the same slice of the merged tensor (the executor may then merge in chunks);
+    :meth:`is_elementwise` refines it for concrete parameters (e.g. TIES with density 1).
+    """
+
+    name: str
+    requires_base: bool
+    tensor_params: Mapping[str, float | None]
+    global_params: Mapping[str, float | bool | None]
+    random: bool
+    elementwise: bool
+    fn: MergeFn = field(repr=False, compare=False)
+    elementwise_fn: ElementwiseFn | None = field(default=None, repr=False, compare=False)
+    summary: str = ""
+    reference_url: str = ""
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Every parameter name this method accepts (tensor parameters first)."""
+        return tuple(self.tensor_params) + tuple(self.global_params)
+
+    def fill_tensor_params(self, params: Mapping[str, float], model: str = "") -> dict[str, float]:
+        """``params`` completed with this method's defaults; unknown or missing-required -> error."""
+        unknown = sorted(set(params) - set(self.tensor_params))
+        if unknown:
+            raise MergeParameterError(
+                f"{self.name}: unknown per-model parameter(s) {unknown}{_for(model)}; "
+                f"valid: {sorted(self.tensor_params)}"
+            )
+        out: dict[str, float] = {}
+        for key, default in self.tensor_params.items():
+            value = params.get(key, default)
+            if value is None:
+                raise MergeParameterError(f"{self.name}: missing required parameter '{key}'{_for(model)}")
+            out[key] = _number(self.name, key, value)
+        return out
+
+    def fill_global_params(self, params: Mapping[str, float | bool]) -> dict[str, float | bool]:
+        """``params`` completed with this method's defaults; unknown or missing-required -> error."""
+        unknown = sorted(set(params) - set(self.global_params))
+        if unknown:
+            raise MergeParameterError(
+                f"{self.name}: unknown global parameter(s) {unknown}; valid: {sorted(self.global_params)}"
+            )
+        out: dict[str, float | bool] = {}
+        for key, default in self.global_params.items():
+            value = params.get(key, default)
+            if value is None:
+                raise MergeParameterError(f"{self.name}: missing required parameter '{key}'")
+            out[key] = value if isinstance(value, bool) else _number(self.name, key, value)
+        return out
+
+    def merge(
+        self,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        tensor_params: Sequence[Mapping[str, float]],
+        global_params: Mapping[str, float | bool],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Merge one tensor; returns a new float32 tensor on the inputs' device."""
+        if len(tensors) != len(tensor_params):
+            raise MergeParameterError(
+                f"{self.name}: got {len(tensors)} tensors but {len(tensor_params)} parameter sets"
+            )
+        if self.requires_base and base is None:
+            raise MergeParameterError(f"{self.name} needs a base model (set base_model in the recipe)")
+        shape = base.shape if base is not None else (tensors[0].shape if tensors else None)
+        if shape is None:
+            raise MergeParameterError(f"{self.name}: nothing to merge (no tensors)")
+        for x in tensors:
+            if x.shape != shape:
+                raise MergeParameterError(f"{self.name}: shape mismatch {tuple(x.shape)} vs {tuple(shape)}")
+            if not x.is_floating_point():
+                raise MergeParameterError(f"{self.name}: cannot merge non-float tensor of dtype {x.dtype}")
+        if self.random and generator is None and _needs_randomness(tensor_params):
+            raise MergeParameterError(
+                f"{self.name} is random: pass generator=tensor_generator(seed, tensor_name)"
+            )
+        tparams = [self.fill_tensor_params(p) for p in tensor_params]
+        gparams = self.fill_global_params(global_params)
+        return self.fn(base, tensors, tparams, gparams, generator)
+
+    def is_elementwise(
+        self, tensor_params: Sequence[Mapping[str, float]], global_params: Mapping[str, float | bool]
+    ) -> bool:
+        """Whether merging row chunks with these parameters equals chunking the merged tensor."""
+        if self.elementwise:
+            return True
+        if self.elementwise_fn is None:
+            return False
+        tparams = [self.fill_tensor_params(p) for p in tensor_params]
+        return self.elementwise_fn(tparams, self.fill_global_params(global_params))
+
+
+def _needs_randomness(tensor_params: Sequence[Mapping[str, float]]) -> bool:
+    return any(float(p.get("density", 1.0)) < 1.0 for p in tensor_params)
+
+
+def _for(model: str) -> str:
+    return f" for model {model}" if model else ""
+
+
+def _number(method: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergeParameterError(f"{method}: parameter '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def tensor_generator(seed: int, tensor_name: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, tensor_name)`` only.
+
+    Random methods draw from it, so a merge is reproducible whatever the order in which tensors
+    are processed or how many threads run. Streams differ between device types (CPU vs CUDA).
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}".encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32; may alias ``x`` (never write into the result)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def fresh_float32(x: torch.Tensor) -> torch.Tensor:
+    """A new float32 copy of ``x`` (one allocation, safe to modify in place)."""
+    return x.to(dtype=torch.float32, copy=True)

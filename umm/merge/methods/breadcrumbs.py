@@ -1,0 +1,52 @@
+"""``breadcrumbs`` and ``breadcrumbs_ties``: drop the smallest *and* the largest deltas.
+
+Formula (mergekit's ``magnitude_outliers`` sparsification), per model over the whole tensor of
+n entries::
+
+    n_top = int(gamma · n) ; n_bot = n − int(density · n) − n_top
+    if n_bot < 0: n_top += n_bot ; n_bot = 0
+    δᵢ = θᵢ − θ₀ with entries of ascending-|δ| rank < n_bot or ≥ n − n_top zeroed
+    (× sum|δ|/sum|kept| if rescale)
+    breadcrumbs:      result = θ₀ + lambda · Σᵢ wᵢ δᵢ [/ Σᵢ wᵢ if normalize]
+    breadcrumbs_ties: TIES sign election on wᵢ δᵢ
+
+Defaults: ``gamma`` 0.01, ``density`` 1.0, ``normalize`` false, ``rescale`` false,
+``lambda`` 1.0. Base model required. One difference from mergekit: when ``n_top`` is 0
+(``gamma`` 0, or tensors under 1/gamma entries) mergekit's slice ``[n_bot:-0]`` keeps nothing;
+here the top entries are kept, as the formula intends. Not elementwise unless every density is 1.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from umm.merge.methods.base import MergeMethod
+from umm.merge.methods.gta import density_is_one, gta_global_params, gta_merge
+
+_PARAMS = {"weight": None, "density": 1.0, "gamma": 0.01}
+
+BREADCRUMBS = MergeMethod(
+    name="breadcrumbs",
+    requires_base=True,
+    tensor_params=_PARAMS,
+    global_params=gta_global_params(normalize=False, rescale=False),
+    random=False,
+    elementwise=False,
+    fn=partial(gta_merge, method="breadcrumbs", sparsification="magnitude_outliers", consensus=False),
+    elementwise_fn=density_is_one,
+    summary="drop smallest and largest deltas, weighted sum",
+    reference_url="https://arxiv.org/abs/2312.06795",
+)
+
+BREADCRUMBS_TIES = MergeMethod(
+    name="breadcrumbs_ties",
+    requires_base=True,
+    tensor_params=_PARAMS,
+    global_params=gta_global_params(normalize=False, rescale=False),
+    random=False,
+    elementwise=False,
+    fn=partial(gta_merge, method="breadcrumbs_ties", sparsification="magnitude_outliers", consensus=True),
+    elementwise_fn=density_is_one,
+    summary="drop smallest and largest deltas, TIES sign election",
+    reference_url="https://arxiv.org/abs/2312.06795",
+)

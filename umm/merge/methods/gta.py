@@ -1,0 +1,119 @@
+"""Generalised task arithmetic: the engine behind task_arithmetic, TIES, DARE, breadcrumbs, DELLA.
+
+Formula (mergekit's ``GeneralizedTaskArithmeticMerge``), for base θ₀ and models θ₁..θₙ with
+per-model ``weight`` wᵢ and ``density``::
+
+    δᵢ = sparsify(θᵢ − θ₀)                   # per method: none / magnitude / random / ...
+    vᵢ = wᵢ · δᵢ
+    consensus (TIES-style methods):
+        s = sign(Σᵢ vᵢ) with 0 counted as +   # "sum" sign election
+        mᵢ = [sign(vᵢ) == s]                  # zero entries never count
+        Δ = Σᵢ mᵢ vᵢ ;  D = Σᵢ mᵢ wᵢ ;  D[D == 0] = 1
+    otherwise:
+        Δ = Σᵢ vᵢ ;  D = Σᵢ wᵢ ;  D = 1 if |D| < 1e-8
+    if normalize: Δ = Δ / D
+    if lambda != 1: Δ = lambda · Δ
+    result = θ₀ + Δ
+
+Global parameters: ``normalize`` (method default), ``rescale`` (method default; L1 rescale of
+sparsified deltas), ``lambda`` (1.0), ``int8_mask`` (False; only picks the dtype of mergekit's
+mask tensor, so it does not change the result and is accepted for compatibility). Per-model:
+``weight`` (required), ``density`` (1.0), plus ``gamma`` (0.01, breadcrumbs) or ``epsilon``
+(0.15, DELLA). With no model besides the base the result is the base.
+
+Precision: everything is computed in float32 (inputs of any float dtype are upcast), and the
+result is float32. mergekit computes in the recipe's ``dtype`` (or the loaded dtype), so with
+``dtype: bfloat16`` it rounds every intermediate to bf16; results agree to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from umm.merge.methods import sparsify
+from umm.merge.methods.base import MergeParameterError, as_float32
+
+GTA_GLOBALS = ("int8_mask", "normalize", "rescale", "lambda")
+
+
+def gta_global_params(normalize: bool, rescale: bool) -> dict[str, float | bool]:
+    """Global parameters and defaults of a generalised task-arithmetic method."""
+    return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+
+
+def gta_merge(
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    tensor_params: Sequence[Mapping[str, float]],
+    global_params: Mapping[str, float | bool],
+    generator: torch.Generator | None,
+    *,
+    method: str,
+    sparsification: str | None,
+    consensus: bool,
+) -> torch.Tensor:
+    """Generalised task arithmetic over float32 deltas; see the module docstring."""
+    if base is None:
+        raise MergeParameterError(f"{method} needs a base model (set base_model in the recipe)")
+    base32 = as_float32(base)
+    if not tensors:
+        return base32.clone() if base32 is base else base32
+    rescale = bool(global_params["rescale"])
+    weights = [float(p["weight"]) for p in tensor_params]
+
+    deltas: list[torch.Tensor] = []
+    for x, p, w in zip(tensors, tensor_params, weights):
+        d = torch.sub(x, base32)  # a fresh tensor, float32 for any lower-precision float input
+        if d.dtype != torch.float32:
+            d = d.float()
+        density = float(p["density"])
+        try:
+            if sparsification == "magnitude":
+                d = sparsify.magnitude(d, density, rescale)
+            elif sparsification == "magnitude_outliers":
+                d = sparsify.magnitude_outliers(d, density, float(p["gamma"]), rescale)
+            elif sparsification == "random":
+                d = sparsify.bernoulli(d, density, rescale, generator)
+            elif sparsification == "della_magprune":
+                d = sparsify.della_magprune(d, density, float(p["epsilon"]), rescale, generator)
+        except ValueError as exc:
+            raise MergeParameterError(str(exc)) from exc
+        deltas.append(d.mul_(w) if w != 1.0 else d)
+
+    normalize = bool(global_params["normalize"])
+    if consensus:
+        mixed = deltas[0].clone()
+        for v in deltas[1:]:
+            mixed.add_(v)
+        positive = mixed >= 0  # elected sign: + where the weighted sum is >= 0
+        mixed.zero_()
+        divisor = torch.zeros_like(mixed) if normalize else None
+        for v, w in zip(deltas, weights):
+            keep = torch.where(positive, v > 0, v < 0)
+            v.mul_(keep)
+            mixed.add_(v)
+            if divisor is not None:
+                divisor.add_(keep.to(torch.float32), alpha=w)
+        if divisor is not None:
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+    else:
+        mixed = deltas[0]
+        for v in deltas[1:]:
+            mixed.add_(v)
+        if normalize:
+            total = torch.tensor(weights, dtype=torch.float32).sum()
+            if total.abs() < 1e-8:
+                total = torch.ones((), dtype=torch.float32)
+            mixed.div_(total.to(mixed.device))
+    lam = float(global_params["lambda"])
+    if lam != 1.0:
+        mixed.mul_(lam)
+    return mixed.add_(base32)
+
+
+def density_is_one(tensor_params: Sequence[Mapping[str, float]], _global: Mapping[str, float | bool]) -> bool:
+    """True when no model is sparsified, which makes a GTA merge elementwise."""
+    return all(float(p["density"]) >= 1 for p in tensor_params)

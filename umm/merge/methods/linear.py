@@ -1,0 +1,58 @@
+"""``linear``: weighted average of the models (mergekit's ``LinearMerge``).
+
+Formula, for models θ₁..θₙ with per-model ``weight`` wᵢ (required)::
+
+    result = Σᵢ wᵢ θᵢ                  (normalize: false)
+    result = (Σᵢ wᵢ θᵢ) / Σᵢ wᵢ        (normalize: true, the default)
+
+There is no base: when a recipe names a ``base_model`` for ``linear``, mergekit adds the base
+as one more input whose weight must come from the recipe; the recipe layer does the same, so
+``tensors`` here holds every source. Computed in float32 (mergekit: in the load dtype), with
+the weight sum in float32 as mergekit does. A zero weight sum with ``normalize`` is an error
+here (mergekit silently writes inf/NaN). Elementwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from umm.merge.methods.base import MergeMethod, MergeParameterError, fresh_float32
+
+
+def _linear(
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    tensor_params: Sequence[Mapping[str, float]],
+    global_params: Mapping[str, float | bool],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if not tensors:
+        raise MergeParameterError("linear: nothing to merge (no models)")
+    weights = [float(p["weight"]) for p in tensor_params]
+    out = fresh_float32(tensors[0]).mul_(weights[0])
+    for x, w in zip(tensors[1:], weights[1:]):
+        out.add_(x, alpha=w)
+    if global_params["normalize"]:
+        total = torch.tensor(weights, dtype=torch.float32).sum()
+        if total == 0:
+            raise MergeParameterError(
+                "linear: the weights sum to 0, so normalize would divide by zero; "
+                "change the weights or set normalize: false"
+            )
+        out.div_(total.to(out.device))
+    return out
+
+
+LINEAR = MergeMethod(
+    name="linear",
+    requires_base=False,
+    tensor_params={"weight": None},
+    global_params={"normalize": True},
+    random=False,
+    elementwise=True,
+    fn=_linear,
+    summary="weighted average of the models",
+    reference_url="https://arxiv.org/abs/2203.05482",
+)

@@ -1,0 +1,134 @@
+"""Sparsification of task vectors (deltas), with mergekit's semantics; all work in place.
+
+Every function takes a fresh float32 delta ``d`` that it may overwrite and returns it.
+
+- ``magnitude`` (TIES): keep the ``k = int(density * n)`` entries of largest ``|d|``.
+- ``magnitude_outliers`` (breadcrumbs): with ``n_top = int(gamma * n)`` and
+  ``n_bot = n - int(density * n) - n_top`` (if ``n_bot < 0``: ``n_top += n_bot; n_bot = 0``),
+  drop the ``n_bot`` smallest and the ``n_top`` largest ``|d|``, keep the rest.
+- ``bernoulli`` (DARE): keep each entry independently with probability ``density``.
+- ``della_magprune`` (DELLA): along dim 1 (a 1-D tensor is one row), rank ``|d|`` ascending
+  (rank 1..m), ``p = (density - epsilon) + 2 * epsilon * (rank - 1) / (m - 1)``, keep each
+  entry with probability ``p``; ``density ± epsilon`` must lie in (0, 1).
+
+Every method returns ``d`` unchanged when ``density >= 1`` (no rescale either). With
+``rescale`` the kept entries are multiplied by ``sum|d| / sum|kept|`` (mergekit's L1 rescale;
+not ``1/density``), unless either sum is below 1e-7.
+
+Ranks are exact and deterministic: entries with equal magnitude are ordered by flat index, i.e.
+the result equals a *stable* full sort, but is found with two ``kthvalue`` selections (O(n))
+instead of a sort. Differences from mergekit, all at edge cases where mergekit crashes or
+does something plainly unintended: ``magnitude`` with ``k == 0`` returns zeros (mergekit
+asserts); ``magnitude_outliers`` with ``n_top == 0`` keeps the top entries (mergekit's
+``indices[n_bot:-0]`` keeps nothing, e.g. for tensors under 100 entries at gamma 0.01);
+``della_magprune`` with rows of one entry uses ``p = density`` (mergekit divides 0 by 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESCALE_EPS = 1e-7
+
+
+def rank_range_mask(a: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Bool mask of the entries of 1-D ``a`` whose stable ascending rank r has ``lo <= r < hi``."""
+    n = a.numel()
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return torch.zeros(n, dtype=torch.bool, device=a.device)
+    if lo == 0:
+        mask = torch.ones(n, dtype=torch.bool, device=a.device)
+    else:
+        mask = _rank_at_least(a, lo)
+    if hi < n:
+        mask &= ~_rank_at_least(a, hi)
+    return mask
+
+
+def _rank_at_least(a: torch.Tensor, r: int) -> torch.Tensor:
+    """Bool mask of the entries of ``a`` whose stable ascending rank is >= r (0 < r < n)."""
+    v = torch.kthvalue(a, r + 1).values  # value of the entry at rank r
+    mask = a > v
+    ties = torch.nonzero(a == v).squeeze(1)  # ascending flat index = their rank order
+    n_less = a.numel() - int(mask.sum()) - ties.numel()
+    first = r - n_less  # ties at positions >= first have rank >= r
+    mask[ties[first:]] = True
+    return mask
+
+
+def _rescale_l1(d: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    after = d.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return d
+    return d.mul_(before / after)
+
+
+def _apply(d: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    before = d.abs().sum() if rescale else None
+    d.mul_(keep.view(d.shape))
+    return _rescale_l1(d, before) if before is not None else d
+
+
+def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the ``int(density * n)`` largest-magnitude entries of ``d`` (in place)."""
+    if density >= 1:
+        return d
+    n = d.numel()
+    k = int(density * n)
+    if k <= 0:
+        return d.zero_()
+    keep = rank_range_mask(d.abs().view(-1), n - k, n)
+    return _apply(d, keep, rescale)
+
+
+def magnitude_outliers(d: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
+    """Drop the smallest and the ``gamma`` largest magnitudes, keeping ``density`` (in place)."""
+    if density >= 1:
+        return d
+    n = d.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    keep = rank_range_mask(d.abs().view(-1), n_bot, n - n_top)
+    return _apply(d, keep, rescale)
+
+
+def bernoulli(d: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Keep each entry with probability ``density`` (in place)."""
+    if density >= 1:
+        return d
+    keep = torch.rand(d.shape, generator=generator, device=d.device, dtype=torch.float32) < density
+    return _apply(d, keep, rescale)
+
+
+def della_magprune(
+    d: torch.Tensor, density: float, epsilon: float, rescale: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """DELLA's rank-dependent drop: larger magnitudes (per row) are kept more often (in place)."""
+    if density >= 1:
+        return d
+    if density <= 0:
+        return d.zero_()
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"della: epsilon ({epsilon}) must keep density ± epsilon inside (0, 1) (density {density})"
+        )
+    rows = d.unsqueeze(0) if d.dim() < 2 else d
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    rank_norm = torch.empty(rows.shape, dtype=torch.float32, device=d.device)
+    steps = torch.arange(m, dtype=torch.float32, device=d.device)
+    if m > 1:
+        steps = steps / (m - 1)
+    else:
+        steps.fill_(0.5)
+    view = [1] * rows.dim()
+    view[1] = m
+    rank_norm.scatter_(1, order, steps.view(view).expand_as(rows).contiguous())
+    probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
+    keep = torch.rand(rows.shape, generator=generator, device=d.device, dtype=torch.float32) < probs
+    return _apply(d, keep, rescale)
