@@ -83,6 +83,8 @@ class Manifest:
     files: tuple[FileEntry, ...]
 
     def __post_init__(self) -> None:
+        if not all(isinstance(e, FileEntry) for e in self.files):
+            raise CheckpointError("manifest files must be FileEntry objects")
         files = tuple(sorted(self.files, key=lambda e: e.path))
         if len(files) > MAX_FILES:
             raise CheckpointError(f"manifest lists {len(files)} files, more than the {MAX_FILES} allowed")
@@ -107,7 +109,7 @@ class Manifest:
             raise CheckpointError("manifest is not a JSON object")
         if set(d) != {"schema_version", "files"}:
             raise CheckpointError(f"manifest keys {sorted(map(str, d))} are not ['files', 'schema_version']")
-        if d["schema_version"] != SCHEMA_VERSION or isinstance(d["schema_version"], bool):
+        if type(d["schema_version"]) is not int or d["schema_version"] != SCHEMA_VERSION:
             raise CheckpointError(
                 f"manifest schema_version {d['schema_version']!r} is not supported (expected {SCHEMA_VERSION}); "
                 "upgrade umm"
