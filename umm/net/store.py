@@ -1,0 +1,202 @@
+"""Content-addressed model store: complete, verified models only, by manifest hash.
+
+Layout under a data directory::
+
+    models/<manifest hash>/            a complete model (its files, as listed in its manifest)
+    models/<manifest hash>/.umm-manifest.json   the canonical manifest bytes (dot-names are
+                                       never part of a manifest, so the folder still verifies)
+    partial/<manifest hash>/           a download or import in progress, same layout
+    partial/<manifest hash>.lock       held while one process fills that partial folder
+
+A model enters ``models/`` only by one ``rename`` of its partial folder after every file has the
+size and sha256 of the manifest, so readers never see a half-written model, and a crash leaves
+at most a partial folder (which the next download resumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.manifest import Manifest, build_manifest, list_files, verify_folder
+from umm.net.errors import ModelNotFoundError, StoreError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = ".umm-manifest.json"
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def check_hash(manifest_hash: str) -> str:
+    """``manifest_hash`` if it is 64 lowercase hex digits, else :class:`StoreError`."""
+    if not isinstance(manifest_hash, str) or not _HASH.fullmatch(manifest_hash):
+        raise StoreError(f"invalid manifest hash {manifest_hash!r}: expected 64 lowercase hex digits")
+    return manifest_hash
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    """The models of one data directory (see module docstring)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]):
+        self.data_dir = Path(data_dir)
+        self.models_dir = self.data_dir / "models"
+        self.partial_dir = self.data_dir / "partial"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+
+    # queries --------------------------------------------------------------------------------
+    def has(self, manifest_hash: str) -> bool:
+        return (self.models_dir / check_hash(manifest_hash) / MANIFEST_NAME).is_file()
+
+    def path(self, manifest_hash: str) -> Path:
+        """Folder of a complete model; :class:`ModelNotFoundError` when the store lacks it."""
+        if not self.has(manifest_hash):
+            raise ModelNotFoundError(f"model {manifest_hash[:12]} is not in the store {self.models_dir}")
+        return self.models_dir / manifest_hash
+
+    def manifest(self, manifest_hash: str) -> Manifest:
+        """The stored manifest of a model, checked against its hash."""
+        raw = (self.path(manifest_hash) / MANIFEST_NAME).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != manifest_hash:
+            raise StoreError(f"{self.models_dir / manifest_hash}: stored manifest does not match its hash; remove it")
+        return Manifest.from_json(raw)
+
+    def list(self) -> list[str]:
+        """Manifest hashes of the complete models, sorted."""
+        return sorted(p.name for p in self.models_dir.iterdir() if _HASH.fullmatch(p.name) and self.has(p.name))
+
+    def remove(self, manifest_hash: str) -> bool:
+        """Delete a model (moved aside first, so it disappears at once); False if it was absent."""
+        src = self.models_dir / check_hash(manifest_hash)
+        if not src.exists():
+            return False
+        trash = self.partial_dir / f".trash-{manifest_hash}-{uuid.uuid4().hex[:8]}"
+        os.rename(src, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("removed model %s from %s", manifest_hash[:12], self.models_dir)
+        return True
+
+    # filling ---------------------------------------------------------------------------------
+    def partial_path(self, manifest_hash: str) -> Path:
+        return self.partial_dir / check_hash(manifest_hash)
+
+    @contextlib.contextmanager
+    def lock(self, manifest_hash: str, *, blocking: bool = True) -> Iterator[None]:
+        """Exclusive (inter-process) lock on filling ``manifest_hash``; StoreError if busy and not blocking."""
+        lock_path = self.partial_dir / f"{check_hash(manifest_hash)}.lock"
+        with open(lock_path, "a+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StoreError(f"model {manifest_hash[:12]} is being written by another process") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def begin(self, manifest: Manifest) -> Path:
+        """The partial folder for ``manifest`` (created, manifest written); keeps files already there."""
+        folder = self.partial_path(manifest.hash)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / MANIFEST_NAME
+        raw = manifest.canonical_json()
+        if not target.is_file() or target.read_bytes() != raw:
+            tmp = folder / f".{MANIFEST_NAME}.tmp"
+            tmp.write_bytes(raw)
+            os.replace(tmp, target)
+        return folder
+
+    def commit(self, manifest: Manifest, *, verify: bool = True) -> Path:
+        """Move the complete partial folder of ``manifest`` into ``models/`` in one rename.
+
+        Checks that it holds exactly the manifest's files with their sizes (and, with ``verify``,
+        their sha256; pass False only when the caller hashed every byte as it wrote it). Raises
+        :class:`StoreError` and leaves the partial folder in place when it does not match.
+        """
+        h = manifest.hash
+        folder = self.partial_path(h)
+        target = self.models_dir / h
+        if self.has(h):
+            shutil.rmtree(folder, ignore_errors=True)
+            return target
+        if not folder.is_dir():
+            raise StoreError(f"nothing to commit for model {h[:12]}: {folder} does not exist")
+        self.begin(manifest)  # make sure the manifest file is there and right
+        try:
+            if verify:
+                verify_folder(folder, manifest)
+            else:
+                sizes = list_files(folder)
+                want = {e.path: e.size for e in manifest.files}
+                if sizes != want:
+                    missing = sorted(set(want) - set(sizes))
+                    extra = sorted(set(sizes) - set(want))
+                    wrong = sorted(p for p in set(want) & set(sizes) if want[p] != sizes[p])
+                    raise StoreError(
+                        f"{folder} is not complete for model {h[:12]}: missing {missing}, unexpected {extra}, "
+                        f"wrong size {wrong}"
+                    )
+        except CheckpointError as e:
+            raise StoreError(f"cannot commit model {h[:12]}: {e}") from e
+        for e in manifest.files:
+            _fsync_file(folder / e.path)
+        if target.exists():  # leftover without a manifest (e.g. a crashed removal): replace it
+            shutil.rmtree(target)
+        os.rename(folder, target)
+        _fsync_dir(self.models_dir)
+        _fsync_dir(self.partial_dir)
+        logger.info("model %s entered the store (%d files, %d bytes)", h[:12], len(manifest.files), manifest.total_bytes)
+        return target
+
+    def add_folder(self, folder: str | os.PathLike[str], manifest: Manifest | None = None) -> str:
+        """Copy a local model folder into the store (verified); returns its manifest hash.
+
+        Without ``manifest`` the folder is hashed first. The copy is verified against the
+        manifest before it enters the store, so a folder changed during the copy is refused.
+        """
+        src = Path(folder)
+        manifest = manifest if manifest is not None else build_manifest(src)
+        h = manifest.hash
+        if self.has(h):
+            return h
+        with self.lock(h):
+            dst = self.begin(manifest)
+            for e in manifest.files:
+                out = dst / e.path
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if out.is_file() and out.stat().st_size == e.size:
+                    continue  # from an interrupted earlier import; verified below
+                tmp = out.with_name(f".{out.name}.tmp")
+                shutil.copyfile(src / e.path, tmp)
+                os.replace(tmp, out)
+            try:
+                self.commit(manifest, verify=True)
+            except StoreError:
+                shutil.rmtree(dst, ignore_errors=True)
+                raise
+        return h

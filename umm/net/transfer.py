@@ -1,0 +1,323 @@
+"""Download a whole model by manifest hash from peers serving ``CheckpointService``.
+
+:func:`download` trusts nothing a provider says until it is checked:
+
+- the manifest bytes must hash to the requested manifest hash (else the provider is dropped);
+- the model must fit ``max_bytes`` (checked on the manifest, then per chunk: a provider that
+  sends more bytes than a file's manifest size is dropped);
+- every file's sha256 is computed while it streams and must match the manifest (else the file is
+  deleted and the provider dropped for the rest of this download).
+
+Files download in parallel; a broken connection or a stalled stream (no data for ``timeout``
+seconds) leaves the partial file in ``<data_dir>/partial/<hash>/`` and the next attempt resumes it
+from its size, with the same or another provider. Only a complete, verified model enters the
+store, by one rename; a failed download raises :class:`TransferError` and keeps its partial
+files for a later retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.manifest import FileEntry, Manifest, list_files
+from umm.net.errors import ManifestHashError, SizeLimitError, TransferError
+from umm.net.proto import umm_checkpoint_pb2 as pb
+from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
+from umm.net.server import MAX_MESSAGE_BYTES
+from umm.net.store import ModelStore, check_hash
+from umm.ui import human_bytes
+from umm.ui import progress as progress_bar
+
+logger = logging.getLogger(__name__)
+
+_READ_BLOCK = 4 << 20
+
+
+class _Retryable(Exception):
+    """The provider may still be fine (connection broke, stream stalled or ended early)."""
+
+
+class _BadData(Exception):
+    """The provider sent bytes that contradict the manifest: do not use it again."""
+
+
+@dataclass
+class _Provider:
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.CheckpointServiceStub
+    bad: str | None = None  # why it was dropped
+    errors: list[str] = field(default_factory=list)
+
+
+class _Watchdog:
+    """Cancels streaming calls that receive nothing for ``timeout`` seconds."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._calls: dict[int, tuple[grpc.Call, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="umm-transfer-watchdog", daemon=True)
+        self._thread.start()
+
+    def touch(self, call: grpc.Call) -> None:
+        with self._lock:
+            self._calls[id(call)] = (call, time.monotonic())
+
+    def forget(self, call: grpc.Call) -> None:
+        with self._lock:
+            self._calls.pop(id(call), None)
+
+    def _run(self) -> None:
+        period = min(1.0, self.timeout / 4)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                stalled = [c for c, t in self._calls.values() if now - t > self.timeout]
+            for call in stalled:
+                logger.info("cancelling a stream with no data for %.0f s", self.timeout)
+                call.cancel()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _rpc_error(e: grpc.RpcError) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return f"{code.name if code else 'error'}: {details}"
+
+
+def _fetch_manifest(manifest_hash: str, providers: list[_Provider], retries: int, timeout: float) -> Manifest:
+    for attempt in range(retries):
+        for p in providers:
+            if p.bad:
+                continue
+            try:
+                reply = p.stub.GetManifest(pb.GetManifestRequest(manifest_hash=manifest_hash), timeout=timeout)
+            except grpc.RpcError as e:
+                p.errors.append(f"manifest: {_rpc_error(e)}")
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    p.bad = "does not serve this model"
+                continue
+            raw = reply.manifest_json
+            got = hashlib.sha256(raw).hexdigest()
+            if got != manifest_hash:
+                p.bad = f"sent a manifest hashing to {got[:12]}, not {manifest_hash[:12]}"
+                p.errors.append(p.bad)
+                logger.warning("provider %s %s", p.address, p.bad)
+                continue
+            try:
+                manifest = Manifest.from_json(raw)
+            except CheckpointError as e:  # the hash matches, so the requested name itself is bad
+                raise TransferError(f"model {manifest_hash[:12]} has an invalid manifest: {e}") from e
+            if manifest.canonical_json() != raw:
+                raise TransferError(f"model {manifest_hash[:12]}: its manifest is not in canonical form")
+            return manifest
+        if all(p.bad for p in providers):
+            break
+        time.sleep(min(0.5 * 2**attempt, 5.0))
+    if any(p.bad and "manifest hashing" in p.bad for p in providers) and all(p.bad for p in providers):
+        raise ManifestHashError(_failure_message(manifest_hash, providers, "no provider sent the right manifest"))
+    raise TransferError(_failure_message(manifest_hash, providers, "could not get the manifest"))
+
+
+def _failure_message(manifest_hash: str, providers: list[_Provider], what: str) -> str:
+    lines = [f"download of model {manifest_hash[:12]} failed: {what}"]
+    for p in providers:
+        why = p.bad or ("; ".join(p.errors[-3:]) if p.errors else "not tried")
+        lines.append(f"  provider {p.address}: {why}")
+    return "\n".join(lines)
+
+
+class _Download:
+    def __init__(self, manifest: Manifest, folder: Path, providers: list[_Provider], *, retries: int,
+                 timeout: float, on_bytes: Callable[[int], None]):
+        self.manifest = manifest
+        self.folder = folder
+        self.providers = providers
+        self.retries = retries
+        self.on_bytes = on_bytes
+        self.watchdog = _Watchdog(timeout)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.watchdog.close()
+
+    def fetch(self, index: int, entry: FileEntry) -> None:
+        """Bring one file to its manifest sha256, trying providers in turn; TransferError if impossible."""
+        failures: dict[str, int] = {}
+        while True:
+            with self._lock:
+                healthy = [p for p in self.providers if not p.bad]
+            usable = [p for p in healthy if failures.get(p.address, 0) < self.retries]
+            if not usable:
+                why = "every provider was dropped" if not healthy else f"{self.retries} failed attempts per provider"
+                raise TransferError(
+                    _failure_message(self.manifest.hash, self.providers, f"file {entry.path}: {why}")
+                    + f"\n  partial data kept in {self.folder}; retry later or with other providers"
+                )
+            # spread files over providers, prefer the ones that failed this file least
+            usable.sort(key=lambda p: (failures.get(p.address, 0), (self.providers.index(p) - index) % len(self.providers)))
+            p = usable[0]
+            try:
+                self._stream(p, entry)
+                return
+            except _Retryable as e:
+                failures[p.address] = failures.get(p.address, 0) + 1
+                with self._lock:
+                    p.errors.append(f"{entry.path}: {e}")
+                logger.info("provider %s, %s: %s (will resume)", p.address, entry.path, e)
+                time.sleep(min(0.2 * 2 ** failures[p.address], 5.0))
+            except _BadData as e:
+                with self._lock:
+                    p.bad = f"{entry.path}: {e}"
+                    p.errors.append(p.bad)
+                logger.warning("dropping provider %s: %s: %s", p.address, entry.path, e)
+
+    def _stream(self, p: _Provider, entry: FileEntry) -> None:
+        path = self.folder / entry.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        pos = path.stat().st_size if path.is_file() else 0
+        if pos > entry.size:
+            path.unlink()
+            self.on_bytes(-entry.size)
+            pos = 0
+        resumed = pos > 0
+        if resumed:  # hash what an earlier attempt wrote, then continue after it
+            with open(path, "rb", buffering=0) as fh:
+                while block := fh.read(_READ_BLOCK):
+                    digest.update(block)
+        if pos < entry.size:
+            request = pb.ReadFileRequest(manifest_hash=self.manifest.hash, path=entry.path, offset=pos)
+            with open(path, "ab", buffering=0) as out:
+                call = p.stub.ReadFile(request)
+                self.watchdog.touch(call)
+                try:
+                    for chunk in call:
+                        self.watchdog.touch(call)
+                        data = chunk.data
+                        if chunk.offset != pos:
+                            raise _BadData(f"sent a chunk at offset {chunk.offset}, expected {pos}")
+                        if pos + len(data) > entry.size:
+                            raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
+                        out.write(data)
+                        digest.update(data)
+                        pos += len(data)
+                        self.on_bytes(len(data))
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.CANCELLED:
+                        raise _Retryable(f"no data for {self.timeout:.0f} s at byte {pos}") from None
+                    if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
+                        raise _BadData(f"refused a file of its own manifest ({_rpc_error(e)})") from None
+                    raise _Retryable(f"{_rpc_error(e)} at byte {pos}") from None
+                finally:
+                    self.watchdog.forget(call)
+                    call.cancel()
+                os.fsync(out.fileno())
+            if pos < entry.size:
+                raise _Retryable(f"stream ended at byte {pos} of {entry.size}")
+        else:
+            path.touch()
+        if digest.hexdigest() != entry.sha256:
+            path.unlink()
+            self.on_bytes(-pos)
+            if resumed:  # the bad bytes may come from an earlier provider: start over, blame no one
+                raise _Retryable("sha256 mismatch after resuming; restarting the file")
+            raise _BadData(f"bytes do not match the manifest sha256 {entry.sha256[:12]}...")
+
+
+def download(
+    manifest_hash: str,
+    providers: Sequence[str],
+    store: ModelStore,
+    *,
+    max_bytes: int,
+    parallel_files: int = 4,
+    retries: int = 3,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Path:
+    """Download model ``manifest_hash`` from ``providers`` (gRPC ``host:port``) into ``store``.
+
+    Returns the model's folder in the store (at once if it is already there). ``max_bytes``
+    bounds the model's total size; ``parallel_files`` files stream at once; each provider gets
+    ``retries`` attempts per file (and for the manifest) before the next is preferred; ``timeout``
+    is the limit in seconds for the manifest call and for a stream without data. Raises
+    :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError` (naming each
+    provider and what went wrong with it).
+    """
+    check_hash(manifest_hash)
+    if store.has(manifest_hash):
+        return store.path(manifest_hash)
+    addresses = list(dict.fromkeys(a for a in providers if a))
+    if not addresses:
+        raise TransferError(f"no provider for model {manifest_hash[:12]}: nobody announces it")
+    if retries < 1 or parallel_files < 1 or timeout <= 0:
+        raise ValueError("retries and parallel_files must be >= 1 and timeout > 0")
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_retries", 0)]
+    provs = []
+    for a in addresses:
+        channel = grpc.insecure_channel(a, options=options)
+        provs.append(_Provider(a, channel, pb_grpc.CheckpointServiceStub(channel)))
+    try:
+        manifest = _fetch_manifest(manifest_hash, provs, retries, timeout)
+        total = manifest.total_bytes
+        if total > max_bytes:
+            raise SizeLimitError(
+                f"model {manifest_hash[:12]} is {human_bytes(total)}, over the limit of {human_bytes(max_bytes)}; "
+                "raise the size limit to accept it"
+            )
+        with store.lock(manifest_hash):
+            if store.has(manifest_hash):
+                return store.path(manifest_hash)
+            folder = store.begin(manifest)
+            present = list_files(folder)
+            for stray in set(present) - {e.path for e in manifest.files}:
+                (folder / stray).unlink()
+            sizes = {e.path: e.size for e in manifest.files}
+            have = sum(min(size, sizes[rel]) for rel, size in present.items() if rel in sizes)
+            bar = progress_bar(total=total, desc=f"fetching {manifest_hash[:12]}", unit="B", unit_scale=True,
+                               disable=None if progress else True)
+            bar.update(have)
+            bar_lock = threading.Lock()
+
+            def on_bytes(n: int) -> None:
+                with bar_lock:
+                    bar.update(n)
+
+            job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, on_bytes=on_bytes)
+            try:
+                files = sorted(manifest.files, key=lambda e: -e.size)
+                with ThreadPoolExecutor(max_workers=parallel_files, thread_name_prefix="umm-fetch") as pool:
+                    results = [pool.submit(job.fetch, i, e) for i, e in enumerate(files)]
+                    errors = [r.exception() for r in results]
+            finally:
+                job.close()
+                bar.close()
+            failed = [e for e in errors if e is not None]
+            if failed:
+                if not isinstance(failed[0], TransferError):
+                    raise TransferError(f"download of model {manifest_hash[:12]} failed: {failed[0]}") from failed[0]
+                raise failed[0]
+            path = store.commit(manifest, verify=False)  # every byte was hashed as it was written
+        logger.info("downloaded model %s (%s) from %s", manifest_hash[:12], human_bytes(total), ", ".join(addresses))
+        return path
+    finally:
+        for p in provs:
+            p.channel.close()
