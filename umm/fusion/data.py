@@ -1,0 +1,181 @@
+"""Instruction-response data: JSONL loading with line-numbered errors, and tokenisation.
+
+Each line of the JSONL file is an object with non-empty string fields ``instruction`` and
+``response``. A sequence is tokenised as *prompt* + *response*: the prompt is the tokenizer's chat
+template applied to the instruction (with the generation prompt) when the tokenizer has one, else a
+plain ``### Instruction / ### Response`` layout; the response is the rest of the templated
+conversation (or the response text followed by the EOS token). Prompt and response are tokenised
+separately, so every tokenizer sees the response text on its own and two tokenizations of the same
+response can be aligned token by token (see :mod:`umm.fusion.align`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from umm.errors import UmmError
+
+logger = logging.getLogger(__name__)
+
+PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+class DataError(UmmError):
+    """A malformed instruction-response file; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-response pair; ``line`` is its 1-based line number in the source file."""
+
+    instruction: str
+    response: str
+    line: int
+
+
+@dataclass(frozen=True)
+class InstructionData:
+    """A loaded JSONL file; ``sha256`` (of the file bytes) keys every cache derived from it."""
+
+    examples: tuple[Example, ...]
+    path: Path | None
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> InstructionData:
+        """Load and validate ``path``; raises :class:`DataError` naming the first bad line."""
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read instruction data {p}: {e.strerror or e}") from e
+        return cls.from_bytes(raw, path=p)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, path: Path | None = None) -> InstructionData:
+        name = str(path) if path is not None else "<data>"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{name}:{line}: not valid UTF-8 (byte {e.start})") from e
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the file's final newline
+        examples = [_parse_line(name, i, s) for i, s in enumerate(lines, start=1)]
+        if not examples:
+            raise DataError(f"{name}: no examples (the file is empty)")
+        return cls(tuple(examples), path, hashlib.sha256(raw).hexdigest())
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict[str, Any]]) -> InstructionData:
+        """Build from in-memory records (hashed as their canonical JSONL form)."""
+        raw = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+        return cls.from_bytes(raw.encode("utf-8"))
+
+
+def _parse_line(name: str, lineno: int, s: str) -> Example:
+    if not s.strip():
+        raise DataError(f"{name}:{lineno}: empty line (every line must be a JSON object)")
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("instruction", "response"):
+        if key not in obj:
+            raise DataError(f"{name}:{lineno}: missing field {key!r}")
+        if not isinstance(obj[key], str):
+            raise DataError(f"{name}:{lineno}: field {key!r} must be a string")
+        if not obj[key].strip():
+            raise DataError(f"{name}:{lineno}: field {key!r} is empty")
+    return Example(obj["instruction"], obj["response"], lineno)
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids of prompt + response; ``n_prompt`` ids come first, the rest is the response."""
+
+    input_ids: list[int]
+    n_prompt: int
+    truncated: bool
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.input_ids[self.n_prompt :]
+
+    def response_mask(self) -> list[bool]:
+        return [i >= self.n_prompt for i in range(len(self.input_ids))]
+
+
+@dataclass
+class TokenizedData:
+    """The tokenisation of a dataset by one tokenizer; ``None`` marks a dropped example."""
+
+    items: list[TokenizedExample | None]
+    n_truncated: int = 0
+    n_dropped: int = 0
+    dropped_lines: list[int] = field(default_factory=list)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_and_response_text(tokenizer: Any, ex: Example) -> tuple[str, str, bool]:
+    """(prompt text, response text, templated). The response text includes end-of-turn markup."""
+    if has_chat_template(tokenizer):
+        user = [{"role": "user", "content": ex.instruction}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": ex.response}], tokenize=False
+        )
+        if isinstance(prompt, str) and isinstance(full, str) and full.startswith(prompt):
+            return prompt, full[len(prompt) :], True
+        logger.debug("chat template of %s is not prefix-stable; using the plain layout", tokenizer)
+    return PLAIN_PROMPT.format(instruction=ex.instruction), ex.response, False
+
+
+def tokenize_example(tokenizer: Any, ex: Example, max_length: int) -> TokenizedExample | None:
+    """Tokenise one example; the response is cut to fit ``max_length`` (``None`` if nothing fits)."""
+    prompt, response, templated = prompt_and_response_text(tokenizer, ex)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if not templated and tokenizer.eos_token_id is not None:
+        response_ids.append(int(tokenizer.eos_token_id))
+    room = max_length - len(prompt_ids)
+    if room <= 0 or not response_ids:
+        return None
+    truncated = len(response_ids) > room
+    return TokenizedExample(prompt_ids + response_ids[:room], len(prompt_ids), truncated)
+
+
+def tokenize_data(tokenizer: Any, data: InstructionData, max_length: int) -> TokenizedData:
+    """Tokenise every example; counts truncated responses and dropped examples (prompt too long)."""
+    if max_length < 2:
+        raise UmmError(f"max_length must be at least 2, got {max_length}")
+    out = TokenizedData(items=[])
+    for ex in data.examples:
+        item = tokenize_example(tokenizer, ex, max_length)
+        out.items.append(item)
+        if item is None:
+            out.n_dropped += 1
+            out.dropped_lines.append(ex.line)
+        elif item.truncated:
+            out.n_truncated += 1
+    if out.n_truncated or out.n_dropped:
+        logger.warning(
+            "%d of %d responses truncated to max_length=%d; %d examples dropped (prompt alone "
+            "fills the context)", out.n_truncated, len(data), max_length, out.n_dropped,
+        )
+    return out
