@@ -164,8 +164,9 @@ class MergeInputs:
     """What one merge reads: the method, its models and the tensors to produce.
 
     ``sources[i]`` / ``names[i]`` are the models in ``recipe.model_paths()`` order;
-    ``base_index`` points at the base (or ``None``); ``merge_indices`` are the models passed to
-    ``method.merge`` as ``tensors`` (the base excluded, in recipe order).
+    ``base_index`` points at the model passed as ``base`` (``None`` for base-less methods);
+    ``merge_indices`` are the models passed as ``tensors`` (``recipe.source_models()`` order);
+    ``ref_index`` is the model whose config, tokenizer and tensor layout the output takes.
     """
 
     recipe: Any
@@ -174,12 +175,24 @@ class MergeInputs:
     sources: list[Any]
     base_index: int | None
     merge_indices: list[int]
+    ref_index: int
     num_layers: int
     tensor_names: list[str]
     shapes: dict[str, tuple[int, ...]]
     in_dtypes: dict[str, torch.dtype]
     out_dtypes: dict[str, torch.dtype]
     checkpoints: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def tensor_params(self, name: str) -> Any:
+        """The resolved :class:`~umm.merge.TensorParams` of tensor ``name`` (cached)."""
+        from umm.merge import resolve_tensor_params
+
+        p = self.params.get(name)
+        if p is None:
+            p = resolve_tensor_params(self.recipe, self.method, name, self.num_layers)
+            self.params[name] = p
+        return p
 
     def close(self) -> None:
         for s in self.sources:
@@ -200,13 +213,18 @@ class MergeInputs:
         return total
 
 
-def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int]]:
-    """Model paths (recipe order, base first), index of the base, indices merged as ``tensors``."""
+def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int], int]:
+    """Model paths (base first), index of the ``base`` argument, indices of ``tensors``, reference.
+
+    The reference model (config, tokenizer, output layout) is the ``base_model`` if the recipe
+    names one (also for ``linear``, where it is merged as one more input), else the first model.
+    """
     paths = list(recipe.model_paths())
-    base = recipe.base_model
-    base_index = paths.index(base) if base is not None and base in paths else None
-    merge_indices = [i for i in range(len(paths)) if i != base_index]
-    return paths, base_index, merge_indices
+    merge_base = recipe.merge_base()
+    base_index = paths.index(merge_base) if merge_base is not None else None
+    merge_indices = [paths.index(m) for m in recipe.source_models()]
+    ref_index = paths.index(recipe.base_model) if recipe.base_model else 0
+    return paths, base_index, merge_indices, ref_index
 
 
 def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeInputs:
@@ -220,11 +238,7 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeIn
 
     recipe.validate_for_merge()
     method = get_method(recipe.merge_method)
-    paths, base_index, merge_indices = _model_roles(recipe)
-    if method.requires_base and base_index is None:
-        raise UmmError(f"merge method {method.name!r} needs a base_model")
-    if not merge_indices:
-        raise UmmError("the recipe has no model to merge besides the base")
+    paths, base_index, merge_indices, ref_index = _model_roles(recipe)
     ckpts: list[Any] = []
     try:
         for p in paths:
@@ -240,7 +254,7 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeIn
         for c in ckpts:
             c.close()
         raise
-    ref = ckpts[base_index if base_index is not None else 0]
+    ref = ckpts[ref_index]
     out = out_dtype
     if out is None:
         out = parse_dtype(recipe.out_dtype, "out_dtype") or parse_dtype(recipe.dtype, "dtype")
@@ -258,6 +272,7 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeIn
         sources=[CheckpointSource(c) for c in ckpts],
         base_index=base_index,
         merge_indices=merge_indices,
+        ref_index=ref_index,
         num_layers=num_layers,
         tensor_names=names,
         shapes=shapes,
@@ -277,12 +292,16 @@ class _Job:
 
 
 def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
-    """Split the work into jobs: whole tensors, or blocks of rows for element-wise methods."""
+    """Split the work into jobs: whole tensors, or blocks of rows for element-wise methods.
+
+    Resolves every tensor's parameters first, so a parameter error stops the merge before any work.
+    """
     method = inputs.method
-    can_chunk = bool(getattr(method, "elementwise", False)) and not bool(getattr(method, "random", False))
     n_in = len(inputs.sources)
     jobs: list[_Job] = []
     for name in inputs.tensor_names:
+        params = inputs.tensor_params(name)
+        can_chunk = not method.random and method.is_elementwise(params.per_model, params.global_)
         shape = inputs.shapes[name]
         numel = 1
         for d in shape:
@@ -350,10 +369,9 @@ def _run_job(
     job: _Job,
     device: torch.device,
     seed: int,
-    params_cache: dict[str, Any],
     check_finite: bool,
 ) -> torch.Tensor:
-    from umm.merge import resolve_tensor_params, tensor_generator
+    from umm.merge import tensor_generator
 
     method = inputs.method
     name = job.name
@@ -365,14 +383,11 @@ def _run_job(
         blocks.append(t)
     out_dtype = inputs.out_dtypes[name]
     if not inputs.in_dtypes[name].is_floating_point:
-        ref = blocks[inputs.base_index if inputs.base_index is not None else 0]
+        ref = blocks[inputs.ref_index]
         return ref.to(out_dtype)
     if device.type != "cpu":
         blocks = [b.to(device, non_blocking=True) for b in blocks]
-    params = params_cache.get(name)
-    if params is None:
-        params = resolve_tensor_params(inputs.recipe, method, name, inputs.num_layers)
-        params_cache[name] = params
+    params = inputs.tensor_params(name)
     base = blocks[inputs.base_index] if inputs.base_index is not None else None
     tensors = [blocks[i] for i in inputs.merge_indices]
     gen = tensor_generator(seed, name, device=device) if getattr(method, "random", False) else None
@@ -419,7 +434,6 @@ def merge_tensors(
         biggest = max((j.est_bytes for j in jobs), default=0)
         memory_budget = max(biggest, workers * 2 * chunk_bytes * len(inputs.sources))
     budget = _Budget(memory_budget)
-    params_cache: dict[str, Any] = {}
     done_names: set[str] = set()
     stop = threading.Event()
 
@@ -427,7 +441,7 @@ def merge_tensors(
         try:
             if stop.is_set():
                 return job
-            block = _run_job(inputs, job, dev, seed, params_cache, check_finite)
+            block = _run_job(inputs, job, dev, seed, check_finite)
             sink(job.name, job.start or 0, block)
             return job
         finally:
@@ -477,6 +491,7 @@ def merge_state_dict(
     inp = inputs if inputs is not None else open_inputs(recipe, out_dtype=out_dtype)
     if not own:
         inp.recipe = recipe
+        inp.params.clear()
     try:
         out = {n: torch.empty(inp.shapes[n], dtype=inp.out_dtypes[n]) for n in inp.tensor_names}
 
@@ -495,11 +510,9 @@ def merge_state_dict(
 
 
 def _seed(recipe: Any, seed: int | None) -> int:
-    if seed is not None:
-        return int(seed)
-    params = getattr(recipe, "parameters", None) or {}
-    value = params.get("seed") if isinstance(params, Mapping) else None
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+    """The seed of random methods: ``seed`` if given, else 0 (as mergekit's ``--random-seed``,
+    it is a run option, not a recipe key)."""
+    return 0 if seed is None else int(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +545,7 @@ def _tokenizer_dir(inputs: MergeInputs) -> Path:
     from umm.checkpoints.fingerprint import tokenizer_fingerprint
 
     recipe = inputs.recipe
-    ref = Path(inputs.names[inputs.base_index if inputs.base_index is not None else 0])
+    ref = Path(inputs.names[inputs.ref_index])
     src = getattr(recipe, "tokenizer_source", None)
     if src is None or src == "base":
         return ref
@@ -614,7 +627,7 @@ def merge(
     inputs = open_inputs(recipe)
     try:
         tok_dir = _tokenizer_dir(inputs)
-        ref_dir = Path(inputs.names[inputs.base_index if inputs.base_index is not None else 0])
+        ref_dir = Path(inputs.names[inputs.ref_index])
         specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
         recipe_yaml = recipe.to_yaml()
         with CheckpointWriter(out, specs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:

@@ -8,7 +8,8 @@ A parameter value is one of (exactly mergekit's ``ParameterSetting``):
   ``value = (1 - (x - i)) · g[i] + (x - i) · g[min(i + 1, len - 1)]``;
 - a list of ``{filter, value}`` rules: the first rule whose ``filter`` is a substring of the
   tensor name (or is missing / ``"*"``) gives the value (itself a scalar or a gradient); when no
-  rule matches the value is *unset* (``None``) and the next level of precedence is consulted.
+  rule matches (or the list is empty) the value is *unset* (``None``) and the next level of
+  precedence is consulted.
 
 Tensors outside the numbered layers (embeddings, final norm, lm_head) are evaluated at
 ``t = 0`` — the first element of any gradient — as mergekit does for its "pre" and "post"
@@ -102,6 +103,8 @@ def evaluate(value: Any, tensor_name: str, t: float) -> float | bool | None:
     if isinstance(value, FilterRule):
         value = [value]
     if isinstance(value, list):
+        if not value:
+            return None  # an empty list is unset (mergekit 0.1.5)
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return interpolate([float(v) for v in value], t)
         if all(isinstance(v, bool) for v in value):

@@ -314,8 +314,6 @@ def _check_value(where: str, key: str, value: Any, *, boolean: bool) -> None:
         if isinstance(v, FilterRule):
             return numbers(v.value)
         if isinstance(v, list):
-            if not v:
-                raise RecipeError(f"{where}: {key} is an empty list")
             return [x for item in v for x in numbers(item)]
         return [v]
 

@@ -3,17 +3,16 @@
 Formula (mergekit's ``magnitude_outliers`` sparsification), per model over the whole tensor of
 n entries::
 
-    n_top = int(gamma · n) ; n_bot = n − int(density · n) − n_top
-    if n_bot < 0: n_top += n_bot ; n_bot = 0
-    δᵢ = θᵢ − θ₀ with entries of ascending-|δ| rank < n_bot or ≥ n − n_top zeroed
+    target = int(density · n) ; n_top = int(gamma · n) ; n_bot = max(0, n − target − n_top)
+    δᵢ = θᵢ − θ₀ keeping only the entries of ascending-|δ| rank n_bot .. n_bot + target − 1
     (× sum|δ|/sum|kept| if rescale)
     breadcrumbs:      result = θ₀ + lambda · Σᵢ wᵢ δᵢ [/ Σᵢ wᵢ if normalize]
     breadcrumbs_ties: TIES sign election on wᵢ δᵢ
 
 Defaults: ``gamma`` 0.01, ``density`` 1.0, ``normalize`` false, ``rescale`` false,
-``lambda`` 1.0. Base model required. One difference from mergekit: when ``n_top`` is 0
-(``gamma`` 0, or tensors under 1/gamma entries) mergekit's slice ``[n_bot:-0]`` keeps nothing;
-here the top entries are kept, as the formula intends. Not elementwise unless every density is 1.
+``lambda`` 1.0. Base model required. As in the released mergekit (0.1.5), ``n_top == 0``
+(gamma 0, or tensors under 1/gamma entries) keeps the top entries. Not elementwise unless every
+density is 1.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Formula, for models θ₁..θₙ with per-model ``weight`` wᵢ (required)::
 
 There is no base: when a recipe names a ``base_model`` for ``linear``, mergekit adds the base
 as one more input whose weight must come from the recipe; the recipe layer does the same, so
-``tensors`` here holds every source. Computed in float32 (mergekit: in the load dtype), with
-the weight sum in float32 as mergekit does. A zero weight sum with ``normalize`` is an error
+``tensors`` here holds every source. Computed in float32 with the weight sum in float32, as
+the released mergekit (0.1.5) does; mergekit then rounds to the input dtype, umm returns float32. A zero weight sum with ``normalize`` is an error
 here (mergekit silently writes inf/NaN). Elementwise.
 """
 

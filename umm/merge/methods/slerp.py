@@ -9,10 +9,10 @@ the whole tensor::
 
 ``t`` is a *global* parameter (required; mergekit reads it from the top-level ``parameters``
 only, never per model); it may vary per layer and per tensor through gradients and filters.
-Base model required; with no other model the result is the base. mergekit computes in numpy
-float32 on CPU; here the norms and dot product are float32 tensor reductions and the
-coefficients are computed in float64, so results agree to float32 rounding. Not elementwise
-(norms of the whole tensor).
+Base model required; with no other model the result is the base. Like the released mergekit
+(0.1.5) this works in float32 torch (older mergekit went through numpy); the dot product is
+clamped to [-1, 1] and the coefficients are computed in float64 here, so results agree to
+float32 rounding. Not elementwise (norms of the whole tensor).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def _slerp(
     n0, n1 = float(torch.linalg.vector_norm(f0)), float(torch.linalg.vector_norm(f1))
     dot = float(torch.dot(f0, f1))
     dot /= (n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0)
+    dot = min(1.0, max(-1.0, dot))
     s0, s1 = slerp_coefficients(t, dot)
     return torch.mul(v0, s0).add_(v1, alpha=s1)
 

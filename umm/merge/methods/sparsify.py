@@ -2,10 +2,12 @@
 
 Every function takes a fresh float32 delta ``d`` that it may overwrite and returns it.
 
-- ``magnitude`` (TIES): keep the ``k = int(density * n)`` entries of largest ``|d|``.
-- ``magnitude_outliers`` (breadcrumbs): with ``n_top = int(gamma * n)`` and
-  ``n_bot = n - int(density * n) - n_top`` (if ``n_bot < 0``: ``n_top += n_bot; n_bot = 0``),
-  drop the ``n_bot`` smallest and the ``n_top`` largest ``|d|``, keep the rest.
+- ``magnitude`` (TIES): keep the ``k = max(1, int(density * n))`` entries of largest ``|d|``
+  (``density <= 0``: all zero).
+- ``magnitude_outliers`` (breadcrumbs): with ``target = int(density * n)``,
+  ``n_top = int(gamma * n)`` and ``n_bot = max(0, n - target - n_top)``, keep the ``target``
+  entries of ascending-``|d|`` rank ``n_bot .. n_bot + target - 1`` (drops the smallest and
+  the ``gamma`` largest).
 - ``bernoulli`` (DARE): keep each entry independently with probability ``density``.
 - ``della_magprune`` (DELLA): along dim 1 (a 1-D tensor is one row), rank ``|d|`` ascending
   (rank 1..m), ``p = (density - epsilon) + 2 * epsilon * (rank - 1) / (m - 1)``, keep each
@@ -15,13 +17,13 @@ Every method returns ``d`` unchanged when ``density >= 1`` (no rescale either). 
 ``rescale`` the kept entries are multiplied by ``sum|d| / sum|kept|`` (mergekit's L1 rescale;
 not ``1/density``), unless either sum is below 1e-7.
 
-Ranks are exact and deterministic: entries with equal magnitude are ordered by flat index, i.e.
-the result equals a *stable* full sort, but is found with two ``kthvalue`` selections (O(n))
-instead of a sort. Differences from mergekit, all at edge cases where mergekit crashes or
-does something plainly unintended: ``magnitude`` with ``k == 0`` returns zeros (mergekit
-asserts); ``magnitude_outliers`` with ``n_top == 0`` keeps the top entries (mergekit's
-``indices[n_bot:-0]`` keeps nothing, e.g. for tensors under 100 entries at gamma 0.01);
-``della_magprune`` with rows of one entry uses ``p = density`` (mergekit divides 0 by 0).
+These are the semantics of the released mergekit (0.1.5, ``mergekit/sparsify.py``); older
+mergekit asserted on ``k == 0`` and, in ``magnitude_outliers``, kept nothing when
+``n_top == 0`` (its ``indices[n_bot:-0]``). Ranks are exact and deterministic: entries with
+equal magnitude are ordered by flat index, i.e. the result equals a *stable* full sort
+(mergekit's unstable ``argsort`` leaves the choice among exact ties unspecified), but is found
+with one or two ``kthvalue`` selections (O(n)) instead of a sort. One edge case differs:
+``della_magprune`` on rows of a single entry uses ``p = density`` (mergekit divides 0 by 0).
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.T
     if density >= 1:
         return d
     n = d.numel()
-    k = int(density * n)
-    if k <= 0:
+    if density <= 0 or n == 0:
         return d.zero_()
+    k = max(1, int(density * n))
     keep = rank_range_mask(d.abs().view(-1), n - k, n)
     return _apply(d, keep, rescale)
 
@@ -89,11 +91,8 @@ def magnitude_outliers(d: torch.Tensor, density: float, gamma: float = 0.01, res
     n = d.numel()
     target = int(density * n)
     n_top = int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
-    keep = rank_range_mask(d.abs().view(-1), n_bot, n - n_top)
+    n_bot = max(0, n - target - n_top)
+    keep = rank_range_mask(d.abs().view(-1), n_bot, n_bot + target)
     return _apply(d, keep, rescale)
 
 
