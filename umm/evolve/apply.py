@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,6 +23,14 @@ import torch
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
+
+
+#: methods whose merge is a fixed linear combination of the inputs (see :meth:`LiveMerge.apply`)
+FAST_METHODS = frozenset({"linear", "task_arithmetic"})
+
+
+class LiveMergeError(UmmError):
+    """The live model does not match the checkpoints, or a candidate changes the models."""
 
 
 class LiveMergeError(UmmError):
@@ -40,22 +47,34 @@ def recipe_seed(recipe: Any) -> int:
 class LiveMerge:
     """Source tensors cached on ``device``; :meth:`apply` merges a recipe into ``model``.
 
-    ``recipe`` fixes the models, their order, the base and the method; every recipe given to
-    :meth:`apply` must use the same ones (only parameters change between candidates).
+    ``recipe`` fixes the models that are read and cached; a recipe given to :meth:`apply` may use
+    any of them, with any method and parameters. ``seed`` seeds random methods (DARE, DELLA) as
+    ``umm merge --seed`` does (its default is 0 too), so the written recipe reproduces the model.
     """
 
-    def __init__(self, recipe: Any, model: torch.nn.Module, *, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, recipe: Any, model: torch.nn.Module, *, device: str | torch.device = "cpu", seed: int = 0
+    ) -> None:
+        from umm.checkpoints.errors import IncompatibleCheckpointsError
         from umm.merge.executor import open_inputs
 
         self.device = torch.device(device)
         self.model = model
-        inputs = open_inputs(recipe)
+        self.seed = int(seed)
+        try:
+            inputs = open_inputs(recipe)
+        except IncompatibleCheckpointsError as exc:
+            if "fuse" in str(exc):
+                raise
+            raise IncompatibleCheckpointsError(
+                f"{exc}; models of different architectures or tokenizers cannot be merged layer-wise: "
+                "use `umm fuse` (distribution fusion) for heterogeneous models"
+            ) from None
         try:
             self.method = inputs.method
             self.model_paths = list(inputs.names)
             self.num_layers = inputs.num_layers
             self.base_index = inputs.base_index
-            self.merge_indices = list(inputs.merge_indices)
             params = dict(model.named_parameters())
             missing = [n for n in params if n not in inputs.shapes]
             if missing:
@@ -80,54 +99,108 @@ class LiveMerge:
         finally:
             inputs.close()
         self.tensor_names = list(self.params)
+        self._index = {p: i for i, p in enumerate(self.model_paths)}
+        self._buffer: torch.Tensor | None = None
         logger.info(
             "live merge ready: %d tensors x %d models cached on %s", len(self.tensor_names),
             len(self.model_paths), self.device,
         )
 
-    def _plan(self, recipe: Any) -> tuple[Any, int | None, list[int]]:
-        """Method, base index and merged indices of ``recipe`` in the cached model order."""
+    def _plan(self, recipe: Any) -> tuple[Any, int | None]:
+        """Method and base index (in the cached model order) of ``recipe``."""
         from umm.merge import get_method
 
         paths = [str(p) for p in recipe.model_paths()]
-        if sorted(paths) != sorted(self.model_paths):
+        unknown = [p for p in paths if p not in self._index]
+        if unknown:
             raise LiveMergeError(
-                f"recipe models {paths} differ from the models loaded for the search {self.model_paths}"
+                f"recipe models {unknown} differ from the models loaded for the search {self.model_paths}"
             )
-        index = {p: i for i, p in enumerate(self.model_paths)}
-        base = recipe.base_model
-        base_index = index[str(base)] if base is not None else None
-        merge_indices = [index[p] for p in paths if p != (str(base) if base is not None else None)]
-        return get_method(recipe.merge_method), base_index, merge_indices
+        base = recipe.merge_base()
+        return get_method(recipe.merge_method), (self._index[str(base)] if base is not None else None)
 
     @torch.no_grad()
-    def merged_tensor(self, recipe: Any, name: str, plan: tuple[Any, int | None, list[int]] | None = None) -> torch.Tensor:
-        """The float32 merged value of one tensor under ``recipe`` (on the device)."""
+    def merged_tensor(
+        self, recipe: Any, name: str, plan: tuple[Any, int | None] | None = None
+    ) -> torch.Tensor:
+        """The float32 merged value of one tensor under ``recipe`` (on the device), computed by
+        the method's own function, exactly as ``umm merge`` does."""
         from umm.merge import resolve_tensor_params, tensor_generator
 
-        method, base_index, merge_indices = plan or self._plan(recipe)
+        method, base_index = plan or self._plan(recipe)
         cached = self.inputs[name]
         params = resolve_tensor_params(recipe, method, name, self.num_layers)
         base = cached[base_index] if base_index is not None else None
-        tensors = [cached[i] for i in merge_indices]
+        tensors = [cached[self._index[str(m)]] for m in params.models]
         gen = (
-            tensor_generator(recipe_seed(recipe), name, device=self.device)
+            tensor_generator(self.seed, name, device=self.device)
             if getattr(method, "random", False)
             else None
         )
         return method.merge(base, tensors, params.per_model, params.global_, generator=gen)
 
+    def _linear_coefficients(
+        self, recipe: Any, name: str, plan: tuple[Any, int | None]
+    ) -> list[tuple[int, float]] | None:
+        """For linear and task_arithmetic the merge is ``sum_i c_i * tensor_i``; the (cached
+        index, c_i) pairs of one tensor (the base's coefficient included), or None for the
+        other methods, which go through :meth:`merged_tensor`."""
+        from umm.merge import resolve_tensor_params
+
+        method, base_index = plan
+        if method.name not in FAST_METHODS:
+            return None
+        params = resolve_tensor_params(recipe, method, name, self.num_layers)
+        weights = [float(p["weight"]) for p in params.per_model]
+        idx = [self._index[str(m)] for m in params.models]
+        g = params.global_
+        if method.name == "linear":
+            total = sum(weights) if g["normalize"] else 1.0
+            if total == 0:
+                return None  # let the method raise its own error
+            return [(i, w / total) for i, w in zip(idx, weights)]
+        if base_index is None:
+            return None
+        total = float(torch.tensor(weights, dtype=torch.float32).sum()) if g["normalize"] else 1.0
+        if abs(total) < 1e-8:
+            total = 1.0
+        scale = float(g["lambda"]) / total
+        coeffs = [(i, w * scale) for i, w in zip(idx, weights)]
+        return [(base_index, 1.0 - sum(c for _, c in coeffs)), *coeffs]
+
     @torch.no_grad()
     def apply(self, recipe: Any) -> float:
         """Write the merge of ``recipe`` (same models, any method) into the live model's
-        parameters; returns the seconds taken."""
+        parameters; returns the seconds taken.
+
+        linear and task_arithmetic take a fused path (``sum_i c_i * tensor_i`` accumulated in a
+        float32 buffer: one pass per model instead of building every task vector); it equals the
+        method's function up to float32 rounding. Other methods call the method's function.
+        """
         plan = self._plan(recipe)
         t0 = time.perf_counter()
         for name, param in self.params.items():
-            param.data.copy_(self.merged_tensor(recipe, name, plan))
+            coeffs = self._linear_coefficients(recipe, name, plan)
+            if coeffs is None:
+                param.data.copy_(self.merged_tensor(recipe, name, plan))
+                continue
+            cached = self.inputs[name]
+            out = param.data if param.dtype == torch.float32 else self._scratch(param)
+            (i0, c0), rest = coeffs[0], coeffs[1:]
+            torch.mul(cached[i0], c0, out=out)
+            for i, c in rest:
+                out.add_(cached[i], alpha=c)
+            if out is not param.data:
+                param.data.copy_(out)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    def _scratch(self, param: torch.Tensor) -> torch.Tensor:
+        numel = param.numel()
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._buffer[:numel].view(param.shape)
 
     @torch.no_grad()
     def load_source(self, index: int) -> None:

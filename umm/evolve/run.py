@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -75,18 +76,25 @@ class EvolveResult:
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_groups(config: EvolveConfig, num_layers: int) -> int:
+    """Number of layer groups for ``layer_granularity`` layers per group."""
+    return max(1, min(max(1, num_layers), math.ceil(max(1, num_layers) / config.layer_granularity)))
+
+
 def start_genome(config: EvolveConfig, num_layers: int) -> Any:
-    """The starting genome: uniform values, or the values of the recipe named by ``start``."""
+    """The starting genome: uniform values (weight 1/n, density 1, t 0.5), or the values of the
+    recipe named by ``start`` (its models must be the config's)."""
     from umm.merge.genome import Genome
 
+    groups = layer_groups(config, num_layers)
     if config.start == "uniform":
         return Genome.uniform(
-            method=config.method,
-            base_model=config.base_model,
-            models=list(config.models),
-            num_layers=num_layers,
-            granularity=config.layer_granularity,
-            param_names=config.search_params,
+            config.method,
+            config.base_model,
+            list(config.models),
+            num_layers,
+            groups,
+            config.search_params,
             filters=list(config.filters) or None,
             global_params=dict(config.global_params),
         )
@@ -95,54 +103,48 @@ def start_genome(config: EvolveConfig, num_layers: int) -> Any:
     path = Path(config.start)
     if not path.is_file():
         raise EvolveError(f"start: {path} is neither 'uniform' nor a recipe file")
-    recipe = MergeRecipe.load(path)
-    return Genome.from_recipe(
-        recipe,
-        num_layers=num_layers,
-        granularity=config.layer_granularity,
-        param_names=config.search_params,
-        filters=list(config.filters) or None,
-    )
+    genome = Genome.from_recipe(MergeRecipe.load(path), num_layers, groups)
+    if genome.method != config.method or list(genome.models) != list(config.models) or genome.base_model != config.base_model:
+        raise EvolveError(
+            f"start recipe {path} merges {list(genome.models)} (base {genome.base_model}, method "
+            f"{genome.method}); the config has {list(config.models)} (base {config.base_model}, "
+            f"method {config.method})"
+        )
+    return genome
 
 
 def gene_names(genome: Any) -> list[str]:
-    """One name per entry of ``genome.to_vector()``: ``<group>/<model>/<param>``."""
+    """One name per entry of ``genome.to_vector()``: ``g<group>/<model>[/<filter>]/<param>``."""
     names: list[str] = []
-    for g in range(len(genome.groups)):
+    sets = [*(genome.filters or ()), "other"] if genome.filters else [None]
+    for g in range(genome.groups):
         for m in genome.models:
-            for p in genome.param_names:
-                names.append(f"{_group_label(genome, g)}/{Path(str(m)).name}/{p}")
+            for s in sets:
+                for p in genome.param_names:
+                    mid = f"/{s}" if s is not None else ""
+                    names.append(f"g{g}/{Path(str(m)).name}{mid}/{p}")
     return names
-
-
-def _group_label(genome: Any, g: int) -> str:
-    group = genome.groups[g]
-    return str(getattr(group, "name", None) or group)
 
 
 def gene_bounds(genome: Any, config: EvolveConfig) -> BoxTransform:
     """Bounds of every gene, from its parameter name (``config.bounds`` or the defaults)."""
-    n_groups, n_models, n_params = np.asarray(genome.values).shape
-    low = np.empty((n_groups, n_models, n_params))
-    high = np.empty_like(low)
+    shape = np.asarray(genome.values).shape
+    low = np.empty(shape)
+    high = np.empty(shape)
     for k, p in enumerate(genome.param_names):
         lo, hi = config.bounds_for(p)
-        low[:, :, k], high[:, :, k] = lo, hi
+        low[..., k], high[..., k] = lo, hi
     return BoxTransform(low.reshape(-1), high.reshape(-1))
 
 
 def layer_weights(genome: Any, param: str = "weight") -> np.ndarray | None:
-    """``[model, layer]`` values of ``param`` (averaged over filter genes), or None if not searched."""
+    """``[model, layer]`` values of ``param`` (mean over filter sets), or None if not searched."""
     if param not in genome.param_names:
         return None
     k = list(genome.param_names).index(param)
-    values = np.asarray(genome.values, dtype=np.float64)
-    out = np.zeros((len(genome.models), genome.num_layers))
-    for layer in range(genome.num_layers):
-        groups = genome.group_of_layer(layer)
-        groups = groups if isinstance(groups, (list, tuple)) else [groups]
-        out[:, layer] = np.mean([values[g, :, k] for g in groups], axis=0)
-    return out
+    values = np.asarray(genome.values4, dtype=np.float64)[..., k]  # [groups, models, sets]
+    layers = max(1, genome.num_layers)
+    return np.stack([values[genome.group_of_layer(L)].mean(axis=-1) for L in range(layers)], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,20 +389,26 @@ def run_evolve(
     return EvolveResult(run_dir, state, recipe_path, model_dir, md)
 
 
+#: the "untuned" merges of the final table: textbook settings, never tuned on any split
+UNTUNED = {
+    "task_arithmetic": {"weight": 1.0},  # base + sum of task vectors (lambda 1)
+    "ties": {"weight": 1.0, "density": 0.5},  # keep the top half of each task vector, sign consensus
+}
+
+
 def untuned_recipe(config: EvolveConfig, method: str) -> Any:
-    """``method`` over the config's models and base with the method's default parameters."""
-    from umm.merge import get_method
+    """``method`` over the config's models and base with the fixed settings of :data:`UNTUNED`."""
     from umm.merge.recipe import MergeRecipe
 
-    m = get_method(method)
-    defaults = {k: v for k, v in m.tensor_params.items() if v is not None}
-    data = {
-        "merge_method": method,
-        "base_model": config.base_model,
-        "models": [{"model": p, "parameters": dict(defaults)} for p in config.models],
-        "dtype": "float32",
-    }
-    return MergeRecipe.model_validate(data)
+    return MergeRecipe.from_dict(
+        {
+            "merge_method": method,
+            "base_model": config.base_model,
+            "models": [{"model": p, "parameters": dict(UNTUNED[method])} for p in config.models],
+            "dtype": "float32",
+        },
+        source=f"untuned {method}",
+    )
 
 
 def compare_on_test(config: EvolveConfig, worker: Worker, best_recipe: Any) -> list[ComparisonRow]:

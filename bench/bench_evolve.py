@@ -1,0 +1,168 @@
+"""Bench: how much the in-memory candidate path of ``umm evolve`` saves, and where a candidate's
+time goes.
+
+1. **Apply vs disk** on the ~220M-parameter bf16 bench models of ``bench_merge.py`` (base + two
+   of its experts, built once under ``bench/out/models``): time to apply one task-arithmetic
+   candidate (per-layer weights) to the live model in memory (:class:`umm.evolve.apply.LiveMerge`)
+   against merging the same recipe to disk with the streaming executor and loading the result
+   (``load_causal_lm``), what a search without the in-memory path does per candidate.
+   Also one TIES candidate (density 0.5), which goes through the method's own function.
+2. **Apply vs evaluate** on the tiny experts (``umm experts prepare --variant small``, if built):
+   a short search (``--generations`` generations) with the math and code experts, and the
+   share of each candidate's time spent applying vs evaluating, from ``history.jsonl``.
+
+    python bench/bench_evolve.py                     # both parts, 3 candidates each
+    python bench/bench_evolve.py --part apply --repeat 5 --device cpu
+    python bench/bench_evolve.py --part split --generations 2 --search-size 16
+
+Prints one table per part; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _layer_recipe(method: str, base: Path, experts: list[Path], seed: int, num_layers: int, density: float | None):  # noqa: ANN202
+    """A candidate as the search writes it: per-layer weight gradients per model."""
+    import numpy as np
+
+    from umm.merge import MergeRecipe
+
+    rng = np.random.default_rng(seed)
+    models = []
+    for e in experts:
+        params: dict = {"weight": [round(float(v), 4) for v in rng.uniform(0.2, 0.8, num_layers)]}
+        if density is not None:
+            params["density"] = density
+        models.append({"model": str(e), "parameters": params})
+    return MergeRecipe.from_dict(
+        {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    )
+
+
+def part_apply(args: argparse.Namespace) -> None:
+    import torch
+
+    from bench_merge import build_models
+    from umm.checkpoints.loading import load_causal_lm
+    from umm.checkpoints.reader import Checkpoint
+    from umm.evolve.apply import LiveMerge
+    from umm.merge.executor import merge
+    from umm.ui import console, table
+
+    paths = build_models(HERE / "out" / "models")
+    base, experts = paths["base"], [paths["e1"], paths["e2"]]
+    with Checkpoint.open(base) as ck:
+        num_layers = ck.num_layers or 0
+        n_params = ck.num_parameters
+    console.print(f"bench models: {n_params / 1e6:.0f}M parameters, {num_layers} layers, device {args.device}")
+
+    t0 = time.perf_counter()
+    model = load_causal_lm(base, device=args.device, dtype=args.dtype)
+    live = LiveMerge(_layer_recipe("task_arithmetic", base, experts, 0, num_layers, None), model, device=args.device)
+    setup_s = time.perf_counter() - t0
+
+    rows = []
+    for method, density in (("task_arithmetic", None), ("ties", 0.5)):
+        mem, disk = [], []
+        for r in range(args.repeat):
+            recipe = _layer_recipe(method, base, experts, r + 1, num_layers, density)
+            mem.append(live.apply(recipe))
+            out = Path(tempfile.mkdtemp(prefix="umm-bench-evolve-"))
+            try:
+                t1 = time.perf_counter()
+                merge(recipe, out / "m", device=args.device, show_progress=False)
+                loaded = load_causal_lm(out / "m", device=args.device, dtype=args.dtype)
+                disk.append(time.perf_counter() - t1)
+                del loaded
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            if method == "ties" and r + 1 >= min(args.repeat, 2):
+                break  # TIES is slow on a small CPU; two candidates are enough for the ratio
+        m, d = statistics.median(mem), statistics.median(disk)
+        rows.append([method, len(mem), f"{m:.2f}", f"{d:.2f}", f"{d / m:.1f}x"])
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    console.print(table(
+        f"one candidate, {n_params / 1e6:.0f}M params (setup once: load + cache {setup_s:.1f} s)",
+        ["method", "candidates", "in memory s (median)", "merge to disk + reload s", "speed-up"],
+        rows,
+    ))
+
+
+def part_split(args: argparse.Namespace) -> None:
+    from umm.evolve.config import parse_config
+    from umm.evolve.run import run_evolve
+    from umm.paths import experts_dir
+    from umm.ui import console, table
+
+    suite_dir = experts_dir() / args.variant
+    suite_file = suite_dir / "suite.json"
+    if not suite_file.is_file():
+        console.print(f"skipped: no tiny expert suite at {suite_dir} (run `umm experts prepare --variant {args.variant}`)")
+        return
+    suite = json.loads(suite_file.read_text())
+    models = suite.get("models", {})
+    math_m, code_m = models.get("math"), models.get("code")
+    base = suite.get("base") or (suite.get("bases") or {}).get("default")
+    if not (math_m and code_m and base):
+        console.print(f"skipped: {suite_file} does not name math, code and base models ({sorted(models)})")
+        return
+    resolve = lambda p: str(p if Path(p).is_absolute() else suite_dir / p)  # noqa: E731
+    cfg = parse_config({
+        "models": [resolve(math_m), resolve(code_m)], "base_model": resolve(base),
+        "method": "task_arithmetic", "tasks": [
+            {"name": "synth-math", "search_size": args.search_size},
+            {"name": "synth-code", "search_size": args.search_size},
+        ],
+        "population": 4, "budget": {"evaluations": 1 + 4 * args.generations},
+        "device": args.device, "write_model": False, "compare": False,
+    })
+    run_dir = Path(tempfile.mkdtemp(prefix="umm-bench-split-"))
+    try:
+        run_evolve(cfg, run_dir)
+        rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    total = sum(r["seconds"] for r in rows)
+    apply = sum(r["apply_seconds"] for r in rows)
+    console.print(table(
+        f"candidate time on the tiny experts ({args.variant}), {len(rows)} candidates, "
+        f"{args.search_size} search items per task",
+        ["", "seconds per candidate", "share"],
+        [
+            ["apply (in memory)", f"{apply / len(rows):.3f}", f"{100 * apply / total:.1f}%"],
+            ["evaluate (search split)", f"{(total - apply) / len(rows):.3f}", f"{100 * (total - apply) / total:.1f}%"],
+            ["total", f"{total / len(rows):.3f}", "100%"],
+        ],
+    ))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["apply", "split", "all"], default="all")
+    ap.add_argument("--repeat", type=int, default=3, help="candidates per method in the apply part")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="dtype of the live model")
+    ap.add_argument("--variant", default="small", help="tiny expert suite variant")
+    ap.add_argument("--generations", type=int, default=1)
+    ap.add_argument("--search-size", type=int, default=16)
+    args = ap.parse_args()
+    if args.part in ("apply", "all"):
+        part_apply(args)
+    if args.part in ("split", "all"):
+        part_split(args)
+
+
+if __name__ == "__main__":
+    main()
