@@ -51,7 +51,7 @@ def test_single_file_equals_safetensors(tiny_models: dict[str, Path]) -> None:
             t = ckpt.get_tensor(name)
             assert t.dtype == ref[name].dtype and t.shape == ref[name].shape
             assert torch.equal(t, ref[name]), name
-        assert ckpt.model_type == "llama"
+        assert ckpt.model_type == "llama" and ckpt.dtype == torch.float32
         assert ckpt.num_layers == 2
         assert ckpt.num_parameters == sum(v.numel() for v in ref.values())
         assert ckpt.weight_bytes == sum(v.numel() * v.element_size() for v in ref.values())
@@ -61,7 +61,7 @@ def test_sharded_bf16_equals_safetensors_in_index_order(sharded_bf16: Path) -> N
     index = json.loads((sharded_bf16 / "model.safetensors.index.json").read_text())
     ref = _reference(sharded_bf16)
     with Checkpoint.open(sharded_bf16) as ckpt:
-        assert len(ckpt.weight_files) > 1
+        assert len(ckpt.weight_files) > 1 and ckpt.dtype == torch.bfloat16
         assert ckpt.tensor_names == list(index["weight_map"])
         for name, info in ckpt.tensors.items():
             assert info.file == index["weight_map"][name]

@@ -163,15 +163,15 @@ def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits()) -> Admi
     """Check an untrusted model folder (see the module docstring); raise the specific
     :class:`CheckpointError` or return its :class:`AdmissionReport`."""
     folder = Path(path)
-    with Checkpoint.open(folder) as ckpt:
-        where = str(ckpt.path)
-        check_model_config(ckpt.config, ckpt.path / CONFIG_NAME)
-
+    if folder.is_dir():  # size first: the cheapest check, before any file is parsed
         total = sum(list_files(folder).values())
         if total > limits.max_total_bytes:
             raise CheckpointTooLargeError(
-                f"{where}: {human_bytes(total)} exceeds the admission limit of {human_bytes(limits.max_total_bytes)}"
+                f"{folder}: {human_bytes(total)} exceeds the admission limit of {human_bytes(limits.max_total_bytes)}"
             )
+    with Checkpoint.open(folder) as ckpt:
+        where = str(ckpt.path)
+        check_model_config(ckpt.config, ckpt.path / CONFIG_NAME)
         if len(ckpt.tensors) > limits.max_tensors:
             raise CheckpointTooLargeError(
                 f"{where}: {len(ckpt.tensors)} tensors exceed the admission limit of {limits.max_tensors}"

@@ -155,6 +155,10 @@ def incompatibility(a: Checkpoint, b: Checkpoint) -> str | None:
     (dtypes may differ, a merge casts), and the same tokenizer vocabulary. A folder without any
     tokenizer files is not held against the other (its vocabulary is unknown; a warning is logged).
     """
+    return _incompatibility(a, b, tokenizer_fingerprint(a.path))
+
+
+def _incompatibility(a: Checkpoint, b: Checkpoint, ta: str | None) -> str | None:
     if a.model_type != b.model_type:
         return f"model types differ: {a.model_type!r} ({a.path}) vs {b.model_type!r} ({b.path})"
     for name, info in a.tensors.items():
@@ -169,7 +173,7 @@ def incompatibility(a: Checkpoint, b: Checkpoint) -> str | None:
     for name in b.tensors:
         if name not in a.tensors:
             return f"tensor {name!r} is in {b.path} but missing from {a.path}"
-    ta, tb = tokenizer_fingerprint(a.path), tokenizer_fingerprint(b.path)
+    tb = tokenizer_fingerprint(b.path)
     if ta is None or tb is None:
         if ta != tb:
             logger.warning(
@@ -187,7 +191,10 @@ def incompatibility(a: Checkpoint, b: Checkpoint) -> str | None:
 
 def require_compatible(ckpts: Sequence[Checkpoint]) -> None:
     """Raise :class:`IncompatibleCheckpointsError` unless every checkpoint is compatible with the first."""
+    if len(ckpts) < 2:
+        return
+    first_tokenizer = tokenizer_fingerprint(ckpts[0].path)
     for other in ckpts[1:]:
-        reason = incompatibility(ckpts[0], other)
+        reason = _incompatibility(ckpts[0], other, first_tokenizer)
         if reason is not None:
             raise IncompatibleCheckpointsError(f"cannot merge these checkpoints: {reason}")

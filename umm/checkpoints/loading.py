@@ -92,18 +92,19 @@ def check_model_config(config: Mapping[str, Any], where: str | Path) -> str:
             f"{where}: model_type {model_type!r} is unknown to the installed transformers; "
             "upgrade transformers or convert the model to a supported architecture"
         )
-    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if cls_name is None:
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if mapped is None:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not a causal language model")
+    names = (mapped,) if isinstance(mapped, str) else tuple(mapped)
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and not any(
-        isinstance(a, str) and (a.endswith(("ForCausalLM", "LMHeadModel")) or a == cls_name) for a in archs
+        isinstance(a, str) and (a.endswith(("ForCausalLM", "LMHeadModel")) or a in names) for a in archs
     ):
         raise CheckpointError(
-            f"{where}: architectures {archs} is not a causal LM head (expected e.g. {cls_name}); "
+            f"{where}: architectures {archs} is not a causal LM head (expected e.g. {names[0]}); "
             "its weights would not fit a causal LM"
         )
-    return cls_name if isinstance(cls_name, str) else str(cls_name)
+    return names[0]
 
 
 def _read_optional_json(path: Path) -> Any:

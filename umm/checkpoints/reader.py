@@ -418,6 +418,14 @@ class Checkpoint:
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self._tensors.values())
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype holding most of the weight bytes (``None`` for an empty checkpoint)."""
+        by_dtype: dict[torch.dtype, int] = {}
+        for t in self._tensors.values():
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        return max(by_dtype, key=lambda d: by_dtype[d]) if by_dtype else None
+
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 
