@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Half precisions to float32; float32/float64 kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def sparse_distill_terms(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -26,11 +31,11 @@ def sparse_distill_terms(
     ``target_* [B, L, K]`` (``target_logprobs`` are log-probabilities, ignored where
     ``target_mask`` is false); ``response_mask [B, L]`` selects the positions that count.
     """
-    lse = torch.logsumexp(logits.float(), dim=-1)  # [B, L]
-    gold_logit = logits.gather(-1, gold_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
+    lse = torch.logsumexp(_up(logits), dim=-1)  # [B, L]
+    gold_logit = _up(logits.gather(-1, gold_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1))
     ce_gold = lse - gold_logit
-    tgt_logit = logits.gather(-1, torch.where(target_mask, target_ids, 0).long()).float()
-    p = torch.where(target_mask, target_logprobs.float().exp(), torch.zeros_like(tgt_logit))
+    tgt_logit = _up(logits.gather(-1, torch.where(target_mask, target_ids, 0).long()))
+    p = torch.where(target_mask, target_logprobs.to(lse.dtype).exp(), torch.zeros_like(tgt_logit))
     ce_kd = -(p * (tgt_logit - lse.unsqueeze(-1))).sum(-1)
     m = response_mask.to(ce_gold.dtype)
     n = m.sum().clamp_min(1.0)
@@ -58,9 +63,9 @@ def dense_distill_loss(
     response_mask: torch.Tensor, lam: float = 0.9,
 ) -> torch.Tensor:
     """The same objective from a dense ``[B, L, V]`` target (FuseLLM's way): reference and bench only."""
-    logq = torch.log_softmax(logits.float(), dim=-1)
+    logq = torch.log_softmax(_up(logits), dim=-1)
     ce_gold = -logq.gather(-1, gold_ids.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    ce_kd = -(target_probs.float() * logq).sum(-1)
+    ce_kd = -(target_probs.to(logq.dtype) * logq).sum(-1)
     m = response_mask.to(logq.dtype)
     n = m.sum().clamp_min(1.0)
     return lam * (ce_gold * m).sum() / n + (1.0 - lam) * (ce_kd * m).sum() / n
