@@ -19,10 +19,11 @@ not ``1/density``), unless either sum is below 1e-7.
 
 These are the semantics of the released mergekit (0.1.5, ``mergekit/sparsify.py``); older
 mergekit asserted on ``k == 0`` and, in ``magnitude_outliers``, kept nothing when
-``n_top == 0`` (its ``indices[n_bot:-0]``). Ranks are exact and deterministic: entries with
-equal magnitude are ordered by flat index, i.e. the result equals a *stable* full sort
-(mergekit's unstable ``argsort`` leaves the choice among exact ties unspecified), but is found
-with one or two ``kthvalue`` selections (O(n)) instead of a sort. One edge case differs:
+``n_top == 0`` (its ``indices[n_bot:-0]``). Ranks are exact and deterministic: among entries
+of equal magnitude the lower flat index comes first, i.e. the result equals mergekit's sort made
+*stable* (descending for ``magnitude``, ascending for ``magnitude_outliers``; mergekit's
+unstable ``argsort`` leaves the choice among exact ties unspecified), but is found with one or
+two ``kthvalue`` selections (O(n)) instead of a full sort. One edge case differs:
 ``della_magprune`` on rows of a single entry uses ``p = density`` (mergekit divides 0 by 0).
 """
 
@@ -59,6 +60,23 @@ def _rank_at_least(a: torch.Tensor, r: int) -> torch.Tensor:
     return mask
 
 
+def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of 1-D ``a``; equal values: lower index first.
+
+    Equals the first ``k`` of a stable descending sort, found with one ``kthvalue`` (O(n)).
+    """
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=a.device)
+    v = torch.kthvalue(a, n - k + 1).values  # the k-th largest value
+    mask = a > v
+    ties = torch.nonzero(a == v).squeeze(1)
+    mask[ties[: k - int(mask.sum())]] = True
+    return mask
+
+
 def _rescale_l1(d: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     after = d.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
@@ -80,7 +98,7 @@ def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.T
     if density <= 0 or n == 0:
         return d.zero_()
     k = max(1, int(density * n))
-    keep = rank_range_mask(d.abs().view(-1), n - k, n)
+    keep = top_k_mask(d.abs().view(-1), k)
     return _apply(d, keep, rescale)
 
 
