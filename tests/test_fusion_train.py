@@ -1,0 +1,96 @@
+"""Training the pivot: a heterogeneous 2-step fusion, exact resume, output folder, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from umm.errors import UmmError
+from umm.fusion.train import FusionTrainConfig, latest_checkpoint, lr_factor, prepare_targets, train_pivot
+
+RECORDS = [
+    {"instruction": f"Compute {i} + {i + 2}.", "response": f"The answer is {i} + {i + 2} = {2 * i + 2}. #### {2 * i + 2}"}
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
+    from umm.fusion.tiny import make_random_neox
+
+    root = tmp_path_factory.mktemp("fusion_train")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    return {"root": root, "data": data, "pivot": tiny_models["base"],
+            "neox": make_random_neox(root / "neox", seed=5)}
+
+
+def _config(s: dict[str, Path], out: str, **kw) -> FusionTrainConfig:
+    base = dict(pivot=s["pivot"], sources=[s["neox"]], data=s["data"], output=s["root"] / out,
+                teacher_cache=s["root"] / "teachers", k=4, max_length=64, lr=1e-3, batch_size=2,
+                grad_accum=1, max_steps=2, checkpoint_every=1, warmup_ratio=0.5, seed=7, device="cpu")
+    base.update(kw)
+    return FusionTrainConfig(**base)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_two_steps_then_resume_equals_uninterrupted(setup: dict[str, Path]) -> None:
+    from umm.checkpoints.loading import load_causal_lm
+
+    full = train_pivot(_config(setup, "full"), show_progress=False)
+    card = (full / "README.md").read_text()
+    assert str(setup["neox"]) in card and str(setup["data"]) in card and "lambda = 0.9" in card
+    recipe = json.loads((full / "fusion_recipe.json").read_text())
+    assert recipe["steps"] == 2 and recipe["fusion"] == "minCE" and len(recipe["teachers"]) == 2
+    assert 0 <= recipe["fallback_fraction"]["neox"] < 1
+    assert load_causal_lm(full) is not None  # a normal model folder
+    trained, start = _weights(full), _weights(setup["pivot"])
+    assert any(not torch.equal(trained[n], start[n]) for n in start)
+    assert not (setup["root"] / ".full.work").exists()  # checkpoints cleaned after success
+
+    targets, _ = prepare_targets(_config(setup, "cut"), show_progress=False)
+    cfg = _config(setup, "cut")
+    work = train_pivot(cfg, targets=targets, stop_after=1, show_progress=False)
+    assert not cfg.output.exists() and latest_checkpoint(work) is not None
+    with pytest.raises(UmmError, match="pass resume"):
+        train_pivot(cfg, targets=targets, show_progress=False)
+    with pytest.raises(UmmError, match="other training settings"):
+        train_pivot(_config(setup, "cut", lr=5e-4, resume=True), targets=targets, show_progress=False)
+    out = train_pivot(_config(setup, "cut", resume=True), targets=targets, show_progress=False)
+    resumed = _weights(out)
+    assert resumed.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(resumed[name], trained[name]), name
+
+
+def test_refuses_non_causal_pivot_and_existing_output(setup: dict[str, Path]) -> None:
+    bad = setup["root"] / "classifier"
+    shutil.copytree(setup["pivot"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForSequenceClassification"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UmmError, match="not a causal LM"):
+        train_pivot(_config(setup, "x", pivot=bad), show_progress=False)
+    taken = setup["root"] / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    with pytest.raises(UmmError, match="not empty"):
+        train_pivot(_config(setup, "taken"), show_progress=False)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    assert [round(lr_factor(s, 10, 2), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(6, 10, 2) == pytest.approx(0.5)
+    assert lr_factor(10, 10, 2) == pytest.approx(0.0)
