@@ -74,6 +74,11 @@ def test_check_finite_on_tensors() -> None:
     check_finite(torch.zeros(3), "ok")
     check_finite(torch.tensor([1, 2], dtype=torch.int64), "ints")  # integers cannot be non-finite
     check_finite(torch.empty(0), "empty")
+    # Large finite values whose sum overflows are still finite (the fast screen must not decide).
+    check_finite(torch.full((4,), 3e38), "big")
+    check_finite(torch.full((4,), 6e4, dtype=torch.float16), "big16")
+    with pytest.raises(NonFiniteTensorError, match="1 NaN and 0 Inf"):
+        check_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64), "w64")
     with pytest.raises(NonFiniteTensorError, match=r"'w' in m has 1 NaN and 1 Inf"):
         check_finite(torch.tensor([0.0, float("nan"), float("-inf")], dtype=torch.bfloat16), "w", "m")
     if hasattr(torch, "float8_e5m2"):

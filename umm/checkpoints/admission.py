@@ -56,6 +56,12 @@ def check_finite(tensor: torch.Tensor, name: str, model: str = "") -> None:
     t = tensor
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and not t.is_complex():
         t = t.float()  # float8 variants: isfinite is not implemented for all of them
+    # Fast screen: NaN and Inf propagate through a sum (NaN + x = NaN, Inf + finite = Inf,
+    # Inf - Inf = NaN), so a finite sum proves every element finite. A non-finite sum may
+    # also be an overflow of large finite values, so only then run the exact, slower check.
+    acc = torch.float64 if t.dtype == torch.float64 else None if t.is_complex() else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc)).all()):
+        return
     if bool(torch.isfinite(t).all()):
         return
     nan = int(torch.isnan(t).sum())
