@@ -69,6 +69,13 @@ def demo_command(
     threads: int = typer.Option(0, "--threads", help="Merge threads (0: automatic)."),
 ) -> None:
     """Build a tiny base + math + code expert, TIES-merge them, load the result and run it."""
+    from umm.cli.merge import user_errors
+
+    with user_errors():
+        _demo(workdir, threads)
+
+
+def _demo(workdir: Path, threads: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

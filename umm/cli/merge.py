@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a :class:`UmmError` into the CLI's clean one-line message and exit code 2.
+
+    ``umm.cli.run_app`` does the same for the console script; doing it here as well keeps the
+    behaviour when the typer app is invoked directly (``typer.testing.CliRunner``).
+    """
+    from umm.errors import UmmError
+    from umm.ui import err_console
+
+    try:
+        yield
+    except UmmError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +45,12 @@ def merge_command(
 
     Relative model paths in the recipe are read from the current directory (as mergekit does).
     """
+    with user_errors():
+        _merge(recipe, out_dir, device, threads, shard_size, overwrite, seed, dry_run)
+
+
+def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: str, overwrite: bool,
+           seed: int | None, dry_run: bool) -> None:
     from umm.errors import UmmError
     from umm.merge.recipe import MergeRecipe
     from umm.ui import console, human_bytes, table
@@ -42,8 +67,9 @@ def merge_command(
         _dry_run(rec, out_dir, overwrite, shard_size)
         return
 
-    from umm.merge.executor import merge
+    from umm.merge.executor import merge, tune_allocator
 
+    tune_allocator()
     s = merge(
         rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
         overwrite=overwrite, show_progress=True, seed=seed,

@@ -45,6 +45,11 @@ from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
 
+#: Float32 work per block of rows of an element-wise merge (1 Mi elements).
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+#: Estimated working memory the pool may hold at once; a larger single job runs alone.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+
 #: A sink receives each merged block: tensor name, first row of the block, the rows (out dtype).
 Sink = Callable[[str, int, torch.Tensor], None]
 
@@ -70,6 +75,30 @@ def parse_dtype(name: str | None, what: str = "dtype") -> torch.dtype | None:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def tune_allocator() -> bool:
+    """Make glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the OS.
+
+    A merge allocates and frees the same few buffer sizes thousands of times; with glibc's
+    defaults each large buffer is a fresh ``mmap`` whose pages fault in (and are zeroed) again,
+    which doubled the system time of a merge. Process-wide, so only the CLI calls it. Returns
+    whether the settings were applied (False off glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1
+        ok &= libc.mallopt(m_trim_threshold, 256 * 2**20) == 1
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_rss_bytes() -> int:
@@ -308,9 +337,11 @@ def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
             numel *= d
         in_item = torch.empty((), dtype=inputs.in_dtypes[name]).element_size()
         out_item = torch.empty((), dtype=inputs.out_dtypes[name]).element_size()
-        # inputs as stored + float32 copies/deltas of each + result and its cast
-        per_elem = n_in * (in_item + 4) + 4 + out_item
         rows = shape[0] if shape else 1
+        if can_chunk:  # inputs as stored + a float32 accumulator + the cast result
+            per_elem = n_in * in_item + 4 + out_item
+        else:  # whole-tensor methods also hold float32 deltas of every model and a few temporaries
+            per_elem = n_in * in_item + 4 * (n_in + 3) + out_item
         if can_chunk and shape and rows > 1 and numel * 4 > chunk_bytes:
             row_elems = numel // rows
             step = max(1, chunk_bytes // (4 * max(1, row_elems)))
@@ -407,7 +438,7 @@ def merge_tensors(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     seed: int = 0,
-    chunk_bytes: int = 64 * 2**20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     memory_budget: int | None = None,
     check_finite: bool = True,
     names: Iterable[str] | None = None,
@@ -431,8 +462,7 @@ def merge_tensors(
             raise UmmError(f"unknown tensor(s): {sorted(unknown)[:5]}")
         jobs = [j for j in jobs if j.name in wanted]
     if memory_budget is None:
-        biggest = max((j.est_bytes for j in jobs), default=0)
-        memory_budget = max(biggest, workers * 2 * chunk_bytes * len(inputs.sources))
+        memory_budget = DEFAULT_MEMORY_BUDGET
     budget = _Budget(memory_budget)
     done_names: set[str] = set()
     stop = threading.Event()
@@ -596,7 +626,7 @@ def merge(
     overwrite: bool = False,
     show_progress: bool = True,
     seed: int | None = None,
-    chunk_bytes: int = 64 * 2**20,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> MergeSummary:
     """Run ``recipe`` and write the merged model folder to ``out_dir`` (atomically).
 
