@@ -176,11 +176,29 @@ class CodeTask(Task):
     def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):  # noqa: D102
         extracted = [self.extract(s, o) or "" for s, o in zip(samples, outputs, strict=True)]
         programs = [self.program(s, e) for s, e in zip(samples, extracted)]
+        # a program that does not even compile fails without a sandbox run (compiling executes
+        # nothing); untrained models produce mostly such programs, so this keeps searches fast
+        runnable = [i for i, p in enumerate(programs) if _compiles(p)]
+        passed = [False] * len(programs)
+        if on_done:
+            for i in sorted(set(range(len(programs))) - set(runnable)):
+                on_done(i)
         lim = limits or SandboxLimits(timeout_seconds=self.timeout_seconds)
         results: list[ExecResult] = run_programs(
-            programs, lim, workers=sandbox_workers, on_done=(lambda i, _r: on_done(i)) if on_done else None
+            [programs[i] for i in runnable], lim, workers=sandbox_workers,
+            on_done=(lambda j, _r: on_done(runnable[j])) if on_done else None,
         )
-        return [(e, r.passed) for e, r in zip(extracted, results)]
+        for i, r in zip(runnable, results):
+            passed[i] = r.passed
+        return list(zip(extracted, passed))
+
+
+def _compiles(program: str) -> bool:
+    try:
+        compile(program, "program.py", "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        return False
 
 
 # ------------------------------------------------------------------ registry

@@ -45,12 +45,12 @@ class GSM8K(AnswerTask):
     max_new_tokens = 256
     stop = ("\n\nQuestion:", "\nQuestion:", "\n\n\n")
     chat = True
-    description = "GSM8K-format word problems, 4-shot chain of thought, numeric answer after '####'"
+    description = "GSM8K-format word problems, 4-shot CoT, numeric answer (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
         path = self.data or BUNDLED
         if self.data is None:
-            logger.warning("gsm8k: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+            logger.info("gsm8k: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
         out = []
         for lineno, rec in enumerate(read_jsonl(path, ("question", "answer")), 1):
             try:

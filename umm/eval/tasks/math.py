@@ -42,12 +42,12 @@ class MATH(AnswerTask):
     max_new_tokens = 512
     stop = ("\n\nProblem:", "\nProblem:")
     chat = True
-    description = "MATH-format problems, 2-shot, last \\boxed{} answer, normalised comparison"
+    description = "MATH-format problems, 2-shot, last \\boxed{} answer (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
         path = self.data or BUNDLED
         if self.data is None:
-            logger.warning("math: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+            logger.info("math: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
         out = []
         for lineno, rec in enumerate(read_jsonl(path, ("problem",)), 1):
             gold = rec.get("answer")

@@ -30,12 +30,12 @@ class MBPP(CodeTask):
     max_new_tokens = 384
     stop = ("```", "\n\n\n\n")
     chat = False
-    description = "MBPP-format problems (text + asserts), executed in the sandbox"
+    description = "MBPP-format problems, executed in the sandbox (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
         path = self.data or BUNDLED
         if self.data is None:
-            logger.warning("mbpp: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+            logger.info("mbpp: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
         out = []
         for lineno, rec in enumerate(read_jsonl(path, ("text", "test_list")), 1):
             tests = rec["test_list"]

