@@ -197,6 +197,8 @@ class Genome:
                 start.append(1.0 / max(1, n))
             elif p in _START:
                 start.append(_START[p])
+            elif p not in m.tensor_params and p not in m.global_params:
+                start.append(0.0)  # rejected with the list of valid parameters below
             else:
                 default = m.tensor_params.get(p, m.global_params.get(p))
                 if default is None or isinstance(default, bool):
