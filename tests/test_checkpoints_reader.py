@@ -303,3 +303,14 @@ def test_unknown_tensor_and_closed_checkpoint(tiny_models: dict[str, Path]) -> N
     assert name in ckpt and ckpt.tensors[name].numel > 0  # metadata survives close
     with pytest.raises(CheckpointError, match="closed"):
         ckpt.get_tensor(name)
+
+
+def test_single_file_wins_over_a_stale_index_like_transformers(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    folder = _copy(tiny_models["base"], tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}})
+    )
+    with Checkpoint.open(folder) as ckpt:
+        assert ckpt.weight_files == ["model.safetensors"]
+        names = [name for name, _ in ckpt.iter_tensors()]
+        assert names == ckpt.tensor_names and "x" not in ckpt

@@ -239,9 +239,14 @@ def _safe_relative(name: Any, where: str) -> str:
 def weight_files_of(folder: Path) -> tuple[list[str], Mapping[str, str] | None]:
     """The safetensors files of ``folder`` and, for a sharded folder, its ``weight_map``.
 
+    ``model.safetensors`` wins over an index when both exist, as in transformers, so that we
+    read exactly what :func:`~umm.checkpoints.loading.load_causal_lm` would load.
+
     Raises :class:`NotSafetensorsError` for a pickle-only folder and
     :class:`CorruptCheckpointError` when no usable weights are found.
     """
+    if (folder / SAFE_WEIGHTS_NAME).is_file():  # transformers prefers it over an index too
+        return [SAFE_WEIGHTS_NAME], None
     index_path = folder / SAFE_INDEX_NAME
     if index_path.exists():
         index = read_json_file(index_path, "the shard index")
@@ -260,8 +265,6 @@ def weight_files_of(folder: Path) -> tuple[list[str], Mapping[str, str] | None]:
                     "the download is incomplete: fetch the model again"
                 )
         return files, weight_map
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return [SAFE_WEIGHTS_NAME], None
 
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
