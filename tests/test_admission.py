@@ -161,3 +161,22 @@ def test_pickle_only_and_corrupt_folders(tmp_path: Path, tiny_models: dict[str, 
     (folder / "config.json").write_text("[1, 2")
     with pytest.raises(CheckpointError, match="config.json"):
         admit(folder)
+
+
+def test_models_renamed_on_load_are_checked_by_parameter_count(tmp_path: Path) -> None:
+    """transformers fuses Mixtral's per-expert tensors on load: names differ, counts must not."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from umm.experts.random_models import make_tokenizer
+
+    folder = tmp_path / "moe"
+    config = MixtralConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(folder)
+    make_tokenizer(384).save_pretrained(folder)
+    assert admit(folder).num_parameters > 0
+    _edit_weights(folder, lambda t: t.pop("model.layers.0.block_sparse_moe.experts.1.w2.weight"))
+    with pytest.raises(CheckpointError, match="parameters but config.json implies"):
+        admit(folder)
