@@ -231,6 +231,8 @@ def main(config_path: str) -> None:
         code = f.read()
     # loaded before the uid drop (the interpreter's own directory may be unreadable to that uid):
     # the child's error reports and the reliability guard need them
+    import encodings.idna  # noqa: F401 - host names in socket calls
+    import encodings.latin_1  # noqa: F401
     import shutil  # noqa: F401
     import subprocess  # noqa: F401
     import traceback  # noqa: F401
