@@ -314,3 +314,15 @@ def test_single_file_wins_over_a_stale_index_like_transformers(tiny_models: dict
         assert ckpt.weight_files == ["model.safetensors"]
         names = [name for name, _ in ckpt.iter_tensors()]
         assert names == ckpt.tensor_names and "x" not in ckpt
+
+
+def test_get_rows_reads_a_slice(sharded_bf16: Path) -> None:
+    ref = _reference(sharded_bf16)
+    with Checkpoint.open(sharded_bf16) as ckpt:
+        name = "model.embed_tokens.weight"
+        assert torch.equal(ckpt.get_rows(name, 10, 37), ref[name][10:37])
+        assert ckpt.get_rows(name, 5, 5).shape == (0, ref[name].shape[1])
+        buf = torch.empty(1 << 16, dtype=torch.uint8)
+        assert torch.equal(ckpt.get_rows(name, 0, 3, out=buf), ref[name][:3])
+        with pytest.raises(ValueError, match="out of range"):
+            ckpt.get_rows(name, 0, ref[name].shape[0] + 1)

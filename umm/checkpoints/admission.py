@@ -85,7 +85,8 @@ def expected_layout(config_path: Path) -> tuple[dict[str, tuple[int, ...]], list
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, TypeError, KeyError, OSError, RuntimeError, AttributeError) as e:
         msg = str(e).strip().splitlines()
-        raise CheckpointError(f"{config_path}: transformers cannot build this model: {msg[0] if msg else type(e).__name__}") from None
+        first = msg[0] if msg else type(e).__name__
+        raise CheckpointError(f"{config_path}: transformers cannot build this model: {first}") from None
     groups: dict[int, set[str]] = defaultdict(set)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -197,5 +198,7 @@ def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits()) -> Admi
     manifest = build_manifest(folder)
     if manifest.total_bytes > limits.max_total_bytes:  # the folder grew while we were checking it
         raise CheckpointTooLargeError(f"{where}: {human_bytes(manifest.total_bytes)} exceeds the admission limit")
-    logger.info("admitted %s: %s, %d parameters, manifest %s", where, fp.model_type, num_parameters, manifest.hash[:12])
+    logger.info(
+        "admitted %s: %s, %d parameters, manifest %s", where, fp.model_type, num_parameters, manifest.hash[:12]
+    )
     return AdmissionReport(fingerprint=fp, manifest=manifest, num_parameters=num_parameters)

@@ -145,7 +145,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             raise CheckpointError(
                 f"{path}: the tokenizer needs custom code; umm never runs code that comes with a model"
             ) from None
-        raise CheckpointError(f"{path}: cannot load the tokenizer: {msg.splitlines()[0] if msg else type(e).__name__}") from None
+        first = msg.splitlines()[0] if msg else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {first}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -178,7 +179,8 @@ def load_causal_lm(
         )
     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
         msg = str(e).strip()
-        raise CheckpointError(f"{folder}: transformers cannot load this model: {msg.splitlines()[0] if msg else type(e).__name__}") from None
+        first = msg.splitlines()[0] if msg else type(e).__name__
+        raise CheckpointError(f"{folder}: transformers cannot load this model: {first}") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:

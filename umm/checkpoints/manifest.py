@@ -70,7 +70,9 @@ class FileEntry:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
             raise CheckpointError(f"manifest entry {self.path!r}: size {self.size!r} is not a non-negative integer")
         if not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256):
-            raise CheckpointError(f"manifest entry {self.path!r}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
+            raise CheckpointError(
+                f"manifest entry {self.path!r}: sha256 {self.sha256!r} is not 64 lowercase hex digits"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}

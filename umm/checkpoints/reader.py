@@ -458,6 +458,29 @@ class Checkpoint:
             self._read_into(info, result.reshape(-1).view(torch.uint8))
         return result
 
+    def get_rows(self, name: str, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` (along dim 0) of tensor ``name``, read without the rest of it.
+
+        Lets a caller process a large tensor (an embedding, a fused MLP) in bounded slices.
+        ``out`` works as in :meth:`get_tensor`, for the slice's shape.
+        """
+        info = self._tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        if not info.shape:
+            raise ValueError(f"tensor {name!r} is a scalar; it has no rows")
+        rows = info.shape[0]
+        if not 0 <= start <= end <= rows:
+            raise ValueError(f"rows [{start}, {end}) are out of range for {name!r} with {rows} rows")
+        row_bytes = info.nbytes // rows if rows else 0
+        first = info.byte_range[0] + start * row_bytes
+        last = first + (end - start) * row_bytes
+        part = TensorInfo(name, info.dtype, (end - start, *info.shape[1:]), info.file, (first, last))
+        result = torch.empty(part.shape, dtype=part.dtype) if out is None else self._output_view(part, out)
+        if part.nbytes:
+            self._read_into(part, result.reshape(-1).view(torch.uint8))
+        return result
+
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in :attr:`tensors` order (or ``names`` order)."""
         for name in self.tensor_names if names is None else names:
@@ -471,7 +494,9 @@ class Checkpoint:
             return out
         if out.dtype == torch.uint8 and out.numel() >= info.nbytes:
             flat = out.reshape(-1)[: info.nbytes]
-            return flat.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+            if not info.nbytes:
+                return torch.empty(info.shape, dtype=info.dtype)
+            return flat.view(info.dtype).view(info.shape)
         raise ValueError(
             f"out ({out.dtype}, {tuple(out.shape)}) fits neither {info.name!r} ({info.dtype}, {info.shape}) "
             f"nor as a uint8 buffer of >= {info.nbytes} bytes"
