@@ -1,0 +1,117 @@
+"""``umm merge`` and ``umm demo`` through the typer app (``typer.testing.CliRunner``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from umm.cli import app
+
+runner = CliRunner()
+
+
+def _write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def ties_recipe(tiny_models, tmp_path) -> Path:
+    return _write_recipe(tmp_path / "ties.yaml", f"""\
+merge_method: ties
+base_model: {tiny_models['base']}
+models:
+  - model: {tiny_models['base']}
+  - model: {tiny_models['math']}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {tiny_models['code']}
+    parameters: {{weight: 0.5, density: 0.5}}
+parameters:
+  normalize: true
+dtype: float32
+out_dtype: bfloat16
+tokenizer_source: base
+""")
+
+
+def test_merge_command_writes_loadable_model_and_prints_summary(ties_recipe, tmp_path):
+    out = tmp_path / "merged"
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(out), "--threads", "2", "--shard-size", "60KB"])
+    assert res.exit_code == 0, res.output
+    for word in ("ties", "tensors", "peak memory", "time", "merged"):
+        assert word in res.output
+    assert (out / "model.safetensors.index.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True, trust_remote_code=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits.float()).all()
+
+
+def test_relative_model_paths_resolve_from_cwd(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_models["base"].parent)
+    recipe = _write_recipe(tmp_path / "rel.yaml", """\
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: math
+    parameters: {weight: 0.5}
+""")
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_dry_run_writes_nothing(ties_recipe, tmp_path):
+    out = tmp_path / "dry"
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(out), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "nothing written" in res.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("merge_method: ties", "merge_method: tiez"), "valid"),
+        (lambda t: t.replace("density: 0.5}", "densty: 0.5}", 1), "densty"),
+        (lambda t: t.replace("dtype: float32", "dtype: float7"), "float7"),
+        (lambda t: t.replace("/math", "/no-such-model"), "no-such-model"),
+    ],
+    ids=["unknown-method", "unknown-parameter", "bad-dtype", "missing-model"],
+)
+def test_bad_recipe_exits_2_with_message(ties_recipe, tmp_path, edit, message):
+    bad = _write_recipe(tmp_path / "bad.yaml", edit(ties_recipe.read_text()))
+    res = runner.invoke(app, ["merge", str(bad), str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and message in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite_and_bad_options(ties_recipe, tmp_path):
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["merge", str(ties_recipe), str(out)]).exit_code == 0
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert runner.invoke(app, ["merge", str(ties_recipe), str(out), "--overwrite"]).exit_code == 0
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(tmp_path / "o2"), "--device", "tpu"])
+    assert res.exit_code == 2 and "cpu" in res.output
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(tmp_path / "o2"), "--shard-size", "huge"])
+    assert res.exit_code == 2 and "shard size" in res.output
+    res = runner.invoke(app, ["merge", str(tmp_path / "nope.yaml"), str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "nope.yaml" in res.output
+
+
+def test_demo_builds_merges_runs_and_is_idempotent(tmp_path):
+    work = tmp_path / "demo"
+    first = runner.invoke(app, ["demo", "--workdir", str(work)])
+    assert first.exit_code == 0, first.output
+    assert "built" in first.output and "forward pass" in first.output and "finite=True" in first.output
+    assert (work / "merged" / "model.safetensors").is_file() and (work / "ties.yaml").is_file()
+    second = runner.invoke(app, ["demo", "--workdir", str(work)])
+    assert second.exit_code == 0, second.output
+    assert "reused" in second.output
