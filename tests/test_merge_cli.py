@@ -42,7 +42,7 @@ def test_merge_command_writes_loadable_model_and_prints_summary(ties_recipe, tmp
     out = tmp_path / "merged"
     res = runner.invoke(app, ["merge", str(ties_recipe), str(out), "--threads", "2", "--shard-size", "60KB"])
     assert res.exit_code == 0, res.output
-    for word in ("ties", "tensors", "peak memory", "time", "merged"):
+    for word in ("ties", "tensors", "peak memory", "time", "output size", "shard(s)"):
         assert word in res.output
     assert (out / "model.safetensors.index.json").is_file()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
