@@ -368,7 +368,7 @@ def run_evolve(
     best = state.best()
     assert best is not None
     best_genome = genome.with_vector(np.asarray(best.x))
-    best_recipe = best_genome.to_recipe()
+    best_recipe = best_genome.to_recipe(**({"out_dtype": config.out_dtype} if config.out_dtype else {}))
     recipe_path = run_dir / BEST_RECIPE
     _write_text_atomic(recipe_path, best_recipe.to_yaml())
     weights = layer_weights(best_genome)
