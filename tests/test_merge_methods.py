@@ -369,3 +369,31 @@ def test_tensor_generator_depends_only_on_seed_and_name():
     tensor_generator(1, "b")  # creating others in between changes nothing
     assert torch.equal(a, torch.rand(5, generator=tensor_generator(1, "a")))
     assert not torch.equal(a, torch.rand(5, generator=tensor_generator(1, "b")))
+
+
+@pytest.mark.parametrize("kind", ["float", "quantised", "zeros"])
+def test_radix_selection_equals_a_stable_full_sort(kind):
+    """The O(n) selection behind TIES/breadcrumbs on tensors large enough to use the radix path."""
+    from umm.merge.methods.sparsify import RADIX_MIN, kth_smallest, rank_range_mask, top_k_mask
+
+    g = torch.Generator().manual_seed(5)
+    n = RADIX_MIN + 4321
+    if kind == "float":
+        a = torch.randn(n, generator=g).abs()
+    elif kind == "quantised":  # many exact ties, as deltas of bf16 weights have
+        a = torch.randint(0, 40, (n,), generator=g).float() * 0.125
+    else:
+        a = torch.zeros(n)
+        a[:100] = torch.rand(100, generator=g)
+    asc = torch.sort(a, stable=True).indices
+    desc = torch.sort(a, descending=True, stable=True).indices
+    for r in (0, 1, n // 3, n // 2, n - 101, n - 1):
+        assert kth_smallest(a, r) == a[asc[r]]
+    for k in (1, n // 10, n // 2, n - 7):
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[desc[:k]] = True
+        assert torch.equal(top_k_mask(a, k), ref), k
+    for lo, hi in ((0, n // 2), (n // 4, n - 5), (n // 3, n), (17, 18)):
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[asc[lo:hi]] = True
+        assert torch.equal(rank_range_mask(a, lo, hi), ref), (lo, hi)

@@ -84,18 +84,21 @@ def gta_merge(
 
     normalize = bool(global_params["normalize"])
     if consensus:
-        mixed = deltas[0].clone()
+        total = deltas[0].clone()
         for v in deltas[1:]:
-            mixed.add_(v)
-        positive = mixed >= 0  # elected sign: + where the weighted sum is >= 0
-        mixed.zero_()
+            total.add_(v)
+        # elected sign s = +1 where the weighted sum is >= 0, else -1 (a -0.0 sum only arises
+        # when every vᵢ is zero there, so copysign's -1 for it changes nothing)
+        sign = torch.ones_like(total).copysign_(total)
+        mixed = total.zero_()
         divisor = torch.zeros_like(mixed) if normalize else None
         for v, w in zip(deltas, weights):
-            keep = torch.where(positive, v > 0, v < 0)
-            v.mul_(keep)
+            v.mul_(sign).clamp_(min=0)  # |vᵢ| where sign(vᵢ) == s, else 0 (exact: s = ±1)
             mixed.add_(v)
             if divisor is not None:
-                divisor.add_(keep.to(torch.float32), alpha=w)
+                divisor.add_(v > 0, alpha=w)
+        mixed.mul_(sign)
+        del sign
         if divisor is not None:
             divisor[divisor == 0] = 1
             mixed.div_(divisor)

@@ -23,7 +23,7 @@ mergekit asserted on ``k == 0`` and, in ``magnitude_outliers``, kept nothing whe
 of equal magnitude the lower flat index comes first, i.e. the result equals mergekit's sort made
 *stable* (descending for ``magnitude``, ascending for ``magnitude_outliers``; mergekit's
 unstable ``argsort`` leaves the choice among exact ties unspecified), but is found with one or
-two ``kthvalue`` selections (O(n)) instead of a full sort. One edge case differs:
+two radix selections (O(n), :func:`kth_smallest`) instead of a full sort. One edge case differs:
 ``della_magprune`` on rows of a single entry uses ``p = density`` (mergekit divides 0 by 0).
 """
 
@@ -34,47 +34,85 @@ import torch
 RESCALE_EPS = 1e-7
 
 
+RADIX_MIN = 1 << 16  # below this, torch.kthvalue is as fast
+
+
+def kth_smallest(a: torch.Tensor, r: int) -> torch.Tensor:
+    """The value at 0-based ascending rank ``r`` of 1-D ``a`` (non-negative, no NaN), exactly.
+
+    Radix select on the float32 bit patterns (order-preserving for non-negative floats): a
+    histogram of the top 16 bits finds the bucket holding rank ``r``, a histogram of the low 16
+    bits inside that bucket finds the exact value. Two bincounts instead of a selection over the
+    whole tensor: several times faster than ``torch.kthvalue`` on millions of entries.
+    """
+    if a.numel() < RADIX_MIN or a.dtype != torch.float32:
+        return torch.kthvalue(a, r + 1).values
+    bits = a.view(torch.int32)
+    cum = torch.bincount(bits >> 16, minlength=1 << 15).cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor([r], device=a.device, dtype=cum.dtype), right=True)[0])
+    # bin 0: below the bucket, bins 1..65536: the bucket's low 16 bits, bin 65537: above it
+    low = (bits - (b << 16)).clamp_(-1, 1 << 16).add_(1)
+    cum = torch.bincount(low, minlength=(1 << 16) + 2).cumsum(0)
+    j = int(torch.searchsorted(cum, torch.tensor([r], device=a.device, dtype=cum.dtype), right=True)[0])
+    return torch.tensor([(b << 16) + j - 1], dtype=torch.int32, device=a.device).view(torch.float32)[0]
+
+
+def _mask_from_threshold(a: torch.Tensor, v: torch.Tensor, n_above: int) -> torch.Tensor:
+    """Entries ``> v`` plus the first (lowest-index) entries ``== v`` to make ``n_above`` in all."""
+    mask = a > v
+    need = n_above - int(torch.count_nonzero(mask))
+    if need <= 0:
+        return mask
+    eq = a == v
+    n_eq = int(torch.count_nonzero(eq))
+    if need >= n_eq:
+        return mask.logical_or_(eq)
+    return mask.logical_or_(eq.logical_and_(eq.cumsum(0, dtype=torch.int32) <= need))
+
+
 def rank_range_mask(a: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Bool mask of the entries of 1-D ``a`` whose stable ascending rank r has ``lo <= r < hi``."""
+    """Bool mask of the entries of 1-D ``a`` whose stable ascending rank r has ``lo <= r < hi``.
+
+    Among equal values the lower flat index has the lower rank.
+    """
     n = a.numel()
     lo, hi = max(0, lo), min(n, hi)
     if lo >= hi:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
-    if lo == 0:
-        mask = torch.ones(n, dtype=torch.bool, device=a.device)
-    else:
-        mask = _rank_at_least(a, lo)
+    mask = torch.ones(n, dtype=torch.bool, device=a.device) if lo == 0 else _rank_at_least(a, lo)
     if hi < n:
-        mask &= ~_rank_at_least(a, hi)
+        mask.logical_and_(_rank_at_least(a, hi).logical_not_())
     return mask
 
 
 def _rank_at_least(a: torch.Tensor, r: int) -> torch.Tensor:
     """Bool mask of the entries of ``a`` whose stable ascending rank is >= r (0 < r < n)."""
-    v = torch.kthvalue(a, r + 1).values  # value of the entry at rank r
-    mask = a > v
-    ties = torch.nonzero(a == v).squeeze(1)  # ascending flat index = their rank order
-    n_less = a.numel() - int(mask.sum()) - ties.numel()
-    first = r - n_less  # ties at positions >= first have rank >= r
-    mask[ties[first:]] = True
-    return mask
+    v = kth_smallest(a, r)  # value of the entry at rank r
+    # entries below v have rank < r; ties at v are ranked by index: the *last* ones reach >= r
+    below = a < v
+    eq = a == v
+    n_eq = int(torch.count_nonzero(eq))
+    first_rank = int(torch.count_nonzero(below))  # rank of the first tie
+    mask = below.logical_or_(eq).logical_not_()  # entries > v
+    skip = r - first_rank  # ties ranked below r
+    if skip <= 0:
+        return mask.logical_or_(eq)
+    if skip >= n_eq:
+        return mask
+    return mask.logical_or_(eq.logical_and_(eq.cumsum(0, dtype=torch.int32) > skip))
 
 
 def top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of 1-D ``a``; equal values: lower index first.
 
-    Equals the first ``k`` of a stable descending sort, found with one ``kthvalue`` (O(n)).
+    Equals the first ``k`` of a stable descending sort, found by one selection (O(n)).
     """
     n = a.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
-    v = torch.kthvalue(a, n - k + 1).values  # the k-th largest value
-    mask = a > v
-    ties = torch.nonzero(a == v).squeeze(1)
-    mask[ties[: k - int(mask.sum())]] = True
-    return mask
+    return _mask_from_threshold(a, kth_smallest(a, n - k), k)
 
 
 def _rescale_l1(d: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
