@@ -68,6 +68,7 @@ class Run:
     tool: str
     method: str
     wall_s: float
+    cpu_s: float
     peak_rss: int
     ok: bool
     log: str
@@ -98,15 +99,17 @@ def build_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
-    """Run ``cmd``; return (wall s, peak RSS bytes of the child, exit code, last output)."""
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, int, str]:
+    """Run ``cmd``; return (wall s, CPU s (user + system), peak RSS bytes of the child, exit code,
+    last output). CPU seconds barely depend on what else the machine runs; wall time does."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     out = proc.stdout.read() if proc.stdout else b""  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, int(usage.ru_maxrss) * 1024, proc.returncode, out.decode(errors="replace")[-3000:]
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, int(usage.ru_maxrss) * 1024, proc.returncode, out.decode(errors="replace")[-3000:]
 
 
 def umm_cmd(recipe: Path, out: Path, threads: int | None) -> list[str]:
@@ -192,20 +195,21 @@ def main() -> None:
             order = ["umm", "mergekit"] if rep % 2 == 0 else ["mergekit", "umm"]
             for tool in order:
                 if tool == "umm" and not args.skip_umm:
-                    wall, rss, rc, log = run_measured(umm_cmd(recipe, out_umm, args.threads), env)
+                    wall, cpu, rss, rc, log = run_measured(umm_cmd(recipe, out_umm, args.threads), env)
                 elif tool == "mergekit" and have_mk:
                     shutil.rmtree(out_mk, ignore_errors=True)
-                    wall, rss, rc, log = run_measured(mergekit_cmd(args.mergekit_yaml, recipe, out_mk), env)
+                    wall, cpu, rss, rc, log = run_measured(mergekit_cmd(args.mergekit_yaml, recipe, out_mk), env)
                 else:
                     continue
-                runs.append(Run(tool, method, wall, rss, rc == 0, log))
-                print(f"{tool:9s} {method:7s} run {rep + 1}: {wall:6.2f} s  {rss / 1e9:5.2f} GB"
+                runs.append(Run(tool, method, wall, cpu, rss, rc == 0, log))
+                print(f"{tool:9s} {method:7s} run {rep + 1}: {wall:6.2f} s wall  {cpu:6.2f} s CPU  {rss / 1e9:5.2f} GB"
                       + ("" if rc == 0 else f"  FAILED (exit {rc})\n{log}"), flush=True)
         if have_mk and not args.skip_umm and (out_umm / "config.json").exists() and (out_mk / "config.json").exists():
             verdicts[method] = compare(out_umm, out_mk)
 
     print()
-    header = f"{'tool':9s} {'method':7s} {'wall s (best)':>13s} {'spread':>13s} {'peak RSS':>9s} {'time ratio':>10s} {'RSS ratio':>9s}"
+    header = (f"{'tool':9s} {'method':7s} {'wall s (best)':>13s} {'spread':>13s} {'CPU s':>7s} {'peak RSS':>9s} "
+              f"{'time ratio':>10s} {'CPU ratio':>9s} {'RSS ratio':>9s}")
     print(header)
     print("-" * len(header))
     summary = {}
@@ -216,16 +220,19 @@ def main() -> None:
             if not rs:
                 continue
             walls = [r.wall_s for r in rs]
-            best[tool] = (min(walls), max(walls), min(r.peak_rss for r in rs), max(r.peak_rss for r in rs))
-        for tool, (wmin, wmax, rmin, rmax) in best.items():
-            tr = rr = ""
+            best[tool] = (min(walls), max(walls), min(r.peak_rss for r in rs), max(r.peak_rss for r in rs),
+                          min(r.cpu_s for r in rs))
+        for tool, (wmin, wmax, rmin, rmax, cmin) in best.items():
+            tr = cr = rr = ""
             if tool == "umm" and "mergekit" in best:
                 tr = f"{wmin / best['mergekit'][0]:.2f}x"
+                cr = f"{cmin / best['mergekit'][4]:.2f}x"
                 rr = f"{rmin / best['mergekit'][2]:.2f}x"
             spread = f"{wmin:.1f}-{wmax:.1f}" if args.repeat > 1 else "-"
-            print(f"{tool:9s} {method:7s} {wmin:13.2f} {spread:>13s} {rmin / 1e9:8.2f}G {tr:>10s} {rr:>9s}")
+            print(f"{tool:9s} {method:7s} {wmin:13.2f} {spread:>13s} {cmin:7.2f} {rmin / 1e9:8.2f}G "
+                  f"{tr:>10s} {cr:>9s} {rr:>9s}")
         summary[method] = {t: {"wall_best_s": v[0], "wall_worst_s": v[1], "peak_rss_best": v[2],
-                               "peak_rss_worst": v[3]} for t, v in best.items()}
+                               "peak_rss_worst": v[3], "cpu_best_s": v[4]} for t, v in best.items()}
         if method in verdicts:
             print(f"{'':9s} {method:7s} outputs: {verdicts[method]}")
             summary[method]["outputs"] = verdicts[method]
