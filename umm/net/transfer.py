@@ -42,6 +42,12 @@ from umm.ui import progress as progress_bar
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK = 4 << 20
+# Chunks are up to MAX_MESSAGE_BYTES; HTTP/2 frames as large as allowed cut per-frame overhead.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),
+    ("grpc.enable_retries", 0),
+]
 
 
 class _Retryable(Exception):
@@ -270,10 +276,9 @@ def download(
         raise TransferError(f"no provider for model {manifest_hash[:12]}: nobody announces it")
     if retries < 1 or parallel_files < 1 or timeout <= 0:
         raise ValueError("retries and parallel_files must be >= 1 and timeout > 0")
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_retries", 0)]
     provs = []
     for a in addresses:
-        channel = grpc.insecure_channel(a, options=options)
+        channel = grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
         provs.append(_Provider(a, channel, pb_grpc.CheckpointServiceStub(channel)))
     try:
         manifest = _fetch_manifest(manifest_hash, provs, retries, timeout)

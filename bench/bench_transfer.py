@@ -1,0 +1,152 @@
+"""Transfer speed: a model downloaded over gRPC on loopback vs. reading the same files locally.
+
+    python bench/bench_transfer.py                  # ~1 GB model, 4 shards
+    python bench/bench_transfer.py --size-mb 256 --repeat 1
+
+The model folder holds random bytes in ``--files`` shards plus a config.json (the transfer does
+not look inside files). The provider runs in its own process, like a real peer. Both sides run
+with the page cache warm (the folder was just written and hashed), so the local figure is the
+upper bound a transfer could reach on this machine:
+
+- local read + sha256, one file after another (what verifying a folder costs);
+- local read + sha256 with ``--parallel`` threads (the same parallelism as the download);
+- download: gRPC stream, sha256 while streaming, write to the partial folder, fsync, rename
+  into the store. Ratio = download MB/s / local MB/s (goal: >= 0.5 of the sequential figure).
+
+CPU seconds per GB (user + system, all threads) are printed too: on a shared machine they are
+steadier than wall-clock rates, and they show where the time goes (client: sha256 + gRPC;
+server: reading and sending).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from umm.checkpoints.manifest import build_manifest, sha256_file
+
+
+def make_model(folder: Path, size_mb: int, files: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = size_mb * (1 << 20) // files
+    block = 16 << 20
+    for i in range(files):
+        with open(folder / f"model-{i + 1:05d}-of-{files:05d}.safetensors", "wb") as fh:
+            left = per_file
+            while left:
+                n = min(block, left)
+                fh.write(os.urandom(n))
+                left -= n
+    (folder / "config.json").write_text(json.dumps({"model_type": "bench", "size_mb": size_mb}))
+
+
+def serve(folder: str, chunk_size: int, conn) -> None:
+    from umm.net.server import CheckpointServer, CheckpointServicer
+
+    servicer = CheckpointServicer(chunk_size=chunk_size)
+    servicer.register_folder(folder)
+    server = CheckpointServer(servicer, max_workers=16)
+    conn.send(server.address)
+    while conn.recv() == "cpu":  # until "stop"
+        conn.send(cpu_seconds())
+    server.stop(grace=None)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def server_cpu(conn) -> float:
+    conn.send("cpu")
+    return conn.recv()
+
+
+def local_read(folder: Path, names: list[str], parallel: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) to read and sha256 every file."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(lambda n: sha256_file(folder / n), names))
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--parallel", type=int, default=4, help="files downloaded (and hashed locally) at once")
+    ap.add_argument("--chunk-kib", type=int, default=1024, help="server chunk size")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ns = ap.parse_args()
+
+    from umm.net.store import ModelStore
+    from umm.net.transfer import download
+
+    work = Path(tempfile.mkdtemp(prefix="umm-bench-transfer-", dir=ns.workdir))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = None
+    try:
+        src = work / "model"
+        t0 = time.perf_counter()
+        make_model(src, ns.size_mb, ns.files)
+        manifest = build_manifest(src)
+        total = manifest.total_bytes
+        names = [e.path for e in manifest.files]
+        print(f"model: {total / 1e6:.0f} MB in {len(names)} files, made and hashed in {time.perf_counter() - t0:.1f} s")
+        proc = ctx.Process(target=serve, args=(str(src), ns.chunk_kib << 10, child), daemon=True)
+        proc.start()
+        address = parent.recv()
+
+        seq, par, net = [], [], []
+        for r in range(ns.repeat):
+            seq.append(local_read(src, names, 1))
+            par.append(local_read(src, names, ns.parallel))
+            store = ModelStore(work / f"dest-{r}")
+            s0, t0, c0 = server_cpu(parent), time.perf_counter(), cpu_seconds()
+            path = download(manifest.hash, [address], store, max_bytes=total, parallel_files=ns.parallel,
+                            progress=False)
+            wall, client = time.perf_counter() - t0, cpu_seconds() - c0
+            net.append((wall, client, server_cpu(parent) - s0))
+            assert path == store.path(manifest.hash)
+            shutil.rmtree(work / f"dest-{r}")
+        gb = total / 1e9
+
+        def med(runs: list[tuple], i: int) -> float:
+            return statistics.median(run[i] for run in runs)
+
+        print(f"cpu cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.1f}, "
+              f"repeats: {ns.repeat} (median)")
+        print(f"  {'':<52} {'MB/s':>8} {'CPU s/GB':>9}")
+        print(f"  {'local read + sha256, sequential':<52} {gb * 1e3 / med(seq, 0):8.0f} {med(seq, 1) / gb:9.2f}")
+        print(f"  {f'local read + sha256, {ns.parallel} threads':<52} {gb * 1e3 / med(par, 0):8.0f} "
+              f"{med(par, 1) / gb:9.2f}")
+        print(f"  {f'gRPC download, {ns.parallel} files, {ns.chunk_kib} KiB chunks: client':<52} "
+              f"{gb * 1e3 / med(net, 0):8.0f} {med(net, 1) / gb:9.2f}")
+        print(f"  {'  (server process)':<52} {'':>8} {med(net, 2) / gb:9.2f}")
+        print(f"  ratio download / local sequential: {med(seq, 0) / med(net, 0):.2f}  "
+              f"(CPU: client {med(net, 1) / med(seq, 1):.2f}x, client + server "
+              f"{(med(net, 1) + med(net, 2)) / med(seq, 1):.2f}x the local read)")
+        print(f"  ratio download / local {ns.parallel} threads: {med(par, 0) / med(net, 0):.2f}")
+        return 0
+    finally:
+        if proc is not None:
+            parent.send("stop")
+            proc.join(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
