@@ -255,3 +255,26 @@ def _t(name: str, num_layers: int) -> float:
     from umm.merge import layer_t
 
     return layer_t(name, num_layers)
+
+
+def test_null_parameters_and_mergekit_evolve_layer_ranges_are_accepted():
+    recipe = MergeRecipe.from_yaml(
+        """
+merge_method: ties
+base_model: base
+models:
+  - model: base
+    parameters:
+  - model: a
+    layer_range: [0, 4]
+    parameters: {weight: 1, density: 0.5}
+parameters:
+"""
+    )
+    recipe.validate_for_merge()
+    assert recipe.models[0].parameters == {} and recipe.parameters == {}
+    assert MergeRecipe.from_yaml(recipe.to_yaml()) == recipe
+    ties = get_method("ties")
+    assert resolve_tensor_params(recipe, ties, "model.layers.3.mlp.w", 4).per_model[0]["density"] == 0.5
+    with pytest.raises(UmmError, match="layer_range"):
+        resolve_tensor_params(recipe, ties, "model.layers.3.mlp.w", 8)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from umm.errors import UmmError
 from umm.merge.params import FilterRule, ParamValue, ParameterError, evaluate
@@ -35,12 +35,24 @@ class RecipeError(UmmError):
     """A recipe that cannot be parsed or cannot be run."""
 
 
+def _none_to_empty(value: Any) -> Any:
+    """YAML ``parameters:`` with nothing after it is null; mergekit reads it as no parameters."""
+    return {} if value is None else value
+
+
 class ModelEntry(BaseModel):
-    """One input model and its per-model parameters."""
+    """One input model and its per-model parameters.
+
+    ``layer_range`` is accepted because mergekit-evolve writes it here (mergekit ignores it in
+    ``models:`` recipes); umm requires it to span every layer.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = {}
+    layer_range: tuple[int, int] | None = None
+
+    _params = field_validator("parameters", mode="before")(_none_to_empty)
 
 
 class SliceSource(BaseModel):
@@ -51,6 +63,8 @@ class SliceSource(BaseModel):
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = {}
 
+    _params = field_validator("parameters", mode="before")(_none_to_empty)
+
 
 class OutputSlice(BaseModel):
     """One output slice (mergekit's ``OutputSliceDefinition``)."""
@@ -60,6 +74,8 @@ class OutputSlice(BaseModel):
     base_model: str | None = None
     residual_weight: float | None = None
     parameters: dict[str, ParamValue] = {}
+
+    _params = field_validator("parameters", mode="before")(_none_to_empty)
 
 
 class MergeRecipe(BaseModel):
@@ -78,6 +94,9 @@ class MergeRecipe(BaseModel):
     chat_template: str | None = None
     modules: dict[str, Any] | None = None
     name: str | None = None
+
+    _params = field_validator("parameters", mode="before")(_none_to_empty)
+    _models = field_validator("models", mode="before")(lambda v: [] if v is None else v)
 
     # ----------------------------------------------------------------------------------- I/O
     @classmethod
@@ -118,6 +137,8 @@ class MergeRecipe(BaseModel):
             if not data.get(key):
                 data.pop(key, None)
         for entry in data.get("models", []):
+            if entry.get("layer_range") is not None:
+                entry["layer_range"] = list(entry["layer_range"])
             if not entry.get("parameters"):
                 entry.pop("parameters", None)
             else:
@@ -192,6 +213,12 @@ class MergeRecipe(BaseModel):
 
     def check_layer_count(self, num_layers: int) -> None:
         """A ``slices:`` recipe must span all ``num_layers`` layers (only that layout is supported)."""
+        for entry in self.models:
+            if entry.layer_range is not None and tuple(entry.layer_range) != (0, num_layers):
+                raise RecipeError(
+                    f"model {entry.model}: layer_range {list(entry.layer_range)} does not cover the "
+                    f"model's {num_layers} layers (not supported yet: partial layer ranges)"
+                )
         if self.slices:
             lr = self.slices[0].sources[0].layer_range
             if tuple(lr) != (0, num_layers):
