@@ -133,10 +133,12 @@ def _imported_modules(code: str) -> list[str]:
 
 
 def _reliability_guard() -> None:
-    """Disable functions that change the machine (defence in depth; the OS limits are the wall)."""
+    """Disable functions that change the machine (defence in depth; the OS limits are the wall).
+
+    ``subprocess``/``shutil`` keep their module when the program imports them (they were loaded
+    before the uid drop) with the dangerous functions removed; otherwise importing them fails.
+    """
     import builtins
-    import shutil
-    import subprocess
 
     builtins.exit = None  # type: ignore[assignment]
     builtins.quit = None  # type: ignore[assignment]
@@ -151,11 +153,38 @@ def _reliability_guard() -> None:
     ):
         if hasattr(os, name):
             setattr(os, name, None)
-    for name in ("rmtree", "move", "chown", "copytree"):
-        setattr(shutil, name, None)
-    subprocess.Popen = None  # type: ignore[assignment,misc]
+    shutil = sys.modules.get("shutil")
+    if shutil is not None:
+        for name in ("rmtree", "move", "chown", "copytree"):
+            setattr(shutil, name, None)
+    else:
+        sys.modules["shutil"] = None  # type: ignore[assignment]
+    subprocess = sys.modules.get("subprocess")
+    if subprocess is not None:
+        subprocess.Popen = None  # type: ignore[attr-defined]
+    else:
+        sys.modules["subprocess"] = None  # type: ignore[assignment]
     for mod in ("ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing"):
         sys.modules[mod] = None  # type: ignore[assignment]
+
+
+def _report_exception(exc: BaseException) -> None:
+    """A short traceback on stderr (the traceback module may not be importable after the uid drop)."""
+    try:
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            frames.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+            tb = tb.tb_next
+        try:
+            msg = str(exc)
+        except BaseException:  # noqa: BLE001
+            msg = "<unprintable>"
+        text = "Traceback (most recent call last):\n" + "\n".join(frames[-3:]) + f"\n{type(exc).__name__}: {msg}\n"
+        os.write(2, text[-4000:].encode("utf-8", "replace"))
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def _child(cfg: dict, code: str, status_fd: int, applied: dict) -> None:
@@ -209,12 +238,10 @@ def _child(cfg: dict, code: str, status_fd: int, applied: dict) -> None:
         exec(compile(code, "program.py", "exec"), glob)  # noqa: S102 - this is the sandbox
     except BaseException as exc:  # noqa: BLE001 - any exception (SystemExit too) is a failure
         try:
-            import traceback
-
-            traceback.print_exception(exc, limit=-3)
-            sys.stderr.flush()
+            sys.stdout.flush()
         except BaseException:  # noqa: BLE001
             pass
+        _report_exception(exc)
         exit_(1)
     try:
         sys.stdout.flush()
@@ -229,13 +256,9 @@ def main(config_path: str) -> None:
         cfg = json.load(f)
     with open(cfg["program"]) as f:
         code = f.read()
-    # loaded before the uid drop (the interpreter's own directory may be unreadable to that uid):
-    # the child's error reports and the reliability guard need them
+    # loaded before the uid drop (the interpreter's own directory may be unreadable to that uid)
     import encodings.idna  # noqa: F401 - host names in socket calls
     import encodings.latin_1  # noqa: F401
-    import shutil  # noqa: F401
-    import subprocess  # noqa: F401
-    import traceback  # noqa: F401
 
     applied: dict = {"netns": False, "pidns": False, "userns": False}
     if cfg.get("namespaces", True):
