@@ -319,9 +319,11 @@ def min_edit_distance_map(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the candidate id at minimum Levenshtein distance (ties: first candidate).
 
-    Searches distance d = 1, 2, ... with rapidfuzz's bounded distance (``score_cutoff=d``) against
-    only the candidates whose length is within ``d`` of the query's; queries still unresolved after
-    ``exhaustive_after`` rounds are compared with every candidate. Returns (ids, distances).
+    Distance <= 1 is found by a hash join on single-deletion variants (two strings are within one
+    edit only if they share one); then d = 2, 3, ... with rapidfuzz's bounded distance
+    (``score_cutoff=d``) against only the candidates whose length is within ``d`` of the query's;
+    queries still unresolved after ``exhaustive_after`` rounds are compared with every candidate.
+    Returns (ids, distances; -1 where there is no candidate).
     """
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
@@ -351,7 +353,8 @@ def min_edit_distance_map(
             best[r[ok]] = candidate_ids[cols[arg[ok]]]
             dist[r[ok]] = mins[ok]
 
-    for d in range(1, exhaustive_after + 1):
+    _within_one(q_arr, c_arr, candidate_ids, best, dist)
+    for d in range(2, exhaustive_after + 1):
         pending = np.flatnonzero(best < 0)
         if pending.size == 0:
             break
@@ -363,6 +366,31 @@ def min_edit_distance_map(
     if pending.size:
         run(pending, np.arange(len(candidates)), None)
     return best, dist
+
+
+def _deletions(s: str) -> set[str]:
+    return {s} | {s[:i] + s[i + 1 :] for i in range(len(s))}
+
+
+def _within_one(q_arr: np.ndarray, c_arr: np.ndarray, candidate_ids: np.ndarray,
+                best: np.ndarray, dist: np.ndarray) -> None:
+    """Fill queries that have a candidate within edit distance 1 (ties: first candidate)."""
+    from rapidfuzz.distance import Levenshtein
+
+    index: dict[str, list[int]] = {}
+    for pos, c in enumerate(c_arr.tolist()):
+        for v in _deletions(c):
+            index.setdefault(v, []).append(pos)
+    for qi, q in enumerate(q_arr.tolist()):
+        found: set[int] = set()
+        for v in _deletions(q):
+            found.update(index.get(v, ()))
+        if not found:
+            continue
+        d, pos = min((Levenshtein.distance(q, c_arr[p], score_cutoff=1), p) for p in found)
+        if d <= 1:
+            best[qi] = candidate_ids[pos]
+            dist[qi] = d
 
 
 def build_vocab_map(
