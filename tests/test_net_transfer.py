@@ -235,18 +235,27 @@ def test_size_limit(model, manifest, tmp_path, request):
 
 
 class StallingServicer(CheckpointServicer):
+    """After two chunks: silence, or a flood of empty chunks (no progress either way)."""
+
+    def __init__(self, *args, empty_chunks: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.empty_chunks = empty_chunks
+
     def ReadFile(self, request, context):
         for i, chunk in enumerate(super().ReadFile(request, context)):
             if i == 2:
                 end = time.monotonic() + 10
                 while context.is_active() and time.monotonic() < end:
-                    time.sleep(0.05)
+                    if self.empty_chunks:
+                        yield pb.FileChunk(offset=chunk.offset, data=b"")
+                    time.sleep(0.01)
                 return
             yield chunk
 
 
-def test_stalled_provider_is_abandoned_for_another(model, manifest, tmp_path, request):
-    staller = StallingServicer(chunk_size=CHUNK)
+@pytest.mark.parametrize("empty_chunks", [False, True], ids=["silent", "empty-chunks"])
+def test_stalled_provider_is_abandoned_for_another(model, manifest, tmp_path, request, empty_chunks):
+    staller = StallingServicer(chunk_size=CHUNK, empty_chunks=empty_chunks)
     h = staller.register_folder(model)
     good = CheckpointServicer(chunk_size=CHUNK)
     good.register_folder(model)

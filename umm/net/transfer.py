@@ -188,7 +188,10 @@ class _Download:
                 with self._lock:
                     p.errors.append(f"{entry.path}: {e}")
                 logger.info("provider %s, %s: %s (will resume)", p.address, entry.path, e)
-                time.sleep(min(0.2 * 2 ** failures[p.address], 5.0))
+                with self._lock:
+                    untried = [q for q in self.providers if not q.bad and failures.get(q.address, 0) == 0]
+                if not untried:  # back off before asking a provider that already failed this file
+                    time.sleep(min(0.2 * 2 ** min(failures.values()), 5.0))
             except _BadData as e:
                 with self._lock:
                     p.bad = f"{entry.path}: {e}"
@@ -216,8 +219,9 @@ class _Download:
                 self.watchdog.touch(call)
                 try:
                     for chunk in call:
-                        self.watchdog.touch(call)
                         data = chunk.data
+                        if data:  # only bytes count as progress (an endless run of empty chunks stalls)
+                            self.watchdog.touch(call)
                         if chunk.offset != pos:
                             raise _BadData(f"sent a chunk at offset {chunk.offset}, expected {pos}")
                         if pos + len(data) > entry.size:
