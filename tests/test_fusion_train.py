@@ -94,3 +94,22 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert [round(lr_factor(s, 10, 2), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert lr_factor(6, 10, 2) == pytest.approx(0.5)
     assert lr_factor(10, 10, 2) == pytest.approx(0.0)
+
+
+def test_targets_stats_avgce_and_incremental_sources(setup: dict[str, Path], tmp_path: Path) -> None:
+    cache = tmp_path / "teachers"
+    alone, _ = prepare_targets(_config(setup, "a", sources=[], teacher_cache=cache), show_progress=False)
+    (pivot_dir,) = list(cache.iterdir())
+    index_before = (pivot_dir / "index.json").stat().st_mtime_ns
+    targets, teachers = prepare_targets(
+        _config(setup, "b", teacher_cache=cache, fusion="avgCE", vocab_map="stats"), show_progress=False)
+    assert len(list(cache.iterdir())) == 2  # the new source added one pass...
+    assert (pivot_dir / "index.json").stat().st_mtime_ns == index_before  # ...the pivot's was reused
+    assert targets.vocab_maps[0] is None and targets.vocab_maps[1]["stats"] > 0
+    for solo, fused in zip(alone.items, targets.items):
+        assert solo is not None and fused is not None
+        assert fused.input_ids == solo.input_ids
+        n_resp = len(fused.input_ids) - fused.n_prompt
+        assert fused.target.length == n_resp
+        assert torch.allclose(fused.target.probs().sum(1), torch.ones(n_resp), atol=1e-5)
+        assert fused.target.width > solo.target.width  # AvgCE mixes in the source's entries

@@ -265,6 +265,12 @@ def train_pivot(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    top_id = max(max(int(it.target.ids.max()) if it.target.ids.numel() else 0, max(it.input_ids))
+                 for it in train_items)
+    if top_id >= vocab:
+        raise UmmError(f"token id {top_id} does not fit the pivot's {vocab}-row output layer; "
+                       "its tokenizer has more tokens than its embeddings")
 
     n_micro = math.ceil(len(train_items) / config.batch_size)
     steps_per_epoch = math.ceil(n_micro / config.grad_accum)
