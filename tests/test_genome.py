@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from umm.errors import UmmError
-from umm.merge import Genome, MergeRecipe, get_method, layer_index, resolve_tensor_params
+from umm.merge import Genome, MergeRecipe, get_method, resolve_tensor_params
 
 
 def _llama_names(num_layers: int) -> list[str]:
