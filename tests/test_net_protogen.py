@@ -10,7 +10,11 @@ from umm.net import protogen
 def test_generated_code_is_not_stale() -> None:
     pytest.importorskip("grpc_tools")
     stale = protogen.stale_files()
-    assert stale == [], f"regenerate with `python -m umm.net.protogen`: stale {stale}"
+    installed, committed = protogen.versions()
+    assert stale == [], (
+        f"stale {stale}: regenerate with `python -m umm.net.protogen` "
+        f"(grpcio-tools installed {installed}, committed code made with {committed}; see protos/README.md)"
+    )
 
 
 def test_stale_check_detects_an_edit(tmp_path) -> None:

@@ -89,6 +89,23 @@ def generate(out_dir: Path, protos_dir: Path = PROTOS_DIR) -> list[Path]:
     return written
 
 
+def versions() -> tuple[str | None, str | None]:
+    """(installed grpcio-tools version, grpcio version the committed code was generated for)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("grpcio-tools")
+    except PackageNotFoundError:
+        installed = None
+    committed = None
+    for path in sorted(OUT_DIR.glob("*_pb2_grpc.py")):
+        m = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", path.read_text(), flags=re.MULTILINE)
+        if m:
+            committed = m.group(1)
+            break
+    return installed, committed
+
+
 def stale_files(out_dir: Path = OUT_DIR, protos_dir: Path = PROTOS_DIR) -> list[str]:
     """Names of generated files in ``out_dir`` that differ from a fresh generation (or are missing/extra)."""
     with tempfile.TemporaryDirectory(prefix="umm-protogen-") as tmp:
@@ -107,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.check:
             stale = stale_files(ns.out, ns.protos)
             if stale:
-                print(f"stale generated code in {ns.out}: {', '.join(stale)}; "
-                      "run `python -m umm.net.protogen`", file=sys.stderr)
+                installed, committed = versions()
+                print(f"stale generated code in {ns.out}: {', '.join(stale)}; run `python -m umm.net.protogen` "
+                      f"(grpcio-tools installed: {installed}, committed code made with: {committed})", file=sys.stderr)
                 return 1
             print(f"generated code in {ns.out} is up to date")
             return 0
