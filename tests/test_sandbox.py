@@ -57,8 +57,10 @@ def test_sleeping_program_times_out() -> None:
 def test_memory_bomb_is_contained() -> None:
     r = run_program("x = bytearray(8 << 30)\n", RAW)
     assert not r.passed and "MemoryError" in r.stderr
-    r = run_program("xs = []\nwhile True:\n    xs.append(bytearray(50 << 20))\n", RAW)
-    assert not r.passed
+    capped = SandboxLimits(timeout_seconds=5.0, guard=False, memory_bytes=256 << 20)
+    r = run_program("xs = []\nwhile True:\n    xs.append(bytearray(16 << 20))\n", capped)
+    assert not r.passed and "MemoryError" in r.stderr
+    assert run_program("x = bytearray(32 << 20)\n", capped).passed  # under the cap is fine
 
 
 def test_fork_bomb_is_contained_and_leaves_no_process() -> None:
