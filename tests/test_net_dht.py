@@ -68,6 +68,9 @@ def test_peer_writes_only_its_own_expert_subkey(swarm):
     assert not records.store_value(swarm["a"], records.experts_key(NET), rb.owner, forged, ttl=60)
     assert ra.experts()[rb.public_key].record.name == "math-7b"
     assert rb.experts()[rb.public_key].record.manifest_hash == H1
+    # the owner can withdraw its record (hivemind has no delete: a signed None replaces it)
+    assert rb.withdraw_expert()
+    assert rb.public_key not in ra.experts()
 
 
 def test_wrong_shaped_values_are_rejected(swarm):
@@ -136,5 +139,5 @@ def test_refresher_keeps_records_alive_and_stops(swarm):
         time.sleep(3.0)  # > TTL (2 s): only refreshes keep the record
         assert rb.public_key in ra.providers(H2)
     assert not refresher._thread.is_alive()
-    time.sleep(2.5)
+    time.sleep(3.0)
     assert ra.providers(H2) == {}
