@@ -22,15 +22,21 @@ A program *passes* only if its code ran to the end and the harness then wrote it
 
 from __future__ import annotations
 
-import ctypes
-import json
-import os
-import re
-import resource
-import select
-import signal
 import sys
-import time
+
+# run as a script, this file's directory comes first on sys.path: drop it, so nothing in the
+# package directory can shadow a standard-library module (for the launcher or the program)
+if __name__ == "__main__" and sys.path and sys.path[0] == __file__.rpartition("/")[0]:
+    del sys.path[0]
+
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
