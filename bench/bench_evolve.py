@@ -72,6 +72,7 @@ def part_apply(args: argparse.Namespace) -> None:
     model = load_causal_lm(base, device=args.device, dtype=args.dtype)
     live = LiveMerge(_layer_recipe("task_arithmetic", base, experts, 0, num_layers, None), model, device=args.device)
     setup_s = time.perf_counter() - t0
+    print(f"  setup (load live model, cache sources): {setup_s:.1f} s", flush=True)
 
     rows = []
     for method, density in (("task_arithmetic", None), ("ties", 0.5)):
@@ -79,12 +80,14 @@ def part_apply(args: argparse.Namespace) -> None:
         for r in range(args.repeat):
             recipe = _layer_recipe(method, base, experts, r + 1, num_layers, density)
             mem.append(live.apply(recipe))
+            print(f"  {method} candidate {r}: in memory {mem[-1]:.2f} s", flush=True)
             out = Path(tempfile.mkdtemp(prefix="umm-bench-evolve-"))
             try:
                 t1 = time.perf_counter()
                 merge(recipe, out / "m", device=args.device, show_progress=False)
                 loaded = load_causal_lm(out / "m", device=args.device, dtype=args.dtype)
                 disk.append(time.perf_counter() - t1)
+                print(f"  {method} candidate {r}: merge to disk + reload {disk[-1]:.2f} s", flush=True)
                 del loaded
             finally:
                 shutil.rmtree(out, ignore_errors=True)

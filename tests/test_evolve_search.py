@@ -175,3 +175,15 @@ def test_resume_refuses_a_state_that_does_not_replay(tmp_path, box: BoxTransform
         run_search(state, box, quadratic, generations=5)
     with pytest.raises(ResumeError, match="nothing to resume"):
         load_state(tmp_path / "nowhere")
+
+
+def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys) -> None:  # noqa: ANN001
+    from umm.evolve.__main__ import main
+
+    cfg = tmp_path / "evolve.yaml"
+    cfg.write_text("models: [a]\ntasks: [synth-math]\nbudgit: {evaluations: 3}\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(cfg)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "budgit" in err and "budget" in err and "layer_granularity" in err

@@ -3,7 +3,8 @@
 - ``history.jsonl``: one line per evaluated candidate (generation, candidate, genome as named
   genes, per-task scores, fitness, seconds, of which applying), rewritten atomically from the
   search state after every generation, so it never holds an unfinished generation.
-- ``fitness.png``: best-so-far, best-of-generation and mean fitness per generation.
+- ``fitness.png``: best-so-far, best-of-generation and mean fitness per generation (drawn when
+  the search ends; the history has the same numbers at every generation).
 - ``weights.png``: heatmap of the final per-layer weight of every model.
 - ``comparison.md`` / ``comparison.json``: test-split scores with 95% intervals of the evolved
   merge, each source and the untuned merges.

@@ -173,7 +173,9 @@ class Worker:
     """One device: a live model, its tokenizer and the cached sources; scores genome vectors."""
 
     def __init__(self, config: EvolveConfig, genome: Any, tasks: Sequence[Any], device: str) -> None:
-        from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+        import torch
+
+        from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_dtype
         from umm.evolve.apply import LiveMerge
 
         self.config = config
@@ -184,7 +186,9 @@ class Worker:
         self.model = load_causal_lm(ref, device=device, dtype=config.dtype)
         self.model.eval()
         self.tokenizer = load_tokenizer(ref)
-        self.live = LiveMerge(genome.to_recipe(), self.model, device=device)
+        self.live = LiveMerge(
+            genome.to_recipe(), self.model, device=device, cache_dtype=resolve_dtype(config.dtype) or torch.float32
+        )
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Task name -> TaskScore of the live model on ``split`` (per-task subset sizes)."""
@@ -317,7 +321,8 @@ def run_evolve(
 ) -> EvolveResult:
     """Run a search and write its outputs into ``run_dir``:
 
-    ``config.json``, ``search_state.json`` (resume point), ``history.jsonl``, ``fitness.png``,
+    ``config.json``, ``search_state.json`` (resume point) and ``history.jsonl`` (both rewritten
+    after every generation), then at the end ``fitness.png``,
     ``weights.png``, ``best_recipe.yaml`` (runs in ``umm merge`` and ``mergekit-yaml``),
     ``model/`` (the merged model, if ``write_model``), ``comparison.md``/``.json`` (test split,
     if ``compare``). ``on_generation(state, generation, total_generations)`` reports progress.
@@ -352,7 +357,6 @@ def run_evolve(
     def save(s: SearchState) -> None:
         save_state(run_dir, s)
         write_history(run_dir, s, names)
-        plot_fitness(s, run_dir / FITNESS_PNG)
 
     def progress(s: SearchState, g: Generation) -> None:
         if on_generation is not None:
@@ -365,6 +369,7 @@ def run_evolve(
     )
     logger.info("search finished in %.1f s (this session)", time.perf_counter() - t0)
 
+    plot_fitness(state, run_dir / FITNESS_PNG, title=f"{config.optimizer} search, {config.method}")
     best = state.best()
     assert best is not None
     best_genome = genome.with_vector(np.asarray(best.x))
