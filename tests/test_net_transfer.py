@@ -113,7 +113,11 @@ def test_server_serves_only_manifest_files(model, manifest, request):
 # --- transfer ----------------------------------------------------------------------------------
 
 
-def test_round_trip_from_a_store(model, manifest, tmp_path, request):
+def test_round_trip_from_a_store(model, tmp_path, request):
+    (model / "extra" / "deeper").mkdir(parents=True)
+    (model / "extra" / "deeper" / "notes.txt").write_text("a file in a subfolder")
+    (model / "extra" / "empty.bin").write_bytes(b"")
+    manifest = build_manifest(model)
     source = ModelStore(tmp_path / "source")
     h = source.add_folder(model)
     address = serve(CheckpointServicer(source, chunk_size=CHUNK), request)
