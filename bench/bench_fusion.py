@@ -7,8 +7,8 @@
    O(n*m) dynamic programme like FuseLLM's (measured on a shorter prefix, and extrapolated).
 3. Teacher pass throughput (response tokens/s) of a random Llama on ``--device``.
 4. Peak memory of one training step with sparse k=10 targets vs a dense bf16 target of the same
-   batch (each in a fresh subprocess, after one warm-up step; CPU: growth of the peak RSS over
-   the step, Linux only; CUDA: max allocated over the step).
+   batch (each in a fresh subprocess; CPU: growth of the peak RSS over the first step, Linux
+   only; CUDA: max allocated over a step after a warm-up one).
 
 Run: ``python bench/bench_fusion.py [--work DIR] [--device cpu|cuda] [--quick]``.
 """
@@ -180,7 +180,6 @@ if device.startswith('cuda'):
     step(); torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     step(); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
 else:
-    step()  # warm-up: allocator caches and lazy initialisation, as on GPU
     open('/proc/self/clear_refs', 'w').write('5')  # reset the peak-RSS counter (Linux)
     base = rss(); step(); peak = hwm() - base
 print(json.dumps({'mode': mode, 'peak_bytes': peak}))
@@ -212,6 +211,7 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=int, default=24)
     ap.add_argument("--seq-tokens", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="smaller teacher and memory runs")
+    ap.add_argument("--parts", default="alignment,teacher,memory", help="comma-separated subset to run")
     args = ap.parse_args()
     os.environ.setdefault("UMM_NO_PROGRESS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -219,10 +219,14 @@ def main() -> None:
     from umm.ui import console, table
 
     results: dict[str, object] = {}
-    results.update(bench_alignment(args.work, args.corpus_mb, args.seq_tokens))
-    results.update(bench_teacher(args.device, 32 if args.quick else 128))
-    b, l = (2, 256) if args.quick else (4, 512)
-    results.update(bench_memory(args.device, b, l, 32000, 10))
+    parts = set(args.parts.split(","))
+    if "alignment" in parts:
+        results.update(bench_alignment(args.work, args.corpus_mb, args.seq_tokens))
+    if "teacher" in parts:
+        results.update(bench_teacher(args.device, 32 if args.quick else 128))
+    if "memory" in parts:
+        b, l = (2, 256) if args.quick else (4, 512)
+        results.update(bench_memory(args.device, b, l, 32000, 10))
     results["cpu_count"] = os.cpu_count()
     console.print(table("umm fusion bench", ["figure", "value"], sorted(results.items())))
     print(json.dumps(results))
