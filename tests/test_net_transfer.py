@@ -280,3 +280,31 @@ def test_no_providers_and_unreachable_provider(model, tmp_path):
         download(h, ["127.0.0.1:1"], dest, max_bytes=10**9, retries=1, timeout=2.0, progress=False)
     with pytest.raises(StoreError):
         download("not-a-hash", ["127.0.0.1:1"], dest, max_bytes=10**9)
+
+
+def test_cancel_stops_a_download_and_keeps_its_partial_files(model, manifest, tmp_path, request):
+    staller = StallingServicer(chunk_size=CHUNK, empty_chunks=False)
+    h = staller.register_folder(model)
+    dest = ModelStore(tmp_path / "dest")
+    cancel = threading.Event()
+    outcome: list[BaseException | Path] = []
+
+    def run() -> None:
+        try:
+            outcome.append(download(h, [serve(staller, request)], dest, max_bytes=10**9, timeout=60.0,
+                                    cancel=cancel, progress=False))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not (dest.partial_path(h) / BIG).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the big file's stream is now stalled (60 s stall timeout)
+    t0 = time.monotonic()
+    cancel.set()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - t0 < 5
+    assert isinstance(outcome[0], TransferError) and "cancelled" in str(outcome[0])
+    assert dest.list() == [] and (dest.partial_path(h) / BIG).stat().st_size == 2 * CHUNK

@@ -58,6 +58,10 @@ class _BadData(Exception):
     """The provider sent bytes that contradict the manifest: do not use it again."""
 
 
+class _Cancelled(Exception):
+    """The caller cancelled the download."""
+
+
 @dataclass
 class _Provider:
     address: str
@@ -85,6 +89,12 @@ class _Watchdog:
     def forget(self, call: grpc.Call) -> None:
         with self._lock:
             self._calls.pop(id(call), None)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            calls = [c for c, _ in self._calls.values()]
+        for call in calls:
+            call.cancel()
 
     def _run(self) -> None:
         period = min(1.0, self.timeout / 4)
@@ -151,7 +161,7 @@ def _failure_message(manifest_hash: str, providers: list[_Provider], what: str) 
 
 class _Download:
     def __init__(self, manifest: Manifest, folder: Path, providers: list[_Provider], *, retries: int,
-                 timeout: float, on_bytes: Callable[[int], None]):
+                 timeout: float, on_bytes: Callable[[int], None], cancel: threading.Event):
         self.manifest = manifest
         self.folder = folder
         self.providers = providers
@@ -159,15 +169,29 @@ class _Download:
         self.on_bytes = on_bytes
         self.watchdog = _Watchdog(timeout)
         self.timeout = timeout
+        self.cancelled = cancel
         self._lock = threading.Lock()
+        self._stop_watch = threading.Thread(target=self._watch_cancel, name="umm-transfer-cancel", daemon=True)
+        self._closed = threading.Event()
+        self._stop_watch.start()
+
+    def _watch_cancel(self) -> None:
+        while not self._closed.is_set():
+            if self.cancelled.wait(0.2):
+                self.watchdog.cancel_all()  # again each round: calls may start after a cancel
+                self._closed.wait(0.2)
 
     def close(self) -> None:
+        self._closed.set()
+        self._stop_watch.join()
         self.watchdog.close()
 
     def fetch(self, index: int, entry: FileEntry) -> None:
         """Bring one file to its manifest sha256, trying providers in turn; TransferError if impossible."""
         failures: dict[str, int] = {}
         while True:
+            if self.cancelled.is_set():
+                raise _Cancelled()
             with self._lock:
                 healthy = [p for p in self.providers if not p.bad]
             usable = [p for p in healthy if failures.get(p.address, 0) < self.retries]
@@ -184,6 +208,8 @@ class _Download:
                 self._stream(p, entry)
                 return
             except _Retryable as e:
+                if self.cancelled.is_set():
+                    raise _Cancelled() from None
                 failures[p.address] = failures.get(p.address, 0) + 1
                 with self._lock:
                     p.errors.append(f"{entry.path}: {e}")
@@ -191,7 +217,7 @@ class _Download:
                 with self._lock:
                     untried = [q for q in self.providers if not q.bad and failures.get(q.address, 0) == 0]
                 if not untried:  # back off before asking a provider that already failed this file
-                    time.sleep(min(0.2 * 2 ** min(failures.values()), 5.0))
+                    self.cancelled.wait(min(0.2 * 2 ** min(failures.values()), 5.0))
             except _BadData as e:
                 with self._lock:
                     p.bad = f"{entry.path}: {e}"
@@ -219,6 +245,8 @@ class _Download:
                 self.watchdog.touch(call)
                 try:
                     for chunk in call:
+                        if self.cancelled.is_set():
+                            raise _Cancelled()
                         data = chunk.data
                         if data:  # only bytes count as progress (an endless run of empty chunks stalls)
                             self.watchdog.touch(call)
@@ -262,15 +290,17 @@ def download(
     retries: int = 3,
     timeout: float = 30.0,
     progress: bool = True,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Download model ``manifest_hash`` from ``providers`` (gRPC ``host:port``) into ``store``.
 
     Returns the model's folder in the store (at once if it is already there). ``max_bytes``
     bounds the model's total size; ``parallel_files`` files stream at once; each provider gets
     ``retries`` attempts per file (and for the manifest) before the next is preferred; ``timeout``
-    is the limit in seconds for the manifest call and for a stream without data. Raises
-    :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError` (naming each
-    provider and what went wrong with it).
+    is the limit in seconds for the manifest call and for a stream without data. Setting
+    ``cancel`` (or Ctrl-C) stops the download within a fraction of a second, keeping its partial
+    files. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError`
+    (naming each provider and what went wrong with it).
     """
     check_hash(manifest_hash)
     if store.has(manifest_hash):
@@ -310,15 +340,25 @@ def download(
                 with bar_lock:
                     bar.update(n)
 
-            job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, on_bytes=on_bytes)
+            cancel = cancel if cancel is not None else threading.Event()
+            job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, on_bytes=on_bytes,
+                            cancel=cancel)
+            pool = ThreadPoolExecutor(max_workers=parallel_files, thread_name_prefix="umm-fetch")
             try:
                 files = sorted(manifest.files, key=lambda e: -e.size)
-                with ThreadPoolExecutor(max_workers=parallel_files, thread_name_prefix="umm-fetch") as pool:
-                    results = [pool.submit(job.fetch, i, e) for i, e in enumerate(files)]
-                    errors = [r.exception() for r in results]
+                results = [pool.submit(job.fetch, i, e) for i, e in enumerate(files)]
+                errors = [r.exception() for r in results]
+            except BaseException:  # e.g. KeyboardInterrupt: stop the streams, keep the partial files
+                cancel.set()
+                raise
             finally:
+                pool.shutdown(wait=True)
                 job.close()
                 bar.close()
+            if cancel.is_set():
+                raise TransferError(
+                    f"download of model {manifest_hash[:12]} cancelled; partial data kept in {folder}"
+                )
             failed = [e for e in errors if e is not None]
             if failed:
                 if not isinstance(failed[0], TransferError):
