@@ -111,6 +111,13 @@ class _Watchdog:
         self._thread.join()
 
 
+def _write_all(out, data: bytes) -> None:
+    """Write every byte (an unbuffered write may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+
+
 def _rpc_error(e: grpc.RpcError) -> str:
     code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
@@ -254,7 +261,7 @@ class _Download:
                             raise _BadData(f"sent a chunk at offset {chunk.offset}, expected {pos}")
                         if pos + len(data) > entry.size:
                             raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
-                        out.write(data)
+                        _write_all(out, data)
                         digest.update(data)
                         pos += len(data)
                         self.on_bytes(len(data))
