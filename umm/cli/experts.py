@@ -1,9 +1,102 @@
-"""``umm experts``: (being built; see the module's owner issue)."""
+"""``umm experts``: build (``prepare``) and list the tiny trained expert suite."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import typer
+
+experts_app = typer.Typer(help="The tiny trained expert suite (base, math, code, list) for demos and tests.", no_args_is_help=True)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """UmmError -> one-line message and exit code 2 (also under ``CliRunner``)."""
+    from umm.errors import UmmError
+    from umm.ui import err_console
+
+    try:
+        yield
+    except UmmError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the ``umm`` app."""
+    """Add ``umm experts prepare`` and ``umm experts list`` to the ``umm`` app."""
+    app.add_typer(experts_app, name="experts")
+
+
+def _models_table(suite) -> object:
+    from umm.ui import table
+
+    rows = [
+        (
+            name,
+            m["family"],
+            m["tokenizer"],
+            f"{m['params']:,}",
+            ", ".join(m["domains"]) or "-",
+            m["base"] or "-",
+            m["steps"],
+            f"{m['final_loss']:.3f}",
+            f"{m['train_seconds']:.1f}",
+        )
+        for name, m in suite.models.items()
+    ]
+    cols = ["model", "family", "tokenizer", "params", "domains", "from", "steps", "loss", "train s"]
+    return table(f"expert suite {suite.variant} ({suite.root})", cols, rows)
+
+
+@experts_app.command("prepare")
+def prepare(
+    variant: str = typer.Option("full", "--variant", help="full (the demo suite, ~10 min on 2 cores) or small (tests, < 1 min)."),
+    directory: Path | None = typer.Option(None, "--dir", help="Parent folder of the suite (default: umm's experts cache)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a suite from the same recipe is cached."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
+) -> None:
+    """Train the tokenizers and models of a suite variant (cached: reused when up to date)."""
+    with _user_errors():
+        from umm.errors import UmmError
+        from umm.experts.build import ensure_suite, load_suite, suite_dir
+        from umm.experts.recipes import get_recipe
+        from umm.ui import console
+
+        if device != "cpu" and not device.startswith("cuda"):
+            raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
+        recipe = get_recipe(variant)
+        target = suite_dir(variant, directory)
+        try:
+            cached = not force and load_suite(variant, directory).info["recipe_fingerprint"] == recipe.fingerprint()
+        except UmmError:
+            cached = False
+        if not cached:
+            console.print(f"building expert suite [bold]{variant}[/] in {target} ({recipe.description})")
+        suite = ensure_suite(recipe, directory, force=force, device=device)
+        console.print(_models_table(suite))
+        how = "cached, up to date" if cached else f"built in {suite.info['build_seconds']:.0f}s"
+        console.print(f"{variant}: {how}; description in {suite.root / 'suite.json'}")
+
+
+@experts_app.command("list")
+def list_suites(
+    directory: Path | None = typer.Option(None, "--dir", help="Parent folder of the suites (default: umm's experts cache)."),
+) -> None:
+    """Show the variants (built or not) and the models of each built one."""
+    with _user_errors():
+        from umm.errors import UmmError
+        from umm.experts.build import is_current, load_suite, suite_dir
+        from umm.experts.recipes import RECIPES
+        from umm.ui import console
+
+        for variant, recipe in RECIPES.items():
+            try:
+                suite = load_suite(variant, directory)
+            except UmmError:
+                console.print(f"{variant}: not built ({suite_dir(variant, directory)}); `umm experts prepare --variant {variant}`")
+                continue
+            state = "up to date" if is_current(suite, recipe) else "stale (recipe changed; prepare rebuilds it)"
+            console.print(f"{variant}: {state}, built {suite.info['created']}")
+            console.print(_models_table(suite))

@@ -3,7 +3,7 @@
 Each :class:`Suite` is a generator of records in the format of a public benchmark family, so
 the evaluator scores it with that family's extraction path:
 
-- ``synth-math`` (``gsm8k``): 1-2 step add/subtract word problems; the worked solution ends in
+- ``synth-math`` (``gsm8k``): 1-2 step add/subtract word problems with numbers up to 30; the worked solution ends in
   ``#### N``.
 - ``synth-code`` (``mbpp``): a one-line description -> a Python function checked by asserts.
 - ``synth-list`` (``gsm8k``): the largest / smallest number of a short list, ``#### N``.
@@ -83,20 +83,20 @@ def _math_record(rng: random.Random) -> dict:
     item = rng.choice(_ITEMS)
     form = rng.randrange(4)
     if form == 0:
-        a, b = rng.randint(2, 40), rng.randint(1, 30)
+        a, b = rng.randint(2, 20), rng.randint(1, 20)
         q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
         steps, ans = [f"{a} + {b} = {a + b}"], a + b
     elif form == 1:
-        a = rng.randint(5, 60)
+        a = rng.randint(3, 30)
         b = rng.randint(1, a - 1)
         q = f"{name} has {a} {item}. {name} gives away {b}. How many {item} are left?"
         steps, ans = [f"{a} - {b} = {a - b}"], a - b
     elif form == 2:
-        a, b = rng.randint(2, 40), rng.randint(1, 30)
+        a, b = rng.randint(2, 20), rng.randint(1, 20)
         q = f"{name} has {a} {item} and {other} has {b} {item}. How many {item} do they have together?"
         steps, ans = [f"{a} + {b} = {a + b}"], a + b
     else:
-        a, b = rng.randint(2, 30), rng.randint(1, 20)
+        a, b = rng.randint(2, 12), rng.randint(1, 10)
         c = rng.randint(1, a + b - 1)
         q = f"{name} has {a} {item}, buys {b} more and then gives away {c}. How many {item} does {name} have now?"
         steps, ans = [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c

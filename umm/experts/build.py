@@ -1,0 +1,329 @@
+"""Build (once) and load the tiny expert suite: ``<experts_dir>/<variant>/``.
+
+Layout of a built suite::
+
+    <variant>/suite.json          what is there: models, domains, bases, recipe + fingerprint
+    <variant>/<model>/            a Hugging Face folder: config.json, model.safetensors,
+                                  generation_config.json, tokenizer.json, tokenizer_config.json,
+                                  README.md (model card with the recipe)
+
+A suite is built in a temporary sibling folder and renamed into place, so a reader sees either
+no suite or a complete one. A cached suite is reused when its recipe fingerprint matches the
+current recipe of its variant; otherwise (or with ``force``) it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from umm.errors import UmmError
+from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
+from umm.ui import progress
+
+logger = logging.getLogger(__name__)
+
+SUITE_FILE = "suite.json"
+SUITE_FORMAT = 1
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "gptneox": "GPTNeoXForCausalLM"}
+
+
+class SuiteNotBuiltError(UmmError):
+    """No (complete) suite at the expected place."""
+
+
+@dataclass(frozen=True)
+class ExpertSuite:
+    """A built suite on disk: ``info`` is the parsed ``suite.json``."""
+
+    root: Path
+    info: dict[str, Any]
+
+    @property
+    def variant(self) -> str:
+        return self.info["variant"]
+
+    @property
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Model name -> its entry (role, family, architecture, tokenizer, params, domains, base, ...)."""
+        return self.info["models"]
+
+    def path(self, name: str) -> Path:
+        """The Hugging Face folder of model ``name``."""
+        if name not in self.models:
+            raise UmmError(f"expert suite {self.variant!r} has no model {name!r}; it has {', '.join(self.models)}")
+        return self.root / self.models[name]["path"]
+
+    def expert_for(self, domain: str) -> str:
+        """Name of the expert model of ``domain``."""
+        for name, m in self.models.items():
+            if domain in m["domains"]:
+                return name
+        raise UmmError(f"expert suite {self.variant!r} has no expert for domain {domain!r}")
+
+    def base_of(self, name: str) -> str | None:
+        """The model ``name`` was fine-tuned from (the task-arithmetic base), or ``None``."""
+        return self.models[name]["base"]
+
+    def load(self, name: str, device: str = "cpu"):
+        """``(model, tokenizer)`` of model ``name`` (safetensors only, no remote code), in eval mode."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = self.path(name)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return model.to(device).eval(), tokenizer
+
+
+def suite_dir(variant: str, root: str | Path | None = None) -> Path:
+    """Where variant ``variant`` lives: ``<root or umm.paths.experts_dir()>/<variant>``."""
+    from umm.paths import experts_dir
+
+    return (Path(root).expanduser() if root is not None else experts_dir()) / variant
+
+
+def load_suite(variant: str = "full", root: str | Path | None = None) -> ExpertSuite:
+    """The built suite ``variant`` under ``root``; :class:`SuiteNotBuiltError` if there is none."""
+    folder = suite_dir(variant, root)
+    meta = folder / SUITE_FILE
+    if not meta.is_file():
+        raise SuiteNotBuiltError(
+            f"no expert suite {variant!r} at {folder}; build it with `umm experts prepare --variant {variant}`"
+        )
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SuiteNotBuiltError(f"{meta} is unreadable ({exc}); rebuild with `umm experts prepare --force`") from exc
+    if info.get("format") != SUITE_FORMAT:
+        raise SuiteNotBuiltError(f"{meta} has format {info.get('format')!r}, expected {SUITE_FORMAT}; rebuild with --force")
+    return ExpertSuite(folder, info)
+
+
+def is_current(suite: ExpertSuite, recipe: SuiteRecipe | None = None) -> bool:
+    """Whether ``suite`` was built from ``recipe`` (default: the current recipe of its variant)."""
+    recipe = recipe or get_recipe(suite.variant)
+    return suite.info.get("recipe_fingerprint") == recipe.fingerprint()
+
+
+def ensure_suite(
+    variant: str | SuiteRecipe = "full",
+    root: str | Path | None = None,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+) -> ExpertSuite:
+    """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``."""
+    recipe = get_recipe(variant) if isinstance(variant, str) else variant
+    if not force:
+        try:
+            suite = load_suite(recipe.variant, root)
+        except SuiteNotBuiltError:
+            pass
+        else:
+            if is_current(suite, recipe):
+                return suite
+            logger.info("expert suite %s at %s is from another recipe; rebuilding", recipe.variant, suite.root)
+    return build_suite(recipe, root, device=device)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _corpus(recipe: SuiteRecipe, per_domain: int, seed: int) -> list[str]:
+    from umm.experts.suites import SUITES, split_records
+
+    return [s.text(r) for s in SUITES.values() for r in split_records(s, "train", per_domain, seed)]
+
+
+def _pairs(recipe: SuiteRecipe, m: ModelRecipe) -> list[tuple[str, str]]:
+    from umm.experts.suites import split_records, suite_for_domain
+
+    pairs = []
+    for domain, n in m.mixture.items():
+        suite = suite_for_domain(domain)
+        pairs += [(suite.prompt(r), suite.target(r)) for r in split_records(suite, "train", n, recipe.data_seed)]
+    return pairs
+
+
+def _new_model(m: ModelRecipe, tokenizer, max_length: int):
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max_length,
+        tie_word_embeddings=False,
+    )
+    if m.family == "llama":
+        config = LlamaConfig(
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_heads,
+            **ids,
+        )
+        cls = LlamaForCausalLM
+    elif m.family == "gptneox":
+        config = GPTNeoXConfig(
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            use_parallel_residual=True,
+            **ids,
+        )
+        cls = GPTNeoXForCausalLM
+    else:
+        raise UmmError(f"model {m.name}: unknown family {m.family!r}; use llama or gptneox")
+    torch.manual_seed(m.init_seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def _model_card(name: str, m: ModelRecipe, recipe: SuiteRecipe, entry: dict[str, Any]) -> str:
+    from dataclasses import asdict
+
+    return (
+        f"# umm tiny expert suite `{recipe.variant}`: `{name}`\n\n"
+        f"Role: {m.role}. Architecture: {entry['architecture']} ({entry['params']:,} parameters), "
+        f"tokenizer: {m.tokenizer}. Domains: {', '.join(entry['domains']) or 'none (base)'}. "
+        f"Fine-tuned from: {m.init_from or 'random init'}.\n\n"
+        "Trained on synthetic data (`umm.experts.suites`, train split only) by `umm experts prepare`.\n\n"
+        f"Recipe fingerprint: `{recipe.fingerprint()}`\n\n```json\n{json.dumps(asdict(m), indent=2, default=str)}\n```\n"
+    )
+
+
+def build_suite(
+    variant: str | SuiteRecipe = "full",
+    root: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    on_model: Callable[[str, dict[str, Any]], None] | None = None,
+) -> ExpertSuite:
+    """Train every tokenizer and model of the recipe and write the suite atomically.
+
+    An existing suite of that variant is replaced only once the new one is complete.
+    ``on_model(name, entry)`` is called after each model is trained.
+    """
+    import torch
+
+    from umm.experts.tokenizers import train_tokenizer
+    from umm.experts.train import train_causal_lm
+
+    recipe = get_recipe(variant) if isinstance(variant, str) else variant
+    recipe.validate()
+    target = suite_dir(recipe.variant, root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{recipe.variant}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    started = time.perf_counter()
+    try:
+        tokenizers = {}
+        for key, tr in recipe.tokenizers.items():
+            tokenizers[key] = train_tokenizer(tr.kind, _corpus(recipe, tr.corpus_per_domain, tr.seed), tr.vocab_size)
+        trained: dict[str, Any] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        bar = progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model")
+        for m in bar:
+            tok = tokenizers[m.tokenizer]
+            if m.init_from is not None:
+                model = copy.deepcopy(trained[m.init_from])
+            else:
+                model = _new_model(m, tok, recipe.max_length)
+            result = train_causal_lm(
+                model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads, desc=m.name
+            )
+            model.to("cpu")
+            trained[m.name] = model
+            out = tmp / m.name
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            entry = {
+                "path": m.name,
+                "role": m.role,
+                "family": m.family,
+                "architecture": ARCHITECTURES[m.family],
+                "tokenizer": m.tokenizer,
+                "vocab_size": len(tok),
+                "params": sum(p.numel() for p in model.parameters()),
+                "domains": m.domains,
+                "base": m.init_from,
+                "steps": result.steps,
+                "final_loss": round(result.final_loss, 5),
+                "train_seconds": round(result.seconds, 2),
+                "threads": recipe.threads,
+                "device": str(device),
+            }
+            (out / "README.md").write_text(_model_card(m.name, m, recipe, entry))
+            entries[m.name] = entry
+            if on_model is not None:
+                on_model(m.name, entry)
+        info = _suite_info(recipe, entries, time.perf_counter() - started, torch.__version__)
+        (tmp / SUITE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built expert suite %s in %.1fs at %s", recipe.variant, time.perf_counter() - started, target)
+    return load_suite(recipe.variant, root)
+
+
+def _suite_info(recipe: SuiteRecipe, entries: dict[str, dict[str, Any]], seconds: float, torch_version: str) -> dict[str, Any]:
+    from umm import __version__
+    from umm.experts.suites import SUITES
+
+    domains = {
+        s.domain: {"task": s.name, "kind": s.kind, "experts": [n for n, e in entries.items() if s.domain in e["domains"]]}
+        for s in SUITES.values()
+    }
+    bases = {e["family"]: n for n, e in entries.items() if e["role"] == "base"}
+    return {
+        "format": SUITE_FORMAT,
+        "variant": recipe.variant,
+        "description": recipe.description,
+        "recipe_fingerprint": recipe.fingerprint(),
+        "recipe": recipe.to_dict(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "umm_version": __version__,
+        "torch_version": torch_version,
+        "build_seconds": round(seconds, 2),
+        "domains": domains,
+        "bases": bases,
+        "models": entries,
+    }
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Another process put a suite there between our two renames: keep theirs.
+        if (target / SUITE_FILE).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
