@@ -109,3 +109,23 @@ def test_pivot_choice() -> None:
     assert choose_pivot(scores, override="math-c") == "math-c"
     with pytest.raises(UmmError, match="not one of the candidates"):
         choose_pivot(scores, override="nope")
+
+
+def test_sparse_loss_with_bf16_logits_keeps_dtype_and_value() -> None:
+    torch.manual_seed(1)
+    b, length, v, k = 2, 4, 50, 3
+    x = torch.randn(b, length, v).bfloat16()
+    ids = torch.randint(0, v, (b, length, k))
+    p = torch.softmax(torch.randn(b, length, k), -1)
+    mask = torch.ones(b, length, k, dtype=torch.bool)
+    gold = torch.randint(0, v, (b, length))
+    resp = torch.ones(b, length, dtype=torch.bool)
+    xb = x.clone().requires_grad_(True)
+    loss = sparse_distill_loss(xb, ids, p.log(), mask, gold, resp)
+    loss.backward()
+    xf = x.float().requires_grad_(True)
+    ref = dense_distill_loss(xf, torch.zeros(b, length, v).scatter_add_(-1, ids, p), gold, resp)
+    ref.backward()
+    assert loss.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(xb.grad.float(), xf.grad, atol=1e-3)
