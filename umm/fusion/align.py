@@ -441,6 +441,7 @@ def build_vocab_map(
         pending = _apply_stats(alignments or [], src, piv, out, how, pending)
 
     if pending:
+        logger.info("mapping %d of %d source tokens by minimum edit distance", len(pending), n)
         cand_ids = np.asarray([i for i, s in enumerate(piv) if s is not None and not s.startswith("\x00")],
                               dtype=np.int64)
         best, _ = min_edit_distance_map([src[i] for i in pending],  # type: ignore[misc]

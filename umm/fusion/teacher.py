@@ -231,7 +231,8 @@ def teacher_pass(
     dev = resolve_device(device)
     model = load_causal_lm(model_path, device=dev, dtype=dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = progress(total=len(data), desc=f"teacher {model_path.name}", unit="seq")
+    bar = progress(total=len(data), desc=f"teacher {model_path.name}", unit="seq",
+                   disable=None if show_progress else True)
     bar.update(first)
     with torch.inference_mode():
         for start in range(first, len(data), shard_sequences):

@@ -292,7 +292,7 @@ def train_pivot(
         logger.info("resuming from %s (step %d of %d)", previous, state["step"], total)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    bar = progress(total=total, desc="fusion training", unit="step")
+    bar = progress(total=total, desc="fusion training", unit="step", disable=None if show_progress else True)
     bar.update(state["step"])
     steps_this_call = 0
     t0 = time.perf_counter()
