@@ -12,7 +12,7 @@ time goes.
    share of each candidate's time spent applying vs evaluating, from ``history.jsonl``.
 
     python bench/bench_evolve.py                     # both parts, 3 candidates each
-    python bench/bench_evolve.py --part apply --repeat 5 --device cpu
+    python bench/bench_evolve.py --part apply --repeat 5 --device cpu --threads 1
     python bench/bench_evolve.py --part split --generations 2 --search-size 16
 
 Prints one table per part; nothing is asserted.
@@ -66,7 +66,8 @@ def part_apply(args: argparse.Namespace) -> None:
     with Checkpoint.open(base) as ck:
         num_layers = ck.num_layers or 0
         n_params = ck.num_parameters
-    console.print(f"bench models: {n_params / 1e6:.0f}M parameters, {num_layers} layers, device {args.device}")
+    console.print(f"bench models: {n_params / 1e6:.0f}M parameters, {num_layers} layers, device {args.device}, "
+                  f"torch threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
     model = load_causal_lm(base, device=args.device, dtype=args.dtype)
@@ -84,7 +85,7 @@ def part_apply(args: argparse.Namespace) -> None:
             out = Path(tempfile.mkdtemp(prefix="umm-bench-evolve-"))
             try:
                 t1 = time.perf_counter()
-                merge(recipe, out / "m", device=args.device, show_progress=False)
+                merge(recipe, out / "m", device=args.device, show_progress=False, threads=args.threads)
                 loaded = load_causal_lm(out / "m", device=args.device, dtype=args.dtype)
                 disk.append(time.perf_counter() - t1)
                 print(f"  {method} candidate {r}: merge to disk + reload {disk[-1]:.2f} s", flush=True)
@@ -106,24 +107,21 @@ def part_apply(args: argparse.Namespace) -> None:
 def part_split(args: argparse.Namespace) -> None:
     from umm.evolve.config import parse_config
     from umm.evolve.run import run_evolve
-    from umm.paths import experts_dir
     from umm.ui import console, table
 
-    suite_dir = experts_dir() / args.variant
-    suite_file = suite_dir / "suite.json"
-    if not suite_file.is_file():
-        console.print(f"skipped: no tiny expert suite at {suite_dir} (run `umm experts prepare --variant {args.variant}`)")
+    from umm.errors import UmmError
+    from umm.experts.build import load_suite
+
+    try:
+        suite = load_suite(args.variant, args.suite_root)
+    except UmmError as exc:
+        console.print(f"skipped: {exc}")
         return
-    suite = json.loads(suite_file.read_text())
-    models = suite.get("models", {})
-    math_m, code_m = models.get("math"), models.get("code")
-    base = suite.get("base") or (suite.get("bases") or {}).get("default")
-    if not (math_m and code_m and base):
-        console.print(f"skipped: {suite_file} does not name math, code and base models ({sorted(models)})")
-        return
-    resolve = lambda p: str(p if Path(p).is_absolute() else suite_dir / p)  # noqa: E731
+    math_m, code_m = suite.expert_for("math"), suite.expert_for("code")
+    base = suite.base_of(math_m)
+    math_m, code_m, base = (str(suite.path(n)) for n in (math_m, code_m, base))
     cfg = parse_config({
-        "models": [resolve(math_m), resolve(code_m)], "base_model": resolve(base),
+        "models": [math_m, code_m], "base_model": base,
         "method": "task_arithmetic", "tasks": [
             {"name": "synth-math", "search_size": args.search_size},
             {"name": "synth-code", "search_size": args.search_size},
@@ -140,7 +138,7 @@ def part_split(args: argparse.Namespace) -> None:
     total = sum(r["seconds"] for r in rows)
     apply = sum(r["apply_seconds"] for r in rows)
     console.print(table(
-        f"candidate time on the tiny experts ({args.variant}), {len(rows)} candidates, "
+        f"candidate time on the tiny experts ({args.variant}, {suite.root}), {len(rows)} candidates, "
         f"{args.search_size} search items per task",
         ["", "seconds per candidate", "share"],
         [
@@ -157,10 +155,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="candidates per method in the apply part")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="dtype of the live model")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (and merge workers); 1 on a shared, oversubscribed machine")
     ap.add_argument("--variant", default="small", help="tiny expert suite variant")
+    ap.add_argument("--suite-root", default=None, help="parent folder of the suite (default: umm's experts cache)")
     ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--search-size", type=int, default=16)
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.part in ("apply", "all"):
         part_apply(args)
     if args.part in ("split", "all"):

@@ -69,14 +69,15 @@ def test_apply_in_memory_equals_the_streamed_merge(live, tiny_models, method, pa
 def test_zero_weights_give_the_base_and_load_source(live, tiny_models) -> None:  # noqa: ANN001
     from umm.checkpoints.reader import Checkpoint
 
+    assert live.delta_mode  # a task-arithmetic search caches base + task vectors
     live.apply(_recipe("task_arithmetic", tiny_models, {}, [{"weight": 0.0}, {"weight": 0.0}]))
     with Checkpoint.open(tiny_models["base"]) as base:
         for n, p in live.model.named_parameters():
             torch.testing.assert_close(p.detach(), base.get_tensor(n).float(), rtol=0, atol=1e-7)
     live.load_source(live.model_paths.index(str(tiny_models["code"])))
     with Checkpoint.open(tiny_models["code"]) as code:
-        for n, p in live.model.named_parameters():
-            assert torch.equal(p.detach(), code.get_tensor(n).float()), n
+        for n, p in live.model.named_parameters():  # cached as base + delta: one float32 rounding
+            torch.testing.assert_close(p.detach(), code.get_tensor(n).float(), rtol=1e-6, atol=1e-8)
 
 
 def test_recipe_with_other_models_is_refused(live, tiny_models, tmp_path) -> None:  # noqa: ANN001
@@ -100,3 +101,19 @@ def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_
     with pytest.raises(IncompatibleCheckpointsError) as e:
         LiveMerge(_recipe("task_arithmetic", {**tiny_models, "code": wide}, {}), model)
     assert "fuse" in str(e.value)
+
+
+def test_raw_cache_mode_matches_too(tiny_models) -> None:  # noqa: ANN001
+    """A search over TIES caches the sources as they are (no task vectors); both paths still agree."""
+    from umm.checkpoints.loading import load_causal_lm
+    from umm.evolve.apply import LiveMerge
+    from umm.merge.executor import merge_state_dict
+
+    ties = _recipe("ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
+    live = LiveMerge(ties, load_causal_lm(tiny_models["base"], device="cpu", dtype="float32"))
+    assert not live.delta_mode
+    for recipe in (ties, _recipe("task_arithmetic", tiny_models, {"lambda": 1.3})):
+        expected = merge_state_dict(recipe)
+        live.apply(recipe)
+        for name, p in live.model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name].float(), rtol=1e-5, atol=1e-6, msg=name)

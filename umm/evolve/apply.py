@@ -89,6 +89,10 @@ class LiveMerge:
             self.model_paths = list(inputs.names)
             self.num_layers = inputs.num_layers
             self.base_index = inputs.base_index
+            #: sources other than the base are cached as float32 task vectors (expert - base) when
+            #: the search method is linear/task_arithmetic with a base: a candidate is then
+            #: base + sum_i c_i * delta_i, written in one pass per model (see :meth:`apply`)
+            self.delta_mode = self.base_index is not None and self.method.name in FAST_METHODS
             params = dict(model.named_parameters())
             missing = [n for n in params if n not in inputs.shapes]
             if missing:
@@ -107,7 +111,13 @@ class LiveMerge:
                 if not param.is_floating_point():
                     continue
                 self.params[name] = param
-                self.inputs[name] = [_cached(src.read_rows(name), self.device, cache_dtype) for src in inputs.sources]
+                cached = [_cached(src.read_rows(name), self.device, cache_dtype) for src in inputs.sources]
+                if self.delta_mode:
+                    base = cached[self.base_index]
+                    for i, t in enumerate(cached):
+                        if i != self.base_index:
+                            cached[i] = t.float().sub_(base)
+                self.inputs[name] = cached
         finally:
             inputs.close()
         self.tensor_names = list(self.params)
@@ -140,16 +150,23 @@ class LiveMerge:
         from umm.merge import resolve_tensor_params, tensor_generator
 
         method, base_index = plan or self._plan(recipe)
-        cached = self.inputs[name]
         params = resolve_tensor_params(recipe, method, name, self.num_layers)
-        base = cached[base_index] if base_index is not None else None
-        tensors = [cached[self._index[str(m)]] for m in params.models]
+        base = self.source(name, base_index) if base_index is not None else None
+        tensors = [self.source(name, self._index[str(m)]) for m in params.models]
         gen = (
             tensor_generator(self.seed, name, device=self.device)
             if getattr(method, "random", False)
             else None
         )
         return method.merge(base, tensors, params.per_model, params.global_, generator=gen)
+
+    def source(self, name: str, index: int) -> torch.Tensor:
+        """Tensor ``name`` of model ``model_paths[index]`` as read (rebuilt as base + delta in
+        delta mode: equal up to one float32 rounding, exact for bf16 checkpoints)."""
+        t = self.inputs[name][index]
+        if self.delta_mode and index != self.base_index:
+            return torch.add(self.inputs[name][self.base_index].float(), t)
+        return t
 
     def _linear_coefficients(
         self, recipe: Any, name: str, plan: tuple[Any, int | None]
@@ -170,24 +187,45 @@ class LiveMerge:
             total = sum(weights) if g["normalize"] else 1.0
             if total == 0:
                 return None  # let the method raise its own error
-            return [(i, w / total) for i, w in zip(idx, weights)]
-        if base_index is None:
-            return None
-        total = float(torch.tensor(weights, dtype=torch.float32).sum()) if g["normalize"] else 1.0
-        if abs(total) < 1e-8:
-            total = 1.0
-        scale = float(g["lambda"]) / total
-        coeffs = [(i, w * scale) for i, w in zip(idx, weights)]
-        return [(base_index, 1.0 - sum(c for _, c in coeffs)), *coeffs]
+            coeffs = [(i, w / total) for i, w in zip(idx, weights)]
+        else:
+            if base_index is None:
+                return None
+            total = float(torch.tensor(weights, dtype=torch.float32).sum()) if g["normalize"] else 1.0
+            if abs(total) < 1e-8:
+                total = 1.0
+            scale = float(g["lambda"]) / total
+            coeffs = [(base_index, 1.0 - sum(w * scale for w in weights))]
+            coeffs += [(i, w * scale) for i, w in zip(idx, weights)]
+        return self._on_cache(coeffs)
+
+    def _on_cache(self, coeffs: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """Rewrite ``sum_i c_i * source_i`` as a combination of the cached tensors, base first.
+
+        In delta mode source_i = base + delta_i, so the base's coefficient becomes the sum of all
+        coefficients (1 for task arithmetic: base + sum_i c_i delta_i)."""
+        merged: dict[int, float] = {}
+        for i, c in coeffs:
+            merged[i] = merged.get(i, 0.0) + c
+        if self.delta_mode:
+            b = self.base_index
+            assert b is not None
+            base_c = sum(merged.values())
+            if abs(base_c - 1.0) < 1e-12:
+                base_c = 1.0  # task arithmetic: exactly base + sum_i c_i delta_i
+            rest = [(i, c) for i, c in merged.items() if i != b]
+            return [(b, base_c), *rest]
+        return list(merged.items())
 
     @torch.no_grad()
     def apply(self, recipe: Any) -> float:
         """Write the merge of ``recipe`` (same models, any method) into the live model's
         parameters; returns the seconds taken.
 
-        linear and task_arithmetic take a fused path (``sum_i c_i * tensor_i`` accumulated in a
-        float32 buffer: one pass per model instead of building every task vector); it equals the
-        method's function up to float32 rounding. Other methods call the method's function.
+        linear and task_arithmetic take a fused path: ``base + sum_i c_i * delta_i`` (delta mode)
+        or ``sum_i c_i * tensor_i``, accumulated in float32 straight into the parameter, one pass
+        per model; it equals the method's function up to float32 rounding. Other methods call
+        the method's function on the (rebuilt) source tensors.
         """
         plan = self._plan(recipe)
         t0 = time.perf_counter()
@@ -199,8 +237,13 @@ class LiveMerge:
             cached = self.inputs[name]
             out = param.data if param.dtype == torch.float32 else self._scratch(param)
             (i0, c0), rest = coeffs[0], coeffs[1:]
-            out.copy_(cached[i0])  # upcast first: float32 arithmetic whatever the cache dtype
-            out.mul_(c0)
+            if c0 == 1.0 and rest and cached[i0].dtype == torch.float32:
+                (i1, c1), rest = rest[0], rest[1:]
+                torch.add(cached[i0], cached[i1], alpha=c1, out=out)  # base + c1 * delta1, one pass
+            else:
+                out.copy_(cached[i0])  # upcast first: float32 arithmetic whatever the cache dtype
+                if c0 != 1.0:
+                    out.mul_(c0)
             for i, c in rest:
                 out.add_(cached[i], alpha=c)
             if out is not param.data:
@@ -219,4 +262,4 @@ class LiveMerge:
     def load_source(self, index: int) -> None:
         """Put the unmerged model ``model_paths[index]`` into the live model."""
         for name, param in self.params.items():
-            param.data.copy_(self.inputs[name][index])
+            param.data.copy_(self.source(name, index))

@@ -239,11 +239,19 @@ def devices_for(config: EvolveConfig) -> list[str]:
     return [str(resolve_device(dev))]
 
 
-def make_evaluator(workers: Sequence[Worker]) -> Callable[[Sequence[np.ndarray], int], list[Scored]]:
-    """Serial with one worker; with several, candidates are spread over them (one thread each)."""
+def make_evaluator(
+    workers: Sequence[Worker], on_candidate: Callable[[Scored], None] | None = None
+) -> Callable[[Sequence[np.ndarray], int], list[Scored]]:
+    """Serial with one worker; with several, candidates are spread over them (one thread each).
+    ``on_candidate`` is called after each scored candidate (from the calling thread if serial)."""
+
+    def done(r: Scored) -> Scored:
+        if on_candidate is not None:
+            on_candidate(r)
+        return r
 
     def serial(xs: Sequence[np.ndarray], generation: int) -> list[Scored]:
-        return [workers[0].score(x) for x in xs]
+        return [done(workers[0].score(x)) for x in xs]
 
     if len(workers) == 1:
         return serial
@@ -253,7 +261,7 @@ def make_evaluator(workers: Sequence[Worker]) -> Callable[[Sequence[np.ndarray],
 
         def run(w: int) -> None:
             for i in range(w, len(xs), len(workers)):
-                results[i] = workers[w].score(xs[i])
+                results[i] = done(workers[w].score(xs[i]))
 
         with ThreadPoolExecutor(max_workers=len(workers)) as pool:
             for f in [pool.submit(run, w) for w in range(len(workers))]:
@@ -283,7 +291,10 @@ def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> Search
     state_path = run_dir / STATE_FILE
     if resume:
         state = load_state(run_dir)
-        saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        try:
+            saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ResumeError(f"cannot resume {run_dir}: its {CONFIG_FILE} is unreadable ({exc})") from None
         now = _config_record(config)
         diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
         if diff:
@@ -352,7 +363,20 @@ def run_evolve(
 
     devices = devices_for(config)
     workers = [Worker(config, genome, tasks, d) for d in devices]
-    evaluate = make_evaluator(workers)
+    from umm.ui import progress as progress_bar
+
+    total = 1 + generations * population
+    bar = progress_bar(total=total, desc=f"evolve ({config.optimizer})", unit="candidate")
+    bar.update(min(total, state.evaluations))
+    best_seen = [max((c.fitness for g in state.generations for c in g.candidates), default=-math.inf)]
+
+    def tick(r: Scored) -> None:
+        if math.isfinite(r.fitness):
+            best_seen[0] = max(best_seen[0], r.fitness)
+        bar.set_postfix(best=f"{best_seen[0]:.4f}", s_per_candidate=f"{r.seconds:.2f}", refresh=False)
+        bar.update(1)
+
+    evaluate = make_evaluator(workers, tick)
 
     def save(s: SearchState) -> None:
         save_state(run_dir, s)
@@ -363,10 +387,13 @@ def run_evolve(
             on_generation(s, g, generations)
 
     t0 = time.perf_counter()
-    run_search(
-        state, transform, evaluate, generations=generations, max_seconds=config.budget.seconds,
-        save=save, on_generation=progress,
-    )
+    try:
+        run_search(
+            state, transform, evaluate, generations=generations, max_seconds=config.budget.seconds,
+            save=save, on_generation=progress,
+        )
+    finally:
+        bar.close()
     logger.info("search finished in %.1f s (this session)", time.perf_counter() - t0)
 
     plot_fitness(state, run_dir / FITNESS_PNG, title=f"{config.optimizer} search, {config.method}")
