@@ -57,24 +57,25 @@ def eval_command(
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""
     with _user_errors():
         if list_:
-            _list_tasks(data)
+            _list_tasks()
             return
         _run(model, task, split, limit, seed, data, output, samples, completions, device, dtype, batch_size,
              max_new_tokens, chat, workers, threads, num_samples, temperature)
 
 
-def _list_tasks(data: Path | None) -> None:
+def _list_tasks() -> None:
+    from umm.errors import UmmError
     from umm.eval.task import get_task, list_tasks
     from umm.ui import console, table
 
     rows = []
     for name in list_tasks():
-        t = get_task(name, data if data is not None else None)
+        t = get_task(name)
         try:
             sizes = t.split_sizes()
             size_s, size_t = sizes["search"], sizes["test"]
-        except Exception as exc:  # noqa: BLE001 - a task whose data is missing still gets listed
-            size_s = size_t = f"({type(exc).__name__})"
+        except UmmError:  # a task whose default data is missing is still listed
+            size_s = size_t = "needs --data"
         rows.append((name, t.domain, t.kind, size_s, size_t, t.description))
     console.print(table("umm eval tasks", ["task", "domain", "kind", "search", "test", "description"], rows))
 
@@ -93,6 +94,10 @@ def _run(model, task, split, limit, seed, data, output, samples, completions, de
         raise UmmError("--limit must be >= 1")
     if batch_size < 1:
         raise UmmError("--batch-size must be >= 1")
+    if num_samples < 1 or temperature < 0:
+        raise UmmError("--num-samples must be >= 1 and --temperature >= 0")
+    if num_samples > 1 and temperature == 0:
+        raise UmmError("--num-samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
     if data is not None and len(names) > 1:
         raise UmmError("--data applies to one task; evaluate tasks with their own data files one at a time")
     tasks = [get_task(n, data) for n in names]
@@ -104,6 +109,8 @@ def _run(model, task, split, limit, seed, data, output, samples, completions, de
             raise UmmError("give either MODEL or --completions, not both")
         if len(tasks) != 1:
             raise UmmError("--completions scores one task at a time")
+        if limit is not None:
+            raise UmmError("--limit does not apply to --completions (every completion given is scored)")
         from umm.eval.evaluate import score_completions
 
         recs = read_jsonl(completions, ("task_id", "completion"))
