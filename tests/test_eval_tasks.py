@@ -195,3 +195,19 @@ def test_stats() -> None:
         pass_at_k(3, 1, 5)
     lo, hi = bootstrap_interval([0.0, 1.0] * 50, resamples=500)
     assert lo < 0.5 < hi and bootstrap_interval([1.0] * 10) == (1.0, 1.0)
+
+
+def test_humaneval_and_synthetic_tasks_read_data_files(tmp_path: Path) -> None:
+    problems = list(read_problems().values())[:3]
+    f = tmp_path / "he.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    task = get_task("humaneval", f)
+    assert [s.id for s in task.all_samples()] == [p["task_id"] for p in problems]
+    res = score_completions(task, [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems])
+    assert res.scores["humaneval"].correct == 3
+    if "synth-math" in list_tasks():
+        g = tmp_path / "synth.jsonl"
+        g.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(30)))
+        synth = get_task("synth-math", g)
+        assert len(synth.samples("search")) + len(synth.samples("test")) == 30
+        assert synth.samples("test")[0].prompt.startswith("Question: What is")
