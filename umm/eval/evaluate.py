@@ -197,7 +197,13 @@ def evaluate(
                 )
             finally:
                 bar.close()
-            scored = task.score(runs, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits)
+            sbar = progress(total=len(runs), desc=f"{task.name} (scoring)", unit="sample",
+                            disable=None if show_progress and task.kind == "code" else True)
+            try:
+                scored = task.score(runs, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits,
+                                    on_done=lambda _i: sbar.update(1))
+            finally:
+                sbar.close()
             records = [
                 SampleRecord(s.id, s.prompt, o, e, bool(ok), s.reference)
                 for s, o, (e, ok) in zip(runs, outputs, scored)
