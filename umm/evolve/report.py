@@ -85,6 +85,9 @@ def plot_fitness(state: SearchState, path: Path, *, title: str = "") -> Path:
     ax.plot(gens, curves["best"], label="best so far", lw=2)
     ax.plot(gens, curves["generation_best"], label="best of generation", ls="--", marker=".")
     ax.plot(gens, curves["mean"], label="mean of generation", ls=":", marker=".")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation (0 = starting point)")
     ax.set_ylabel("fitness (search split)")
     ax.set_title(title or f"{state.optimizer} search")

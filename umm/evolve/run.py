@@ -403,9 +403,13 @@ def run_evolve(
     best_recipe = best_genome.to_recipe(**({"out_dtype": config.out_dtype} if config.out_dtype else {}))
     recipe_path = run_dir / BEST_RECIPE
     _write_text_atomic(recipe_path, best_recipe.to_yaml())
-    weights = layer_weights(best_genome)
+    shown = "weight" if "weight" in best_genome.param_names else best_genome.param_names[0]
+    weights = layer_weights(best_genome, shown)
     if weights is not None:
-        plot_weights(weights, [Path(str(m)).name for m in best_genome.models], run_dir / WEIGHTS_PNG)
+        plot_weights(
+            weights, [Path(str(m)).name for m in best_genome.models], run_dir / WEIGHTS_PNG,
+            title=f"best genome: per-layer {shown} per model",
+        )
 
     model_dir: Path | None = None
     if config.write_model:
