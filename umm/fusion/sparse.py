@@ -81,17 +81,3 @@ def renormalise(d: SparseDist, temperature: float = 1.0) -> SparseDist:
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return SparseDist(d.ids, torch.where(d.mask, lp - lse, lp), d.mask)
 
-
-def pad_width(d: SparseDist, width: int) -> SparseDist:
-    """Pad (never cut) the K dimension with masked entries to ``width``."""
-    extra = width - d.width
-    if extra < 0:
-        raise ValueError(f"cannot pad a width-{d.width} distribution to {width}")
-    if extra == 0:
-        return d
-    t = d.length
-    return SparseDist(
-        torch.cat([d.ids, torch.zeros(t, extra, dtype=d.ids.dtype)], 1),
-        torch.cat([d.logprobs, torch.full((t, extra), -torch.inf)], 1),
-        torch.cat([d.mask, torch.zeros(t, extra, dtype=torch.bool)], 1),
-    )
