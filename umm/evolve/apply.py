@@ -16,6 +16,7 @@ Tied embeddings are handled by the model: ``named_parameters`` yields a tied wei
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -68,6 +69,7 @@ class LiveMerge:
         device: str | torch.device = "cpu",
         seed: int = 0,
         cache_dtype: torch.dtype = torch.float32,
+        threads: int | None = None,
     ) -> None:
         from umm.checkpoints.errors import IncompatibleCheckpointsError
         from umm.merge.executor import open_inputs
@@ -75,6 +77,8 @@ class LiveMerge:
         self.device = torch.device(device)
         self.model = model
         self.seed = int(seed)
+        #: CPU worker threads for methods without a fused path (TIES, DARE, SLERP, ...)
+        self.threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
         try:
             inputs = open_inputs(recipe)
         except IncompatibleCheckpointsError as exc:
@@ -229,10 +233,11 @@ class LiveMerge:
         """
         plan = self._plan(recipe)
         t0 = time.perf_counter()
+        generic: list[str] = []
         for name, param in self.params.items():
             coeffs = self._linear_coefficients(recipe, name, plan)
             if coeffs is None:
-                param.data.copy_(self.merged_tensor(recipe, name, plan))
+                generic.append(name)
                 continue
             cached = self.inputs[name]
             out = param.data if param.dtype == torch.float32 else self._scratch(param)
@@ -248,9 +253,32 @@ class LiveMerge:
                 out.add_(cached[i], alpha=c)
             if out is not param.data:
                 param.data.copy_(out)
+        if generic:
+            self._apply_generic(recipe, generic, plan)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _apply_generic(self, recipe: Any, names: list[str], plan: tuple[Any, int | None]) -> None:
+        """The method's own function per tensor; on CPU over a few threads (torch releases the
+        GIL), largest tensors first, as the streaming executor does."""
+
+        def one(name: str) -> None:
+            with torch.no_grad():
+                self.params[name].data.copy_(self.merged_tensor(recipe, name, plan))
+
+        workers = self.threads if self.device.type == "cpu" else 1
+        if workers <= 1 or len(names) == 1:
+            for name in names:
+                one(name)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = sorted(names, key=lambda n: -self.params[n].numel())
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="umm-live-merge") as pool:
+            for f in [pool.submit(one, n) for n in names]:
+                f.result()
 
     def _scratch(self, param: torch.Tensor) -> torch.Tensor:
         numel = param.numel()
