@@ -1,0 +1,473 @@
+"""``umm fuse``: one distribution fusion from a YAML config, stage by stage.
+
+Stages (each with its own progress bars):
+
+1. **Check** every input before any heavy work: the data file (a bad line is named), each model
+   folder (a pivot that is not a causal LM is refused), each tokenizer (remote code refused).
+2. **Pivot**: the configured one, or (``pivot: null``) the candidate with the best score on the
+   hardest domain of the evaluation tasks, scored with :func:`umm.eval.evaluate` on the ``search``
+   split only (:func:`umm.fusion.pivot.choose_pivot`; ``pivot_domain`` overrides the domain).
+3. **Teacher passes** of the pivot and every source (cached by model manifest, data hash, k and
+   max length: adding a source later runs only the new one); the storage cost per response token
+   and the truncated/dropped counts are reported.
+4. **Training** of the pivot on the fused targets (:func:`umm.fusion.train.train_pivot`;
+   ``resume`` continues from its last checkpoint; a finished output is reused).
+5. **Final table** on the ``test`` split of every task: pivot before, fused pivot, each source.
+   Also written to ``<output>/fuse_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from umm.errors import UmmError
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "fuse_report.json"
+RECIPE_NAME = "fusion_recipe.json"
+
+
+class FuseConfigError(UmmError):
+    """The fuse config file is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingSettings(_Strict):
+    """Optimisation of the pivot (see :class:`umm.fusion.train.FusionTrainConfig`)."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    bf16: bool | None = None
+    gradient_checkpointing: bool | None = None
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class EvalSettings(_Strict):
+    """Evaluation: tasks (their domains), subset sizes per split, generation batch size."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["gsm8k", "humaneval"], min_length=1)
+    search_limit: int | None = Field(64, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    max_new_tokens: int | None = Field(None, ge=1)
+    sandbox_workers: int = Field(2, ge=1)
+
+
+class FuseConfig(_Strict):
+    """Everything ``umm fuse`` needs (see ``examples/fuse.yaml`` for every key, commented)."""
+
+    pivot: Path | None = None
+    sources: list[Path] = Field(default_factory=list)
+    pivot_domain: str | None = None
+    data: Path
+    output: Path
+    teacher_cache: Path | None = None
+    k: int = Field(10, ge=1)
+    max_length: int = Field(2048, ge=2)
+    teacher_batch_size: int = Field(8, ge=1)
+    fusion: Literal["minCE", "avgCE"] = "minCE"
+    vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
+    temperature: float = Field(1.0, gt=0)
+    lam: float = Field(0.9, ge=0, le=1)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    final_eval: bool = True
+    device: str = "auto"
+
+    def candidates(self) -> list[Path]:
+        """The pivot (if given) then the sources, without duplicates."""
+        seen: list[Path] = []
+        for p in ([self.pivot] if self.pivot is not None else []) + list(self.sources):
+            if not any(_same(p, q) for q in seen):
+                seen.append(p)
+        return seen
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"": FuseConfig, "training": TrainingSettings, "eval": EvalSettings}
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a == b
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid fuse config {source}:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            section = next((p for p in reversed(loc[:-1]) if p in _SECTIONS), "")
+            lines.append(f"  unknown key '{where}'; valid keys here: {', '.join(_SECTIONS[section].model_fields)}")
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> FuseConfig:
+    """Validate a mapping into a :class:`FuseConfig`.
+
+    Relative paths of models and data are read from ``base_dir`` (the config file's folder) when
+    they exist there, else from the current directory; ``output`` and ``teacher_cache`` are
+    relative to ``base_dir``. Raises :class:`FuseConfigError` listing every problem.
+    """
+    if not isinstance(data, dict):
+        raise FuseConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
+    data = dict(data)
+
+    def existing(p: Any) -> Any:
+        if not isinstance(p, str):
+            return p
+        q = Path(p).expanduser()
+        if base_dir is not None and not q.is_absolute() and (base_dir / q).exists():
+            return str((base_dir / q).resolve())
+        return str(q)
+
+    def target(p: Any) -> Any:
+        if not isinstance(p, str):
+            return p
+        q = Path(p).expanduser()
+        return str(base_dir / q) if base_dir is not None and not q.is_absolute() else str(q)
+
+    for key in ("pivot", "data"):
+        if key in data:
+            data[key] = existing(data[key])
+    if isinstance(data.get("sources"), list):
+        data["sources"] = [existing(s) for s in data["sources"]]
+    elif isinstance(data.get("sources"), str):
+        data["sources"] = [existing(data["sources"])]
+    for key in ("output", "teacher_cache"):
+        if key in data:
+            data[key] = target(data[key])
+    try:
+        cfg = FuseConfig.model_validate(data)
+    except ValidationError as exc:
+        raise FuseConfigError(_explain(exc, source)) from None
+    n = len(cfg.candidates())
+    if cfg.pivot is None and n < 2:
+        raise FuseConfigError(f"{source}: with pivot: null, list at least two models under sources "
+                              "(the pivot is chosen among them)")
+    if cfg.pivot is not None and n < 2:
+        raise FuseConfigError(f"{source}: list at least one source model besides the pivot")
+    return cfg
+
+
+def load_config(path: str | Path, **overrides: Any) -> FuseConfig:
+    """Read a YAML config; ``overrides`` (e.g. ``device="cpu"``, ``output=...``) replace top-level
+    keys when not ``None``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FuseConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise FuseConfigError(f"{p}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        for key, value in overrides.items():
+            if value is not None:
+                data[key] = str(Path(value).resolve()) if key == "output" else value
+    return parse_config(data, source=str(p), base_dir=p.parent.resolve())
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class ModelScores:
+    """One model's scores per task: (score, ci_low, ci_high, n)."""
+
+    name: str
+    path: str
+    role: str  # "pivot (before)", "fused", "source"
+    scores: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherInfo:
+    name: str
+    path: str
+    n_tokens: int
+    storage_bytes: int
+    bytes_per_token: float
+    n_truncated: int
+    n_dropped: int
+    dense_bytes_per_token: int
+    directory: str
+
+
+@dataclass
+class FuseResult:
+    """What a run produced: the pivot, the output folder, teacher costs and the final table."""
+
+    pivot: Path
+    sources: list[Path]
+    output: Path
+    teachers: list[TeacherInfo]
+    pivot_scores: dict[str, dict[str, float]] | None  # search-split scores (model -> domain -> score)
+    hardest_domain: str | None
+    test: list[ModelScores]
+    trained: bool  # False when a finished output was reused (resume)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pivot": str(self.pivot), "sources": [str(s) for s in self.sources], "output": str(self.output),
+            "teachers": [asdict(t) for t in self.teachers], "pivot_search_scores": self.pivot_scores,
+            "hardest_domain": self.hardest_domain,
+            "test": [{"name": m.name, "path": m.path, "role": m.role,
+                      "scores": {t: {"score": s, "ci": [lo, hi], "n": n} for t, (s, lo, hi, n) in m.scores.items()}}
+                     for m in self.test],
+        }
+
+
+#: ``scorer(model_path, tasks, split, limit) -> {task: (score, ci_low, ci_high, n)}``
+Scorer = Callable[[Path, Sequence[str], str, int | None], dict[str, tuple[float, float, float, int]]]
+Echo = Callable[..., None]
+
+
+def make_scorer(settings: EvalSettings, device: str, *, show_progress: bool = True) -> Scorer:
+    """The default scorer: load the folder (safetensors, no remote code) and run :func:`umm.eval.evaluate`."""
+
+    def score(path: Path, tasks: Sequence[str], split: str, limit: int | None) -> dict[str, tuple[float, float, float, int]]:
+        import torch
+
+        from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+        from umm.eval import evaluate
+
+        dev = resolve_device(device)
+        model = load_causal_lm(path, device=dev)
+        tokenizer = load_tokenizer(path)
+        try:
+            res = evaluate(model, tokenizer, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
+                           batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                           show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
+        finally:
+            del model
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        return {t: (s.score, s.ci_low, s.ci_high, s.n) for t, s in res.scores.items()}
+
+    return score
+
+
+def task_domains(tasks: Sequence[str]) -> dict[str, str]:
+    """Task name -> its domain (the evaluator's own label; the task name if it has none)."""
+    from umm.eval import get_task
+
+    return {t: (get_task(t).domain or t) for t in tasks}
+
+
+def domain_scores(per_task: dict[str, tuple[float, float, float, int]], domains: dict[str, str]) -> dict[str, float]:
+    """Mean task score per domain."""
+    acc: dict[str, list[float]] = {}
+    for task, (s, *_rest) in per_task.items():
+        acc.setdefault(domains[task], []).append(s)
+    return {d: sum(v) / len(v) for d, v in acc.items()}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def check_inputs(cfg: FuseConfig) -> Any:
+    """Stage 1: load the data (errors name the line) and check every model folder and tokenizer.
+
+    Returns the loaded :class:`~umm.fusion.data.InstructionData`.
+    """
+    from umm.checkpoints.errors import CheckpointError
+    from umm.checkpoints.loading import check_model_config, load_tokenizer
+    from umm.checkpoints.reader import Checkpoint
+    from umm.fusion.data import InstructionData
+
+    data = InstructionData.from_jsonl(cfg.data)
+    for path in cfg.candidates():
+        role = "pivot" if cfg.pivot is not None and _same(path, cfg.pivot) else "source"
+        try:
+            with Checkpoint.open(path) as ckpt:
+                check_model_config(ckpt.config, ckpt.path / "config.json")
+            load_tokenizer(path)
+        except CheckpointError as e:
+            raise UmmError(f"{role} {path}: {e}") from None
+    return data
+
+
+def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer, echo: Echo) -> tuple[Path, dict[str, dict[str, float]], str]:
+    """Stage 2 without a configured pivot: score every candidate on ``search``; pick the best of the
+    hardest domain (or ``pivot_domain``). Returns (pivot, model -> domain -> score, domain)."""
+    from umm.fusion.pivot import choose_pivot, hardest_domain
+
+    domains = task_domains(cfg.eval.tasks)
+    if cfg.pivot_domain is not None and cfg.pivot_domain not in domains.values():
+        raise UmmError(f"pivot_domain {cfg.pivot_domain!r} is not the domain of any eval task "
+                       f"({', '.join(sorted(set(domains.values())))})")
+    by_key: dict[str, Path] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for path in cfg.candidates():
+        key = str(path)
+        by_key[key] = path
+        echo(f"scoring candidate {path.name} on the search split ({', '.join(cfg.eval.tasks)})")
+        scores[key] = domain_scores(scorer(path, cfg.eval.tasks, "search", cfg.eval.search_limit), domains)
+    domain = cfg.pivot_domain or hardest_domain(scores)
+    chosen = choose_pivot(scores, domain=domain)
+    return by_key[chosen], scores, domain
+
+
+def run_teacher_passes(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], data: Any, device: str,
+                       *, show_progress: bool = True) -> list[TeacherInfo]:
+    """Stage 3: the (cached) teacher pass of the pivot and of each source."""
+    from umm.checkpoints.loading import load_tokenizer
+    from umm.fusion.teacher import teacher_pass
+    from umm.paths import home
+
+    cache = cfg.teacher_cache or home() / "fusion" / "teachers"
+    out = []
+    for path in [pivot, *sources]:
+        t = teacher_pass(path, data, cache, k=cfg.k, batch_size=cfg.teacher_batch_size, device=device,
+                         max_length=cfg.max_length, show_progress=show_progress)
+        vocab = len(load_tokenizer(path))
+        out.append(TeacherInfo(path.name, str(path), t.n_tokens, t.storage_bytes, t.bytes_per_token,
+                               t.n_truncated, t.n_dropped, 2 * vocab, str(t.dir)))
+    return out
+
+
+def train_config(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], device: str, resume: bool) -> Any:
+    """The :class:`~umm.fusion.train.FusionTrainConfig` of this run."""
+    from umm.fusion.train import FusionTrainConfig
+    from umm.paths import home
+
+    return FusionTrainConfig(
+        pivot=pivot, sources=list(sources), data=cfg.data, output=cfg.output,
+        teacher_cache=cfg.teacher_cache or home() / "fusion" / "teachers", k=cfg.k, max_length=cfg.max_length,
+        teacher_batch_size=cfg.teacher_batch_size, fusion=cfg.fusion, vocab_map=cfg.vocab_map,
+        temperature=cfg.temperature, lam=cfg.lam, device=device, resume=resume,
+        **cfg.training.model_dump(),
+    )
+
+
+def output_is_complete(output: Path) -> bool:
+    """Whether ``output`` holds a finished fused model (written last, atomically, by training)."""
+    return (output / RECIPE_NAME).is_file() and (output / "config.json").is_file()
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_fuse(
+    cfg: FuseConfig,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    scorer: Scorer | None = None,
+    echo: Echo | None = None,
+) -> FuseResult:
+    """Run every stage of the fusion described by ``cfg`` (see the module docstring).
+
+    ``scorer`` replaces the evaluation (default: :func:`make_scorer`); ``echo`` receives the stage
+    messages and tables (default: :data:`umm.ui.console`'s ``print``).
+    """
+    from umm.checkpoints.loading import resolve_device
+    from umm.fusion.train import train_pivot
+    from umm.ui import console, human_bytes, table
+
+    echo = echo or console.print
+    device = str(resolve_device(cfg.device))
+    scorer = scorer or make_scorer(cfg.eval, device, show_progress=show_progress)
+    if cfg.output.exists() and not resume and (not cfg.output.is_dir() or any(cfg.output.iterdir())):
+        raise UmmError(f"output {cfg.output} exists and is not empty; choose another, remove it, "
+                       "or pass --resume to continue that run")
+
+    echo("[bold]1/5 checking inputs[/]")
+    data = check_inputs(cfg)
+    echo(f"data {cfg.data}: {len(data)} examples")
+
+    echo("[bold]2/5 pivot[/]")
+    search_scores: dict[str, dict[str, float]] | None = None
+    hardest: str | None = None
+    if cfg.pivot is not None:
+        pivot = cfg.pivot
+        echo(f"pivot {pivot} (from the config)")
+    else:
+        pivot, search_scores, hardest = choose_pivot_by_search(cfg, scorer, echo)
+        doms = sorted({d for s in search_scores.values() for d in s})
+        rows = [[Path(m).name + (" (pivot)" if m == str(pivot) else ""), *(f"{s.get(d, float('nan')):.3f}" for d in doms)]
+                for m, s in search_scores.items()]
+        echo(table(f"candidates on the search split (pivot: best on {hardest})", ["model", *doms], rows))
+    sources = [p for p in cfg.candidates() if not _same(p, pivot)]
+
+    echo("[bold]3/5 teacher passes[/]")
+    teachers = run_teacher_passes(cfg, pivot, sources, data, device, show_progress=show_progress)
+    echo(table(f"teacher passes (top-{cfg.k}, max length {cfg.max_length})",
+               ["model", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
+               [[t.name, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
+                 t.dense_bytes_per_token, t.n_truncated, t.n_dropped] for t in teachers]))
+    for t in teachers:
+        if t.n_truncated or t.n_dropped:
+            echo(f"[yellow]{t.name}: {t.n_truncated} responses truncated to max_length={cfg.max_length}, "
+                 f"{t.n_dropped} examples dropped (prompt alone fills the context)[/]")
+
+    echo("[bold]4/5 training the pivot on the fused distributions[/]")
+    trained = True
+    if resume and output_is_complete(cfg.output):
+        trained = False
+        echo(f"{cfg.output} already holds the finished fused model; not training again")
+    else:
+        train_pivot(train_config(cfg, pivot, sources, device, resume), show_progress=show_progress)
+        echo(f"fused model written to {cfg.output}")
+
+    result = FuseResult(pivot, sources, cfg.output, teachers, search_scores, hardest, [], trained)
+    if cfg.final_eval:
+        echo(f"[bold]5/5 evaluation on the test split[/] ({', '.join(cfg.eval.tasks)})")
+        rows_of = [("pivot (before)", pivot), ("fused", cfg.output), *(("source", s) for s in sources)]
+        for role, path in rows_of:
+            ms = ModelScores(path.name, str(path), role, scorer(path, cfg.eval.tasks, "test", cfg.eval.test_limit))
+            result.test.append(ms)
+        echo(results_table(result, cfg.eval.tasks))
+    _atomic_json(cfg.output / REPORT_NAME, result.to_dict())
+    return result
+
+
+def results_table(result: FuseResult, tasks: Sequence[str]) -> Any:
+    """The final table: one row per model, one column per task, ``score [95% CI]`` on ``test``."""
+    from umm.ui import table
+
+    domains = task_domains(tasks)
+    cols = ["model", "role", *(f"{t} ({domains[t]})" for t in tasks)]
+    rows = []
+    for m in result.test:
+        cells = []
+        for t in tasks:
+            s, lo, hi, n = m.scores[t]
+            cells.append(f"{s:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
+        rows.append([m.name, m.role, *cells])
+    return table("test split: pivot before vs fused vs sources (95% CI)", cols, rows)
