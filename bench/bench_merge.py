@@ -141,7 +141,7 @@ def compare(ours: Path, theirs: Path) -> str:
     a, b = tensors(ours), tensors(theirs)
     if set(a) != set(b):
         return f"tensor names differ: only umm {sorted(set(a) - set(b))[:3]}, only mergekit {sorted(set(b) - set(a))[:3]}"
-    worst_ulp, worst_name, worst_abs, n_diff = 0.0, "", 0.0, 0
+    worst_ulp, worst_name, worst_abs, n_diff, n_far = 0.0, "", 0.0, 0, 0
     total = 0
     for name in sorted(a):
         with safe_open(str(a[name][0]), "pt") as h:
@@ -152,19 +152,21 @@ def compare(ours: Path, theirs: Path) -> str:
             return f"{name}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
         x32, y32 = x.float(), y.float()
         diff = (x32 - y32).abs()
-        # one bf16 ulp at |y|: 2^(exponent(y) - 7); floor at the smallest normal's ulp
-        ulp = torch.ldexp(torch.ones_like(y32), torch.frexp(y32.abs().clamp_min(2**-126)).exponent - 8)
-        ulps = diff / ulp
+        # one bf16 ulp at |y| (8 significant bits): 2^(e - 8) for |y| = m * 2^e, 0.5 <= m < 1;
+        # floored at the ulp of bf16's smallest normal number
+        e = torch.frexp(y32.abs().clamp_min(2.0**-125)).exponent
+        ulps = diff / torch.ldexp(torch.ones_like(y32), e - 8)
         total += x.numel()
         n_diff += int((diff > 0).sum())
+        n_far += int((ulps > 1).sum())
         m = float(ulps.max()) if ulps.numel() else 0.0
         if m > worst_ulp:
             worst_ulp, worst_name, worst_abs = m, name, float(diff.max())
     if worst_ulp == 0:
         return "bit-identical"
-    verdict = "equal to bf16 rounding" if worst_ulp <= 1.0 else f"worst {worst_name}"
-    return (f"{verdict}: max {worst_ulp:.2f} bf16 ulp (abs {worst_abs:.2e}), "
-            f"{n_diff / max(1, total):.3%} of values differ")
+    verdict = "equal to bf16 rounding" if worst_ulp <= 1.0 else f"differ beyond bf16 rounding (worst {worst_name})"
+    return (f"{verdict}: max {worst_ulp:.2f} bf16 ulp (abs {worst_abs:.2e}); {n_diff / max(1, total):.3%} of "
+            f"values differ, {n_far / max(1, total):.4%} by more than 1 ulp")
 
 
 def main() -> None:
@@ -176,9 +178,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="umm --threads (0: automatic)")
     ap.add_argument("--dtype", default="bfloat16", help="recipe `dtype` (mergekit's compute dtype)")
     ap.add_argument("--skip-umm", action="store_true")
+    ap.add_argument("--compare-only", action="store_true", help="only compare the outputs already in --out")
     args = ap.parse_args()
 
     root = args.out.absolute()
+    if args.compare_only:
+        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            print(method, compare(root / f"umm-{method}", root / f"mergekit-{method}"))
+        return
     models = build_models(root / "models")
     have_mk = args.mergekit_yaml.exists()
     if not have_mk:
