@@ -1,6 +1,8 @@
-"""``umm-coordinator``: the coordinator's command line."""
+"""``umm-coordinator``: the coordinator's command line (init, run, status)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
@@ -10,8 +12,7 @@ app = typer.Typer(
     name="umm-coordinator",
     help=(
         "Run a umm network's coordinator: discover experts on the DHT, re-evaluate and rank them, "
-        "merge the best and publish the result. "
-        "The network commands (init, run, status) arrive with the network milestone."
+        "merge the best and publish the result."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -22,6 +23,77 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def _root() -> None:
     pass
+
+
+@app.command()
+def init(
+    folder: Path = typer.Argument(Path("."), help="Where to write coordinator.yaml and coordinator.key."),
+    network: str = typer.Option("umm", help="Network name (letters, digits, '-', '_')."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing config and key."),
+) -> None:
+    """Write a commented config and a fresh key pair; print the public key nodes must trust."""
+    from coordinator.config import write_config
+    from umm.net.keys import load_key, public_key_text
+    from umm.ui import console
+
+    config_path, key_path = write_config(folder, network=network, overwrite=force)
+    console.print(f"wrote {config_path} and {key_path}")
+    console.print("coordinator public key (give it to the nodes with --coordinator-key):")
+    console.print(public_key_text(load_key(key_path)), soft_wrap=True, highlight=False)
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="coordinator.yaml (from `umm-coordinator init`)."),
+    rounds: int = typer.Option(0, help="Stop after this many rounds (0: run until interrupted)."),
+    verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
+) -> None:
+    """Run rounds: discover, fetch, admit, evaluate, rank, publish scores, merge, publish if better."""
+    import signal
+
+    from coordinator.app import Coordinator
+    from coordinator.config import load_config
+    from umm.ui import console, setup_logging
+
+    setup_logging(verbose)
+    cfg = load_config(config)
+    coordinator = Coordinator(cfg)
+    coordinator.start()
+    signal.signal(signal.SIGTERM, lambda *_: coordinator.stop_event.set())
+    try:
+        console.print(f"coordinator of network [bold]{cfg.network}[/]", highlight=False)
+        console.print(f"  DHT peers join with: {' '.join(coordinator.maddrs)}", soft_wrap=True, highlight=False)
+        console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
+        console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
+        console.print(f"  status service: {coordinator.status_address}", highlight=False)
+        (cfg.data_dir / "status_address").write_text(coordinator.status_address + "\n")
+        coordinator.run(rounds=rounds or None)
+    except KeyboardInterrupt:
+        console.print("interrupted; the round resumes on the next start")
+    finally:
+        coordinator.stop()
+
+
+@app.command()
+def status(
+    address: str = typer.Option("", "--address", "-a", help="host:port of the status service."),
+    config: Path = typer.Option(None, "--config", "-c",
+                                help="Read the address a running coordinator wrote into its data_dir."),
+    rounds: int = typer.Option(10, help="How many recent rounds to show."),
+) -> None:
+    """Print the leaderboard (with rejections and reasons), the rounds and the current job's progress."""
+    from coordinator.config import CoordinatorConfigError, load_config
+    from coordinator.status import fetch_status, print_status
+
+    if not address:
+        if config is None:
+            raise CoordinatorConfigError("give --address HOST:PORT or --config FILE of a running coordinator")
+        cfg = load_config(config)
+        found = cfg.data_dir / "status_address"
+        if not found.is_file():
+            raise CoordinatorConfigError(f"{found} does not exist: is the coordinator running? (or pass --address)")
+        address = found.read_text().strip()
+    print_status(fetch_status(address, limit=rounds))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,146 @@
+"""The running coordinator: DHT peer, record publisher, checkpoint server, status service and
+the round loop. Usable in-process (tests, ``umm net local``) and by ``umm-coordinator run``.
+
+Start order matters: the hivemind DHT forks its own process, so it starts before any gRPC server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from coordinator.config import CoordinatorConfig
+from coordinator.db import StateDB
+from coordinator.round import RoundContext, RoundRunner
+
+logger = logging.getLogger(__name__)
+
+STATE_DB = "state.db"
+
+
+class Coordinator:
+    """One coordinator (see module docstring). ``start()``, then ``run_round()`` or ``run()``; ``stop()``."""
+
+    def __init__(self, config: CoordinatorConfig, *, on_step: Callable[[int, str], None] | None = None):
+        self.config = config
+        self.on_step = on_step
+        self.stop_event = threading.Event()
+        self.dht: Any = None
+        self.checkpoint_server: Any = None
+        self.status_server: Any = None
+        self.refresher: Any = None
+        self.records: Any = None
+        self.store: Any = None
+        self.db: StateDB | None = None
+        self.address = ""
+
+    # lifecycle ------------------------------------------------------------------------------
+    def start(self) -> Coordinator:
+        from coordinator.status import StatusServer, StatusServicer
+        from umm import __version__
+        from umm.net.dht import start_dht
+        from umm.net.keys import load_or_create_key, public_key_bytes, public_key_text
+        from umm.net.records import NetworkRecords, Refresher
+        from umm.net.server import CheckpointServer, CheckpointServicer
+        from umm.net.store import ModelStore
+
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_key(cfg.key_path)
+        self.public_key = public_key_bytes(key)
+        self.public_key_text = public_key_text(key)
+        self.db = StateDB(cfg.data_dir / STATE_DB)
+        try:
+            self.dht = start_dht(
+                cfg.network, cfg.key_path, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs or None,
+                initial_peers=cfg.initial_peers, coordinator_public_key=self.public_key,
+            )
+            self.store = ModelStore(cfg.data_dir)
+            self.checkpoint_server = CheckpointServer(CheckpointServicer(self.store), host=cfg.grpc_host,
+                                                      port=cfg.grpc_port)
+            self.address = cfg.public_address or self.checkpoint_server.address
+            self.records = NetworkRecords(self.dht, cfg.network, key, self.public_key)
+            self.refresher = Refresher(cfg.refresh_period, name="umm-coordinator-refresh").start()
+            info = {"network": cfg.network, "public_key": self.public_key_text, "version": __version__,
+                    "address": self.address}
+            self.status_server = StatusServer(StatusServicer(str(self.db.path), lambda: info), host=cfg.grpc_host,
+                                              port=cfg.status_port)
+            self._republish()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("coordinator of %s: files at %s, status at %s", cfg.network, self.address,
+                    self.status_server.address)
+        return self
+
+    def _republish(self) -> None:
+        """After a restart, keep the latest merged record alive (it is re-stored every period)."""
+        from umm.net.records import MergedRecord, parse_record
+
+        last = self.db.last_published_round() if self.db else None
+        if last is None:
+            return
+        step = self.db.step(int(last["number"]), "publish")
+        raw = (step or {}).get("result") or {}
+        if "record" not in raw or not self.store.has(last["merged_hash"]):
+            return
+        record = parse_record(MergedRecord, raw["record"])
+        record = MergedRecord(**{**record.dict(), "address": self.address})
+        self.refresher.add("merged", lambda ttl: self.records.publish_merged(record, ttl=ttl))
+        h = record.manifest_hash
+        self.refresher.add("provider", lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for name in ("refresher",):
+            obj = getattr(self, name)
+            if obj is not None:
+                obj.stop()
+        for server in (self.status_server, self.checkpoint_server):
+            if server is not None:
+                server.stop(grace=None)
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        if self.db is not None:
+            self.db.close()
+
+    def __enter__(self) -> Coordinator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # info --------------------------------------------------------------------------------------
+    @property
+    def maddrs(self) -> list[str]:
+        from umm.net.dht import visible_maddrs
+
+        return visible_maddrs(self.dht)
+
+    @property
+    def status_address(self) -> str:
+        return self.status_server.address
+
+    # rounds --------------------------------------------------------------------------------------
+    def context(self) -> RoundContext:
+        return RoundContext(config=self.config, db=self.db, store=self.store, records=self.records,
+                            address=self.address, refresher=self.refresher, stop=self.stop_event,
+                            on_step=self.on_step)
+
+    def run_round(self) -> dict[str, Any]:
+        """Resume the unfinished round or run a new one; returns the round's row."""
+        return RoundRunner(self.context()).run()
+
+    def run(self, rounds: int | None = None) -> None:
+        """Run rounds every ``round_interval`` seconds until :meth:`stop` (or ``rounds`` rounds)."""
+        done = 0
+        while not self.stop_event.is_set():
+            row = self.run_round()
+            done += 1
+            logger.info("round %d: %s %s", row["number"], row["state"], row["reason"])
+            if rounds is not None and done >= rounds:
+                return
+            self.stop_event.wait(self.config.round_interval)

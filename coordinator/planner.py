@@ -1,0 +1,89 @@
+"""Round planning: which admitted experts to merge, and how (pure functions, no I/O).
+
+Experts are grouped by (architecture fingerprint, tokenizer fingerprint): only members of one
+group can be merged layer-wise. The plan takes the best expert of every domain; when they all
+fall in one group it is an ``evolve`` job (CMA-ES merge over those experts), when they span
+several groups it is a ``fusion`` job into the pivot (:func:`umm.fusion.pivot.choose_pivot`:
+by default the best model of the hardest domain), with the other domains' best as sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An admitted, evaluated expert: its compatibility key and its score per domain."""
+
+    manifest_hash: str
+    architecture: str
+    tokenizer: str
+    domain_scores: Mapping[str, float]
+
+    @property
+    def group(self) -> tuple[str, str]:
+        return (self.architecture, self.tokenizer)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``kind``: ``evolve``, ``fusion`` or ``none`` (then ``reason`` says why)."""
+
+    kind: str
+    sources: list[str] = field(default_factory=list)
+    pivot: str = ""
+    best_per_domain: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "sources": list(self.sources), "pivot": self.pivot,
+                "best_per_domain": dict(self.best_per_domain), "reason": self.reason}
+
+
+def group_candidates(candidates: list[Candidate]) -> dict[tuple[str, str], list[Candidate]]:
+    """Candidates by compatibility key, in a stable order."""
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: c.manifest_hash):
+        groups.setdefault(c.group, []).append(c)
+    return groups
+
+
+def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
+    """The best candidate of each domain (highest score; ties broken by hash, so deterministic)."""
+    domains = sorted({d for c in candidates for d in c.domain_scores})
+    out: dict[str, str] = {}
+    for d in domains:
+        scored = [c for c in candidates if d in c.domain_scores]
+        best = max(scored, key=lambda c: (c.domain_scores[d], c.manifest_hash))
+        out[d] = best.manifest_hash
+    return out
+
+
+def plan_round(candidates: list[Candidate]) -> Plan:
+    """The job for this round's admitted experts (see module docstring)."""
+    if len(candidates) < 2:
+        return Plan("none", reason=f"{len(candidates)} admitted expert(s): nothing to merge")
+    best = best_per_domain(candidates)
+    chosen = list(dict.fromkeys(best.values()))
+    by_hash = {c.manifest_hash: c for c in candidates}
+    groups = {by_hash[h].group for h in chosen}
+    if len(groups) == 1:
+        group = next(iter(groups))
+        if len(chosen) == 1:
+            # one expert is best everywhere: merge it with the next best of its group
+            others = sorted(
+                (c for c in candidates if c.group == group and c.manifest_hash != chosen[0]),
+                key=lambda c: (-sum(c.domain_scores.values()), c.manifest_hash),
+            )
+            if not others:
+                return Plan("none", best_per_domain=best,
+                            reason="one expert is best on every domain and has no compatible partner")
+            chosen.append(others[0].manifest_hash)
+        return Plan("evolve", sources=chosen, best_per_domain=best)
+    from umm.fusion.pivot import choose_pivot
+
+    pivot = choose_pivot({h: dict(by_hash[h].domain_scores) for h in chosen})
+    sources = [h for h in chosen if h != pivot]
+    return Plan("fusion", sources=sources, pivot=pivot, best_per_domain=best)

@@ -1,0 +1,421 @@
+"""One coordinator round as a resumable state machine.
+
+Steps (DESIGN.md "A round"): ``discover`` → ``fetch`` → ``admit`` → ``evaluate`` → ``rank``
+(and publish scores) → ``plan`` → ``job`` → ``evaluate_result`` → ``publish``. Each step is a row
+in the ``steps`` table; :meth:`RoundRunner.run` skips steps already ``done`` (their recorded
+result is reused) and per-expert work inside a step is keyed by manifest hash, so a coordinator
+killed at any point resumes its round without redoing finished work. Experts are untrusted: a
+failed fetch of corrupt bytes, a pickle-only or NaN model, one over the size limit, a record that
+lies about its fingerprint: each becomes a rejected verdict with its reason, and the round goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.config import CoordinatorConfig
+from coordinator.db import StateDB
+from coordinator.planner import Candidate, plan_round
+from umm.errors import UmmError
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("discover", "fetch", "admit", "evaluate", "rank", "plan", "job", "evaluate_result", "publish")
+
+
+def benchmark_key(config: CoordinatorConfig, split: str) -> str:
+    """Identifies an evaluation setting: scores are reused only under the same key."""
+    limit = config.eval_limit if split == "search" else config.test_limit
+    spec = {"tasks": sorted(config.tasks), "split": split, "limit": limit, "seed": config.eval_seed,
+            "max_new_tokens": config.max_new_tokens}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def domain_scores(config: CoordinatorConfig, scores: dict[str, float]) -> dict[str, float]:
+    """Mean task score per domain of the coordinator's benchmark."""
+    out = {}
+    for domain, tasks in config.domains().items():
+        vals = [scores[t] for t in tasks if t in scores]
+        if vals:
+            out[domain] = sum(vals) / len(vals)
+    return out
+
+
+def objective(config: CoordinatorConfig, scores: dict[str, float]) -> float:
+    """The number a merged model must raise: mean of its domain scores."""
+    d = domain_scores(config, scores)
+    return sum(d.values()) / len(d) if d else 0.0
+
+
+def evaluate_folder(config: CoordinatorConfig, path: Path, split: str) -> dict[str, float]:
+    """Scores of the model in ``path`` on the coordinator's tasks (``split``: search or test)."""
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+    from umm.eval import evaluate
+
+    model = load_causal_lm(path, device=config.device)
+    tokenizer = load_tokenizer(path)
+    try:
+        result = evaluate(
+            model, tokenizer, list(config.tasks), split=split,
+            limit=config.eval_limit if split == "search" else config.test_limit,
+            seed=config.eval_seed, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
+            show_progress=False,
+        )
+    finally:
+        del model
+    scores = {name: float(s.score) for name, s in result.scores.items()}
+    bad = [n for n, v in scores.items() if not math.isfinite(v)]
+    if bad:
+        raise UmmError(f"evaluation of {path} gave non-finite scores on {', '.join(bad)}")
+    return scores
+
+
+def classify_transfer_error(e: Exception) -> tuple[str, str]:
+    """(``rejected`` | ``failed``, reason): rejection for bytes that contradict the manifest or
+    a size over the limit; ``failed`` (retried next round) for unreachable or interrupted providers."""
+    from umm.net.errors import ManifestHashError, SizeLimitError
+
+    text = str(e)
+    if isinstance(e, SizeLimitError):
+        return "rejected", f"too large: {text.splitlines()[0]}"
+    if isinstance(e, ManifestHashError):
+        return "rejected", f"manifest does not match its hash: {text.splitlines()[0]}"
+    if "every provider was dropped" in text and "do not match the manifest" in text:
+        return "rejected", "served bytes do not match the manifest: " + " | ".join(
+            line.strip() for line in text.splitlines()[1:3])
+    if "invalid manifest" in text or "not in canonical form" in text:
+        return "rejected", text.splitlines()[0]
+    return "failed", " | ".join(line.strip() for line in text.splitlines()[:3])
+
+
+@dataclass
+class RoundContext:
+    """What a round needs from the running coordinator."""
+
+    config: CoordinatorConfig
+    db: StateDB
+    store: Any  # umm.net.store.ModelStore
+    records: Any  # umm.net.records.NetworkRecords
+    address: str  # our checkpoint service host:port
+    refresher: Any = None  # umm.net.records.Refresher
+    servicer: Any = None  # umm.net.server.CheckpointServicer
+    stop: threading.Event | None = None
+    #: test hook: called after each finished step with (round, step)
+    on_step: Callable[[int, str], None] | None = None
+
+
+class RoundRunner:
+    """Runs (or resumes) one round; see module docstring."""
+
+    def __init__(self, ctx: RoundContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.db = ctx.db
+
+    # driver -------------------------------------------------------------------------------
+    def run(self, number: int | None = None) -> dict[str, Any]:
+        """Resume the unfinished round (or ``number``), else start a new one; returns its row."""
+        db = self.db
+        if number is None:
+            number = db.unfinished_round()
+        if number is None:
+            number = db.start_round()
+            logger.info("round %d started", number)
+        else:
+            logger.info("round %d resumed", number)
+        results: dict[str, Any] = {}
+        try:
+            for name in STEPS:
+                if self.ctx.stop is not None and self.ctx.stop.is_set():
+                    return db.round(number)  # type: ignore[return-value]
+                step = db.step(number, name)
+                if step is not None and step["status"] == "done":
+                    results[name] = step["result"]
+                    continue
+                db.begin_step(number, name)
+                result = getattr(self, f"step_{name}")(number, results)
+                db.finish_step(number, name, result)
+                results[name] = result
+                if self.ctx.on_step is not None:
+                    self.ctx.on_step(number, name)
+                if isinstance(result, dict) and result.get("end_round"):
+                    db.update_round(number, state=result["state"], reason=result.get("reason", ""),
+                                    phase="idle", finished_at=time.time())
+                    break
+        except Exception as e:
+            logger.exception("round %d failed in step %s", number, db.round(number)["phase"])
+            db.update_round(number, state="failed", reason=f"{type(e).__name__}: {e}"[:2000], phase="idle",
+                            finished_at=time.time())
+        return db.round(number)  # type: ignore[return-value]
+
+    # steps --------------------------------------------------------------------------------
+    def step_discover(self, number: int, results: dict) -> dict:
+        from umm.net.keys import public_key_text  # noqa: F401 - same encoding as the records
+
+        seen = []
+        for owner, entry in self.ctx.records.experts().items():
+            rec = entry.record
+            self.db.upsert_expert(rec.manifest_hash, owner.decode("ascii", "replace"), rec.name, list(rec.domains),
+                                  rec.address, dict(rec.dict()))
+            seen.append(rec.manifest_hash)
+        seen = sorted(set(seen))
+        logger.info("round %d: %d expert(s) announced", number, len(seen))
+        return {"experts": seen}
+
+    def _todo(self, results: dict) -> list[str]:
+        return [h for h in results["discover"]["experts"] if self.db.verdict(h) is None]
+
+    def step_fetch(self, number: int, results: dict) -> dict:
+        from umm.net.transfer import download
+
+        fetched, failed, rejected = [], [], []
+        for h in self._todo(results):
+            if self.ctx.store.has(h):
+                fetched.append(h)
+                continue
+            expert = self.db.expert(h)
+            providers = [expert["address"]] if expert else []
+            try:
+                providers += [e.record.address for e in self.ctx.records.providers(h).values()]
+            except Exception as e:  # the DHT may not answer; the announced address is enough
+                logger.info("provider lookup for %s failed: %s", h[:12], e)
+            try:
+                download(h, providers, self.ctx.store, max_bytes=self.config.max_model_bytes,
+                         retries=self.config.fetch_retries, timeout=self.config.fetch_timeout, progress=False,
+                         cancel=self.ctx.stop)
+            except Exception as e:  # noqa: BLE001 - every failure is recorded per expert
+                status, reason = classify_transfer_error(e)
+                self.db.record_fetch(h, status, reason)
+                if status == "rejected":
+                    self.db.record_verdict(h, False, reason)
+                    rejected.append(h)
+                else:
+                    failed.append(h)
+                logger.warning("fetch of %s %s: %s", h[:12], status, reason)
+                continue
+            self.db.record_fetch(h, "done")
+            fetched.append(h)
+        return {"fetched": fetched, "failed": failed, "rejected": rejected}
+
+    def step_admit(self, number: int, results: dict) -> dict:
+        from umm.checkpoints.admission import AdmissionLimits, admit
+
+        admitted, rejected = [], []
+        for h in results["fetch"]["fetched"]:
+            if self.db.verdict(h) is not None:
+                (admitted if self.db.verdict(h)["admitted"] else rejected).append(h)
+                continue
+            expert = self.db.expert(h) or {"record": {}}
+            claimed = expert["record"]
+            try:
+                report = admit(self.ctx.store.path(h), AdmissionLimits(max_total_bytes=self.config.max_model_bytes))
+            except UmmError as e:
+                self.db.record_verdict(h, False, str(e).splitlines()[0][:1000])
+                rejected.append(h)
+                continue
+            fp = report.fingerprint
+            lies = []
+            if claimed.get("architecture") not in (None, fp.architecture):
+                lies.append(f"architecture {claimed['architecture'][:16]} (files: {fp.architecture[:16]})")
+            if claimed.get("tokenizer") not in (None, fp.tokenizer or ""):
+                lies.append(f"tokenizer {claimed['tokenizer'][:16]} (files: {(fp.tokenizer or '')[:16]})")
+            if claimed.get("num_parameters") not in (None, report.num_parameters):
+                lies.append(f"num_parameters {claimed['num_parameters']} (files: {report.num_parameters})")
+            if lies:
+                self.db.record_verdict(h, False, "record does not match the files: " + "; ".join(lies),
+                                       architecture=fp.architecture, tokenizer=fp.tokenizer or "",
+                                       num_parameters=report.num_parameters)
+                rejected.append(h)
+                continue
+            self.db.record_verdict(h, True, "admitted", architecture=fp.architecture, tokenizer=fp.tokenizer or "",
+                                   num_parameters=report.num_parameters)
+            admitted.append(h)
+        return {"admitted": admitted, "rejected": rejected}
+
+    def step_evaluate(self, number: int, results: dict) -> dict:
+        bench = benchmark_key(self.config, "search")
+        verdicts = self.db.verdicts()
+        evaluated, failed = [], []
+        for h in results["discover"]["experts"]:
+            v = verdicts.get(h)
+            if v is None or not v["admitted"]:
+                continue
+            if self.db.evaluation(h, bench) is None:
+                t0 = time.perf_counter()
+                try:
+                    scores = evaluate_folder(self.config, self.ctx.store.path(h), "search")
+                except Exception as e:  # noqa: BLE001 - an expert that cannot be evaluated is rejected
+                    self.db.record_verdict(h, False, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
+                                           architecture=v["architecture"], tokenizer=v["tokenizer"],
+                                           num_parameters=v["num_parameters"])
+                    failed.append(h)
+                    continue
+                self.db.record_evaluation(h, bench, "search", scores, time.perf_counter() - t0)
+                logger.info("round %d: evaluated %s: %s", number, h[:12], scores)
+            evaluated.append(h)
+        return {"evaluated": evaluated, "failed": failed}
+
+    def step_rank(self, number: int, results: dict) -> dict:
+        from umm.net.records import ExpertVerdict, ScoresRecord
+
+        bench = benchmark_key(self.config, "search")
+        evals = self.db.evaluations(bench)
+        verdicts = self.db.verdicts()
+        by_domain: dict[str, list[tuple[float, str]]] = {}
+        for h in results["evaluate"]["evaluated"]:
+            if h not in evals or not verdicts.get(h, {}).get("admitted"):
+                continue
+            for d, s in domain_scores(self.config, evals[h]["scores"]).items():
+                by_domain.setdefault(d, []).append((s, h))
+        rows, ranks = [], {}
+        for d, items in by_domain.items():
+            for i, (s, h) in enumerate(sorted(items, key=lambda x: (-x[0], x[1])), start=1):
+                rows.append((d, i, h, s))
+                ranks.setdefault(h, {})[d] = i
+        self.db.record_ranks(number, rows)
+        experts = {}
+        for h in results["discover"]["experts"][-512:]:
+            v = verdicts.get(h)
+            if v is None:
+                f = self.db.fetch(h)
+                if f is None:
+                    continue
+                experts[h] = ExpertVerdict(admitted=False, reason=f"not fetched yet: {f['error']}"[:1024],
+                                           scores={}, ranks={})
+                continue
+            scores = evals[h]["scores"] if h in evals and v["admitted"] else {}
+            experts[h] = ExpertVerdict(admitted=bool(v["admitted"]), reason=v["reason"][:1024],
+                                       scores={k: float(x) for k, x in scores.items()}, ranks=ranks.get(h, {}))
+        record = ScoresRecord(round=number, updated_at=time.time(), experts=experts)
+        published = self._publish("scores", lambda ttl: self.ctx.records.publish_scores(record, ttl=ttl))
+        return {"ranks": [list(r) for r in rows], "published": published}
+
+    def _publish(self, name: str, fn: Callable[[float], bool]) -> bool:
+        if self.ctx.refresher is not None:
+            return self.ctx.refresher.add(name, fn)
+        return bool(fn(2 * self.config.refresh_period))
+
+    def _candidates(self, results: dict) -> list[Candidate]:
+        bench = benchmark_key(self.config, "search")
+        evals = self.db.evaluations(bench)
+        verdicts = self.db.verdicts()
+        out = []
+        for h in results["evaluate"]["evaluated"]:
+            v = verdicts.get(h)
+            if v and v["admitted"] and h in evals:
+                out.append(Candidate(h, v["architecture"], v["tokenizer"],
+                                     domain_scores(self.config, evals[h]["scores"])))
+        return out
+
+    def step_plan(self, number: int, results: dict) -> dict:
+        if not self.config.merge:
+            return {"kind": "none", "reason": "merging is off (merge: false)", "end_round": True,
+                    "state": "verified"}
+        plan = plan_round(self._candidates(results))
+        out = plan.to_dict()
+        if plan.kind == "fusion" and self.config.fusion_data is None:
+            out.update(kind="none", reason="experts span several architectures: fusion needs fusion_data in the config")
+        if out["kind"] == "none":
+            out.update(end_round=True, state="verified")
+        else:
+            self.db.update_round(number, method=self.config.evolve_method if plan.kind == "evolve" else "fusion",
+                                 sources=plan.sources + ([plan.pivot] if plan.pivot else []))
+        return out
+
+    def step_job(self, number: int, results: dict) -> dict:
+        from coordinator.jobs import run_job
+
+        plan = results["plan"]
+        job = self.db.round_job(number)
+        if job is None:
+            job_id = self.db.create_job(number, plan["kind"], self._job_spec(number, plan))
+        else:
+            job_id = int(job["id"])
+        job = run_job(self.db, job_id, log_dir=self.config.data_dir / "logs", timeout=self.config.job_timeout,
+                      stop=self.ctx.stop)
+        if job["status"] == "failed":
+            return {"job": job_id, "end_round": True, "state": "failed",
+                    "reason": f"{plan['kind']} job {job_id} failed: {job['message']}"}
+        if job["status"] != "done":
+            raise RuntimeError(f"job {job_id} interrupted (coordinator stopping)")
+        return {"job": job_id, **job["result"]}
+
+    def _job_spec(self, number: int, plan: dict) -> dict:
+        cfg = self.config
+        run_dir = cfg.data_dir / "jobs" / f"round-{number}"
+        paths = {h: str(self.ctx.store.path(h)) for h in plan["sources"] + ([plan["pivot"]] if plan["pivot"] else [])}
+        if plan["kind"] == "evolve":
+            return {"models": [paths[h] for h in plan["sources"]], "method": cfg.evolve_method,
+                    "tasks": list(cfg.tasks), "search_size": cfg.eval_limit, "test_size": cfg.test_limit,
+                    "evaluations": cfg.evolve_evaluations, "population": cfg.evolve_population,
+                    "device": cfg.device, "seed": cfg.eval_seed + number, "run_dir": str(run_dir)}
+        return {"pivot": paths[plan["pivot"]], "sources": [paths[h] for h in plan["sources"]],
+                "data": str(cfg.fusion_data), "output": str(run_dir / "model"), "work_dir": str(run_dir / "work"),
+                "device": cfg.device, "max_steps": cfg.fusion_max_steps}
+
+    def step_evaluate_result(self, number: int, results: dict) -> dict:
+        bench = benchmark_key(self.config, "test")
+        model_dir = Path(results["job"]["model_dir"])
+        from umm.checkpoints.manifest import build_manifest
+
+        manifest_hash = build_manifest(model_dir).hash
+        if self.db.evaluation(manifest_hash, bench) is None:
+            t0 = time.perf_counter()
+            self.db.record_evaluation(manifest_hash, bench, "test", evaluate_folder(self.config, model_dir, "test"),
+                                      time.perf_counter() - t0)
+        plan = results["plan"]
+        sources = plan["sources"] + ([plan["pivot"]] if plan["pivot"] else [])
+        source_scores = {}
+        for h in sources:
+            if self.db.evaluation(h, bench) is None:
+                t0 = time.perf_counter()
+                self.db.record_evaluation(h, bench, "test", evaluate_folder(self.config, self.ctx.store.path(h), "test"),
+                                          time.perf_counter() - t0)
+            source_scores[h] = self.db.evaluation(h, bench)["scores"]
+        scores = self.db.evaluation(manifest_hash, bench)["scores"]
+        obj = objective(self.config, scores)
+        self.db.update_round(number, scores=scores, objective=obj, merged_hash=manifest_hash,
+                             recipe_hash=results["job"]["recipe_hash"])
+        return {"manifest_hash": manifest_hash, "scores": scores, "objective": obj, "source_scores": source_scores,
+                "source_objectives": {h: objective(self.config, s) for h, s in source_scores.items()}}
+
+    def step_publish(self, number: int, results: dict) -> dict:
+        from umm.net.records import MergedRecord
+
+        ev = results["evaluate_result"]
+        previous = self.db.last_published_round(before=number)
+        prev_obj = float(previous["objective"]) if previous else -math.inf
+        self.db.update_round(number, previous_objective=prev_obj if previous else 0.0)
+        if not ev["objective"] > prev_obj:
+            return {"end_round": True, "state": "not_better",
+                    "reason": f"objective {ev['objective']:.4f} does not beat round {previous['number']}'s "
+                              f"{prev_obj:.4f}"}
+        h = ev["manifest_hash"]
+        if not self.ctx.store.has(h):
+            self.ctx.store.add_folder(results["job"]["model_dir"])
+        manifest = self.ctx.store.manifest(h)
+        plan = results["plan"]
+        record = MergedRecord(
+            round=number, name=f"{self.config.network}-round-{number}", manifest_hash=h,
+            total_bytes=manifest.total_bytes, address=self.ctx.address,
+            sources=plan["sources"] + ([plan["pivot"]] if plan["pivot"] else []),
+            method=results["job"].get("method", plan["kind"]), recipe_hash=results["job"]["recipe_hash"],
+            scores={k: float(v) for k, v in ev["scores"].items()},
+            source_scores={k: {t: float(x) for t, x in s.items()} for k, s in ev["source_scores"].items()},
+            published_at=time.time(),
+        )
+        published = self._publish("merged", lambda ttl: self.ctx.records.publish_merged(record, ttl=ttl))
+        self._publish("provider", lambda ttl: self.ctx.records.announce_provider(h, self.ctx.address, ttl=ttl))
+        self.db.update_round(number, published=1)
+        why = (f"objective {ev['objective']:.4f} beats round {previous['number']}'s {prev_obj:.4f}" if previous
+               else f"first merged model, objective {ev['objective']:.4f}")
+        return {"end_round": True, "state": "published", "reason": why, "dht_stored": published,
+                "record": record.dict()}

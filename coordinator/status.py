@@ -1,0 +1,164 @@
+"""The ``CoordinatorStatus`` gRPC service (read-only view of the state DB) and its client.
+
+Served by the running coordinator on ``status_port``; ``umm-coordinator status --address``
+calls it and prints the leaderboard (with rejected experts and their reasons), the rounds and
+the current job's progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from coordinator.db import StateDB
+from umm.net.proto import umm_coordinator_pb2 as pb
+from umm.net.proto import umm_coordinator_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+REJECTED_DOMAIN = "rejected"
+
+
+def _phase_text(db: StateDB) -> tuple[int, str]:
+    rounds = db.rounds(limit=1)
+    if not rounds:
+        return 0, "idle"
+    r = rounds[0]
+    phase = r["phase"] if r["state"] == "running" else "idle"
+    job = db.current_job()
+    if job is not None and r["state"] == "running" and phase == "job":
+        phase = f"job {job['id']} ({job['kind']}): {job['progress'] * 100:.0f}% {job['message']}".strip()
+    return int(r["number"]), phase
+
+
+def leaderboard_entries(db: StateDB, domain: str = "", limit: int = 0) -> list[dict[str, Any]]:
+    """Ranked experts per domain, then rejected ones (domain ``rejected``, reason in ``name``)."""
+    experts = {e["manifest_hash"]: e for e in db.experts()}
+    out: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for r in db.latest_ranks():
+        if domain and r["domain"] != domain:
+            continue
+        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+        if limit and counts[r["domain"]] > limit:
+            continue
+        e = experts.get(r["manifest_hash"], {})
+        out.append({"domain": r["domain"], "rank": r["rank"], "manifest_hash": r["manifest_hash"],
+                    "name": e.get("name", ""), "score": r["score"], "owner": e.get("owner", ""), "merged": False})
+    if not domain or domain == REJECTED_DOMAIN:
+        for h, v in sorted(db.verdicts().items()):
+            if v["admitted"]:
+                continue
+            e = experts.get(h, {})
+            out.append({"domain": REJECTED_DOMAIN, "rank": 0, "manifest_hash": h,
+                        "name": f"{e.get('name', '?')}: {v['reason']}", "score": 0.0, "owner": e.get("owner", ""),
+                        "merged": False})
+    return out
+
+
+class StatusServicer(pb_grpc.CoordinatorStatusServicer):
+    """Answers from the state DB; ``info()`` gives the live network/key/address fields."""
+
+    def __init__(self, db_path: str, info: Callable[[], dict[str, Any]]):
+        self.db_path = db_path
+        self.info = info
+        self._db: StateDB | None = None
+
+    @property
+    def db(self) -> StateDB:
+        if self._db is None:
+            self._db = StateDB(self.db_path)
+        return self._db  # StateDB keeps one connection per thread
+
+    def GetStatus(self, request, context):
+        db = self.db
+        number, phase = _phase_text(db)
+        verdicts = db.verdicts()
+        published = db.last_published_round()
+        info = self.info()
+        return pb.StatusResponse(
+            network=info["network"], coordinator_public_key=info["public_key"],
+            software_version=info["version"], current_round=number, phase=phase,
+            experts_known=len(db.experts()), experts_admitted=sum(1 for v in verdicts.values() if v["admitted"]),
+            merged_manifest_hash=published["merged_hash"] if published else "",
+            checkpoint_address=info["address"], updated_at=time.time(),
+        )
+
+    def GetLeaderboard(self, request, context):
+        entries = leaderboard_entries(self.db, request.domain, int(request.limit))
+        return pb.Leaderboard(entries=[pb.LeaderboardEntry(**e) for e in entries])
+
+    def ListRounds(self, request, context):
+        out = []
+        for r in self.db.rounds(limit=int(request.limit)):
+            out.append(pb.Round(
+                number=r["number"], state=r["state"], phase=r["phase"], started_at=r["started_at"],
+                finished_at=r["finished_at"], method=r["method"], source_manifest_hashes=r["sources"],
+                merged_manifest_hash=r["merged_hash"], recipe_hash=r["recipe_hash"],
+                scores={k: float(v) for k, v in r["scores"].items()}, objective=r["objective"],
+                previous_objective=r["previous_objective"], published=r["published"], reason=r["reason"],
+            ))
+        return pb.RoundList(rounds=out)
+
+
+class StatusServer:
+    """A gRPC server with :class:`StatusServicer` on ``host:port`` (0: a free port)."""
+
+    def __init__(self, servicer: StatusServicer, host: str = "127.0.0.1", port: int = 0):
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="umm-status"))
+        pb_grpc.add_CoordinatorStatusServicer_to_server(servicer, self.server)
+        bound = self.server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            from umm.net.errors import NetError
+
+            raise NetError(f"cannot listen on {host}:{port} for the status service (port in use?)")
+        self.address = f"{host}:{bound}"
+        self.server.start()
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace)
+
+
+def fetch_status(address: str, *, timeout: float = 10.0, limit: int = 20) -> dict[str, Any]:
+    """Status, leaderboard and rounds from a running coordinator's status service."""
+    from google.protobuf.json_format import MessageToDict
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CoordinatorStatusStub(channel)
+        try:
+            status = stub.GetStatus(pb.StatusRequest(), timeout=timeout)
+            board = stub.GetLeaderboard(pb.LeaderboardRequest(), timeout=timeout)
+            rounds = stub.ListRounds(pb.ListRoundsRequest(limit=limit), timeout=timeout)
+        except grpc.RpcError as e:
+            from umm.net.errors import NetError
+
+            raise NetError(
+                f"cannot reach the coordinator status service at {address}: {e.code().name}: {e.details()}; "
+                "check the address (printed by `umm-coordinator run`) and that the coordinator is running"
+            ) from None
+    kw = {"preserving_proto_field_name": True, "always_print_fields_with_no_presence": True}
+    return {"status": MessageToDict(status, **kw), "leaderboard": MessageToDict(board, **kw).get("entries", []),
+            "rounds": MessageToDict(rounds, **kw).get("rounds", [])}
+
+
+def print_status(data: dict[str, Any]) -> None:
+    """Render :func:`fetch_status`'s result with rich tables."""
+    from umm.ui import console, table
+
+    s = data["status"]
+    console.print(
+        f"network [bold]{s['network']}[/]  round {s['current_round']}  phase: {s['phase']}  "
+        f"experts: {s['experts_known']} known, {s['experts_admitted']} admitted  "
+        f"merged: {(s['merged_manifest_hash'] or '-')[:12]}  files at {s['checkpoint_address']}"
+    )
+    rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
+             f"{e['score']:.3f}" if e["rank"] else ""] for e in data["leaderboard"]]
+    console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
+    rrows = [[str(r["number"]), r["state"], r["phase"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
+              f"{r['objective']:.3f}", r["reason"]] for r in data["rounds"]]
+    console.print(table("Rounds", ["round", "state", "phase", "method", "merged", "objective", "reason"], rrows))

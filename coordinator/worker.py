@@ -1,0 +1,112 @@
+"""The heavy-job worker process: ``python -m coordinator.worker STATE_DB JOB_ID``.
+
+Reads the job's spec from the state database, runs it (``evolve``: a CMA-ES merge search with
+:func:`umm.evolve.run.run_evolve`, resumable in its run folder; ``fusion``: pivot training with
+:mod:`umm.fusion.train`, resumable from its checkpoints), writes progress into the job row and,
+at the end, ``status='done'`` with ``result={"model_dir": ..., "recipe_hash": ...}``. An error is
+written as ``status='failed'`` with its message; a crash is noticed by :mod:`coordinator.jobs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from coordinator.db import StateDB
+
+logger = logging.getLogger(__name__)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def run_evolve_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+    from umm.evolve.config import parse_config
+    from umm.evolve.run import run_evolve
+
+    run_dir = Path(spec["run_dir"])
+    config = parse_config(
+        {
+            "models": spec["models"],
+            "method": spec.get("method", "linear"),
+            "tasks": [{"name": t, "search_size": spec.get("search_size"), "test_size": spec.get("test_size")}
+                      for t in spec["tasks"]],
+            "budget": {"evaluations": int(spec.get("evaluations", 40))},
+            "population": spec.get("population"),
+            "device": spec.get("device", "cpu"),
+            "seed": int(spec.get("seed", 0)),
+            "compare": False,
+            "write_model": True,
+        },
+        source=f"job {job_id}",
+    )
+
+    def on_generation(state: Any, generation: Any, total: int) -> None:
+        done = len(state.generations)
+        db.update_job(job_id, progress=min(1.0, done / max(total, 1)),
+                      message=f"evolve: generation {done}/{total}, {state.evaluations} candidates")
+
+    resume = (run_dir / "search_state.json").exists()
+    result = run_evolve(config, run_dir, resume=resume, on_generation=on_generation)
+    if result.model_dir is None:
+        raise RuntimeError("the search wrote no model")
+    return {"model_dir": str(result.model_dir), "recipe_hash": _sha256_text(result.best_recipe.read_text()),
+            "method": config.method}
+
+
+def run_fusion_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+    from umm.fusion.train import FusionTrainConfig, train_pivot
+
+    out = Path(spec["output"])
+    if (out / "config.json").is_file():  # finished before a crash of the coordinator
+        return {"model_dir": str(out), "recipe_hash": _sha256_text(repr(sorted(spec.items()))), "method": "fusion"}
+    config = FusionTrainConfig(
+        pivot=Path(spec["pivot"]), sources=[Path(s) for s in spec["sources"]], data=Path(spec["data"]),
+        output=out, work_dir=Path(spec["work_dir"]), device=spec.get("device", "cpu"),
+        max_steps=spec.get("max_steps"), max_length=int(spec.get("max_length", 512)), resume=True,
+        teacher_cache=Path(spec["work_dir"]) / "teachers",
+    )
+    db.update_job(job_id, progress=0.05, message="fusion: teacher passes and training")
+    model_dir = train_pivot(config, show_progress=False)
+    return {"model_dir": str(model_dir), "recipe_hash": _sha256_text(repr(sorted(spec.items()))), "method": "fusion"}
+
+
+RUNNERS = {"evolve": run_evolve_job, "fusion": run_fusion_job}
+
+
+def run(db_path: str, job_id: int) -> int:
+    db = StateDB(db_path)
+    job = db.job(job_id)
+    if job is None:
+        logger.error("no job %d in %s", job_id, db_path)
+        return 2
+    db.update_job(job_id, status="running", pid=os.getpid(), message=f"{job['kind']}: starting")
+    try:
+        runner = RUNNERS[job["kind"]]
+        result = runner(db, job_id, job["spec"])
+    except Exception as e:  # recorded for the coordinator; the process still exits non-zero
+        logger.exception("job %d failed", job_id)
+        db.update_job(job_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
+        return 1
+    db.update_job(job_id, status="done", progress=1.0, result=result, message=f"{job['kind']}: done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from umm.ui import setup_logging
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or not args[1].isdigit():
+        print("usage: python -m coordinator.worker STATE_DB JOB_ID", file=sys.stderr)
+        raise SystemExit(2)
+    setup_logging()
+    raise SystemExit(run(args[0], int(args[1])))
+
+
+if __name__ == "__main__":
+    main()
