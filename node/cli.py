@@ -1,17 +1,28 @@
-"""``umm-node``: the contributor's command line."""
+"""``umm-node``: the contributor's command line (``join``, ``status``)."""
 
 from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 from umm.cli import run_app
+from umm.ui import console, setup_logging
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(
     name="umm-node",
     help=(
         "Contribute an expert checkpoint to a umm network: announce it on the DHT, serve it over "
-        "gRPC, and fetch the merged models the coordinator publishes. "
-        "The network commands (join, status) arrive with the network milestone."
+        "gRPC, and fetch the merged models the coordinator publishes. Everything listens on "
+        "127.0.0.1 unless told otherwise (see `umm-node join --help` for public addresses)."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -20,8 +31,165 @@ app = typer.Typer(
 
 
 @app.callback(invoke_without_command=True)
-def _root() -> None:
-    pass
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v for INFO logs, -vv for DEBUG."),
+) -> None:
+    setup_logging(verbose)
+
+
+_NETWORK = typer.Option("umm", "--network", help="Network name: peers of different networks ignore each other.")
+_PEERS = typer.Option(
+    None, "--initial-peers", help="Multiaddr of a running peer (printed by `umm-node join`); repeat for several."
+)
+_COORD = typer.Option(
+    None, "--coordinator-key", envvar="UMM_COORDINATOR_KEY",
+    help="The coordinator's public key ('ssh-rsa AAAA...') or a file holding it. Only merged models and "
+    "scores signed by this key are trusted.",
+)
+
+
+def _coordinator_key(value: str | None) -> bytes | None:
+    from umm.net.keys import parse_public_key
+
+    if not value:
+        return None
+    text = value.strip()
+    if not text.startswith("ssh-"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise typer.BadParameter(f"{value!r} is neither an 'ssh-rsa AAAA...' key nor a file", param_hint="--coordinator-key")
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    return parse_public_key(text)
+
+
+def _add_log_file(data_dir: Path) -> None:
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "node.log", encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("node", "umm"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+
+
+@app.command()
+def join(
+    model: Path = typer.Option(..., "--model", help="Hugging Face model folder (safetensors) to contribute."),
+    domain: List[str] = typer.Option(..., "--domain", help="Domain the model is an expert in (repeatable)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name shown on the network (default: folder name)."),
+    network: str = _NETWORK,
+    initial_peers: Optional[List[str]] = _PEERS,
+    coordinator_key: Optional[str] = _COORD,
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="This node's directory: identity key, model store, logs [default: <umm home>/node]."
+    ),
+    identity_path: Optional[Path] = typer.Option(
+        None, "--identity-path", help="Identity key file (created if missing) [default: <data dir>/identity.key]."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host",
+        help="Listen address of gRPC and the DHT. 0.0.0.0 (with --announce-host, --port, --dht-port) accepts other machines.",
+    ),
+    port: int = typer.Option(0, "--port", help="gRPC port (0: any free port)."),
+    dht_port: int = typer.Option(0, "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
+    announce_host: Optional[str] = typer.Option(
+        None, "--announce-host", help="Address other machines reach this one at (public IP or DNS name)."
+    ),
+    refresh_period: float = typer.Option(60.0, "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
+    max_merged_bytes: int = typer.Option(64 * 10**9, "--max-merged-bytes", help="Largest merged model to download."),
+    max_model_bytes: int = typer.Option(64 * 10**9, "--max-model-bytes", help="Admission size limit for our own model."),
+    self_eval: Optional[List[str]] = typer.Option(
+        None, "--self-eval", help="TASK[,TASK]: evaluate the model on these tasks' test split and announce the scores."
+    ),
+    self_eval_limit: int = typer.Option(50, "--self-eval-limit", help="Items per self-evaluated task."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
+) -> None:
+    """Check the model, announce it, serve it, and fetch each new merged model. Ctrl-C leaves."""
+    from node.app import Node, check_model
+    from node.config import NodeConfig, default_data_dir
+    from node.selfeval import parse_tasks, self_evaluate
+
+    cfg = NodeConfig(
+        model=model, domains=list(domain), name=name, network=network,
+        data_dir=data_dir if data_dir is not None else default_data_dir(), identity_path=identity_path,
+        initial_peers=list(initial_peers or []), coordinator_public_key=_coordinator_key(coordinator_key),
+        host=host, port=port, dht_port=dht_port, announce_host=announce_host, refresh_period=refresh_period,
+        max_merged_bytes=max_merged_bytes, max_model_bytes=max_model_bytes, base_model=base_model,
+    )
+    from umm.net.records import check_network
+
+    check_network(network)
+    tasks = parse_tasks(self_eval or [])
+    console.print(f"checking {model} ...", highlight=False)
+    report = check_model(cfg.model, cfg.max_model_bytes)  # a clear error before anything is announced
+    console.print(
+        f"model ok: {report.fingerprint.model_type}, {report.num_parameters:,} parameters, manifest {report.manifest.hash}",
+        highlight=False,
+    )
+    if tasks:
+        cfg.self_scores = self_evaluate(cfg.model, tasks, limit=self_eval_limit, device=device)
+        console.print("self-reported scores: " + ", ".join(f"{k} {v:.3f}" for k, v in cfg.self_scores.items()),
+                      highlight=False)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _add_log_file(cfg.data_dir)
+
+    node = Node(cfg)
+    info = node.start()
+    previous = {}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        for s, h in previous.items():  # a second Ctrl-C interrupts the shutdown itself
+            signal.signal(s, h)
+        node.request_stop()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, _on_signal)
+    try:
+        console.print(f"joined network {network!r} as {info.peer_id}", highlight=False)
+        console.print(f"serving {cfg.name or cfg.model.resolve().name} ({info.manifest_hash[:12]}) at {info.grpc_address}",
+                      highlight=False)
+        console.print("other peers can join with:", highlight=False)
+        for m in info.dht_maddrs:
+            console.print(f"  --initial-peers {m}", highlight=False, soft_wrap=True)
+        if cfg.coordinator_public_key is None:
+            console.print("no --coordinator-key: merged models will not be fetched", highlight=False)
+        console.print(f"data dir {info.data_dir}; Ctrl-C to leave", highlight=False)
+        sys.stdout.flush()
+        node.run_forever()
+    finally:
+        node.stop()
+    console.print("left the network", highlight=False)
+
+
+@app.command()
+def status(
+    network: str = _NETWORK,
+    initial_peers: List[str] = typer.Option(..., "--initial-peers", help="Multiaddr of a running peer; repeat for several."),
+    coordinator_key: Optional[str] = _COORD,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Print what the network holds: experts, leaderboard, latest merged model."""
+    from node.status import read_status, render, to_json
+    from umm.net.dht import start_dht
+    from umm.net.keys import load_key
+    from umm.net.records import NetworkRecords
+
+    coord = _coordinator_key(coordinator_key)
+    with tempfile.TemporaryDirectory(prefix="umm-node-status-") as tmp:
+        identity = Path(tmp) / "identity.key"  # a throwaway peer: never the identity of a running node
+        dht = start_dht(network, identity, initial_peers=initial_peers, coordinator_public_key=coord, client_mode=True)
+        try:
+            state = read_status(NetworkRecords(dht, network, load_key(identity), coord))
+        finally:
+            dht.shutdown()
+    if as_json:
+        console.out(json.dumps(to_json(state), indent=1), highlight=False)
+    else:
+        render(state, console)
 
 
 def main(argv: list[str] | None = None) -> None:
