@@ -175,3 +175,15 @@ def test_config_errors_are_explained(app: typer.Typer, setup: dict[str, Path]) -
     assert r.exit_code == 2 and "at least two models" in r.output
     r = _run(app, str(setup["root"] / "missing.yaml"))
     assert r.exit_code == 2 and "config file not found" in r.output
+
+
+def test_example_config_is_valid_and_sets_every_key() -> None:
+    from umm.fusion.pipeline import EvalSettings, FuseConfig, TrainingSettings, load_config
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "fuse.yaml"
+    cfg = load_config(path, device="cpu")
+    assert cfg.device == "cpu" and cfg.k == 10 and cfg.lam == 0.9 and cfg.output == path.parent / "fused-math-list"
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == set(FuseConfig.model_fields)
+    assert set(raw["training"]) == set(TrainingSettings.model_fields)
+    assert set(raw["eval"]) == set(EvalSettings.model_fields)
