@@ -49,4 +49,4 @@ def register(app: typer.Typer) -> None:
             console.print(f"merged model: {result.model_dir}")
         if result.comparison_md:
             console.print("test split comparison:")
-            console.print(result.comparison_md, highlight=False, markup=False)
+            console.print(result.comparison_md, highlight=False, markup=False, soft_wrap=True)
