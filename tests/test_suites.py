@@ -160,3 +160,22 @@ def test_recipes_validate_fingerprint_and_scale() -> None:
     with pytest.raises(UmmError, match="unknown expert suite variant"):
         get_recipe("huge")
     assert isinstance(small.models[0], ModelRecipe)
+
+
+def test_every_recipe_mixture_has_enough_distinct_train_records() -> None:
+    need: dict[str, int] = {}
+    for variant in ("full", "small"):
+        for m in get_recipe(variant).models:
+            for domain, n in m.mixture.items():
+                need[domain] = max(need.get(domain, 0), n)
+    for domain, n in need.items():
+        recs = split_records(suite_for_domain(domain), "train", n)
+        assert len({suite_for_domain(domain).key(r) for r in recs}) == n
+
+
+def test_fingerprint_covers_the_suites_version(monkeypatch) -> None:
+    import umm.experts.suites as suites
+
+    before = get_recipe("small").fingerprint()
+    monkeypatch.setattr(suites, "SUITES_VERSION", suites.SUITES_VERSION + 1)
+    assert get_recipe("small").fingerprint() != before

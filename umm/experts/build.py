@@ -276,6 +276,7 @@ def build_suite(
             entries[m.name] = entry
             if on_model is not None:
                 on_model(m.name, entry)
+        _check_complete(tmp, entries)
         info = _suite_info(recipe, entries, time.perf_counter() - started, torch.__version__)
         (tmp / SUITE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         _swap_into_place(tmp, target)
@@ -309,6 +310,14 @@ def _suite_info(recipe: SuiteRecipe, entries: dict[str, dict[str, Any]], seconds
         "bases": bases,
         "models": entries,
     }
+
+
+def _check_complete(folder: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Every model folder has its config, weights and tokenizer (e.g. nobody removed the temp dir)."""
+    for name in entries:
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not (folder / name / f).is_file():
+                raise UmmError(f"building the expert suite: {folder / name / f} is missing after training; rebuild")
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

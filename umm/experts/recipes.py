@@ -82,8 +82,11 @@ class SuiteRecipe:
         raise UmmError(f"suite {self.variant!r} has no model {name!r}; it has {', '.join(m.name for m in self.models)}")
 
     def to_dict(self) -> dict:
+        from umm.experts.suites import SUITES_VERSION
+
         d = asdict(self)
         d["version"] = RECIPE_VERSION
+        d["suites_version"] = SUITES_VERSION
         return d
 
     def fingerprint(self) -> str:
@@ -131,7 +134,7 @@ def _full() -> SuiteRecipe:
                 train=TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup=20, seed=2), **llama,
             ),
             ModelRecipe(
-                name="code", role="expert", mixture={"code": 4000}, init_from="base",
+                name="code", role="expert", mixture={"code": 3000}, init_from="base",
                 train=TrainConfig(steps=160, batch_size=32, lr=1e-3, warmup=20, seed=3), **llama,
             ),
             ModelRecipe(

@@ -27,6 +27,9 @@ from umm.eval.splits import Split, generated_split_of
 
 Kind = Literal["gsm8k", "mbpp"]
 
+# Bumped whenever a generator or format changes: part of every expert recipe fingerprint.
+SUITES_VERSION = 2
+
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Max", "Eva", "Ben", "Ivy", "Dan", "Amy")
 _ITEMS = ("apples", "books", "coins", "cards", "pens", "eggs", "stamps", "shells", "marbles", "cups")
 
@@ -113,8 +116,8 @@ def _qa_target(record: dict) -> str:
 
 # ---------------------------------------------------------------- code (mbpp format)
 
-_FUNCS = ("f", "g", "h", "calc", "compute", "solve", "value", "apply")
-_ARGS = ("x", "n", "a", "v")
+_FUNCS = ("f", "g", "h", "calc", "compute", "solve", "value", "apply", "step", "score", "scale", "shift")
+_ARGS = ("x", "n", "a", "v", "k", "t")
 
 
 # (description, expression, function) per form; descriptions use the parameter names given.
@@ -123,6 +126,7 @@ _UNARY: tuple[tuple[str, str, Callable[[int, int, int], int]], ...] = (
     ("{x} minus {m}", "{x} - {m}", lambda x, k, m: x - m),
     ("{x} times {k}", "{x} * {k}", lambda x, k, m: x * k),
     ("{x} times {k} plus {m}", "{x} * {k} + {m}", lambda x, k, m: x * k + m),
+    ("{x} times {k} minus {m}", "{x} * {k} - {m}", lambda x, k, m: x * k - m),
 )
 _BINARY: tuple[tuple[str, str, Callable[[int, int], int]], ...] = (
     ("the sum of {a} and {b}", "{a} + {b}", lambda a, b: a + b),
