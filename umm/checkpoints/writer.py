@@ -507,7 +507,7 @@ def model_card(
         "",
         f"# Merged model ({method})",
         "",
-        f"Made with [umm](https://github.com/) {version} on {date.strftime('%Y-%m-%d %H:%M UTC')} "
+        f"Made with umm {version} on {date.strftime('%Y-%m-%d %H:%M UTC')} "
         f"by merging {len(sources)} model(s) with the `{method}` method; weights stored as `{out_dtype}`.",
         "",
         "## Sources",

@@ -35,10 +35,10 @@ def merge_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format: models, base_model, merge_method, parameters, dtype, out_dtype, tokenizer_source)."),
     out_dir: Path = typer.Argument(..., help="Folder to write the merged model to (created atomically)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
-    threads: int = typer.Option(0, "--threads", help="Worker threads and torch threads (0: up to 4, by CPU count)."),
+    threads: int = typer.Option(0, "--threads", help="Worker threads, also torch's thread count (0: automatic, up to 4 workers by CPU count)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 200MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new model is complete)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of random methods (DARE, DELLA); default: recipe parameters.seed or 0."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of random methods (DARE, DELLA), as mergekit's --random-seed; default 0."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and the models, print the plan, write nothing."),
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR, one tensor at a time.
