@@ -60,9 +60,10 @@ def check_model(model: Path, max_total_bytes: int) -> AdmissionReport:
 class Node:
     """One contributor node (see module docstring). Not restartable: make a new one."""
 
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, *, report: AdmissionReport | None = None):
+        """``report``: the result of :func:`check_model` on ``config.model`` if the caller already ran it."""
         self.config = config
-        self.report: AdmissionReport | None = None
+        self.report: AdmissionReport | None = report
         self.dht: Any = None
         self.server: Any = None
         self.records: Any = None
@@ -78,7 +79,8 @@ class Node:
     def start(self) -> NodeInfo:
         """Admit, announce and serve; returns the node's addresses. Cleans up if any step fails."""
         cfg = self.config
-        self.report = check_model(cfg.model, cfg.max_model_bytes)  # nothing started yet
+        if self.report is None:
+            self.report = check_model(cfg.model, cfg.max_model_bytes)  # nothing started yet
         try:
             self._start_services()
         except BaseException:

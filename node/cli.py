@@ -137,7 +137,7 @@ def join(
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _add_log_file(cfg.data_dir)
 
-    node = Node(cfg)
+    node = Node(cfg, report=report)
     info = node.start()
     previous = {}
 

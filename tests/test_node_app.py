@@ -51,7 +51,7 @@ def coordinator(tmp_path_factory):
 
 
 def node_config(model: Path, data_dir: Path, coordinator: dict, **kw) -> NodeConfig:
-    return NodeConfig(model=model, domains=["math"], name=kw.pop("name", "math-expert"), network=NET,
+    return NodeConfig(model=model, domains=["math"], name=kw.pop("name", "math-expert"), network=kw.pop("network", NET),
                       data_dir=data_dir, initial_peers=coordinator["peers"],
                       coordinator_public_key=coordinator["pub"], show_progress=False, **kw)
 
@@ -220,3 +220,55 @@ def test_clean_stop_withdraws_and_a_vanished_node_expires(tiny_models, tmp_path,
     finally:
         leaving.stop()
         crashed.stop()
+
+
+def test_a_node_stopped_mid_transfer_stores_nothing_then_resumes(tiny_models, tmp_path):
+    """Stopping (or killing) a node during a merged-model download leaves only partial files; the
+    next start resumes them and the model enters the store verified."""
+    from umm.net.server import CheckpointServer, CheckpointServicer
+    from umm.net.store import ModelStore
+
+    class SlowServicer(CheckpointServicer):
+        delay = 0.05
+
+        def ReadFile(self, request, context):
+            for chunk in super().ReadFile(request, context):
+                time.sleep(self.delay)
+                yield chunk
+
+    key = keys.load_or_create_key(tmp_path / "coord.key")
+    pub = keys.public_key_bytes(key)
+    dht = start_dht("resume", tmp_path / "coord.key", coordinator_public_key=pub)
+    servicer = SlowServicer(chunk_size=4096)
+    server = CheckpointServer(servicer)
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_models["code"], merged)
+    h = servicer.register_folder(merged)
+    coordinator = {"peers": visible_maddrs(dht), "pub": pub}
+    data_dir = tmp_path / "node"
+    try:
+        NetworkRecords(dht, "resume", key, pub).publish_merged(merged_record(3, merged, server.address, []), ttl=60)
+        first = Node(node_config(tiny_models["math"], data_dir, coordinator, network="resume", watch_period=0.5))
+        try:
+            first.start()
+            partial = first.store.partial_path(h) / "model.safetensors"
+            assert wait_for(lambda: partial.is_file() and partial.stat().st_size > 0)
+        finally:
+            first.stop()
+        store = ModelStore(data_dir)
+        assert not store.has(h) and store.list() == []  # nothing half-written entered the store
+        kept = partial.stat().st_size
+        assert 0 < kept < (merged / "model.safetensors").stat().st_size
+
+        servicer.delay = 0.0
+        second = Node(node_config(tiny_models["math"], data_dir, coordinator, network="resume", watch_period=0.5))
+        try:
+            second.start()
+            assert wait_for(lambda: second.watcher.current is not None), second.watcher.last_error
+            assert second.store.has(h) and build_manifest(second.store.path(h)).hash == h
+            assert not second.store.partial_path(h).exists()
+        finally:
+            second.stop()
+    finally:
+        server.stop()
+        dht.shutdown()

@@ -1,0 +1,112 @@
+"""``umm-node join`` as a user runs it: clear refusal of a bad model, bootstrap addresses, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from node.cli import main
+from umm.net import keys
+from umm.net.dht import start_dht
+from umm.net.records import NetworkRecords
+
+NET = "clitest"
+
+
+def test_join_refuses_a_nan_model_with_a_clear_error(tiny_models, tmp_path, capsys):
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_models["math"], bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[3] = float("inf")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    data_dir = tmp_path / "data"
+    with pytest.raises(SystemExit) as exc:
+        main(["join", "--model", str(bad), "--domain", "math", "--data-dir", str(data_dir), "--network", NET])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error:" in err and name in err
+    assert not (data_dir / "identity.key").exists()  # nothing was started
+
+
+def test_join_rejects_an_unknown_self_eval_task_and_a_bad_coordinator_key(tiny_models, tmp_path, capsys):
+    base = ["join", "--model", str(tiny_models["math"]), "--domain", "math", "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--self-eval", "no-such-task"])
+    assert exc.value.code == 2 and "no-such-task" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(base + ["--coordinator-key", "ssh-rsa AAAAnot-a-key"])
+    assert exc.value.code == 2 and "OpenSSH" in " ".join(capsys.readouterr().err.split())
+
+
+def _reader(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _wait_line(lines: queue.Queue, needle: str, timeout: float, seen: list[str]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            return False
+        seen.append(line)
+        if needle in line:
+            return True
+    return False
+
+
+def test_join_prints_bootstrap_addresses_and_ctrl_c_exits_cleanly(tiny_models, tmp_path):
+    env = {**os.environ, "UMM_HOME": str(tmp_path / "home"), "UMM_NO_PROGRESS": "1", "COLUMNS": "250"}
+    cmd = [sys.executable, "-c", "from node.cli import main; main()", "join", "--model", str(tiny_models["math"]),
+           "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    dht = None
+    try:
+        if not _wait_line(lines, "Ctrl-C to leave", 90, seen):
+            proc.kill()
+            pytest.fail("join did not start:\n" + "".join(seen) + proc.stderr.read())
+        peers = [line.split("--initial-peers", 1)[1].strip() for line in seen if "--initial-peers" in line]
+        assert peers and all("/p2p/" in p and "127.0.0.1" in p for p in peers)
+        # the default data dir is <umm home>/node
+        assert (tmp_path / "home" / "node" / "identity.key").is_file()
+
+        # another peer bootstraps from the printed address and sees the node's record
+        dht = start_dht(NET, tmp_path / "peer.key", initial_peers=peers)
+        records = NetworkRecords(dht, NET, keys.load_key(tmp_path / "peer.key"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(e.record.name == "cli-expert" for e in records.experts().values()):
+            time.sleep(0.5)
+        assert any(e.record.name == "cli-expert" for e in records.experts().values())
+
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)  # generous on a loaded machine; a hang fails here
+        assert rc == 0, proc.stderr.read()
+        assert _wait_line(lines, "left the network", 5, seen)
+        # a clean exit withdraws the record at once
+        assert not any(e.record.name == "cli-expert" for e in records.experts().values())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if dht is not None:
+            dht.shutdown()
