@@ -37,7 +37,7 @@ def init(
     from umm.ui import console
 
     config_path, key_path = write_config(folder, network=network, overwrite=force)
-    console.print(f"wrote {config_path} and {key_path}")
+    console.print(f"wrote {config_path} and {key_path}", soft_wrap=True, highlight=False)
     console.print("coordinator public key (give it to the nodes with --coordinator-key):")
     console.print(public_key_text(load_key(key_path)), soft_wrap=True, highlight=False)
 
@@ -98,3 +98,7 @@ def status(
 
 def main(argv: list[str] | None = None) -> None:
     run_app(app, argv)
+
+
+if __name__ == "__main__":
+    main()

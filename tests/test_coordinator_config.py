@@ -1,0 +1,93 @@
+"""Coordinator config/init, SQLite state and planning: no network needed."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from coordinator.config import CONFIG_NAME, KEY_NAME, CoordinatorConfigError, load_config, parse_config, write_config
+from coordinator.db import StateDB, StateError
+from coordinator.planner import Candidate, plan_round
+from coordinator.cli import main
+
+
+def cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_init_writes_a_commented_config_and_key_that_load(tmp_path, capsys):
+    assert cli("init", str(tmp_path / "c"), "--network", "testnet") == 0
+    out = capsys.readouterr().out
+    assert "ssh-rsa" in out
+    text = (tmp_path / "c" / CONFIG_NAME).read_text()
+    assert text.count("\n# ") > 10  # every key documented
+    cfg = load_config(tmp_path / "c" / CONFIG_NAME)
+    assert cfg.network == "testnet"
+    assert cfg.data_dir == (tmp_path / "c" / "data").resolve() and cfg.key_path == (tmp_path / "c" / KEY_NAME).resolve()
+    assert oct(os.stat(cfg.key_path).st_mode & 0o777) == "0o400"
+    from umm.net.keys import load_key, public_key_text
+
+    assert public_key_text(load_key(cfg.key_path)) in out.replace("\n", "")
+    assert cli("init", str(tmp_path / "c")) == 2  # a second init would silently change the identity
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_key_and_list_valid_ones(tmp_path):
+    with pytest.raises(CoordinatorConfigError, match=r"unknown key\(s\) eval_limt; valid keys: .*eval_limit"):
+        parse_config({"eval_limt": 3})
+    with pytest.raises(CoordinatorConfigError, match="tasks.*unknown task"):
+        parse_config({"tasks": ["nope"]})
+    with pytest.raises(CoordinatorConfigError, match="network"):
+        parse_config({"network": "has space"})
+    cfg = parse_config({"tasks": ["synth-math", "gsm8k", "synth-list"]})
+    assert cfg.domains() == {"math": ["synth-math", "gsm8k"], "list": ["synth-list"]}
+    with pytest.raises(Exception):  # frozen
+        cfg.network = "x"  # type: ignore[misc]
+    with pytest.raises(CoordinatorConfigError, match="umm-coordinator init"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_state_db_records_and_versions(tmp_path):
+    db = StateDB(tmp_path / "state.db")
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    n = db.start_round()
+    assert n == 1 and db.unfinished_round() == 1
+    db.begin_step(n, "discover")
+    db.finish_step(n, "discover", {"experts": ["a"]})
+    db.begin_step(n, "fetch")
+    # another connection (a restarted process) sees exactly what is finished
+    db2 = StateDB(tmp_path / "state.db")
+    assert db2.step(n, "discover")["status"] == "done" and db2.step(n, "discover")["result"] == {"experts": ["a"]}
+    assert db2.step(n, "fetch")["status"] == "running" and db2.round(n)["phase"] == "fetch"
+    db2.record_fetch("h", "failed", "down")
+    db2.record_fetch("h", "done")
+    assert db2.fetch("h")["attempts"] == 2
+    db2.update_round(n, state="published", published=1, objective=0.5, scores={"t": 0.5}, sources=["x"])
+    assert db.last_published_round()["scores"] == {"t": 0.5} and db.unfinished_round() is None
+    with sqlite3.connect(tmp_path / "state.db") as c:
+        c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StateError, match="newer"):
+        StateDB(tmp_path / "state.db")
+
+
+def _c(h: str, arch: str, **scores: float) -> Candidate:
+    return Candidate(h * 64, arch, "tok", scores)
+
+
+def test_planner_groups_by_fingerprint():
+    math, code, other = _c("a", "llama", math=0.9, code=0.1), _c("b", "llama", math=0.2, code=0.8), _c("c", "neox", math=0.1, code=0.9)
+    assert plan_round([math]).kind == "none"
+    p = plan_round([math, code])
+    assert p.kind == "evolve" and sorted(p.sources) == ["a" * 64, "b" * 64]
+    p = plan_round([math, code, other])  # code's best is in another group: fusion into the pivot
+    assert p.kind == "fusion" and p.best_per_domain == {"code": "c" * 64, "math": "a" * 64}
+    assert p.pivot == "c" * 64 and p.sources == ["a" * 64]  # pivot: best model of the hardest domain (tie: code)
+    # one expert best everywhere: merged with the best compatible partner
+    p = plan_round([_c("a", "llama", math=0.9), _c("b", "llama", math=0.5), _c("d", "neox", math=0.7)])
+    assert p.kind == "evolve" and p.sources == ["a" * 64, "b" * 64]
