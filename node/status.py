@@ -36,16 +36,20 @@ def read_status(records: Any) -> NetworkStatus:
 
 
 def leaderboard(status: NetworkStatus) -> Iterator[tuple[str, int, str, str, dict[str, float]]]:
-    """(domain, rank, expert name, manifest hash, verified scores) in domain then rank order."""
+    """(domain, rank, expert name, manifest hash, verified scores) in domain then rank order.
+
+    Only experts whose record is still in the DHT are listed: a node that left drops off the
+    leaderboard once its record expires, even before the coordinator re-ranks.
+    """
     if status.scores is None:
         return
     names = {e.record.manifest_hash: e.record.name for e in status.experts}
     rows = []
     for h, verdict in status.scores.record.experts.items():
-        if not verdict.admitted:
+        if not verdict.admitted or h not in names:
             continue
         for domain, rank in verdict.ranks.items():
-            rows.append((domain, rank, names.get(h, "(gone)"), h, dict(verdict.scores)))
+            rows.append((domain, rank, names[h], h, dict(verdict.scores)))
     yield from sorted(rows, key=lambda r: (r[0], r[1], r[3]))
 
 

@@ -182,7 +182,17 @@ def test_status_command_shows_experts_and_merged(node, coordinator):
 
     from node.cli import app
 
+    from umm.net.records import ExpertVerdict, ScoresRecord
+
     wait_for(lambda: node.watcher.current is not None, timeout=10)
+    mine, gone = node.info.manifest_hash, "e" * 64
+    verdicts = {
+        mine: ExpertVerdict(admitted=True, reason="ok", scores={"gsm8k": 0.5}, ranks={"math": 1}),
+        gone: ExpertVerdict(admitted=True, reason="ok", scores={"gsm8k": 0.9}, ranks={"math": 2}),
+        "f" * 64: ExpertVerdict(admitted=False, reason="NaN in lm_head.weight", scores={}, ranks={}),
+    }
+    assert coordinator["records"].publish_scores(
+        ScoresRecord(round=1, updated_at=time.time(), experts=verdicts), ttl=30)
     args = ["status", "--network", NET, "--coordinator-key", coordinator["pub"].decode()]
     for m in coordinator["peers"]:
         args += ["--initial-peers", m]
@@ -191,11 +201,15 @@ def test_status_command_shows_experts_and_merged(node, coordinator):
     data = json.loads(result.output)
     assert [e["name"] for e in data["experts"]] == ["math-expert"]
     assert data["experts"][0]["address"] == node.info.grpc_address
+    # the expert whose record is gone is not on the leaderboard; the rejected one is listed with its reason
+    assert [(r["domain"], r["rank"], r["name"]) for r in data["leaderboard"]] == [("math", 1, "math-expert")]
+    assert data["rejected"] == {"f" * 64: "NaN in lm_head.weight"}
     if node.watcher.current is not None:  # published by the previous test
         assert data["merged"]["round"] == 1 and node.info.grpc_address in data["merged"]["providers"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "math-expert" in result.output and "experts on 'nodetest'" in result.output
+    assert "leaderboard (round 1)" in result.output and "NaN in lm_head.weight" in result.output
 
 
 def test_clean_stop_withdraws_and_a_vanished_node_expires(tiny_models, tmp_path, coordinator):

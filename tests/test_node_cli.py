@@ -50,6 +50,15 @@ def test_join_rejects_an_unknown_self_eval_task_and_a_bad_coordinator_key(tiny_m
     assert exc.value.code == 2 and "OpenSSH" in " ".join(capsys.readouterr().err.split())
 
 
+def test_self_eval_task_lists_are_split_and_checked():
+    from node.selfeval import parse_tasks
+    from umm.eval import EvalError
+
+    assert parse_tasks(["synth-math,synth-list", "synth-math", " gsm8k "]) == ["synth-math", "synth-list", "gsm8k"]
+    with pytest.raises(EvalError, match="nope"):
+        parse_tasks(["gsm8k,nope"])
+
+
 def _reader(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
