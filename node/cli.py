@@ -84,10 +84,10 @@ def join(
     initial_peers: Optional[List[str]] = _PEERS,
     coordinator_key: Optional[str] = _COORD,
     data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", help="This node's directory: identity key, model store, logs [default: <umm home>/node]."
+        None, "--data-dir", help="This node's directory: identity key, model store, logs (default: <umm home>/node)."
     ),
     identity_path: Optional[Path] = typer.Option(
-        None, "--identity-path", help="Identity key file (created if missing) [default: <data dir>/identity.key]."
+        None, "--identity-path", help="Identity key file, created if missing; it fixes the peer id (default: <data dir>/identity.key)."
     ),
     host: str = typer.Option(
         "127.0.0.1", "--host",

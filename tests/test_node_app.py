@@ -267,6 +267,7 @@ def test_a_node_stopped_mid_transfer_stores_nothing_then_resumes(tiny_models, tm
             first.start()
             partial = first.store.partial_path(h) / "model.safetensors"
             assert wait_for(lambda: partial.is_file() and partial.stat().st_size > 0)
+            first_peer_id = first.info.peer_id
         finally:
             first.stop()
         store = ModelStore(data_dir)
@@ -281,6 +282,7 @@ def test_a_node_stopped_mid_transfer_stores_nothing_then_resumes(tiny_models, tm
             assert wait_for(lambda: second.watcher.current is not None), second.watcher.last_error
             assert second.store.has(h) and build_manifest(second.store.path(h)).hash == h
             assert not second.store.partial_path(h).exists()
+            assert second.info.peer_id == first_peer_id  # the identity key in the data dir persists
         finally:
             second.stop()
     finally:
