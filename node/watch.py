@@ -50,6 +50,7 @@ class MergedWatcher:
         max_bytes: int,
         show_progress: bool = False,
         timeout: float = 30.0,
+        retries: int = 3,
     ):
         if period <= 0:
             raise ValueError("period must be positive")
@@ -62,6 +63,7 @@ class MergedWatcher:
         self.max_bytes = max_bytes
         self.show_progress = show_progress
         self.timeout = timeout
+        self.retries = retries
         self.current: MergedModel | None = None
         self.last_error: str | None = None
         self._refused: set[str] = set()  # hashes we will not fetch (over the size limit)
@@ -90,6 +92,7 @@ class MergedWatcher:
 
     def poll(self) -> MergedModel | None:
         """Check the record once; download and serve a new round. Returns the model now served."""
+        from umm.net.errors import SizeLimitError
         from umm.net.transfer import download
 
         entry = self.records.merged()
@@ -114,7 +117,12 @@ class MergedWatcher:
                     rec.round, h[:12], human_bytes(rec.total_bytes), len(set(providers)))
         try:
             path = download(h, providers, self.store, max_bytes=self.max_bytes, progress=self.show_progress,
-                            timeout=self.timeout, cancel=self._cancel)
+                            timeout=self.timeout, retries=self.retries, cancel=self._cancel)
+        except SizeLimitError as e:  # the manifest is larger than the record said: never retry
+            self._refused.add(h)
+            self.last_error = f"round {rec.round}: {e}"
+            logger.warning("%s", self.last_error)
+            return self.current
         except UmmError as e:
             if self._stop.is_set():
                 return self.current
