@@ -6,9 +6,11 @@ Start order matters: the hivemind DHT forks its own process, so it starts before
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
-import time
+from pathlib import Path
 from typing import Any, Callable
 
 from coordinator.config import CoordinatorConfig
@@ -18,6 +20,53 @@ from coordinator.round import RoundContext, RoundRunner
 logger = logging.getLogger(__name__)
 
 STATE_DB = "state.db"
+#: pids (with start times) of the DHT's background processes, to end them after a crash
+DHT_PIDS = "dht.pids"
+
+
+def record_dht_processes(dht, path: Path) -> None:
+    """Write the pid and start time of ``dht``'s process and its children (the p2p daemon)."""
+    import psutil
+
+    try:
+        root = psutil.Process(dht.pid)
+        procs = [root, *root.children(recursive=True)]
+        entries = [{"pid": p.pid, "create_time": p.create_time()} for p in procs]
+    except (psutil.Error, ValueError) as e:
+        logger.warning("cannot record the DHT's processes: %s", e)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path)
+
+
+def end_orphaned_dht(path: Path) -> int:
+    """End the DHT processes a killed coordinator left running (those recorded in ``path``, and only
+    if pid and start time still match); returns how many. Without this, the restarted coordinator
+    finds its identity "already taken by another peer"."""
+    import psutil
+
+    if not path.is_file():
+        return 0
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = []
+    ended = []
+    for e in entries:
+        try:
+            p = psutil.Process(int(e["pid"]))
+            if abs(p.create_time() - float(e["create_time"])) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            p.kill()
+            ended.append(p)
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue
+    psutil.wait_procs(ended, timeout=10)
+    path.unlink(missing_ok=True)
+    if ended:
+        logger.warning("ended %d DHT process(es) left by a previous coordinator run", len(ended))
+    return len(ended)
 
 
 class Coordinator:
@@ -52,11 +101,13 @@ class Coordinator:
         self.public_key = public_key_bytes(key)
         self.public_key_text = public_key_text(key)
         self.db = StateDB(cfg.data_dir / STATE_DB)
+        end_orphaned_dht(cfg.data_dir / DHT_PIDS)
         try:
             self.dht = start_dht(
                 cfg.network, cfg.key_path, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs or None,
                 initial_peers=cfg.initial_peers, coordinator_public_key=self.public_key,
             )
+            record_dht_processes(self.dht, cfg.data_dir / DHT_PIDS)
             self.store = ModelStore(cfg.data_dir)
             self.checkpoint_server = CheckpointServer(CheckpointServicer(self.store), host=cfg.grpc_host,
                                                       port=cfg.grpc_port)
@@ -104,6 +155,7 @@ class Coordinator:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+            (self.config.data_dir / DHT_PIDS).unlink(missing_ok=True)
         if self.db is not None:
             self.db.close()
 

@@ -323,12 +323,23 @@ class RoundRunner:
         out = plan.to_dict()
         if plan.kind == "fusion" and self.config.fusion_data is None:
             out.update(kind="none", reason="experts span several architectures: fusion needs fusion_data in the config")
+        if out["kind"] != "none":
+            same = self._same_merge_as(number, sorted(plan.sources + ([plan.pivot] if plan.pivot else [])))
+            if same is not None:
+                out.update(kind="none", reason=f"same experts as round {same}'s merge: nothing new to merge")
         if out["kind"] == "none":
             out.update(end_round=True, state="verified")
         else:
             self.db.update_round(number, method=self.config.evolve_method if plan.kind == "evolve" else "fusion",
                                  sources=plan.sources + ([plan.pivot] if plan.pivot else []))
         return out
+
+    def _same_merge_as(self, number: int, sources: list[str]) -> int | None:
+        """The latest earlier round whose finished job merged exactly ``sources`` (same settings)."""
+        for r in self.db.rounds():
+            if r["number"] < number and r["state"] in ("published", "not_better") and sorted(r["sources"]) == sources:
+                return int(r["number"])
+        return None
 
     def step_job(self, number: int, results: dict) -> dict:
         from coordinator.jobs import run_job

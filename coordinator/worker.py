@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 2 or not args[1].isdigit():
         print("usage: python -m coordinator.worker STATE_DB JOB_ID", file=sys.stderr)
         raise SystemExit(2)
-    setup_logging()
+    setup_logging(1)
     raise SystemExit(run(args[0], int(args[1])))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.app import STATE_DB, Coordinator
+from coordinator.app import DHT_PIDS, STATE_DB, Coordinator, end_orphaned_dht
 from coordinator.config import parse_config
 from coordinator.db import StateDB
 from umm.checkpoints.manifest import build_manifest
@@ -33,7 +33,7 @@ from umm.net.server import CheckpointServer, CheckpointServicer
 NET = "coordtest"
 MAX_BYTES = 1_000_000  # the tiny models are ~0.6 MB; the oversize one ~1.9 MB
 SETTINGS = {
-    "network": NET, "tasks": ["synth-math", "synth-list"], "eval_limit": 2, "test_limit": 2, "max_new_tokens": 4,
+    "network": NET, "tasks": ["synth-math"], "eval_limit": 2, "test_limit": 2, "max_new_tokens": 4,
     "eval_batch_size": 4, "max_model_bytes": MAX_BYTES, "fetch_retries": 1, "fetch_timeout": 5.0,
     "round_interval": 0.0, "refresh_period": 30.0, "evolve_evaluations": 3, "evolve_population": 2,
 }
@@ -70,9 +70,13 @@ class Contributor:
         record = ExpertRecord(
             name=self.name, domains=self.domains, architecture=arch, tokenizer=tok, num_parameters=n,
             manifest_hash=self.manifest.hash, total_bytes=self.manifest.total_bytes, address=address,
-            self_scores={"synth-math": 0.99, "synth-list": 0.99}, base_model=None, software_version="test",
+            self_scores={"synth-math": 0.99}, base_model=None, software_version="test",
         )
         assert self.records.announce_expert(record, ttl=600)
+
+    def ensure_serving(self) -> None:
+        if self.server is None:
+            self.announce(self.serve())
 
     def stop_serving(self) -> None:
         if self.server is not None:
@@ -114,11 +118,11 @@ def net(tiny_models, tmp_path_factory):
     coord_pub = keys.public_key_bytes(keys.load_or_create_key(coord_key))
     folders = {
         "math": (tiny_models["math"], ["math"]),
-        "code": (tiny_models["code"], ["list"]),
+        "code": (tiny_models["code"], ["math"]),
         "pickle": (_write_pickle_only(tiny_models["math"], root / "pickle"), ["math"]),
         "nan": (_write_nan(tiny_models["code"], root / "nan"), ["math"]),
         "huge": (make_random_llama(root / "huge", seed=3, hidden_size=128), ["math"]),
-        "corrupt": (make_random_llama(root / "corrupt", seed=4, base=tiny_models["base"]), ["list"]),
+        "corrupt": (make_random_llama(root / "corrupt", seed=4, base=tiny_models["base"]), ["math"]),
     }
     peers: dict[str, Contributor] = {}
     try:
@@ -173,11 +177,11 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
         # self-reported 0.99 is shown to nobody as a score: ranks use the coordinator's evaluation
         math_hash = peers["math"].manifest.hash
         own = db.evaluations(next(iter({e["benchmark"] for e in db._all("SELECT benchmark FROM evaluations")})))
-        assert set(own) == {math_hash} and set(own[math_hash]["scores"]) == {"synth-math", "synth-list"}
+        assert set(own) == {math_hash} and set(own[math_hash]["scores"]) == {"synth-math"}
         scores = peers["code"].records.scores()  # a contributor reads the coordinator's signed record
         assert scores is not None and scores.record.round == 1
         verdicts = scores.record.experts
-        assert verdicts[math_hash].admitted and verdicts[math_hash].ranks == {"math": 1, "list": 1}
+        assert verdicts[math_hash].admitted and verdicts[math_hash].ranks == {"math": 1}
         assert verdicts[math_hash].scores == own[math_hash]["scores"]
         assert not verdicts[peers["nan"].manifest.hash].admitted
         assert "not fetched yet" in verdicts[peers["code"].manifest.hash].reason
@@ -186,7 +190,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
         data = fetch_status(coord.status_address)
         assert data["status"]["experts_known"] == 6 and data["status"]["experts_admitted"] == 1
         ranked = [e for e in data["leaderboard"] if e["domain"] != "rejected"]
-        assert {(e["domain"], e["rank"], e["name"]) for e in ranked} == {("math", 1, "math"), ("list", 1, "math")}
+        assert {(e["domain"], e["rank"], e["name"]) for e in ranked} == {("math", 1, "math")}
         rejected = {e["manifest_hash"]: e["name"] for e in data["leaderboard"] if e["domain"] == "rejected"}
         assert len(rejected) == 4 and "too large" in rejected[peers["huge"].manifest.hash]
         assert data["rounds"][0]["state"] == "verified"
@@ -203,7 +207,7 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     from umm.net.transfer import download
 
     peers = net["peers"]
-    peers["code"].announce(peers["code"].serve())
+    peers["code"].ensure_serving()
     data_dir = net["root"] / "coord-data"
     before = StateDB(data_dir / STATE_DB)
     math_eval = before._all("SELECT * FROM evaluations")
@@ -219,7 +223,7 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         assert job["status"] == "done" and job["kind"] == "evolve" and job["pid"] != os.getpid()
         assert sorted(row["sources"]) == sorted([peers["math"].manifest.hash, peers["code"].manifest.hash])
         merged = row["merged_hash"]
-        assert coord.store.has(merged) and set(row["scores"]) == {"synth-math", "synth-list"}
+        assert coord.store.has(merged) and set(row["scores"]) == {"synth-math"}
 
         record = peers["math"].records.merged()  # signed by the coordinator, read by a node
         assert record is not None and record.record.manifest_hash == merged
@@ -232,14 +236,17 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
                         progress=False)
         assert build_manifest(path).hash == merged
 
-        # the next round finds the same experts: same merge, same objective, so it is not published
+        # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
-        assert row3["state"] == "not_better" and not row3["published"] and "does not beat round 2" in row3["reason"]
-        assert peers["math"].records.merged().record.round == 2
+        assert row3["state"] == "verified" and "same experts as round 2" in row3["reason"]
+        assert db.round_job(3) is None and peers["math"].records.merged().record.round == 2
+        ranks = {(r["domain"], r["rank"]) for r in db.latest_ranks()}
+        assert ranks == {("math", 1), ("math", 2)}
 
 
 def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     """SIGKILL in the middle of the evaluate step; the restart finishes the round, skipping done work."""
+    net["peers"]["code"].ensure_serving()
     key = tmp_path / "other-coord.key"  # own identity (the first coordinator's peer id may linger)
     cfg = {**SETTINGS, "data_dir": str(tmp_path / "data"), "key_path": str(key), "merge": False,
            "initial_peers": net["initial_peers"]}
@@ -254,11 +261,15 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
         deadline = time.monotonic() + 120
         first = None
         while time.monotonic() < deadline and proc.poll() is None:
-            if db_path.exists():
+            try:
+                if not db_path.exists():
+                    raise sqlite3.OperationalError("no database yet")
                 with sqlite3.connect(db_path) as c:
                     first = c.execute("SELECT manifest_hash, evaluated_at FROM evaluations").fetchall()
-                if first:
-                    break
+            except sqlite3.Error:  # not created yet
+                first = None
+            if first:
+                break
             time.sleep(0.1)
         assert first and len(first) == 1, proc.stderr.read().decode() if proc.poll() is not None else "no evaluation"
         os.kill(proc.pid, signal.SIGKILL)
@@ -270,8 +281,13 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     assert db.round(1)["state"] == "running" and db.step(1, "evaluate")["status"] == "running"
     before = {s["name"]: s for s in db.steps(1)}
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert (tmp_path / "data" / DHT_PIDS).is_file()  # its DHT processes outlive it: the restart ends them
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    finally:
+        end_orphaned_dht(tmp_path / "data" / DHT_PIDS)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "ended 2 DHT process(es)" in done.stderr
     r = db.round(1)
     assert r["state"] == "verified" and db.unfinished_round() is None and len(db.rounds()) == 1
     after = {s["name"]: s for s in db.steps(1)}
