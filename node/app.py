@@ -174,9 +174,13 @@ class Node:
         if self.refresher is not None:
             self.refresher.stop()
             if withdraw and self.records is not None:
-                with contextlib.suppress(Exception):
-                    if not self.records.withdraw_expert(ttl=self.refresher.ttl):
-                        logger.info("withdrawal not stored; the record expires within %.0f s", self.refresher.ttl)
+                try:
+                    stored = self.records.withdraw_expert(ttl=self.refresher.ttl)
+                except Exception as e:  # e.g. Ctrl-C in a terminal also stopped the p2p daemon
+                    logger.info("could not withdraw the expert record (%s)", e)
+                    stored = False
+                if not stored:
+                    logger.info("the expert record expires within %.0f s", self.refresher.ttl)
         if self.server is not None:
             self.server.stop(grace=1.0)
         if self.dht is not None:
