@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -127,10 +128,18 @@ def net(tiny_models, tmp_path_factory):
     peers: dict[str, Contributor] = {}
     try:
         # every DHT (they fork) before any gRPC server in this process
-        first: list[str] = []
-        for name, (folder, domains) in folders.items():
-            peers[name] = Contributor(root, name, folder, coord_pub, first, domains)
-            first = first or visible_maddrs(peers[name].dht)
+        names = list(folders)
+        peers[names[0]] = Contributor(root, names[0], folders[names[0]][0], coord_pub, [], folders[names[0]][1])
+        first = visible_maddrs(peers[names[0]].dht)
+        with ThreadPoolExecutor(len(names) - 1) as pool:  # joining peers start in parallel (~2x faster)
+            futures = {n: pool.submit(Contributor, root, n, folders[n][0], coord_pub, first, folders[n][1])
+                       for n in names[1:]}
+            for n, f in futures.items():
+                try:
+                    peers[n] = f.result()
+                except Exception:
+                    continue
+        assert set(peers) == set(names), "a contributor's DHT did not start"
         for name, c in peers.items():
             if name == "code":  # offline in round 1: announced, but nobody answers at that address
                 c.announce("127.0.0.1:9")
