@@ -87,6 +87,8 @@ def run(db_path: str, job_id: int) -> int:
         return 2
     db.update_job(job_id, status="running", pid=os.getpid(), message=f"{job['kind']}: starting")
     try:
+        if job["kind"] not in RUNNERS:
+            raise ValueError(f"unknown job kind {job['kind']!r} (known: {', '.join(RUNNERS)})")
         runner = RUNNERS[job["kind"]]
         result = runner(db, job_id, job["spec"])
     except Exception as e:  # recorded for the coordinator; the process still exits non-zero

@@ -17,13 +17,11 @@ from coordinator.round import RoundContext, RoundRunner, classify_transfer_error
 
 def test_worker_error_is_a_failed_job(tmp_path):
     db = StateDB(tmp_path / "state.db")
-    job = db.create_job(1, "evolve", {"models": [str(tmp_path / "missing-a"), str(tmp_path / "missing-b")],
-                                      "tasks": ["synth-math"], "evaluations": 3, "population": 2,
-                                      "run_dir": str(tmp_path / "run")})
+    job = db.create_job(1, "merge-everything", {})
     row = run_job(db, job, log_dir=tmp_path / "logs", timeout=120, poll=0.1)
-    assert row["status"] == "failed" and "missing-a" in row["message"]
+    assert row["status"] == "failed" and "merge-everything" in row["message"]
     assert row["pid"] not in (0, os.getpid())
-    assert "missing-a" in (tmp_path / "logs" / f"job-{job}.log").read_text()
+    assert "Traceback" in (tmp_path / "logs" / f"job-{job}.log").read_text()  # the worker's log keeps the details
 
 
 def test_killed_worker_is_a_failed_job_and_the_coordinator_goes_on(tmp_path):
@@ -92,3 +90,59 @@ def test_transfer_errors_reject_bad_bytes_and_retry_unreachable_providers(messag
 
     assert classify_transfer_error(TransferError(message))[0] == kind
     assert classify_transfer_error(SizeLimitError("model x is 2 MB, over the limit"))[1].startswith("too large")
+
+
+def test_fusion_job_trains_the_pivot_in_a_worker(tiny_models, tmp_path):
+    import json
+
+    from umm.checkpoints.fingerprint import fingerprint
+    from umm.checkpoints.reader import Checkpoint
+    from umm.fusion.tiny import make_random_neox
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "response": f"{2 * i}"}) + "\n"
+                            for i in range(4)))
+    neox = make_random_neox(tmp_path / "neox", seed=5)
+    db = StateDB(tmp_path / "state.db")
+    job = db.create_job(1, "fusion", {"pivot": str(tiny_models["base"]), "sources": [str(neox)], "data": str(data),
+                                      "output": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+                                      "device": "cpu", "max_steps": 1, "max_length": 64})
+    row = run_job(db, job, log_dir=tmp_path / "logs", timeout=300, poll=0.2)
+    assert row["status"] == "done", row["message"]
+    assert row["result"]["method"] == "fusion" and row["progress"] == 1.0
+    with Checkpoint.open(row["result"]["model_dir"]) as out, Checkpoint.open(tiny_models["base"]) as pivot:
+        assert fingerprint(out).architecture == fingerprint(pivot).architecture  # the pivot, trained
+
+
+def test_status_phase_shows_the_running_jobs_progress(tmp_path):
+    from coordinator.status import _phase_text
+
+    db = StateDB(tmp_path / "state.db")
+    assert _phase_text(db) == (0, "idle")
+    n = db.start_round()
+    db.begin_step(n, "job")
+    job = db.create_job(n, "evolve", {})
+    db.update_job(job, status="running", progress=0.25, message="evolve: generation 1/4, 3 candidates")
+    assert _phase_text(db) == (1, f"job {job} (evolve): 25% evolve: generation 1/4, 3 candidates")
+
+
+def test_restarted_coordinator_waits_for_a_live_worker_and_restarts_a_dead_one(tmp_path):
+    import subprocess
+
+    db = StateDB(tmp_path / "state.db")
+    live = subprocess.Popen(["sleep", "30"])  # stands for a worker that outlived a killed coordinator
+    try:
+        job = db.create_job(1, "evolve", {})
+        db.update_job(job, status="running", pid=live.pid)
+        threading.Timer(0.5, lambda: StateDB(tmp_path / "state.db").update_job(
+            job, status="done", result={"model_dir": "m"})).start()
+        row = run_job(db, job, log_dir=tmp_path / "logs", timeout=60, poll=0.05)
+        assert row["status"] == "done" and row["pid"] == live.pid and not (tmp_path / "logs").exists()
+    finally:
+        live.kill()
+        live.wait()
+    job2 = db.create_job(2, "no-such-kind", {})
+    db.update_job(job2, status="running", pid=live.pid)  # that worker is gone: the job is run again
+    row = run_job(db, job2, log_dir=tmp_path / "logs", timeout=60, poll=0.05)
+    assert row["pid"] != live.pid and (tmp_path / "logs" / f"job-{job2}.log").is_file()
+    assert row["status"] == "failed" and "no-such-kind" in row["message"]
