@@ -127,9 +127,15 @@ class Coordinator:
         return self
 
     def _republish(self) -> None:
-        """After a restart, keep the latest merged record alive (it is re-stored every period)."""
-        from umm.net.records import MergedRecord, parse_record
+        """After a restart, keep the latest scores and merged records alive (re-stored every period)."""
+        from umm.net.records import MergedRecord, ScoresRecord, parse_record
 
+        row = self.db._one("SELECT result FROM steps WHERE name='rank' AND status='done' ORDER BY round DESC LIMIT 1")
+        if row is not None:
+            raw = json.loads(row["result"])
+            if "record" in raw:
+                scores = parse_record(ScoresRecord, raw["record"])
+                self.refresher.add("scores", lambda ttl: self.records.publish_scores(scores, ttl=ttl))
         last = self.db.last_published_round() if self.db else None
         if last is None:
             return

@@ -28,6 +28,10 @@ from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
 
+class Interrupted(Exception):
+    """The coordinator is stopping: the current step stays unfinished and resumes on restart."""
+
+
 STEPS = ("discover", "fetch", "admit", "evaluate", "rank", "plan", "job", "evaluate_result", "publish")
 
 
@@ -150,6 +154,8 @@ class RoundRunner:
                     db.update_round(number, state=result["state"], reason=result.get("reason", ""),
                                     phase="idle", finished_at=time.time())
                     break
+        except Interrupted:
+            logger.info("round %d interrupted; it resumes on the next start", number)
         except Exception as e:
             logger.exception("round %d failed in step %s", number, db.round(number)["phase"])
             db.update_round(number, state="failed", reason=f"{type(e).__name__}: {e}"[:2000], phase="idle",
@@ -158,8 +164,6 @@ class RoundRunner:
 
     # steps --------------------------------------------------------------------------------
     def step_discover(self, number: int, results: dict) -> dict:
-        from umm.net.keys import public_key_text  # noqa: F401 - same encoding as the records
-
         seen = []
         for owner, entry in self.ctx.records.experts().items():
             rec = entry.record
@@ -192,6 +196,8 @@ class RoundRunner:
                          retries=self.config.fetch_retries, timeout=self.config.fetch_timeout, progress=False,
                          cancel=self.ctx.stop)
             except Exception as e:  # noqa: BLE001 - every failure is recorded per expert
+                if self.ctx.stop is not None and self.ctx.stop.is_set():
+                    raise Interrupted() from None
                 status, reason = classify_transfer_error(e)
                 self.db.record_fetch(h, status, reason)
                 if status == "rejected":
@@ -296,7 +302,7 @@ class RoundRunner:
                                        scores={k: float(x) for k, x in scores.items()}, ranks=ranks.get(h, {}))
         record = ScoresRecord(round=number, updated_at=time.time(), experts=experts)
         published = self._publish("scores", lambda ttl: self.ctx.records.publish_scores(record, ttl=ttl))
-        return {"ranks": [list(r) for r in rows], "published": published}
+        return {"ranks": [list(r) for r in rows], "published": published, "record": record.dict()}
 
     def _publish(self, name: str, fn: Callable[[float], bool]) -> bool:
         if self.ctx.refresher is not None:
@@ -356,7 +362,7 @@ class RoundRunner:
             return {"job": job_id, "end_round": True, "state": "failed",
                     "reason": f"{plan['kind']} job {job_id} failed: {job['message']}"}
         if job["status"] != "done":
-            raise RuntimeError(f"job {job_id} interrupted (coordinator stopping)")
+            raise Interrupted()
         return {"job": job_id, **job["result"]}
 
     def _job_spec(self, number: int, plan: dict) -> dict:

@@ -22,6 +22,8 @@ from umm.net.proto import umm_coordinator_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 REJECTED_DOMAIN = "rejected"
+PENDING_DOMAIN = "pending"
+MERGED_DOMAIN = "merged"
 
 
 def _phase_text(db: StateDB) -> tuple[int, str]:
@@ -37,7 +39,9 @@ def _phase_text(db: StateDB) -> tuple[int, str]:
 
 
 def leaderboard_entries(db: StateDB, domain: str = "", limit: int = 0) -> list[dict[str, Any]]:
-    """Ranked experts per domain, then rejected ones (domain ``rejected``, reason in ``name``)."""
+    """Ranked experts per domain (coordinator's scores on ``search``), then rejected experts (domain
+    ``rejected``, the reason in ``name``), the latest published merged model (``merged``, its test
+    objective) and experts whose fetch failed and is retried (``pending``)."""
     experts = {e["manifest_hash"]: e for e in db.experts()}
     out: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
@@ -58,6 +62,20 @@ def leaderboard_entries(db: StateDB, domain: str = "", limit: int = 0) -> list[d
             out.append({"domain": REJECTED_DOMAIN, "rank": 0, "manifest_hash": h,
                         "name": f"{e.get('name', '?')}: {v['reason']}", "score": 0.0, "owner": e.get("owner", ""),
                         "merged": False})
+    published = db.last_published_round()
+    if published is not None and (not domain or domain == MERGED_DOMAIN):
+        out.append({"domain": MERGED_DOMAIN, "rank": 0, "manifest_hash": published["merged_hash"],
+                    "name": f"round {published['number']} ({published['method']}), objective on test",
+                    "score": float(published["objective"]), "owner": "", "merged": True})
+    if not domain or domain == PENDING_DOMAIN:
+        verdicts = db.verdicts()
+        for h, e in sorted(experts.items()):
+            f = db.fetch(h)
+            if h in verdicts or f is None or f["status"] != "failed":
+                continue
+            out.append({"domain": PENDING_DOMAIN, "rank": 0, "manifest_hash": h,
+                        "name": f"{e['name']}: fetch failed {f['attempts']}x, retried next round: {f['error']}",
+                        "score": 0.0, "owner": e["owner"], "merged": False})
     return out
 
 
@@ -157,7 +175,7 @@ def print_status(data: dict[str, Any]) -> None:
         f"merged: {(s['merged_manifest_hash'] or '-')[:12]}  files at {s['checkpoint_address']}"
     )
     rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
-             f"{e['score']:.3f}" if e["rank"] else ""] for e in data["leaderboard"]]
+             f"{e['score']:.3f}" if e["rank"] or e["merged"] else ""] for e in data["leaderboard"]]
     console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
     rrows = [[str(r["number"]), r["state"], r["phase"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
               f"{r['objective']:.3f}", r["reason"]] for r in data["rounds"]]

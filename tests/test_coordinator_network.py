@@ -198,11 +198,14 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
         # the status service shows the leaderboard with the rejections and their reasons
         data = fetch_status(coord.status_address)
         assert data["status"]["experts_known"] == 6 and data["status"]["experts_admitted"] == 1
-        ranked = [e for e in data["leaderboard"] if e["domain"] != "rejected"]
+        ranked = [e for e in data["leaderboard"] if e["domain"] not in ("rejected", "pending")]
         assert {(e["domain"], e["rank"], e["name"]) for e in ranked} == {("math", 1, "math")}
         rejected = {e["manifest_hash"]: e["name"] for e in data["leaderboard"] if e["domain"] == "rejected"}
         assert len(rejected) == 4 and "too large" in rejected[peers["huge"].manifest.hash]
         assert data["rounds"][0]["state"] == "verified"
+        pending = [e for e in data["leaderboard"] if e["domain"] == "pending"]
+        assert [e["manifest_hash"] for e in pending] == [peers["code"].manifest.hash]
+        assert "retried next round" in pending[0]["name"]
 
         proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--address", coord.status_address],
                               capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
@@ -212,6 +215,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
 def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     """Round 2 (same state): the offline expert came back; finished work is not redone."""
+    from coordinator.status import fetch_status
     from umm.net.store import ModelStore
     from umm.net.transfer import download
 
@@ -244,6 +248,10 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         path = download(merged, [record.record.address], ModelStore(tmp_path / "node"), max_bytes=10 * MAX_BYTES,
                         progress=False)
         assert build_manifest(path).hash == merged
+
+        board = fetch_status(coord.status_address)["leaderboard"]
+        assert [(e["manifest_hash"], e["merged"]) for e in board if e["domain"] == "merged"] == [(merged, True)]
+        assert not [e for e in board if e["domain"] == "pending"]
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
