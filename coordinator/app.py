@@ -118,6 +118,7 @@ class Coordinator:
                     "address": self.address}
             self.status_server = StatusServer(StatusServicer(str(self.db.path), lambda: info), host=cfg.grpc_host,
                                               port=cfg.status_port)
+            (cfg.data_dir / "status_address").write_text(self.status_server.address + "\n")
             self._republish()
         except BaseException:
             self.stop()

@@ -66,7 +66,6 @@ def run(
         console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
         console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
         console.print(f"  status service: {coordinator.status_address}", highlight=False)
-        (cfg.data_dir / "status_address").write_text(coordinator.status_address + "\n")
         coordinator.run(rounds=rounds or None)
     except KeyboardInterrupt:
         console.print("interrupted; the round resumes on the next start")

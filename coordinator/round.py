@@ -224,7 +224,7 @@ class RoundRunner:
             try:
                 report = admit(self.ctx.store.path(h), AdmissionLimits(max_total_bytes=self.config.max_model_bytes))
             except UmmError as e:
-                self.db.record_verdict(h, False, str(e).splitlines()[0][:1000])
+                self._reject(h, str(e).splitlines()[0][:1000])
                 rejected.append(h)
                 continue
             fp = report.fingerprint
@@ -236,15 +236,19 @@ class RoundRunner:
             if claimed.get("num_parameters") not in (None, report.num_parameters):
                 lies.append(f"num_parameters {claimed['num_parameters']} (files: {report.num_parameters})")
             if lies:
-                self.db.record_verdict(h, False, "record does not match the files: " + "; ".join(lies),
-                                       architecture=fp.architecture, tokenizer=fp.tokenizer or "",
-                                       num_parameters=report.num_parameters)
+                self._reject(h, "record does not match the files: " + "; ".join(lies), architecture=fp.architecture,
+                             tokenizer=fp.tokenizer or "", num_parameters=report.num_parameters)
                 rejected.append(h)
                 continue
             self.db.record_verdict(h, True, "admitted", architecture=fp.architecture, tokenizer=fp.tokenizer or "",
                                    num_parameters=report.num_parameters)
             admitted.append(h)
         return {"admitted": admitted, "rejected": rejected}
+
+    def _reject(self, manifest_hash: str, reason: str, **fingerprint: Any) -> None:
+        """Record the verdict, then drop the bytes: the store (which we serve) keeps admitted models only."""
+        self.db.record_verdict(manifest_hash, False, reason, **fingerprint)
+        self.ctx.store.remove(manifest_hash)
 
     def step_evaluate(self, number: int, results: dict) -> dict:
         bench = benchmark_key(self.config, "search")
@@ -259,9 +263,9 @@ class RoundRunner:
                 try:
                     scores = evaluate_folder(self.config, self.ctx.store.path(h), "search")
                 except Exception as e:  # noqa: BLE001 - an expert that cannot be evaluated is rejected
-                    self.db.record_verdict(h, False, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
-                                           architecture=v["architecture"], tokenizer=v["tokenizer"],
-                                           num_parameters=v["num_parameters"])
+                    self._reject(h, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
+                                 architecture=v["architecture"], tokenizer=v["tokenizer"],
+                                 num_parameters=v["num_parameters"])
                     failed.append(h)
                     continue
                 self.db.record_evaluation(h, bench, "search", scores, time.perf_counter() - t0)

@@ -181,7 +181,8 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
         assert "model.layers" in v["nan"]["reason"]  # names the tensor
         assert not v["huge"]["admitted"] and v["huge"]["reason"].startswith("too large")
         assert not v["corrupt"]["admitted"] and "do not match the manifest" in v["corrupt"]["reason"]
-        assert not coord.store.has(peers["corrupt"].manifest.hash)  # nothing unverified enters the store
+        # nothing unverified enters the store, and rejected bytes are dropped (the store is served)
+        assert coord.store.list() == [peers["math"].manifest.hash]
 
         # self-reported 0.99 is shown to nobody as a score: ranks use the coordinator's evaluation
         math_hash = peers["math"].manifest.hash
@@ -207,7 +208,9 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
         assert [e["manifest_hash"] for e in pending] == [peers["code"].manifest.hash]
         assert "retried next round" in pending[0]["name"]
 
-        proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--address", coord.status_address],
+        config_path = net["root"] / "coord.yaml"  # `status --config` finds the running coordinator's address
+        config_path.write_text(yaml.safe_dump({"network": NET, "data_dir": str(cfg.data_dir)}))
+        proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--config", str(config_path)],
                               capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
         assert proc.returncode == 0, proc.stderr
         assert "Leaderboard" in proc.stdout and "rejected" in proc.stdout and "too large" in proc.stdout
