@@ -15,9 +15,13 @@ How memory stays bounded:
 * inputs are read with ``os.preadv`` into fresh buffers (never memory-mapped), so page-cache
   pages are not charged to this process and every buffer is freed as soon as its job ends;
 * for element-wise, non-random methods (linear, task arithmetic, ...) large tensors are split
-  into blocks of rows of about ``chunk_bytes`` of float32 work each; other methods (TIES,
-  breadcrumbs: their thresholds need the whole tensor; random methods: the generator stream
-  must not depend on the split) get whole tensors;
+  into blocks of rows of about ``chunk_bytes`` of float32 work each;
+* TIES and breadcrumbs (whose magnitude thresholds depend on the whole tensor) are split the
+  same way after a *prepare* job per large tensor: it reads the rows of the base and of one
+  model at a time and computes each model's cuts (:meth:`MergeMethod.prepare`); the tensor's
+  block jobs wait for it and then merge their rows element-wise, exactly as the whole tensor;
+* random methods (DARE, DELLA: the generator stream must not depend on the split) get whole
+  tensors;
 * jobs run on a small thread pool (``threads`` workers overlap reading, computing and writing;
   torch releases the GIL) but a job only starts when its estimated working memory fits in
   ``memory_budget`` alongside the jobs already running (a job larger than the budget runs alone).
@@ -318,10 +322,14 @@ class _Job:
     end: int | None
     est_bytes: int     # estimated peak working memory of the job
     out_bytes: int
+    kind: str = "merge"  # "prepare": compute the tensor's whole-tensor state (no output)
+    uses_state: bool = False  # a block job that needs the tensor's prepared state
+    block_rows: int = 0  # prepare: rows read at a time
 
 
 def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
-    """Split the work into jobs: whole tensors, or blocks of rows for element-wise methods.
+    """Split the work into jobs: whole tensors, or blocks of rows (for element-wise methods, and
+    after a ``prepare`` job for methods with whole-tensor state, see :meth:`MergeMethod.prepare`).
 
     Resolves every tensor's parameters first, so a parameter error stops the merge before any work.
     """
@@ -330,7 +338,12 @@ def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
     jobs: list[_Job] = []
     for name in inputs.tensor_names:
         params = inputs.tensor_params(name)
-        can_chunk = not method.random and method.is_elementwise(params.per_model, params.global_)
+        is_float = inputs.in_dtypes[name].is_floating_point
+        can_chunk = not method.random and (
+            method.is_elementwise(params.per_model, params.global_)
+            or (is_float and method.can_merge_rows(params.per_model, params.global_))
+        )
+        prepared = can_chunk and is_float and method.needs_prepare(params.per_model, params.global_)
         shape = inputs.shapes[name]
         numel = 1
         for d in shape:
@@ -338,16 +351,22 @@ def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
         in_item = torch.empty((), dtype=inputs.in_dtypes[name]).element_size()
         out_item = torch.empty((), dtype=inputs.out_dtypes[name]).element_size()
         rows = shape[0] if shape else 1
-        if can_chunk:  # inputs as stored + a float32 accumulator + the cast result
+        if can_chunk and not prepared:  # inputs as stored + a float32 accumulator + the cast result
             per_elem = n_in * in_item + 4 + out_item
-        else:  # whole-tensor methods also hold float32 deltas of every model and a few temporaries
+        else:  # GTA methods also hold float32 deltas of every model and a few temporaries
             per_elem = n_in * in_item + 4 * (n_in + 3) + out_item
         if can_chunk and shape and rows > 1 and numel * 4 > chunk_bytes:
             row_elems = numel // rows
             step = max(1, chunk_bytes // (4 * max(1, row_elems)))
+            if prepared:  # a block of base + one model as stored, |d| and the histogram's indices
+                est = min(rows, step) * row_elems * (2 * in_item + 12)
+                if params.global_.get("rescale"):  # one model's whole delta for the L1 sums
+                    est += numel * 12
+                jobs.append(_Job(name, None, None, est, 0, kind="prepare", block_rows=step))
             for s in range(0, rows, step):
                 e = min(rows, s + step)
-                jobs.append(_Job(name, s, e, (e - s) * row_elems * per_elem, (e - s) * row_elems * out_item))
+                jobs.append(_Job(name, s, e, (e - s) * row_elems * per_elem, (e - s) * row_elems * out_item,
+                                 uses_state=prepared))
         else:
             jobs.append(_Job(name, None, None, numel * per_elem, numel * out_item))
     return jobs
@@ -395,12 +414,31 @@ class _Budget:
             self.cond.notify_all()
 
 
+def _prepare_job(inputs: MergeInputs, job: _Job, device: torch.device) -> Any:
+    """The method's whole-tensor state of ``job.name``, reading rows of one model at a time."""
+    name = job.name
+
+    def reader(src: Any) -> Callable[[int, int], torch.Tensor]:
+        def read(start: int, end: int) -> torch.Tensor:
+            t = src.read_rows(name, start, end)
+            return t if device.type == "cpu" else t.to(device)
+
+        return read
+
+    params = inputs.tensor_params(name)
+    base = reader(inputs.sources[inputs.base_index]) if inputs.base_index is not None else None
+    tensors = [reader(inputs.sources[i]) for i in inputs.merge_indices]
+    return inputs.method.prepare(base, tensors, inputs.shapes[name], params.per_model, params.global_,
+                                 block_rows=job.block_rows)
+
+
 def _run_job(
     inputs: MergeInputs,
     job: _Job,
     device: torch.device,
     seed: int,
     check_finite: bool,
+    state: Any = None,
 ) -> torch.Tensor:
     from umm.merge import tensor_generator
 
@@ -422,7 +460,11 @@ def _run_job(
     base = blocks[inputs.base_index] if inputs.base_index is not None else None
     tensors = [blocks[i] for i in inputs.merge_indices]
     gen = tensor_generator(seed, name, device=device) if getattr(method, "random", False) else None
-    result = method.merge(base, tensors, params.per_model, params.global_, generator=gen)
+    if job.uses_state:
+        result = method.merge(base, tensors, params.per_model, params.global_, generator=gen,
+                              state=state, row_offset=job.start or 0)
+    else:
+        result = method.merge(base, tensors, params.per_model, params.global_, generator=gen)
     del blocks, tensors, base
     if result.dtype != out_dtype:
         result = result.to(out_dtype)
@@ -446,7 +488,8 @@ def merge_tensors(
 ) -> int:
     """Merge every tensor of ``inputs`` (or only ``names``) and hand each block to ``sink``.
 
-    ``sink`` may be called from worker threads, concurrently, blocks in any order. Returns the
+    ``sink`` may be called from worker threads, concurrently, blocks in any order (a tensor's
+    block jobs wait for its prepare job, which is always submitted before them). Returns the
     number of tensors produced. ``on_progress(out_bytes)`` is called from this thread as blocks
     complete. Errors from any job are raised here after the pool stops.
     """
@@ -466,12 +509,25 @@ def merge_tensors(
     budget = _Budget(memory_budget)
     done_names: set[str] = set()
     stop = threading.Event()
+    # prepared state of each tensor split after a prepare job (set by that job, read by its blocks)
+    states: dict[str, Future] = {j.name: Future() for j in jobs if j.kind == "prepare"}
 
     def work(job: _Job) -> _Job:
         try:
+            if job.kind == "prepare":
+                fut = states[job.name]
+                try:
+                    if stop.is_set():
+                        raise UmmError("merge stopped before this tensor was prepared")
+                    fut.set_result(_prepare_job(inputs, job, dev))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+                    raise
+                return job
             if stop.is_set():
                 return job
-            block = _run_job(inputs, job, dev, seed, check_finite)
+            state = states[job.name].result() if job.uses_state else None
+            block = _run_job(inputs, job, dev, seed, check_finite, state)
             sink(job.name, job.start or 0, block)
             return job
         finally:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,14 @@ ParamMap = Mapping[str, float | bool]
 MergeFn = Callable[
     [torch.Tensor | None, Sequence[torch.Tensor], Sequence[Mapping[str, float]], Mapping[str, float | bool], "torch.Generator | None"],
     torch.Tensor,
+]
+#: Reads rows ``[start, end)`` of one model's tensor, as stored (any float dtype).
+RowReader = Callable[[int, int], torch.Tensor]
+#: ``prepare_fn(base, tensors, shape, tensor_params, global_params, block_rows)`` -> state.
+PrepareFn = Callable[
+    [RowReader | None, Sequence[RowReader], tuple[int, ...], Sequence[Mapping[str, float]],
+     Mapping[str, float | bool], int],
+    Any,
 ]
 # Decides, from the resolved parameters, whether a call is elementwise (slice of result == result of slice).
 ElementwiseFn = Callable[[Sequence[Mapping[str, float]], Mapping[str, float | bool]], bool]
@@ -42,6 +51,12 @@ class MergeMethod:
     ``elementwise`` is true when, for any parameters, merging a row slice of every input gives
     the same slice of the merged tensor (the executor may then merge in chunks);
     :meth:`is_elementwise` refines it for concrete parameters (e.g. TIES with density 1).
+
+    Methods whose result depends on the whole tensor only through a little state (TIES and
+    breadcrumbs: each model's magnitude cuts and rescale factor) have a ``prepare_fn``:
+    :meth:`prepare` computes that state from the whole tensor, reading rows of one model at a
+    time, and ``merge(..., state=, row_offset=)`` then merges any block of rows element-wise,
+    exactly as the whole-tensor merge would have (:meth:`can_merge_rows` says when).
     """
 
     name: str
@@ -52,6 +67,7 @@ class MergeMethod:
     elementwise: bool
     fn: MergeFn = field(repr=False, compare=False)
     elementwise_fn: ElementwiseFn | None = field(default=None, repr=False, compare=False)
+    prepare_fn: PrepareFn | None = field(default=None, repr=False, compare=False)
     summary: str = ""
     reference_url: str = ""
 
@@ -99,8 +115,14 @@ class MergeMethod:
         global_params: Mapping[str, float | bool],
         *,
         generator: torch.Generator | None = None,
+        state: Any = None,
+        row_offset: int = 0,
     ) -> torch.Tensor:
-        """Merge one tensor; returns a new float32 tensor on the inputs' device."""
+        """Merge one tensor; returns a new float32 tensor on the inputs' device.
+
+        With ``state`` (from :meth:`prepare` on the whole tensor) the inputs are the rows
+        ``row_offset ..`` of the tensor, and the result is those rows of the whole merge.
+        """
         if len(tensors) != len(tensor_params):
             raise MergeParameterError(
                 f"{self.name}: got {len(tensors)} tensors but {len(tensor_params)} parameter sets"
@@ -121,7 +143,58 @@ class MergeMethod:
             )
         tparams = [self.fill_tensor_params(p) for p in tensor_params]
         gparams = self.fill_global_params(global_params)
-        return self.fn(base, tensors, tparams, gparams, generator)
+        if state is None:
+            return self.fn(base, tensors, tparams, gparams, generator)
+        return self.fn(base, tensors, tparams, gparams, generator, state=state, row_offset=row_offset)
+
+    def can_merge_rows(
+        self, tensor_params: Sequence[Mapping[str, float]], global_params: Mapping[str, float | bool]
+    ) -> bool:
+        """Whether blocks of rows can be merged exactly: element-wise, or after :meth:`prepare`."""
+        if self.is_elementwise(tensor_params, global_params):
+            return True
+        return self.prepare_fn is not None and not self.random
+
+    def needs_prepare(
+        self, tensor_params: Sequence[Mapping[str, float]], global_params: Mapping[str, float | bool]
+    ) -> bool:
+        """Whether merging blocks of rows needs the whole-tensor state of :meth:`prepare`."""
+        return self.can_merge_rows(tensor_params, global_params) and not self.is_elementwise(
+            tensor_params, global_params
+        )
+
+    def prepare(
+        self,
+        base: RowReader | None,
+        tensors: Sequence[RowReader],
+        shape: Sequence[int],
+        tensor_params: Sequence[Mapping[str, float]],
+        global_params: Mapping[str, float | bool],
+        *,
+        block_rows: int,
+    ) -> Any:
+        """The whole-tensor state for merging blocks of rows of a tensor of ``shape`` (>= 1 dim).
+
+        ``base`` / ``tensors`` read rows ``[start, end)`` of each input; they are read
+        ``block_rows`` rows at a time, one model at a time (a ``rescale`` holds one model's whole
+        delta). Returns ``None`` for element-wise parameters (no state needed).
+        """
+        if not self.can_merge_rows(tensor_params, global_params):
+            raise MergeParameterError(f"{self.name} cannot be merged in blocks of rows with these parameters")
+        if self.is_elementwise(tensor_params, global_params):
+            return None
+        if len(tensors) != len(tensor_params):
+            raise MergeParameterError(
+                f"{self.name}: got {len(tensors)} tensors but {len(tensor_params)} parameter sets"
+            )
+        if self.requires_base and base is None:
+            raise MergeParameterError(f"{self.name} needs a base model (set base_model in the recipe)")
+        if not shape:
+            raise MergeParameterError(f"{self.name}: prepare needs a tensor of at least one dimension")
+        tparams = [self.fill_tensor_params(p) for p in tensor_params]
+        gparams = self.fill_global_params(global_params)
+        assert self.prepare_fn is not None
+        return self.prepare_fn(base, tensors, tuple(shape), tparams, gparams, max(1, int(block_rows)))
 
     def is_elementwise(
         self, tensor_params: Sequence[Mapping[str, float]], global_params: Mapping[str, float | bool]

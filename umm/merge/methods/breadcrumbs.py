@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 from umm.merge.methods.base import MergeMethod
-from umm.merge.methods.gta import density_is_one, gta_global_params, gta_merge
+from umm.merge.methods.gta import density_is_one, gta_global_params, gta_merge, gta_prepare
 
 _PARAMS = {"weight": None, "density": 1.0, "gamma": 0.01}
 
@@ -33,6 +33,7 @@ BREADCRUMBS = MergeMethod(
     elementwise=False,
     fn=partial(gta_merge, method="breadcrumbs", sparsification="magnitude_outliers", consensus=False),
     elementwise_fn=density_is_one,
+    prepare_fn=partial(gta_prepare, method="breadcrumbs", sparsification="magnitude_outliers"),
     summary="drop smallest and largest deltas, weighted sum",
     reference_url="https://arxiv.org/abs/2312.06795",
 )
@@ -46,6 +47,7 @@ BREADCRUMBS_TIES = MergeMethod(
     elementwise=False,
     fn=partial(gta_merge, method="breadcrumbs_ties", sparsification="magnitude_outliers", consensus=True),
     elementwise_fn=density_is_one,
+    prepare_fn=partial(gta_prepare, method="breadcrumbs_ties", sparsification="magnitude_outliers"),
     summary="drop smallest and largest deltas, TIES sign election",
     reference_url="https://arxiv.org/abs/2312.06795",
 )

@@ -28,12 +28,13 @@ result is float32. mergekit computes in the recipe's ``dtype`` (or the loaded dt
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 
 import torch
 
 from umm.merge.methods import sparsify
-from umm.merge.methods.base import MergeParameterError, as_float32
+from umm.merge.methods.base import MergeParameterError, RowReader, as_float32
 
 def gta_global_params(normalize: bool, rescale: bool) -> dict[str, float | bool]:
     """Global parameters and defaults of a generalised task-arithmetic method."""
@@ -50,8 +51,15 @@ def gta_merge(
     method: str,
     sparsification: str | None,
     consensus: bool,
+    state: Sequence[sparsify.Selection] | None = None,
+    row_offset: int = 0,
 ) -> torch.Tensor:
-    """Generalised task arithmetic over float32 deltas; see the module docstring."""
+    """Generalised task arithmetic over float32 deltas; see the module docstring.
+
+    With ``state`` (one :class:`~.sparsify.Selection` per model, from :func:`gta_prepare`) the
+    inputs are rows ``row_offset ..`` of the tensor and each delta is sparsified by its
+    selection instead of over the block (everything else is element-wise).
+    """
     if base is None:
         raise MergeParameterError(f"{method} needs a base model (set base_model in the recipe)")
     base32 = as_float32(base)
@@ -67,7 +75,9 @@ def gta_merge(
             d = d.float()
         density = float(p["density"])
         try:
-            if sparsification == "magnitude":
+            if state is not None:
+                d = state[len(deltas)].apply(d, row_offset * _row_numel(base32))
+            elif sparsification == "magnitude":
                 d = sparsify.magnitude(d, density, rescale)
             elif sparsification == "magnitude_outliers":
                 d = sparsify.magnitude_outliers(d, density, float(p["gamma"]), rescale)
@@ -117,3 +127,49 @@ def gta_merge(
 def density_is_one(tensor_params: Sequence[Mapping[str, float]], _global: Mapping[str, float | bool]) -> bool:
     """True when no model is sparsified, which makes a GTA merge elementwise."""
     return all(float(p["density"]) >= 1 for p in tensor_params)
+
+
+def _row_numel(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[0] if x.dim() and x.shape[0] else 1
+
+
+def gta_prepare(
+    base: RowReader | None,
+    tensors: Sequence[RowReader],
+    shape: tuple[int, ...],
+    tensor_params: Sequence[Mapping[str, float]],
+    global_params: Mapping[str, float | bool],
+    block_rows: int,
+    *,
+    method: str,
+    sparsification: str,
+) -> tuple[sparsify.Selection, ...]:
+    """Each model's :class:`~.sparsify.Selection` over the whole tensor, for merging row blocks.
+
+    Reads ``block_rows`` rows of the base and of one model at a time (two or three passes per
+    model); with ``rescale`` also that model's whole delta once (for the exact L1 sums).
+    """
+    if base is None:
+        raise MergeParameterError(f"{method} needs a base model (set base_model in the recipe)")
+    rows = shape[0]
+    n = 1
+    for s in shape:
+        n *= s
+    rescale = bool(global_params["rescale"])
+
+    def delta(x: RowReader, start: int, end: int) -> torch.Tensor:
+        d = torch.sub(x(start, end), as_float32(base(start, end)))
+        return d if d.dtype == torch.float32 else d.float()
+
+    out: list[sparsify.Selection] = []
+    for x, p in zip(tensors, tensor_params):
+
+        def blocks(x: RowReader = x) -> Iterator[torch.Tensor]:
+            for s in range(0, rows, block_rows):
+                yield delta(x, s, min(rows, s + block_rows)).abs_().view(-1)
+
+        whole = partial(delta, x, 0, rows) if rescale else None
+        out.append(sparsify.plan_selection(
+            sparsification, blocks, n, float(p["density"]), float(p.get("gamma", 0.0)), whole_delta=whole
+        ))
+    return tuple(out)

@@ -29,6 +29,9 @@ two radix selections (O(n), :func:`kth_smallest`) instead of a full sort. One ed
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
 
 RESCALE_EPS = 1e-7
@@ -187,3 +190,192 @@ def della_magprune(
     probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
     keep = torch.rand(rows.shape, generator=generator, device=d.device, dtype=torch.float32) < probs
     return _apply(d, keep, rescale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-block sparsification: a whole-tensor plan, then an element-wise step per block of rows
+# ---------------------------------------------------------------------------------------------
+#
+# A magnitude selection (``magnitude``, ``magnitude_outliers``) depends on the whole tensor only
+# through one or two *cuts*: the value at a rank and which of the entries equal to it count as
+# above it. :func:`plan_selection` finds them from blocks of ``|d|`` read in flat order (radix
+# select by histograms accumulated over the blocks, so the whole delta is never held), and
+# :meth:`Selection.keep_mask` applies them to any block: the same entries as the whole-tensor
+# functions above, exactly.
+
+BlockStream = Callable[[], Iterable[torch.Tensor]]
+"""Each call yields the 1-D float32 blocks of ``|d|`` (non-negative, finite) in flat order."""
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Entries *at or above* the cut: ``|d| > value``, or ``|d| == value`` at a flat index in
+    ``[tie_start, tie_end)`` (the ties that a stable sort ranks above the cut)."""
+
+    value: float
+    tie_start: int
+    tie_end: int
+
+    def above(self, a: torch.Tensor, flat_start: int) -> torch.Tensor:
+        """Bool mask of 1-D block ``a`` (flat indices ``flat_start ..``) at or above the cut."""
+        v = torch.tensor(self.value, dtype=torch.float32, device=a.device)
+        mask = a > v
+        lo = min(max(self.tie_start - flat_start, 0), a.numel())
+        hi = min(max(self.tie_end - flat_start, 0), a.numel())
+        if lo < hi:
+            mask[lo:hi].logical_or_(a[lo:hi] == v)
+        return mask
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries of one model's delta a sparsification keeps, and its L1 rescale factor.
+
+    ``keep`` is ``"all"``, ``"zero"`` (every entry set to +0, as ``magnitude`` with density 0)
+    or ``"cut"``: an entry is kept when it is at or above ``lower`` (if set) and not at or above
+    ``upper`` (if set); dropped entries are multiplied by 0 (so -0 stays -0, as the whole-tensor
+    functions do). ``scale``: multiply the kept entries by it (the whole tensor's
+    ``sum|d| / sum|kept|``), ``None`` for no rescale.
+    """
+
+    keep: str
+    lower: Cut | None = None
+    upper: Cut | None = None
+    scale: float | None = None
+
+    def keep_mask(self, a: torch.Tensor, flat_start: int) -> torch.Tensor | None:
+        """Bool mask over 1-D ``|d|`` block ``a`` starting at flat index ``flat_start``;
+        ``None`` when every entry is kept."""
+        if self.keep == "all":
+            return None
+        if self.keep == "zero":
+            return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+        mask = self.lower.above(a, flat_start) if self.lower is not None else None
+        if self.upper is not None:
+            below = self.upper.above(a, flat_start).logical_not_()
+            mask = below if mask is None else mask.logical_and_(below)
+        return mask if mask is not None else torch.ones(a.shape, dtype=torch.bool, device=a.device)
+
+    def apply(self, d: torch.Tensor, flat_start: int) -> torch.Tensor:
+        """Sparsify (and rescale) a block ``d`` of the delta in place, as the whole-tensor
+        function would have done to these entries."""
+        if self.keep == "zero":
+            return d.zero_()
+        keep = self.keep_mask(d.abs().view(-1), flat_start)
+        if keep is not None:
+            d.mul_(keep.view(d.shape))
+        if self.scale is not None:
+            d.mul_(torch.tensor(self.scale, dtype=torch.float32, device=d.device))
+        return d
+
+
+KEEP_ALL = Selection("all")
+
+
+def _value_at_rank(blocks: BlockStream, r: int) -> tuple[torch.Tensor, int, int]:
+    """(value, number below it, number equal to it) of ascending rank ``r`` over the blocks.
+
+    Two passes: a histogram of the top 16 bits of the float32 patterns, then of the low 16 bits
+    inside the bucket holding rank ``r`` (as :func:`kth_smallest`).
+    """
+    hist: torch.Tensor | None = None
+    for a in blocks():
+        h = torch.bincount((a.view(torch.int32) >> 16).view(-1), minlength=1 << 15)
+        hist = h if hist is None else _add_hist(hist, h)
+    assert hist is not None
+    cum = hist.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True)[0])
+    low_hist: torch.Tensor | None = None
+    for a in blocks():
+        low = (a.view(torch.int32).view(-1) - (b << 16)).clamp_(-1, 1 << 16).add_(1)
+        h = torch.bincount(low, minlength=(1 << 16) + 2)
+        low_hist = h if low_hist is None else low_hist.add_(h)
+    assert low_hist is not None
+    cum = low_hist.cumsum(0)
+    j = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True)[0])
+    value = torch.tensor([(b << 16) + j - 1], dtype=torch.int32).view(torch.float32)[0]
+    return value, int(cum[j - 1]), int(low_hist[j])
+
+
+def _add_hist(acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    if h.numel() > acc.numel():  # bincount grows past minlength only for NaN/Inf patterns
+        acc, h = h, acc
+    acc[: h.numel()].add_(h)
+    return acc
+
+
+def _nth_equal_index(blocks: BlockStream, value: torch.Tensor, m: int, n: int) -> int:
+    """Flat index of the ``m``-th (1-based) entry equal to ``value``; ``n`` if there are fewer."""
+    seen, start = 0, 0
+    for a in blocks():
+        a = a.view(-1)
+        eq = a == value.to(a.device)
+        c = int(torch.count_nonzero(eq))
+        if seen + c >= m:
+            pos = torch.nonzero(eq).view(-1)
+            return start + int(pos[m - seen - 1])
+        seen += c
+        start += a.numel()
+    return n
+
+
+def _rank_cut(blocks: BlockStream, n: int, r: int) -> Cut:
+    """The cut above which lie exactly the entries of stable ascending rank ``>= r`` (0 < r < n);
+    among equal values the lower flat index ranks lower."""
+    value, n_below, _ = _value_at_rank(blocks, r)
+    skip = r - n_below  # ties ranked below r: the first ``skip`` by flat index
+    start = 0 if skip <= 0 else _nth_equal_index(blocks, value, skip, n) + 1
+    return Cut(float(value), start, n)
+
+
+def _top_cut(blocks: BlockStream, n: int, k: int) -> Cut:
+    """The cut above which lie exactly the ``k`` largest entries (0 < k < n), equal values: lower
+    flat index first (as :func:`top_k_mask`)."""
+    value, n_below, n_eq = _value_at_rank(blocks, n - k)
+    need = k - (n - n_below - n_eq)  # ties to keep: the first ``need`` by flat index
+    end = n if need >= n_eq else _nth_equal_index(blocks, value, need, n) + 1
+    return Cut(float(value), 0, end)
+
+
+def plan_selection(
+    kind: str,
+    blocks: BlockStream,
+    n: int,
+    density: float,
+    gamma: float = 0.0,
+    whole_delta: Callable[[], torch.Tensor] | None = None,
+) -> Selection:
+    """The :class:`Selection` of ``magnitude`` (``kind="magnitude"``) or ``magnitude_outliers``
+    over a delta of ``n`` entries whose ``|d|`` the ``blocks`` stream yields.
+
+    ``whole_delta`` (for ``rescale`` only) returns the whole fresh float32 delta, whose
+    whole-tensor sums give the rescale factor exactly as the whole-tensor functions compute it.
+    """
+    if density >= 1:
+        return KEEP_ALL
+    if kind == "magnitude":
+        if density <= 0 or n == 0:
+            return Selection("zero")
+        k = max(1, int(density * n))
+        sel = KEEP_ALL if k >= n else Selection("cut", lower=_top_cut(blocks, n, k))
+    elif kind == "magnitude_outliers":
+        target = int(density * n)
+        n_bot = max(0, n - target - int(gamma * n))
+        lo, hi = n_bot, min(n, n_bot + target)
+        if lo >= hi:  # nothing kept
+            sel = Selection("cut", lower=Cut(float("inf"), 0, 0))
+        else:
+            lower = _rank_cut(blocks, n, lo) if lo > 0 else None
+            upper = _rank_cut(blocks, n, hi) if hi < n else None
+            sel = Selection("cut", lower=lower, upper=upper) if lower or upper else KEEP_ALL
+    else:
+        raise ValueError(f"no row-block plan for sparsification {kind!r}")
+    if whole_delta is None:
+        return sel
+    d = whole_delta()
+    before = d.abs().sum()
+    sel.apply(d, 0)
+    after = d.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return sel
+    return Selection(sel.keep, sel.lower, sel.upper, float(before / after))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from functools import partial
 
 from umm.merge.methods.base import MergeMethod
-from umm.merge.methods.gta import density_is_one, gta_global_params, gta_merge
+from umm.merge.methods.gta import density_is_one, gta_global_params, gta_merge, gta_prepare
 
 TIES = MergeMethod(
     name="ties",
@@ -30,6 +30,7 @@ TIES = MergeMethod(
     elementwise=False,
     fn=partial(gta_merge, method="ties", sparsification="magnitude", consensus=True),
     elementwise_fn=density_is_one,
+    prepare_fn=partial(gta_prepare, method="ties", sparsification="magnitude"),
     summary="magnitude trim + sign election + disjoint mean of task vectors",
     reference_url="https://arxiv.org/abs/2306.01708",
 )
