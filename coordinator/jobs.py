@@ -97,7 +97,10 @@ def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: fl
             if stop is not None and stop.is_set():
                 # coordinator shutting down: leave the worker; a restart waits for it again
                 return job
-            os.killpg(pid, signal.SIGKILL) if proc is not None else os.kill(pid, signal.SIGKILL)
+            try:  # the worker leads its own process group (start_new_session): end it with its children
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             if proc is not None:
                 proc.wait()
             db.update_job(job_id, status="failed", message=f"stopped after the job timeout of {timeout:.0f} s")

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from coordinator.config import CONFIG_NAME, KEY_NAME, CoordinatorConfigError, load_config, parse_config, write_config
+from coordinator.config import CONFIG_NAME, KEY_NAME, CoordinatorConfigError, load_config, parse_config
 from coordinator.db import StateDB, StateError
 from coordinator.planner import Candidate, plan_round
 from coordinator.cli import main
