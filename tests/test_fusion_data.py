@@ -1,4 +1,4 @@
-"""Instruction-response data: line-numbered errors, truncation counting, chat templates."""
+"""Instruction-response data: line-numbered errors, truncation counting, prompt layouts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from umm.errors import UmmError
-from umm.fusion.data import DataError, Example, InstructionData, tokenize_data, tokenize_example
+from umm.fusion.data import (
+    PLAIN_PROMPT,
+    DataError,
+    Example,
+    InstructionData,
+    LayoutError,
+    resolve_layout,
+    tokenize_data,
+    tokenize_example,
+)
 
 GOOD = '{"instruction": "Add 2 and 3.", "response": "2 + 3 = 5"}'
 
@@ -88,3 +97,89 @@ def test_chat_template_is_used_when_present() -> None:
     prompt = tok.decode(item.input_ids[: item.n_prompt])
     assert prompt.startswith("<|user|>hi there") and prompt.endswith("<|assistant|>")
     assert tok.decode(item.response_ids) == "the answer</s>"
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+EX = Example("Compute 3 + 4.", "3 + 4 = 7", 1)
+
+
+def _ids(tok, text: str, special: bool) -> list[int]:
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def _mask_is_response_only(item) -> None:
+    mask = item.response_mask()
+    assert mask == [False] * item.n_prompt + [True] * (len(item.input_ids) - item.n_prompt)
+
+
+def test_raw_layout_is_exactly_prompt_response_eos() -> None:
+    tok = _tokenizer()
+    tok.chat_template = TEMPLATE  # an explicit raw layout ignores the template
+    item = tokenize_example(tok, EX, 100, layout="raw")
+    assert item is not None
+    prompt = _ids(tok, EX.instruction, True)
+    assert item.input_ids == prompt + _ids(tok, EX.response, False) + [tok.eos_token_id]
+    assert item.n_prompt == len(prompt) and tok.decode(item.response_ids) == "3 + 4 = 7</s>"
+    _mask_is_response_only(item)
+    out = tokenize_data(tok, InstructionData.from_records([{"instruction": EX.instruction, "response": EX.response}]),
+                        100, layout="raw")
+    assert out.layout == "raw" and out.items[0] is not None and out.items[0].input_ids == item.input_ids
+
+
+def test_plain_layout_wraps_the_instruction() -> None:
+    tok = _tokenizer()
+    item = tokenize_example(tok, EX, 100, layout="plain")
+    assert item is not None
+    prompt = _ids(tok, PLAIN_PROMPT.format(instruction=EX.instruction), True)
+    assert item.input_ids == prompt + _ids(tok, EX.response, False) + [tok.eos_token_id]
+    assert tok.decode(item.input_ids[: item.n_prompt]) == "### Instruction:\nCompute 3 + 4.\n\n### Response:\n"
+    _mask_is_response_only(item)
+    assert tokenize_example(tok, EX, 100) == item  # auto without a template is plain
+    tok.chat_template = TEMPLATE
+    assert tokenize_example(tok, EX, 100, layout="plain") == item  # explicit plain ignores the template
+
+
+def test_chat_layout_uses_the_template_and_auto_picks_it() -> None:
+    tok = _tokenizer()
+    tok.chat_template = TEMPLATE
+    item = tokenize_example(tok, EX, 100, layout="chat")
+    assert item is not None
+    assert item.input_ids[: item.n_prompt] == _ids(tok, "<|user|>Compute 3 + 4.</s><|assistant|>", False)
+    assert tok.decode(item.response_ids) == "3 + 4 = 7</s>"  # the template's end of turn, no extra EOS
+    _mask_is_response_only(item)
+    assert tokenize_example(tok, EX, 100, layout="auto") == item
+    assert resolve_layout(tok) == "chat"
+    raw = tokenize_example(tok, EX, 100, layout="raw")
+    assert raw is not None and raw.input_ids != item.input_ids
+
+
+def test_chat_without_template_names_the_tokenizer(tmp_path: Path) -> None:
+    from umm.checkpoints.loading import load_tokenizer
+
+    folder = tmp_path / "no_template_tok"
+    _tokenizer().save_pretrained(folder)
+    tok = load_tokenizer(folder)
+    assert resolve_layout(tok, "auto") == "plain"
+    with pytest.raises(LayoutError, match=r"layout 'chat' needs a chat template.*no_template_tok.*has none"):
+        tokenize_example(tok, EX, 100, layout="chat")
+    data = InstructionData.from_records([{"instruction": "a", "response": "b"}])
+    with pytest.raises(LayoutError, match="no_template_tok"):
+        tokenize_data(tok, data, 100, layout="chat")
+    with pytest.raises(LayoutError, match="unknown layout 'alpaca'; choose one of auto, chat, plain, raw"):
+        tokenize_data(tok, data, 100, layout="alpaca")
+
+
+def test_template_that_is_not_prefix_stable() -> None:
+    tok = _tokenizer()
+    # the generation prompt differs from how an assistant turn is rendered: no clean split
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[reply]{% endif %}"
+    )
+    with pytest.raises(LayoutError, match="prefix"):
+        tokenize_example(tok, EX, 100, layout="chat")
+    assert resolve_layout(tok, "auto") == "plain"
+    assert tokenize_example(tok, EX, 100) == tokenize_example(tok, EX, 100, layout="plain")

@@ -1,12 +1,22 @@
 """Instruction-response data: JSONL loading with line-numbered errors, and tokenisation.
 
 Each line of the JSONL file is an object with non-empty string fields ``instruction`` and
-``response``. A sequence is tokenised as *prompt* + *response*: the prompt is the tokenizer's chat
-template applied to the instruction (with the generation prompt) when the tokenizer has one, else a
-plain ``### Instruction / ### Response`` layout; the response is the rest of the templated
-conversation (or the response text followed by the EOS token). Prompt and response are tokenised
-separately, so every tokenizer sees the response text on its own and two tokenizations of the same
-response can be aligned token by token (see :mod:`umm.fusion.align`).
+``response``. A sequence is tokenised as *prompt* + *response* in one of these layouts:
+
+- ``chat``: the tokenizer's chat template applied to the instruction (with the generation prompt)
+  is the prompt; the rest of the templated conversation (response + end-of-turn markup) is the
+  response. Needs a template whose rendered prompt is a prefix of the rendered conversation.
+- ``plain``: the prompt is ``### Instruction:\n{instruction}\n\n### Response:\n`` (with the
+  tokenizer's special tokens, e.g. BOS); the response is its text followed by the EOS token.
+- ``raw``: the prompt is the instruction text as is (with the tokenizer's special tokens); the
+  response is its text followed by the EOS token, i.e. exactly ``tokenizer(instruction) +
+  tokenizer(response) + [eos]``: for models trained on bare prompts.
+- ``auto`` (default): ``chat`` when the tokenizer has a chat template, else ``plain``.
+
+Only response tokens are trained on and distilled (:meth:`TokenizedExample.response_mask`), in
+every layout. Prompt and response are tokenised separately, so every tokenizer sees the response
+text on its own and two tokenizations of the same response can be aligned token by token (see
+:mod:`umm.fusion.align`).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from umm.errors import UmmError
 
@@ -25,9 +35,17 @@ logger = logging.getLogger(__name__)
 
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
+#: A prompt layout as configured (``auto`` resolves to ``chat`` or ``plain`` per tokenizer).
+Layout = Literal["auto", "chat", "plain", "raw"]
+LAYOUTS: tuple[str, ...] = ("auto", "chat", "plain", "raw")
+
 
 class DataError(UmmError):
     """A malformed instruction-response file; the message names the file and line."""
+
+
+class LayoutError(UmmError):
+    """A prompt layout that is unknown or that the tokenizer cannot provide (no chat template)."""
 
 
 @dataclass(frozen=True)
@@ -126,29 +144,91 @@ class TokenizedData:
     n_truncated: int = 0
     n_dropped: int = 0
     dropped_lines: list[int] = field(default_factory=list)
+    layout: str = "plain"  # the resolved layout: chat, plain or raw
 
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_and_response_text(tokenizer: Any, ex: Example) -> tuple[str, str, bool]:
-    """(prompt text, response text, templated). The response text includes end-of-turn markup."""
-    if has_chat_template(tokenizer):
-        user = [{"role": "user", "content": ex.instruction}]
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": ex.response}], tokenize=False
-        )
-        if isinstance(prompt, str) and isinstance(full, str) and full.startswith(prompt):
-            return prompt, full[len(prompt) :], True
-        logger.debug("chat template of %s is not prefix-stable; using the plain layout", tokenizer)
-    return PLAIN_PROMPT.format(instruction=ex.instruction), ex.response, False
+def tokenizer_name(tokenizer: Any) -> str:
+    """How a tokenizer is named in messages: its folder (``name_or_path``), else its class."""
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
 
 
-def tokenize_example(tokenizer: Any, ex: Example, max_length: int) -> TokenizedExample | None:
-    """Tokenise one example; the response is cut to fit ``max_length`` (``None`` if nothing fits)."""
-    prompt, response, templated = prompt_and_response_text(tokenizer, ex)
+def _chat_split(tokenizer: Any, instruction: str, response: str) -> tuple[str, str] | None:
+    """(prompt, response markup) from the chat template, ``None`` if the prompt is no prefix."""
+    user = [{"role": "user", "content": instruction}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if isinstance(prompt, str) and isinstance(full, str) and full.startswith(prompt):
+        return prompt, full[len(prompt) :]
+    return None
+
+
+def resolve_layout(tokenizer: Any, layout: str = "auto") -> str:
+    """The concrete layout (``chat``, ``plain`` or ``raw``) that ``layout`` means for ``tokenizer``.
+
+    ``auto`` is ``chat`` when the tokenizer has a usable chat template (one whose rendered prompt
+    is a prefix of the rendered conversation), else ``plain``. Raises :class:`LayoutError` for an
+    unknown layout, or for ``chat`` when the tokenizer has no usable template.
+    """
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout in ("plain", "raw"):
+        return layout
+    name = tokenizer_name(tokenizer)
+    if not has_chat_template(tokenizer):
+        if layout == "chat":
+            raise LayoutError(
+                f"layout 'chat' needs a chat template, but the tokenizer {name} has none; use layout "
+                "'plain' (### Instruction / ### Response) or 'raw' (instruction then response), or "
+                "give the tokenizer a chat_template"
+            )
+        return "plain"
+    if _chat_split(tokenizer, "Say hello.", "Hello.") is None:
+        if layout == "chat":
+            raise LayoutError(
+                f"the chat template of the tokenizer {name} does not render the prompt as a prefix of "
+                "the conversation, so the response tokens cannot be separated; use layout 'plain' or 'raw'"
+            )
+        logger.warning("the chat template of %s is not prefix-stable; using the plain layout", name)
+        return "plain"
+    return "chat"
+
+
+def prompt_and_response_text(tokenizer: Any, ex: Example, layout: str = "auto") -> tuple[str, str, str]:
+    """(prompt text, response text, resolved layout). In ``chat`` the response text includes the
+    end-of-turn markup; in ``plain`` and ``raw`` the EOS token is added by :func:`tokenize_example`."""
+    resolved = resolve_layout(tokenizer, layout)
+    prompt, response = _texts(tokenizer, ex, resolved)
+    return prompt, response, resolved
+
+
+def _texts(tokenizer: Any, ex: Example, resolved: str) -> tuple[str, str]:
+    if resolved == "chat":
+        split = _chat_split(tokenizer, ex.instruction, ex.response)
+        if split is None:
+            raise LayoutError(
+                f"line {ex.line}: the chat template of the tokenizer {tokenizer_name(tokenizer)} does not "
+                "render this example's prompt as a prefix of the conversation; use layout 'plain' or 'raw'"
+            )
+        return split
+    if resolved == "raw":
+        return ex.instruction, ex.response
+    return PLAIN_PROMPT.format(instruction=ex.instruction), ex.response
+
+
+def tokenize_example(tokenizer: Any, ex: Example, max_length: int,
+                     layout: str = "auto") -> TokenizedExample | None:
+    """Tokenise one example in ``layout`` (see the module docstring); the response is cut to fit
+    ``max_length`` (``None`` if nothing of it fits)."""
+    return _tokenize(tokenizer, ex, max_length, resolve_layout(tokenizer, layout))
+
+
+def _tokenize(tokenizer: Any, ex: Example, max_length: int, resolved: str) -> TokenizedExample | None:
+    prompt, response = _texts(tokenizer, ex, resolved)
+    templated = resolved == "chat"  # the template writes its own special tokens
     prompt_ids = list(tokenizer(prompt, add_special_tokens=not templated)["input_ids"])
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if not templated and tokenizer.eos_token_id is not None:
@@ -160,13 +240,18 @@ def tokenize_example(tokenizer: Any, ex: Example, max_length: int) -> TokenizedE
     return TokenizedExample(prompt_ids + response_ids[:room], len(prompt_ids), truncated)
 
 
-def tokenize_data(tokenizer: Any, data: InstructionData, max_length: int) -> TokenizedData:
-    """Tokenise every example; counts truncated responses and dropped examples (prompt too long)."""
+def tokenize_data(tokenizer: Any, data: InstructionData, max_length: int,
+                  layout: str = "auto") -> TokenizedData:
+    """Tokenise every example in ``layout``; counts truncated responses and dropped examples
+    (prompt too long). ``TokenizedData.layout`` records the resolved layout."""
     if max_length < 2:
         raise UmmError(f"max_length must be at least 2, got {max_length}")
-    out = TokenizedData(items=[])
+    resolved = resolve_layout(tokenizer, layout)
+    if resolved in ("plain", "raw") and tokenizer.eos_token_id is None:
+        logger.warning("the tokenizer %s has no EOS token: responses end without one", tokenizer_name(tokenizer))
+    out = TokenizedData(items=[], layout=resolved)
     for ex in data.examples:
-        item = tokenize_example(tokenizer, ex, max_length)
+        item = _tokenize(tokenizer, ex, max_length, resolved)
         out.items.append(item)
         if item is None:
             out.n_dropped += 1
