@@ -1,4 +1,4 @@
-"""Teacher pass: top-k content, cache hits, resume after a crash, refused remote-code tokenizers."""
+"""Teacher pass: top-k content, cache hits, layouts in the key, resume after a crash, refused tokenizers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import umm.fusion.teacher as teacher_mod
 from umm.errors import UmmError
 from umm.fusion.data import InstructionData, tokenize_data
-from umm.fusion.teacher import TeacherOutputs, teacher_pass
+from umm.fusion.teacher import TeacherOutputs, cache_key, teacher_pass
 
 RECORDS = [
     {"instruction": f"Compute {i} + {i + 1}.", "response": f"The answer is {i} + {i + 1} = {2 * i + 1}. #### {2 * i + 1}"}
@@ -107,6 +107,33 @@ def test_cache_hit_and_new_key_per_k(neox: Path, data: InstructionData, tmp_path
     assert again.dir == first.dir
     with pytest.raises(AssertionError, match="cached"):
         teacher_pass(neox, data, tmp_path, k=3, max_length=64, show_progress=False)
+
+
+def test_layout_is_part_of_the_cache_key(neox: Path, data: InstructionData, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from umm.checkpoints.loading import load_tokenizer
+
+    keys = {layout: cache_key("m", "d", 4, 64, layout) for layout in ("chat", "plain", "raw")}
+    assert len(set(keys.values())) == 3 and cache_key("m", "d", 4, 64, "raw") == keys["raw"]
+    kw = dict(k=2, max_length=64, show_progress=False)
+    plain = teacher_pass(neox, data, tmp_path, layout="plain", **kw)
+    raw = teacher_pass(neox, data, tmp_path, layout="raw", **kw)
+    assert plain.dir != raw.dir and (plain.layout, raw.layout) == ("plain", "raw")
+    assert plain.key.startswith(plain.dir.name.rsplit("-", 1)[1]) and raw.key != plain.key
+    tok = load_tokenizer(neox)
+    item = tokenize_data(tok, data, 64, layout="raw").items[2]
+    assert item is not None and raw[2] is not None
+    assert raw[2].gold_ids.tolist() == item.response_ids  # the pass really ran in the raw layout
+    assert item.input_ids[: item.n_prompt] == tok(RECORDS[2]["instruction"])["input_ids"]
+
+    def no_load(*a, **k):
+        raise AssertionError("a cached teacher pass must not load the model")
+
+    monkeypatch.setattr("umm.checkpoints.loading.load_causal_lm", no_load)
+    assert teacher_pass(neox, data, tmp_path, layout="auto", **kw).dir == plain.dir  # auto = plain here
+    with pytest.raises(UmmError, match="layout 'chat' needs a chat template"):
+        teacher_pass(neox, data, tmp_path / "chat", layout="chat", **kw)
+    assert not (tmp_path / "chat").exists()
 
 
 def test_remote_code_tokenizer_is_refused(neox: Path, data: InstructionData, tmp_path: Path) -> None:

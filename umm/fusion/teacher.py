@@ -4,7 +4,8 @@ For every response token the pass keeps the top-k token ids and log-probabilitie
 distribution that predicted it, plus each sequence's cross-entropy on its gold response (mean over
 response tokens, the model's own tokenization). Output: safetensors shards of ``shard_sequences``
 consecutive examples and an ``index.json``, under ``out_dir/<model name>-<key>``, where the key
-hashes (model manifest hash, data sha256, k, max_length, format). The index is rewritten
+hashes (format version, model manifest hash, data sha256, k, max_length, resolved prompt layout:
+see :func:`umm.fusion.data.resolve_layout`). The index is rewritten
 atomically after each finished shard, so a killed pass resumes at the first unfinished shard and
 produces byte-identical shards; a finished pass is a cache hit, so adding a source to a fusion
 never redoes the other sources' passes.
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from umm.errors import UmmError
-from umm.fusion.data import InstructionData, TokenizedExample, tokenize_data
+from umm.fusion.data import InstructionData, TokenizedExample, resolve_layout, tokenize_data
 from umm.ui import human_bytes, progress
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,14 @@ class TeacherSequence:
     ce: float
 
 
-def cache_key(model_manifest: str, data_sha256: str, k: int, max_length: int) -> str:
-    """The identity of a teacher pass: same inputs, same key, same files."""
+def cache_key(model_manifest: str, data_sha256: str, k: int, max_length: int, layout: str) -> str:
+    """The identity of a teacher pass: same inputs, same key, same files.
+
+    ``layout`` is the resolved prompt layout (``chat``, ``plain`` or ``raw``): it decides the token
+    sequences, so passes in different layouts never share a cache entry."""
     blob = json.dumps(
         {"format": FORMAT_VERSION, "model": model_manifest, "data": data_sha256, "k": k,
-         "max_length": max_length}, sort_keys=True,
+         "max_length": max_length, "layout": layout}, sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -108,6 +112,7 @@ class TeacherOutputs:
     n_tokens = property(lambda self: int(self.index["n_tokens"]))
     n_truncated = property(lambda self: int(self.index["n_truncated"]))
     n_dropped = property(lambda self: int(self.index["n_dropped"]))
+    layout = property(lambda self: str(self.index.get("layout", "")))  # resolved prompt layout
 
     def __len__(self) -> int:
         return int(self.index["n_examples"])
@@ -182,10 +187,13 @@ def teacher_pass(
     show_progress: bool = True,
     shard_sequences: int = 256,
     model_manifest: str | None = None,
+    layout: str = "auto",
 ) -> TeacherOutputs:
     """Run (or resume, or reuse) the teacher pass of ``model_path`` on ``data`` under ``out_dir``.
 
     ``model_manifest``: the model's manifest hash if already known (else it is computed).
+    ``layout``: the prompt layout (:data:`umm.fusion.data.LAYOUTS`); resolved for this model's
+    tokenizer before anything runs (``chat`` without a template is refused) and part of the key.
     Returns the finished :class:`TeacherOutputs`; logs the storage cost per token.
     """
     from safetensors.torch import save_file
@@ -199,8 +207,9 @@ def teacher_pass(
         raise UmmError("batch_size and shard_sequences must be at least 1")
     model_path = Path(model_path)
     tokenizer = load_tokenizer(model_path)  # refuses remote-code tokenizers before any work
+    resolved = resolve_layout(tokenizer, layout)
     manifest = model_manifest or build_manifest(model_path).hash
-    key = cache_key(manifest, data.sha256, k, max_length)
+    key = cache_key(manifest, data.sha256, k, max_length, resolved)
     target = Path(out_dir) / f"{_safe_name(model_path)}-{key[:16]}"
     index_path = target / INDEX_NAME
     if index_path.is_file():
@@ -214,11 +223,11 @@ def teacher_pass(
     for stale in target.glob(".*.tmp"):
         stale.unlink()
 
-    tokenized = tokenize_data(tokenizer, data, max_length)
+    tokenized = tokenize_data(tokenizer, data, max_length, resolved)
     index = _resume_index(target, key) or {
         "format": FORMAT_VERSION, "key": key, "model_path": str(model_path.resolve()),
         "model_manifest": manifest, "data_sha256": data.sha256, "k": k, "max_length": max_length,
-        "shard_sequences": shard_sequences, "n_examples": len(data), "shards": [],
+        "layout": resolved, "shard_sequences": shard_sequences, "n_examples": len(data), "shards": [],
         "n_truncated": tokenized.n_truncated, "n_dropped": tokenized.n_dropped,
         "dropped_lines": tokenized.dropped_lines, "vocab_size": len(tokenizer),
         "n_tokens": 0, "complete": False, "compute_seconds": 0.0,
