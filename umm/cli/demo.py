@@ -69,7 +69,7 @@ def demo_command(
     threads: int = typer.Option(0, "--threads", help="Merge threads (0: automatic)."),
 ) -> None:
     """Build a tiny base + math + code expert, TIES-merge them, load the result and run it."""
-    from umm.cli.merge import user_errors
+    from umm.cli.common import user_errors
 
     with user_errors():
         _demo(workdir, threads)

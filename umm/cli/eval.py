@@ -8,24 +8,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
+from umm.cli.common import user_errors
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """A :class:`UmmError` becomes a one-line message and exit code 2 (also under CliRunner)."""
-    from umm.errors import UmmError
-    from umm.ui import err_console
 
-    try:
-        yield
-    except UmmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +44,7 @@ def eval_command(
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""
-    with _user_errors():
+    with user_errors():
         if list_:
             _list_tasks()
             return

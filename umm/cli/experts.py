@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
+from umm.cli.common import user_errors
+
 experts_app = typer.Typer(help="The tiny trained expert suite (base, math, code, list) for demos and tests.", no_args_is_help=True)
 
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """UmmError -> one-line message and exit code 2 (also under ``CliRunner``)."""
-    from umm.errors import UmmError
-    from umm.ui import err_console
-
-    try:
-        yield
-    except UmmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +47,7 @@ def prepare(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
 ) -> None:
     """Train the tokenizers and models of a suite variant (cached: reused when up to date)."""
-    with _user_errors():
+    with user_errors():
         from umm.errors import UmmError
         from umm.experts.build import ensure_suite, load_suite, suite_dir
         from umm.experts.recipes import get_recipe
@@ -85,7 +74,7 @@ def list_suites(
     directory: Path | None = typer.Option(None, "--dir", help="Parent folder of the suites (default: umm's experts cache)."),
 ) -> None:
     """Show the variants (built or not) and the models of each built one."""
-    with _user_errors():
+    with user_errors():
         from umm.errors import UmmError
         from umm.experts.build import is_current, load_suite, suite_dir
         from umm.experts.recipes import RECIPES

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from umm.cli.common import user_errors
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """UmmError -> one-line message and exit code 2 (also under ``CliRunner``)."""
-    from umm.errors import UmmError
-    from umm.ui import err_console
 
-    try:
-        yield
-    except UmmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +28,7 @@ def fuse_command(
     Stages: check inputs, choose the pivot (best on the hardest domain, search split) unless the
     config names one, teacher passes (cached; storage per token printed), training, final table.
     """
-    with _user_errors():
+    with user_errors():
         from umm.fusion.pipeline import load_config, run_fuse
         from umm.ui import console
 

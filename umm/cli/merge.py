@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
+from umm.cli.common import user_errors
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a :class:`UmmError` into the CLI's clean one-line message and exit code 2.
 
-    ``umm.cli.run_app`` does the same for the console script; doing it here as well keeps the
-    behaviour when the typer app is invoked directly (``typer.testing.CliRunner``).
-    """
-    from umm.errors import UmmError
-    from umm.ui import err_console
-
-    try:
-        yield
-    except UmmError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -35,17 +35,6 @@ class LiveMergeError(UmmError):
     """The live model does not match the checkpoints, or a candidate changes the models."""
 
 
-class LiveMergeError(UmmError):
-    """The live model does not match the checkpoints, or a candidate changes the models."""
-
-
-def recipe_seed(recipe: Any) -> int:
-    """Seed of a recipe's random method: ``parameters.seed`` if set, else 0 (as ``umm merge``)."""
-    params = getattr(recipe, "parameters", None) or {}
-    value = params.get("seed") if isinstance(params, Mapping) else None
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
 def _cached(t: torch.Tensor, device: torch.device, cache_dtype: torch.dtype) -> torch.Tensor:
     return t.to(device, cache_dtype if t.dtype == cache_dtype else torch.float32)
 
