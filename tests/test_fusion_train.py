@@ -54,6 +54,8 @@ def test_two_steps_then_resume_equals_uninterrupted(setup: dict[str, Path]) -> N
     assert str(setup["neox"]) in card and str(setup["data"]) in card and "lambda = 0.9" in card
     recipe = json.loads((full / "fusion_recipe.json").read_text())
     assert recipe["steps"] == 2 and recipe["fusion"] == "minCE" and len(recipe["teachers"]) == 2
+    assert (recipe["layout"], recipe["pivot_layout"]) == ("auto", "plain")  # no template: plain
+    assert [t["layout"] for t in recipe["teachers"]] == ["plain", "plain"] and "Prompt layout: `plain`" in card
     assert 0 <= recipe["fallback_fraction"]["neox"] < 1
     assert load_causal_lm(full) is not None  # a normal model folder
     trained, start = _weights(full), _weights(setup["pivot"])
@@ -113,3 +115,22 @@ def test_targets_stats_avgce_and_incremental_sources(setup: dict[str, Path], tmp
         assert fused.target.length == n_resp
         assert torch.allclose(fused.target.probs().sum(1), torch.ones(n_resp), atol=1e-5)
         assert fused.target.width > solo.target.width  # AvgCE mixes in the source's entries
+
+
+def test_raw_layout_flows_into_targets_and_training_hash(setup: dict[str, Path], tmp_path: Path) -> None:
+    from umm.checkpoints.loading import load_tokenizer
+
+    cache = tmp_path / "teachers"
+    cfg = _config(setup, "raw", teacher_cache=cache, layout="raw")
+    assert cfg.training_hash() != _config(setup, "raw", teacher_cache=cache).training_hash()  # resume guard
+    targets, teachers = prepare_targets(cfg, show_progress=False)
+    assert [t.layout for t in teachers] == ["raw", "raw"]
+    tok = load_tokenizer(setup["pivot"])
+    for rec, item in zip(RECORDS, targets.items):
+        assert item is not None
+        prompt = tok(rec["instruction"])["input_ids"]
+        assert item.n_prompt == len(prompt)
+        assert item.input_ids == prompt + tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert item.target.length == len(item.input_ids) - item.n_prompt  # targets on response tokens only
+    with pytest.raises(UmmError, match="needs a chat template"):
+        prepare_targets(_config(setup, "chat", teacher_cache=cache, layout="chat"), show_progress=False)

@@ -1,8 +1,8 @@
 """Training the pivot on fused sparse targets, with checkpoints and exact resume.
 
 :func:`train_pivot` runs the whole fusion: the teacher pass of the pivot and of every source
-(cached per model manifest, data hash and k, so adding a source later only runs the new one), the
-fused targets, then ``epochs`` of AdamW with linear warm-up and cosine decay on
+(cached per model manifest, data hash, k, max length and prompt layout, so adding a source later
+only runs the new one), the fused targets, then ``epochs`` of AdamW with linear warm-up and cosine decay on
 ``lam * CE(gold) + (1 - lam) * CE(fused, pivot)`` over response tokens. Every
 ``checkpoint_every`` optimizer steps the model, optimizer, scheduler and RNG state are written
 (safetensors + JSON, never pickle) to a temporary folder renamed into place; ``resume=True``
@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from umm.errors import UmmError
-from umm.fusion.data import InstructionData, tokenize_data
+from umm.fusion.data import PLAIN_PROMPT, InstructionData, resolve_layout, tokenize_data
 from umm.fusion.fuse import FusionFunction
 from umm.fusion.loss import sparse_distill_terms
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
@@ -53,6 +53,7 @@ class FusionTrainConfig(BaseModel):
     k: int = Field(10, ge=1)
     max_length: int = Field(2048, ge=2)
     teacher_batch_size: int = Field(8, ge=1)
+    layout: Literal["auto", "chat", "plain", "raw"] = "auto"  # prompt layout: umm.fusion.data
     fusion: Literal["minCE", "avgCE"] = "minCE"
     vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
     temperature: float = Field(1.0, gt=0)
@@ -213,8 +214,8 @@ def prepare_targets(config: FusionTrainConfig, *, show_progress: bool = True,
         tokenizers.append(load_tokenizer(path))
         teachers.append(teacher_pass(path, data, cache, k=config.k, batch_size=config.teacher_batch_size,
                                      device=device or config.device, max_length=config.max_length,
-                                     show_progress=show_progress))
-    pivot_data = tokenize_data(pivot_tok, data, config.max_length)
+                                     show_progress=show_progress, layout=config.layout))
+    pivot_data = tokenize_data(pivot_tok, data, config.max_length, config.layout)
     targets = build_fused_targets(pivot_tok, pivot_data, data, teachers, tokenizers,
                                   fusion=config.fusion, vocab_map_method=config.vocab_map,
                                   temperature=config.temperature, show_progress=show_progress)
@@ -363,8 +364,10 @@ def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets
         "method": "distribution fusion (FuseLLM-style)",
         "pivot": str(config.pivot),
         "sources": [str(s) for s in config.sources],
+        "layout": config.layout,
+        "pivot_layout": resolve_layout(tokenizer, config.layout),
         "teachers": [{"model": str(t.model_path), "manifest": t.model_manifest, "k": t.k,
-                      "bytes_per_token": round(t.bytes_per_token, 2)} for t in teachers],
+                      "layout": t.layout, "bytes_per_token": round(t.bytes_per_token, 2)} for t in teachers],
         "data": str(config.data),
         "data_sha256": teachers[0].data_sha256 if teachers else None,
         "fusion": config.fusion, "lam": config.lam, "k": config.k, "vocab_map": config.vocab_map,
@@ -395,6 +398,8 @@ def _model_card(r: dict[str, Any]) -> str:
         f"**{r['fusion']}**, and distilled into the pivot.\n\n"
         f"- Pivot: `{r['pivot']}`\n- Sources:\n{sources}\n"
         f"- Data: `{r['data']}` (sha256 `{r['data_sha256']}`)\n"
+        f"- Prompt layout: {_layout_text(r['pivot_layout'])} (configured: `{r['layout']}`); prompt the "
+        "fused model the same way\n"
         f"- Loss: {r['lam']} * CE(gold) + {1 - r['lam']:.2f} * CE(fused, pivot) on response tokens "
         f"(lambda = {r['lam']})\n"
         f"- Vocabulary mapping: {r['vocab_map']}; temperature {r['temperature']}\n"
@@ -402,3 +407,12 @@ def _model_card(r: dict[str, Any]) -> str:
         f"{r['batch_size']} x {r['grad_accum']} accumulation, max length {r['max_length']}, seed {r['seed']}\n\n"
         "The full recipe is in `fusion_recipe.json`.\n"
     )
+
+
+def _layout_text(layout: str) -> str:
+    """How the model card describes a resolved prompt layout."""
+    if layout == "chat":
+        return "`chat` (the tokenizer's chat template)"
+    if layout == "raw":
+        return "`raw` (the instruction text, directly followed by the response and EOS)"
+    return f"`plain` ({PLAIN_PROMPT!r} + response + EOS)"
