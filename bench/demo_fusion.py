@@ -8,10 +8,10 @@ What it does (prints figures, asserts nothing):
 1. Instruction-response data from the suites' ``train`` split only
    (:func:`umm.experts.instruction_data.write_instruction_data`): ``--per-domain`` records of the
    source's domain and of the pivot's own domain (so the pivot keeps seeing its domain).
-2. ``--layout raw`` (default): the pivot and source are copied with a pass-through chat template,
-   so each sequence is tokenised as ``tokenizer(instruction) + tokenizer(response) + eos``:
-   exactly the layout the experts were trained and are evaluated in. ``--layout plain`` keeps
-   :mod:`umm.fusion.data`'s ``### Instruction / ### Response`` wrapper instead.
+2. ``--layout raw`` (default), passed as the ``layout`` key of the fuse config: each sequence is
+   tokenised as ``tokenizer(instruction) + tokenizer(response) + eos``, exactly the layout the
+   experts were trained and are evaluated in. ``--layout plain`` uses :mod:`umm.fusion.data`'s
+   ``### Instruction / ### Response`` wrapper instead (it collapses the experts' scores).
 3. ``umm fuse`` (:func:`umm.fusion.pipeline.run_fuse`): pivot <- source, MinCE, top-10,
    lambda = 0.9, then the final table on ``test`` (pivot before, fused, source).
 4. The ablation: the same run with lambda = 1 (plain fine-tuning of the pivot on the same data,
@@ -30,23 +30,6 @@ import shutil
 import time
 from pathlib import Path
 
-PASSTHROUGH_TEMPLATE = (
-    "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-)
-
-
-def raw_layout_copy(src: Path, dst: Path) -> Path:
-    """Copy a model folder and give its tokenizer a template that adds nothing but the final eos."""
-    from umm.checkpoints.loading import load_tokenizer
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    tok = load_tokenizer(dst)
-    tok.chat_template = PASSTHROUGH_TEMPLATE
-    tok.save_pretrained(dst)
-    return dst
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +39,8 @@ def main() -> None:
     ap.add_argument("--pivot", default="math", help="suite model used as the pivot")
     ap.add_argument("--source", default="list", help="suite model fused into it (another family and tokenizer)")
     ap.add_argument("--per-domain", type=int, default=1000, help="train records per domain in the fusion data")
-    ap.add_argument("--layout", choices=["raw", "plain"], default="raw")
+    ap.add_argument("--layout", choices=["raw", "plain", "chat", "auto"], default="raw",
+                    help="prompt layout of the fusion data (the fuse config's layout key)")
     ap.add_argument("--lam", type=float, default=0.9)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=2)
@@ -89,17 +73,14 @@ def main() -> None:
     pivot_domain = suite.models[args.pivot]["domains"][0]
     source_domain = suite.models[args.source]["domains"][0]
     data = write_instruction_data(work / "data.jsonl", {source_domain: args.per_domain, pivot_domain: args.per_domain})
-    if args.layout == "raw":
-        pivot = raw_layout_copy(suite.path(args.pivot), work / "models" / args.pivot)
-        source = raw_layout_copy(suite.path(args.source), work / "models" / args.source)
-    else:
-        pivot, source = suite.path(args.pivot), suite.path(args.source)
+    pivot, source = suite.path(args.pivot), suite.path(args.source)
     tasks = [t for t in args.tasks.split(",") if t]
 
     def config(out: str, lam: float, final_eval: bool):
         return parse_config({
             "pivot": str(pivot), "sources": [str(source)], "data": str(data), "output": str(work / out),
-            "teacher_cache": str(work / "teachers"), "k": 10, "max_length": 128, "fusion": "minCE",
+            "teacher_cache": str(work / "teachers"), "k": 10, "max_length": 128, "layout": args.layout,
+            "fusion": "minCE",
             "lam": lam, "device": args.device, "final_eval": final_eval,
             "training": {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "warmup_ratio": 0.03,
                          "seed": 0, "checkpoint_every": 10_000},

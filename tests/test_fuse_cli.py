@@ -83,6 +83,7 @@ def test_fuse_end_to_end_then_resume(app: typer.Typer, setup: dict[str, Path]) -
     assert {Path(t["path"]).name for t in report["teachers"]} == {"a_llama", "b_neox"}
     assert all(0 < t["bytes_per_token"] < t["dense_bytes_per_token"] for t in report["teachers"])
     assert all(t["n_truncated"] == 1 for t in report["teachers"])
+    assert [t["layout"] for t in report["teachers"]] == ["plain", "plain"]  # auto, no chat templates
     assert "1 responses truncated" in r.output
     assert "pivot (before)" in r.output and "fused" in r.output
     recipe = json.loads((out / "fusion_recipe.json").read_text())
@@ -156,6 +157,32 @@ def test_malformed_data_line_is_named(app: typer.Typer, setup: dict[str, Path]) 
     assert r.exit_code == 2 and "empty_line.jsonl:2" in r.output and "empty line" in r.output
 
 
+def test_layout_reaches_the_teacher_passes(setup: dict[str, Path], tmp_path: Path) -> None:
+    from umm.fusion.data import InstructionData
+    from umm.fusion.pipeline import train_config
+
+    data = InstructionData.from_jsonl(setup["data"])
+    cache = str(tmp_path / "cache")
+    runs = {}
+    for layout in ("auto", "raw"):
+        cfg = parse_config(_config(setup, "unused", teacher_cache=cache, layout=layout))
+        runs[layout] = run_teacher_passes(cfg, setup["llama"], [setup["neox"]], data, "cpu", show_progress=False)
+        assert train_config(cfg, setup["llama"], [setup["neox"]], "cpu", False).layout == layout
+    assert [t.layout for t in runs["auto"]] == ["plain", "plain"] and [t.layout for t in runs["raw"]] == ["raw", "raw"]
+    assert {t.directory for t in runs["auto"]}.isdisjoint(t.directory for t in runs["raw"])  # new cache keys
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
+def test_chat_layout_without_template_is_refused_before_any_work(app: typer.Typer, setup: dict[str, Path]) -> None:
+    r = _run(app, str(_write(setup, "chat.yaml", _config(setup, "o_chat", pivot=str(setup["llama"]),
+                                                          sources=[str(setup["neox"])], layout="chat"))))
+    assert r.exit_code == 2, r.output
+    assert "pivot" in r.output and "a_llama" in r.output and "needs a chat template" in r.output
+    assert not (setup["root"] / "o_chat").exists()
+    r = _run(app, str(_write(setup, "alpaca.yaml", _config(setup, "o_chat", layout="alpaca"))))
+    assert r.exit_code == 2 and "layout" in r.output and "'raw'" in r.output
+
+
 def test_pivot_that_is_not_a_causal_lm_is_refused(app: typer.Typer, setup: dict[str, Path]) -> None:
     clf = setup["root"] / "classifier"
     shutil.copytree(setup["llama"], clf, dirs_exist_ok=True)
@@ -183,6 +210,7 @@ def test_example_config_is_valid_and_sets_every_key() -> None:
     path = Path(__file__).resolve().parent.parent / "examples" / "fuse.yaml"
     cfg = load_config(path, device="cpu")
     assert cfg.device == "cpu" and cfg.k == 10 and cfg.lam == 0.9 and cfg.output == path.parent / "fused-math-list"
+    assert cfg.layout == "raw"  # the tiny experts were trained on bare prompts
     raw = yaml.safe_load(path.read_text())
     assert set(raw) == set(FuseConfig.model_fields)
     assert set(raw["training"]) == set(TrainingSettings.model_fields)

@@ -7,9 +7,13 @@ Stages (each with its own progress bars):
 2. **Pivot**: the configured one, or (``pivot: null``) the candidate with the best score on the
    hardest domain of the evaluation tasks, scored with :func:`umm.eval.evaluate` on the ``search``
    split only (:func:`umm.fusion.pivot.choose_pivot`; ``pivot_domain`` overrides the domain).
-3. **Teacher passes** of the pivot and every source (cached by model manifest, data hash, k and
-   max length: adding a source later runs only the new one); the storage cost per response token
-   and the truncated/dropped counts are reported.
+3. **Teacher passes** of the pivot and every source (cached by model manifest, data hash, k, max
+   length and prompt layout: adding a source later runs only the new one); the storage cost per
+   response token and the truncated/dropped counts are reported.
+
+Every sequence is tokenised in the configured prompt ``layout`` (:mod:`umm.fusion.data`: ``auto``,
+``chat``, ``plain`` or ``raw``); stage 1 refuses ``chat`` for a model whose tokenizer has no
+template.
 4. **Training** of the pivot on the fused targets (:func:`umm.fusion.train.train_pivot`;
    ``resume`` continues from its last checkpoint; a finished output is reused).
 5. **Final table** on the ``test`` split of every task: pivot before, fused pivot, each source.
@@ -88,6 +92,7 @@ class FuseConfig(_Strict):
     k: int = Field(10, ge=1)
     max_length: int = Field(2048, ge=2)
     teacher_batch_size: int = Field(8, ge=1)
+    layout: Literal["auto", "chat", "plain", "raw"] = "auto"
     fusion: Literal["minCE", "avgCE"] = "minCE"
     vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
     temperature: float = Field(1.0, gt=0)
@@ -218,6 +223,7 @@ class TeacherInfo:
     n_dropped: int
     dense_bytes_per_token: int
     directory: str
+    layout: str  # the resolved prompt layout of this model's pass (chat, plain or raw)
 
 
 @dataclass
@@ -293,14 +299,15 @@ def domain_scores(per_task: dict[str, tuple[float, float, float, int]], domains:
 
 
 def check_inputs(cfg: FuseConfig) -> Any:
-    """Stage 1: load the data (errors name the line) and check every model folder and tokenizer.
+    """Stage 1: load the data (errors name the line) and check every model folder and tokenizer
+    (including that it can provide the configured prompt layout).
 
     Returns the loaded :class:`~umm.fusion.data.InstructionData`.
     """
     from umm.checkpoints.errors import CheckpointError
     from umm.checkpoints.loading import check_model_config, load_tokenizer
     from umm.checkpoints.reader import Checkpoint
-    from umm.fusion.data import InstructionData
+    from umm.fusion.data import InstructionData, resolve_layout
 
     data = InstructionData.from_jsonl(cfg.data)
     for path in cfg.candidates():
@@ -308,8 +315,12 @@ def check_inputs(cfg: FuseConfig) -> Any:
         try:
             with Checkpoint.open(path) as ckpt:
                 check_model_config(ckpt.config, ckpt.path / "config.json")
-            load_tokenizer(path)
+            tokenizer = load_tokenizer(path)
         except CheckpointError as e:
+            raise UmmError(f"{role} {path}: {e}") from None
+        try:
+            resolve_layout(tokenizer, cfg.layout)
+        except UmmError as e:
             raise UmmError(f"{role} {path}: {e}") from None
     return data
 
@@ -346,10 +357,10 @@ def run_teacher_passes(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], da
     out = []
     for path in [pivot, *sources]:
         t = teacher_pass(path, data, cache, k=cfg.k, batch_size=cfg.teacher_batch_size, device=device,
-                         max_length=cfg.max_length, show_progress=show_progress)
+                         max_length=cfg.max_length, show_progress=show_progress, layout=cfg.layout)
         vocab = len(load_tokenizer(path))
         out.append(TeacherInfo(path.name, str(path), t.n_tokens, t.storage_bytes, t.bytes_per_token,
-                               t.n_truncated, t.n_dropped, 2 * vocab, str(t.dir)))
+                               t.n_truncated, t.n_dropped, 2 * vocab, str(t.dir), t.layout))
     return out
 
 
@@ -361,7 +372,7 @@ def train_config(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], device: 
     return FusionTrainConfig(
         pivot=pivot, sources=list(sources), data=cfg.data, output=cfg.output,
         teacher_cache=cfg.teacher_cache or home() / "fusion" / "teachers", k=cfg.k, max_length=cfg.max_length,
-        teacher_batch_size=cfg.teacher_batch_size, fusion=cfg.fusion, vocab_map=cfg.vocab_map,
+        teacher_batch_size=cfg.teacher_batch_size, layout=cfg.layout, fusion=cfg.fusion, vocab_map=cfg.vocab_map,
         temperature=cfg.temperature, lam=cfg.lam, device=device, resume=resume,
         **cfg.training.model_dump(),
     )
@@ -427,9 +438,9 @@ def run_fuse(
 
     echo("[bold]3/5 teacher passes[/]")
     teachers = run_teacher_passes(cfg, pivot, sources, data, device, show_progress=show_progress)
-    echo(table(f"teacher passes (top-{cfg.k}, max length {cfg.max_length})",
-               ["model", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
-               [[t.name, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
+    echo(table(f"teacher passes (top-{cfg.k}, max length {cfg.max_length}, layout {cfg.layout})",
+               ["model", "layout", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
+               [[t.name, t.layout, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
                  t.dense_bytes_per_token, t.n_truncated, t.n_dropped] for t in teachers]))
     for t in teachers:
         if t.n_truncated or t.n_dropped:
