@@ -318,3 +318,38 @@ def test_open_inputs_plans_layout_from_reference_model(tiny_models):
         assert set(inputs.out_dtypes.values()) == {torch.float16}
     finally:
         inputs.close()
+
+
+def _quantised_expert(base: Path, dst: Path, seed: int) -> Path:
+    """base + a few distinct delta values: masses of exact magnitude ties at every threshold."""
+    _copy_model(base, dst)
+    f = dst / "model.safetensors"
+    tensors = load_file(f)
+    g = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            tensors[name] = t + torch.randint(-2, 3, t.shape, generator=g).to(t.dtype) / 64
+    save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_sparsified_methods_are_merged_in_prepared_row_blocks_exactly(method, tiny_models, tmp_path):
+    from umm.merge.executor import plan_jobs
+
+    experts = [_quantised_expert(tiny_models["base"], tmp_path / f"q{i}", seed=i) for i in range(2)]
+    recipe = recipe_for(method, tiny_models["base"], experts, parameters={"rescale": True})
+    inputs = open_inputs(recipe)
+    try:
+        jobs = plan_jobs(inputs, chunk_bytes=4096)
+    finally:
+        inputs.close()
+    embed = [j for j in jobs if j.name == "model.embed_tokens.weight"]
+    assert embed[0].kind == "prepare" and len(embed) > 3  # a prepare job, then its row blocks
+    assert all(j.uses_state and j.kind == "merge" for j in embed[1:])
+    # blocks of 16 rows (1024 entries): ties at each model's cut straddle block boundaries
+    s = merge(recipe, tmp_path / "out", threads=2, chunk_bytes=4096, show_progress=False)
+    got, want = _load(tmp_path / "out"), reference_merge(recipe)
+    assert s.num_tensors == len(want)
+    for name in want:
+        assert torch.equal(got[name].view(torch.int32), want[name].view(torch.int32)), name

@@ -397,3 +397,137 @@ def test_radix_selection_equals_a_stable_full_sort(kind):
         ref = torch.zeros(n, dtype=torch.bool)
         ref[asc[lo:hi]] = True
         assert torch.equal(rank_range_mask(a, lo, hi), ref), (lo, hi)
+
+
+# ------------------------------------------------------- row blocks after a whole-tensor prepare
+def _block_merge(method, base, xs, params, gp, block_rows, reads=None):
+    """prepare() on readers of the whole tensors, then merge(state=, row_offset=) block by block."""
+    def reader(i, t):
+        def read(s, e):
+            if reads is not None:
+                reads.append((i, s, e))
+            return t[s:e]
+        return read
+
+    rows = base.shape[0]
+    state = method.prepare(reader(-1, base), [reader(i, x) for i, x in enumerate(xs)], base.shape,
+                           params, gp, block_rows=block_rows)
+    parts = [method.merge(base[s:s + block_rows], [x[s:s + block_rows] for x in xs], params, gp,
+                          state=state, row_offset=s) for s in range(0, rows, block_rows)]
+    return torch.cat(parts), state
+
+
+SPARSE_CASES = [
+    ("ties", {"density": 0.35}, {}),
+    ("ties", {"density": 0.5}, {"rescale": True, "normalize": False, "lambda": 0.7}),
+    ("ties", {"density": 0.0}, {}),
+    ("breadcrumbs", {"density": 0.6, "gamma": 0.1}, {}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.0}, {"rescale": True}),
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}, {"normalize": True}),
+    ("breadcrumbs_ties", {"density": 0.001, "gamma": 0.01}, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "tparams", "gp"), SPARSE_CASES)
+@pytest.mark.parametrize("quantised", [False, True])
+def test_prepared_row_blocks_equal_the_whole_tensor_merge_bitwise(name, tparams, gp, quantised):
+    """The executor's path for TIES/breadcrumbs: same bits (signed zeros included) as one call."""
+    method = get_method(name)
+    g = torch.Generator().manual_seed(11)
+    shape = (23, 17)  # odd sizes: blocks never align with SIMD widths or with the ties
+    base = torch.randn(*shape, generator=g).bfloat16()
+    if quantised:  # bf16 deltas of a few values: thousands of exact magnitude ties at the cuts
+        xs = [(base.float() + torch.randint(-3, 4, shape, generator=g).float() * 0.25).bfloat16()
+              for _ in range(3)]
+    else:
+        xs = [(base.float() + 0.05 * torch.randn(*shape, generator=g)).bfloat16() for _ in range(3)]
+    params = [{"weight": w, **tparams} for w in (0.6, 0.3, -0.4)]
+    assert method.needs_prepare(params, gp)
+    whole = method.merge(base, xs, params, gp)
+    for block_rows in (1, 4, 9, 23):
+        got, _ = _block_merge(method, base, xs, params, gp, block_rows)
+        assert torch.equal(got.view(torch.int32), whole.view(torch.int32)), block_rows
+
+
+def test_ties_at_the_threshold_straddling_blocks_keep_the_first_by_flat_index():
+    method = get_method("ties")
+    base = torch.zeros(6, 10)
+    x = torch.ones(6, 10)  # every magnitude ties: keep k = 21 -> flat indices 0..20
+    x.view(-1)[45] = 3.0  # one clear winner, so 20 ties are kept (0..19), the 20th sits in row 1
+    params = [{"weight": 1.0, "density": 0.35}]
+    got, state = _block_merge(method, base, [x], params, {}, block_rows=1)
+    want = torch.zeros(60)
+    want[:20] = 1.0
+    want[45] = 3.0
+    assert torch.equal(got.view(-1), want)
+    assert state[0].lower.tie_end == 20  # ties kept: flat index < 20, across rows 0 and 1
+    assert torch.equal(got, method.merge(base, [x], params, {}))
+
+
+def test_breadcrumbs_ties_at_both_cuts_straddling_blocks_follow_a_stable_sort():
+    method = get_method("breadcrumbs")
+    base = torch.zeros(5, 8)
+    x = torch.full((5, 8), -0.5)  # all tied: ranks are flat indices
+    params = [{"weight": 1.0, "density": 0.5, "gamma": 0.2}]  # keep ranks 12..31
+    got, state = _block_merge(method, base, [x], params, {}, block_rows=3)
+    want = torch.zeros(40)
+    want[12:32] = -0.5
+    assert torch.equal(got.view(-1), want)
+    assert (state[0].lower.tie_start, state[0].upper.tie_start) == (12, 32)
+    assert torch.equal(got.view(torch.int32), method.merge(base, [x], params, {}).view(torch.int32))
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_prepare_reads_one_model_at_a_time_in_blocks(rescale):
+    method = get_method("ties")
+    base, xs = _inputs(3, shape=(20, 8))
+    params = [{"weight": 0.5, "density": 0.3}] * 3
+    reads = []
+    _block_merge(method, base, xs, params, {"rescale": rescale}, block_rows=3, reads=reads)
+    models = [i for i, _, _ in reads if i >= 0]
+    assert models == sorted(models) and set(models) == {0, 1, 2}  # never interleaved
+    sizes = [e - s for _, s, e in reads]
+    if rescale:  # plus one whole read of each model (and of the base) for the exact L1 sums
+        assert sizes.count(20) == 6 and max(s for s in sizes if s != 20) == 3
+    else:
+        assert max(sizes) == 3
+
+
+def test_prepare_only_for_sparsified_deterministic_methods():
+    params = [{"weight": 0.5, "density": 0.5}]
+    assert get_method("ties").needs_prepare(params, {})
+    assert not get_method("ties").needs_prepare([{"weight": 0.5, "density": 1.0}], {})  # element-wise
+    assert get_method("ties").prepare(None, [lambda s, e: None], (4, 4), [{"weight": 1.0}], {},
+                                      block_rows=2) is None
+    assert not get_method("dare_ties").can_merge_rows(params, {})  # random: whole tensors
+    with pytest.raises(UmmError, match="blocks of rows"):
+        get_method("dare_ties").prepare(None, [], (4, 4), params, {}, block_rows=2)
+    assert not get_method("slerp").can_merge_rows([{}], {"t": 0.5})
+
+
+@pytest.mark.parametrize("kind", ["quantised", "float"])
+def test_block_selection_equals_whole_tensor_selection_on_radix_sizes(kind):
+    """The histogram selection over a stream of blocks picks exactly the whole-tensor entries."""
+    from umm.merge.methods.sparsify import RADIX_MIN, plan_selection, rank_range_mask, top_k_mask
+
+    g = torch.Generator().manual_seed(9)
+    n = RADIX_MIN + 999
+    if kind == "quantised":
+        a = torch.randint(0, 30, (n,), generator=g).float() * 0.125
+    else:
+        a = torch.randn(n, generator=g).abs()
+    cuts = [0, 1000, 33333, 50000, n]
+
+    def blocks():
+        return (a[s:e] for s, e in zip(cuts, cuts[1:]))
+
+    def mask(sel):
+        return torch.cat([sel.keep_mask(a[s:e], s) for s, e in zip(cuts, cuts[1:])])
+
+    for density in (0.1, 0.5, 0.97):
+        assert torch.equal(mask(plan_selection("magnitude", blocks, n, density)),
+                           top_k_mask(a, max(1, int(density * n))))
+        sel = plan_selection("magnitude_outliers", blocks, n, density, gamma=0.02)
+        target = int(density * n)
+        n_bot = max(0, n - target - int(0.02 * n))
+        assert torch.equal(mask(sel), rank_range_mask(a, n_bot, n_bot + target))

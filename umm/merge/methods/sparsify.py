@@ -272,36 +272,63 @@ class Selection:
 KEEP_ALL = Selection("all")
 
 
+class _Histogram:
+    """Counts of small non-negative ints over many blocks; small blocks are pooled (up to
+    ``FLUSH`` entries) so each ``bincount`` sees at least that many."""
+
+    FLUSH = 1 << 20
+
+    def __init__(self, bins: int) -> None:
+        self.bins = bins
+        self.counts: torch.Tensor | None = None
+        self.pool: list[torch.Tensor] = []
+        self.pooled = 0
+
+    def add(self, idx: torch.Tensor) -> None:
+        self.pool.append(idx)
+        self.pooled += idx.numel()
+        if self.pooled >= self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pool:
+            return
+        idx = self.pool[0] if len(self.pool) == 1 else torch.cat(self.pool)
+        self.pool, self.pooled = [], 0
+        h = torch.bincount(idx, minlength=self.bins)
+        if self.counts is None:
+            self.counts = h
+        else:
+            if h.numel() > self.counts.numel():  # only NaN/Inf patterns exceed ``bins``
+                self.counts, h = h, self.counts
+            self.counts[: h.numel()].add_(h)
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        return self.counts if self.counts is not None else torch.zeros(self.bins, dtype=torch.int64)
+
+
 def _value_at_rank(blocks: BlockStream, r: int) -> tuple[torch.Tensor, int, int]:
     """(value, number below it, number equal to it) of ascending rank ``r`` over the blocks.
 
     Two passes: a histogram of the top 16 bits of the float32 patterns, then of the low 16 bits
-    inside the bucket holding rank ``r`` (as :func:`kth_smallest`).
+    of the entries inside the bucket holding rank ``r`` (as :func:`kth_smallest`).
     """
-    hist: torch.Tensor | None = None
+    high = _Histogram(1 << 15)
     for a in blocks():
-        h = torch.bincount((a.view(torch.int32) >> 16).view(-1), minlength=1 << 15)
-        hist = h if hist is None else _add_hist(hist, h)
-    assert hist is not None
-    cum = hist.cumsum(0)
+        high.add((a.view(torch.int32) >> 16).view(-1))
+    cum = high.result().cumsum(0)
     b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True)[0])
-    low_hist: torch.Tensor | None = None
+    below = int(cum[b - 1]) if b > 0 else 0  # entries in lower buckets
+    low = _Histogram(1 << 16)
     for a in blocks():
-        low = (a.view(torch.int32).view(-1) - (b << 16)).clamp_(-1, 1 << 16).add_(1)
-        h = torch.bincount(low, minlength=(1 << 16) + 2)
-        low_hist = h if low_hist is None else low_hist.add_(h)
-    assert low_hist is not None
-    cum = low_hist.cumsum(0)
-    j = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True)[0])
-    value = torch.tensor([(b << 16) + j - 1], dtype=torch.int32).view(torch.float32)[0]
-    return value, int(cum[j - 1]), int(low_hist[j])
-
-
-def _add_hist(acc: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    if h.numel() > acc.numel():  # bincount grows past minlength only for NaN/Inf patterns
-        acc, h = h, acc
-    acc[: h.numel()].add_(h)
-    return acc
+        bits = a.view(torch.int32).view(-1)
+        low.add(bits[(bits >> 16) == b] & 0xFFFF)
+    counts = low.result()
+    cum = counts.cumsum(0)
+    j = int(torch.searchsorted(cum, torch.tensor([r - below], dtype=cum.dtype, device=cum.device), right=True)[0])
+    value = torch.tensor([(b << 16) + j], dtype=torch.int32).view(torch.float32)[0]
+    return value, below + (int(cum[j - 1]) if j > 0 else 0), int(counts[j])
 
 
 def _nth_equal_index(blocks: BlockStream, value: torch.Tensor, m: int, n: int) -> int:
