@@ -33,10 +33,10 @@ def main() -> None:
     from umm.ui import console, table
 
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     suite = ensure_suite(args.variant, args.dir)
-    console.print(f"suite {suite.variant} at {suite.root}: ready in {time.perf_counter() - t0:.1f}s "
-                  f"(recorded build {suite.info['build_seconds']:.0f}s)")
+    console.print(f"suite {suite.variant} at {suite.root}: ready in {time.perf_counter() - t0:.1f}s wall, "
+                  f"{time.process_time() - c0:.1f}s CPU (recorded build {suite.info['build_seconds']:.0f}s wall)")
     tasks = list(SUITES)
     results: dict[str, dict] = {}
     for name, entry in suite.models.items():
@@ -57,6 +57,15 @@ def main() -> None:
         rows.append([name, f"{r['params']:,}", f"{r['train_seconds']:.0f}", *cells, f"{r['eval_seconds']:.0f}"])
     console.print(table(f"{suite.variant}: accuracy on test (n={args.limit} per domain, 95% CI)",
                         ["model", "params", "train s", *tasks, "eval s"], rows))
+    # The suite's bar: every expert's 95% CI on its own domain lies above the base's of the same family.
+    bases = suite.info["bases"]
+    for name, entry in suite.models.items():
+        for domain in entry["domains"]:
+            task = next(t for t in tasks if SUITES[t].domain == domain)
+            ref = bases.get(entry["family"]) or bases.get("llama")
+            mine, theirs = results[name]["scores"][task], results[ref]["scores"][task]
+            verdict = "clearly beats" if mine["ci"][0] > theirs["ci"][1] else "does NOT clearly beat"
+            console.print(f"{name} {verdict} {ref} on {task}: {mine['score']:.3f} vs {theirs['score']:.3f}")
     out = Path(__file__).parent / "out" / f"experts_{suite.variant}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"variant": suite.variant, "root": str(suite.root), "limit": args.limit,

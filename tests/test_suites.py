@@ -72,6 +72,7 @@ def test_list_answers_are_the_extreme_value() -> None:
     for r in split_records(SUITES["synth-list"], "search", 200):
         nums = [int(x) for x in re.findall(r"\d+", r["question"])]
         want = max(nums) if "largest" in r["question"] else min(nums)
+        assert 3 <= len(nums) <= 4 and all(1 <= x <= 20 for x in nums)  # copyable by a ~1M-param model
         assert r["answer"] == f"#### {want}"
 
 
@@ -159,6 +160,13 @@ def test_recipes_validate_fingerprint_and_scale() -> None:
         mixed.validate()
     with pytest.raises(UmmError, match="unknown expert suite variant"):
         get_recipe("huge")
+    # An expert may replay other domains; it is an expert only of the domains it names.
+    math = replace(small.models[1], mixture={"math": 50, "code": 5}, experts_of=("math",))
+    assert math.domains == ["math"] and small.models[0].domains == [] and small.models[2].domains == ["code"]
+    for wrong in (("list",), ()):
+        bad_experts = replace(small, models=(small.models[0], replace(math, experts_of=wrong)))
+        with pytest.raises(UmmError, match="must be a non-empty part of its mixture"):
+            bad_experts.validate()
     assert isinstance(small.models[0], ModelRecipe)
 
 

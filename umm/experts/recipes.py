@@ -41,7 +41,8 @@ class ModelRecipe:
 
     ``init_from`` names an earlier model of the recipe to fine-tune (its config and tokenizer are
     then reused and the shape fields ignored). ``mixture`` maps domains to training-record counts
-    from each suite's ``train`` split.
+    from each suite's ``train`` split. ``experts_of`` names the domains an expert is an expert of
+    when its mixture also replays a little of other domains (default: every mixture domain).
     """
 
     name: str
@@ -56,11 +57,14 @@ class ModelRecipe:
     num_heads: int = 4
     intermediate_size: int = 352
     init_seed: int = 0
+    experts_of: tuple[str, ...] | None = None
 
     @property
     def domains(self) -> list[str]:
         """Domains this model is an expert of (empty for a base)."""
-        return [] if self.role == "base" else list(self.mixture)
+        if self.role == "base":
+            return []
+        return list(self.experts_of) if self.experts_of is not None else list(self.mixture)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ class SuiteRecipe:
                     raise UmmError(f"recipe {self.variant}: model {m.name} must keep {m.init_from}'s family and tokenizer")
             for d in m.mixture:
                 suite_for_domain(d)
+            if m.experts_of is not None and (not m.experts_of or not set(m.experts_of) <= set(m.mixture)):
+                raise UmmError(f"recipe {self.variant}: model {m.name} is an expert of {list(m.experts_of)}, "
+                               f"which must be a non-empty part of its mixture {list(m.mixture)}")
             seen[m.name] = m
 
 
@@ -125,21 +132,23 @@ def _full() -> SuiteRecipe:
             "metaspace": TokenizerRecipe("metaspace", vocab_size=320, corpus_per_domain=1500),
         },
         models=(
+            # A weak base: little code and list, few steps, so merges have room above both sources.
             ModelRecipe(
-                name="base", role="base", mixture={"math": 1500, "code": 1500, "list": 1500},
-                train=TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=30, seed=1), init_seed=1, **llama,
+                name="base", role="base", mixture={"math": 1500, "code": 500, "list": 200},
+                train=TrainConfig(steps=120, batch_size=32, lr=3e-3, warmup=20, seed=1), init_seed=1, **llama,
+            ),
+            # Experts replay ~5% of the other domain: task vectors that add a skill without erasing the other.
+            ModelRecipe(
+                name="math", role="expert", mixture={"math": 4000, "code": 200}, experts_of=("math",), init_from="base",
+                train=TrainConfig(steps=300, batch_size=32, lr=1.5e-3, warmup=20, seed=2), **llama,
             ),
             ModelRecipe(
-                name="math", role="expert", mixture={"math": 4000}, init_from="base",
-                train=TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup=20, seed=2), **llama,
-            ),
-            ModelRecipe(
-                name="code", role="expert", mixture={"code": 3000}, init_from="base",
+                name="code", role="expert", mixture={"code": 3000, "math": 150}, experts_of=("code",), init_from="base",
                 train=TrainConfig(steps=160, batch_size=32, lr=1e-3, warmup=20, seed=3), **llama,
             ),
             ModelRecipe(
                 name="list", role="expert", family="gptneox", tokenizer="metaspace", mixture={"list": 4000},
-                train=TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=30, seed=4), init_seed=4,
+                train=TrainConfig(steps=500, batch_size=32, lr=3e-3, warmup=30, seed=4), init_seed=4,
                 hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
             ),
         ),

@@ -6,7 +6,7 @@ the evaluator scores it with that family's extraction path:
 - ``synth-math`` (``gsm8k``): 1-2 step add/subtract word problems with numbers up to 30; the worked solution ends in
   ``#### N``.
 - ``synth-code`` (``mbpp``): a one-line description -> a Python function checked by asserts.
-- ``synth-list`` (``gsm8k``): the largest / smallest number of a short list, ``#### N``.
+- ``synth-list`` (``gsm8k``): the largest / smallest of 3-4 numbers up to 20, ``#### N``.
 
 Records are pure functions of ``(n, seed)``; which split a record belongs to is decided only by
 :func:`umm.eval.splits.generated_split_of` on :meth:`Suite.key`, so ``train`` / ``search`` /
@@ -28,7 +28,7 @@ from umm.eval.splits import Split, generated_split_of
 Kind = Literal["gsm8k", "mbpp"]
 
 # Bumped whenever a generator or format changes: part of every expert recipe fingerprint.
-SUITES_VERSION = 2
+SUITES_VERSION = 3
 
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Max", "Eva", "Ben", "Ivy", "Dan", "Amy")
 _ITEMS = ("apples", "books", "coins", "cards", "pens", "eggs", "stamps", "shells", "marbles", "cups")
@@ -171,7 +171,7 @@ def _code_target(record: dict) -> str:
 
 
 def _list_record(rng: random.Random) -> dict:
-    nums = [rng.randint(1, 99) for _ in range(rng.randint(3, 5))]
+    nums = [rng.randint(1, 20) for _ in range(rng.randint(3, 4))]
     shown = ", ".join(map(str, nums))
     if rng.random() < 0.5:
         q, ans = f"What is the largest of {shown}?", max(nums)
