@@ -10,14 +10,14 @@ Stages (each with its own progress bars):
 3. **Teacher passes** of the pivot and every source (cached by model manifest, data hash, k, max
    length and prompt layout: adding a source later runs only the new one); the storage cost per
    response token and the truncated/dropped counts are reported.
-
-Every sequence is tokenised in the configured prompt ``layout`` (:mod:`umm.fusion.data`: ``auto``,
-``chat``, ``plain`` or ``raw``); stage 1 refuses ``chat`` for a model whose tokenizer has no
-template.
 4. **Training** of the pivot on the fused targets (:func:`umm.fusion.train.train_pivot`;
    ``resume`` continues from its last checkpoint; a finished output is reused).
 5. **Final table** on the ``test`` split of every task: pivot before, fused pivot, each source.
    Also written to ``<output>/fuse_report.json``.
+
+Every sequence is tokenised in the configured prompt ``layout`` (:mod:`umm.fusion.data`: ``auto``,
+``chat``, ``plain`` or ``raw``); stage 1 refuses ``chat`` for a model whose tokenizer has no
+template, and stage 3 warns when ``auto`` gives the models different layouts.
 """
 
 from __future__ import annotations
@@ -442,6 +442,10 @@ def run_fuse(
                ["model", "layout", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
                [[t.name, t.layout, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
                  t.dense_bytes_per_token, t.n_truncated, t.n_dropped] for t in teachers]))
+    if len({t.layout for t in teachers}) > 1:
+        echo("[yellow]layout auto gives these models different prompt layouts ("
+             + ", ".join(f"{t.name}: {t.layout}" for t in teachers)
+             + "); set layout to chat, plain or raw to give them the same prompts[/]")
     for t in teachers:
         if t.n_truncated or t.n_dropped:
             echo(f"[yellow]{t.name}: {t.n_truncated} responses truncated to max_length={cfg.max_length}, "
