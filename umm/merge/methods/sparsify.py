@@ -29,7 +29,7 @@ two radix selections (O(n), :func:`kth_smallest`) instead of a full sort. One ed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -308,60 +308,89 @@ class _Histogram:
         return self.counts if self.counts is not None else torch.zeros(self.bins, dtype=torch.int64)
 
 
-def _value_at_rank(blocks: BlockStream, r: int) -> tuple[torch.Tensor, int, int]:
-    """(value, number below it, number equal to it) of ascending rank ``r`` over the blocks.
+def _values_at_ranks(blocks: BlockStream, ranks: Sequence[int]) -> list[tuple[torch.Tensor, int, int]]:
+    """(value, number below it, number equal to it) at each ascending rank of ``ranks``.
 
-    Two passes: a histogram of the top 16 bits of the float32 patterns, then of the low 16 bits
-    of the entries inside the bucket holding rank ``r`` (as :func:`kth_smallest`).
+    Two passes over the blocks for all ranks together: a histogram of the top 16 bits of the
+    float32 patterns, then of the low 16 bits of the entries inside each bucket holding one of
+    the ranks (as :func:`kth_smallest`).
     """
     high = _Histogram(1 << 15)
     for a in blocks():
         high.add((a.view(torch.int32) >> 16).view(-1))
     cum = high.result().cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype, device=cum.device), right=True)[0])
-    below = int(cum[b - 1]) if b > 0 else 0  # entries in lower buckets
-    low = _Histogram(1 << 16)
+    at = torch.searchsorted(cum, torch.tensor(list(ranks), dtype=cum.dtype, device=cum.device), right=True)
+    buckets = [int(b) for b in at]
+    lows = {b: _Histogram(1 << 16) for b in buckets}
     for a in blocks():
         bits = a.view(torch.int32).view(-1)
-        low.add(bits[(bits >> 16) == b] & 0xFFFF)
-    counts = low.result()
-    cum = counts.cumsum(0)
-    j = int(torch.searchsorted(cum, torch.tensor([r - below], dtype=cum.dtype, device=cum.device), right=True)[0])
-    value = torch.tensor([(b << 16) + j], dtype=torch.int32).view(torch.float32)[0]
-    return value, below + (int(cum[j - 1]) if j > 0 else 0), int(counts[j])
+        high_bits = bits >> 16
+        for b, h in lows.items():
+            h.add(bits[high_bits == b] & 0xFFFF)
+    out = []
+    for r, b in zip(ranks, buckets):
+        below = int(cum[b - 1]) if b > 0 else 0  # entries in lower buckets
+        counts = lows[b].result()
+        low_cum = counts.cumsum(0)
+        q = torch.tensor([r - below], dtype=low_cum.dtype, device=low_cum.device)
+        j = int(torch.searchsorted(low_cum, q, right=True)[0])
+        value = torch.tensor([(b << 16) + j], dtype=torch.int32).view(torch.float32)[0]
+        out.append((value, below + (int(low_cum[j - 1]) if j > 0 else 0), int(counts[j])))
+    return out
 
 
-def _nth_equal_index(blocks: BlockStream, value: torch.Tensor, m: int, n: int) -> int:
-    """Flat index of the ``m``-th (1-based) entry equal to ``value``; ``n`` if there are fewer."""
-    seen, start = 0, 0
+def _nth_equal_indices(blocks: BlockStream, queries: Sequence[tuple[torch.Tensor, int]], n: int) -> list[int]:
+    """For each ``(value, m)``: the flat index of the ``m``-th (1-based) entry equal to ``value``
+    (``n`` if there are fewer). One pass, stopping once every index is found."""
+    seen = [0] * len(queries)
+    found: list[int | None] = [None] * len(queries)
+    start = 0
     for a in blocks():
         a = a.view(-1)
-        eq = a == value.to(a.device)
-        c = int(torch.count_nonzero(eq))
-        if seen + c >= m:
-            pos = torch.nonzero(eq).view(-1)
-            return start + int(pos[m - seen - 1])
-        seen += c
+        for q, (value, m) in enumerate(queries):
+            if found[q] is not None:
+                continue
+            eq = a == value.to(a.device)
+            c = int(torch.count_nonzero(eq))
+            if seen[q] + c >= m:
+                found[q] = start + int(torch.nonzero(eq).view(-1)[m - seen[q] - 1])
+            seen[q] += c
+        if all(f is not None for f in found):
+            break
         start += a.numel()
-    return n
+    return [n if f is None else f for f in found]
 
 
-def _rank_cut(blocks: BlockStream, n: int, r: int) -> Cut:
-    """The cut above which lie exactly the entries of stable ascending rank ``>= r`` (0 < r < n);
-    among equal values the lower flat index ranks lower."""
-    value, n_below, _ = _value_at_rank(blocks, r)
-    skip = r - n_below  # ties ranked below r: the first ``skip`` by flat index
-    start = 0 if skip <= 0 else _nth_equal_index(blocks, value, skip, n) + 1
-    return Cut(float(value), start, n)
+def _cuts(blocks: BlockStream, n: int, top_k: int | None, ranks: Sequence[int]) -> list[Cut]:
+    """Cuts over a delta of ``n`` entries, found together (two or three passes in all).
 
-
-def _top_cut(blocks: BlockStream, n: int, k: int) -> Cut:
-    """The cut above which lie exactly the ``k`` largest entries (0 < k < n), equal values: lower
-    flat index first (as :func:`top_k_mask`)."""
-    value, n_below, n_eq = _value_at_rank(blocks, n - k)
-    need = k - (n - n_below - n_eq)  # ties to keep: the first ``need`` by flat index
-    end = n if need >= n_eq else _nth_equal_index(blocks, value, need, n) + 1
-    return Cut(float(value), 0, end)
+    ``top_k`` (0 < k < n): the cut above which lie exactly the ``k`` largest entries, equal
+    values: lower flat index first (as :func:`top_k_mask`). Each of ``ranks`` (0 < r < n): the
+    cut above which lie exactly the entries of stable ascending rank ``>= r``, equal values:
+    lower flat index ranks lower (as :func:`rank_range_mask`).
+    """
+    want = ([n - top_k] if top_k is not None else []) + list(ranks)
+    found = _values_at_ranks(blocks, want)
+    plans: list[tuple[float, int | None, bool]] = []  # value, m-th tie to find (or None), is top
+    queries: list[tuple[torch.Tensor, int]] = []
+    for q, (r, (value, n_below, n_eq)) in enumerate(zip(want, found)):
+        if q == 0 and top_k is not None:
+            m = top_k - (n - n_below - n_eq)  # ties to keep: the first ``m`` by flat index
+            tie = None if m >= n_eq else m
+        else:
+            m = r - n_below  # ties ranked below r: the first ``m`` by flat index
+            tie = None if m <= 0 else m
+        plans.append((float(value), len(queries) if tie is not None else None, q == 0 and top_k is not None))
+        if tie is not None:
+            queries.append((value, tie))
+    index = _nth_equal_indices(blocks, queries, n) if queries else []
+    cuts = []
+    for value, qi, top in plans:
+        if top:
+            cuts.append(Cut(value, 0, n if qi is None else index[qi] + 1))
+        else:
+            cuts.append(Cut(value, 0 if qi is None else index[qi] + 1, n))
+    return cuts
 
 
 def plan_selection(
@@ -384,7 +413,7 @@ def plan_selection(
         if density <= 0 or n == 0:
             return Selection("zero")
         k = max(1, int(density * n))
-        sel = KEEP_ALL if k >= n else Selection("cut", lower=_top_cut(blocks, n, k))
+        sel = KEEP_ALL if k >= n else Selection("cut", lower=_cuts(blocks, n, k, [])[0])
     elif kind == "magnitude_outliers":
         target = int(density * n)
         n_bot = max(0, n - target - int(gamma * n))
@@ -392,8 +421,9 @@ def plan_selection(
         if lo >= hi:  # nothing kept
             sel = Selection("cut", lower=Cut(float("inf"), 0, 0))
         else:
-            lower = _rank_cut(blocks, n, lo) if lo > 0 else None
-            upper = _rank_cut(blocks, n, hi) if hi < n else None
+            ranks = [r for r in (lo, hi) if 0 < r < n]
+            cuts = dict(zip(ranks, _cuts(blocks, n, None, ranks))) if ranks else {}
+            lower, upper = cuts.get(lo), cuts.get(hi)
             sel = Selection("cut", lower=lower, upper=upper) if lower or upper else KEEP_ALL
     else:
         raise ValueError(f"no row-block plan for sparsification {kind!r}")
