@@ -12,7 +12,7 @@ n entries::
 Defaults: ``gamma`` 0.01, ``density`` 1.0, ``normalize`` false, ``rescale`` false,
 ``lambda`` 1.0. Base model required. As in the released mergekit (0.1.5), ``n_top == 0``
 (gamma 0, or tensors under 1/gamma entries) keeps the top entries. Not elementwise unless every
-density is 1.
+density is 1; mergeable in row blocks after ``prepare`` (both cuts, as for ``ties``).
 """
 
 from __future__ import annotations

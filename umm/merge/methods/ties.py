@@ -10,8 +10,10 @@ Formula::
 Defaults: ``normalize`` true, ``rescale`` false, ``lambda`` 1.0, ``density`` 1.0,
 ``int8_mask`` false (no effect on the result). Base model required. The top-k threshold is
 found by selection (``kthvalue``), not a full sort; ties in magnitude are broken by flat index,
-which equals a stable sort. Not elementwise unless every density is 1. Also ``breadcrumbs_ties``
-lives in :mod:`umm.merge.methods.breadcrumbs`.
+which equals a stable sort. Not elementwise unless every density is 1, but mergeable in row
+blocks: ``prepare`` finds each model's threshold and how many ties at it to keep (reading rows of
+one model at a time) and ``merge(..., state=, row_offset=)`` applies it per block, bit-identical
+to the whole-tensor merge. Also ``breadcrumbs_ties`` lives in :mod:`umm.merge.methods.breadcrumbs`.
 """
 
 from __future__ import annotations
