@@ -46,6 +46,9 @@ def init(
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="coordinator.yaml (from `umm-coordinator init`)."),
     rounds: int = typer.Option(0, help="Stop after this many rounds (0: run until interrupted)."),
+    linger: bool = typer.Option(
+        False, "--linger", help="After the last of --rounds, keep serving files, status and records until interrupted."
+    ),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
 ) -> None:
     """Run rounds: discover, fetch, admit, evaluate, rank, publish scores, merge, publish if better."""
@@ -67,6 +70,10 @@ def run(
         console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
         console.print(f"  status service: {coordinator.status_address}", highlight=False)
         coordinator.run(rounds=rounds or None)
+        if linger and not coordinator.stop_event.is_set():
+            console.print("rounds done; serving until interrupted", highlight=False)
+            while not coordinator.stop_event.wait(0.5):
+                pass
     except KeyboardInterrupt:
         console.print("interrupted; the round resumes on the next start")
     finally:

@@ -1,0 +1,109 @@
+"""``umm net local``: run a coordinator and N nodes on 127.0.0.1 with the tiny experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True, add_completion=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``umm net`` group (``local``) to the ``umm`` app."""
+    app.add_typer(net_app, name="net")
+
+
+@net_app.command("local")
+def local_command(
+    nodes: int = typer.Option(3, "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
+    rounds: int = typer.Option(1, "--rounds", help="Coordinator rounds to run."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Folder for every process's data and logs, cleared at the start "
+        "(default: <umm home>/net-local)."
+    ),
+    variant: str = typer.Option("small", "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
+    experts_dir: Optional[Path] = typer.Option(
+        None, "--experts-dir", help="Where the expert suites live (default: <umm home>/experts)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device of the coordinator's evaluation and jobs."),
+    eval_limit: int = typer.Option(8, "--eval-limit", help="Items per task when ranking experts and searching merges."),
+    test_limit: int = typer.Option(8, "--test-limit", help="Items per task when comparing the merged model to its sources."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
+    ),
+    evolve_evaluations: int = typer.Option(4, "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    fusion_max_steps: int = typer.Option(4, "--fusion-max-steps", help="Training steps of a fusion round."),
+    round_timeout: float = typer.Option(1800.0, "--round-timeout", help="Seconds to wait for all the rounds."),
+) -> None:
+    """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
+    model's scores beside its sources', check every node holds the verified merged model, stop all.
+    Exit code 1 if any of that failed."""
+    from umm.cli.common import user_errors
+
+    with user_errors():
+        code = _local(nodes, rounds, workdir, variant, experts_dir, device, eval_limit, test_limit,
+                      max_new_tokens, evolve_evaluations, fusion_max_steps, round_timeout)
+    if code:
+        raise typer.Exit(code)
+
+
+def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_dir: Path | None, device: str,
+           eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
+           round_timeout: float) -> int:
+    from umm import paths
+    from umm.netlocal import LocalNetConfig, run_local_network
+    from umm.ui import console
+
+    cfg = LocalNetConfig(
+        workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
+        variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
+        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps, round_timeout=round_timeout,
+    )
+    result = run_local_network(cfg, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    print_result(result)
+    if result.ok:
+        console.print(f"[bold green]ok[/]: {len(result.nodes)} node(s) hold the verified merged model "
+                      f"{result.merged_hash[:12]}; logs in {cfg.workdir.expanduser().absolute() / 'logs'}")
+        return 0
+    console.print("[bold red]failed[/]:", highlight=False)
+    for p in result.problems:
+        console.print(f"  - {p}", highlight=False, soft_wrap=True)
+    return 1
+
+
+def _names(result: Any) -> dict[str, str]:
+    out = {}
+    for e in result.leaderboard:
+        if e["domain"] not in ("rejected", "pending", "merged") and e["name"]:
+            out[e["manifest_hash"]] = e["name"]
+    return out
+
+
+def print_result(result: Any) -> None:
+    """The leaderboard, the rounds, merged vs sources on the test split, and the nodes' check."""
+    from umm.ui import console, table
+
+    if result.leaderboard:
+        rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
+                 f"{e['score']:.3f}" if e["rank"] or e["merged"] else ""] for e in result.leaderboard]
+        console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
+    if result.rounds:
+        rows = [[str(r["number"]), r["state"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
+                 f"{r['objective']:.3f}", r["reason"]] for r in sorted(result.rounds, key=lambda r: r["number"])]
+        console.print(table("Rounds", ["round", "state", "method", "merged", "objective", "reason"], rows))
+    comp = result.comparison
+    if comp:
+        names = _names(result)
+        tasks = sorted(comp["scores"])
+        rows = [["merged", comp["manifest_hash"][:12], *[f"{comp['scores'][t]:.3f}" for t in tasks],
+                 f"{comp['objective']:.3f}"]]
+        for h, scores in comp["source_scores"].items():
+            rows.append([f"source {names.get(h, '')}".strip(), h[:12],
+                         *[f"{scores.get(t, float('nan')):.3f}" for t in tasks],
+                         f"{comp['source_objectives'][h]:.3f}"])
+        console.print(table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows))
+    if result.nodes:
+        rows = [[n.name, n.expert, "yes" if n.holds_merged else "no", n.problem] for n in result.nodes]
+        console.print(table("Nodes", ["node", "serves", "holds verified merged model", "problem"], rows))
