@@ -20,6 +20,7 @@ Layout of the work dir (each run starts it afresh)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -193,8 +194,12 @@ def prepare_workdir(workdir: Path) -> Path:
             raise LocalNetError(f"--workdir {workdir} is not empty and was not made by `umm net local`; "
                                 "give an empty or new folder")
         for child in workdir.iterdir():
-            if child.name != MARKER:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            if child.name == MARKER:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).write_text("made by `umm net local`; cleared by its next run\n")
     return workdir
@@ -276,8 +281,6 @@ def check_node_store(data_dir: Path, manifest_hash: str) -> None:
     from umm.checkpoints.manifest import Manifest, verify_folder
     from umm.net.store import MANIFEST_NAME
 
-    import hashlib
-
     folder = data_dir / "models" / manifest_hash
     raw_path = folder / MANIFEST_NAME
     if not raw_path.is_file():
@@ -319,7 +322,6 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
     import yaml
 
     settings = coordinator_settings(cfg, suite, experts, fusion)
-    (coord_dir / "coordinator.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
 
     result = LocalNetResult()
     env = _env()
@@ -351,8 +353,8 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
             say(f"{p.name} joined")
         coord_cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(coord_dir / "coordinator.yaml"),
                      "--rounds", str(cfg.rounds), "--linger"]
-        settings_with_peers = {**settings, "initial_peers": bootstrap}
-        (coord_dir / "coordinator.yaml").write_text(yaml.safe_dump(settings_with_peers, sort_keys=False))
+        (coord_dir / "coordinator.yaml").write_text(yaml.safe_dump({**settings, "initial_peers": bootstrap},
+                                                                   sort_keys=False))
         coord = Proc("coordinator", coord_cmd, workdir / "logs" / "coordinator.log", env)
         procs.append(coord)
         coord.wait_output(re.compile(r"status service: (\S+)"), cfg.start_timeout)
@@ -383,7 +385,14 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
     deadline = time.monotonic() + cfg.round_timeout
     last_phase = ""
     while True:
-        data = read_status(address)
+        try:
+            data = read_status(address)
+        except LocalNetError as e:  # a busy coordinator may miss one call; a dead one is caught below
+            if not coord.alive() or time.monotonic() > deadline:
+                raise
+            logger.info("%s; asking again", e)
+            time.sleep(2.0)
+            continue
         result.status, result.leaderboard, result.rounds = data["status"], data["leaderboard"], data["rounds"]
         finished = [r for r in result.rounds if r["state"] != "running"]
         if len(finished) >= cfg.rounds:
