@@ -4,8 +4,10 @@ A :class:`SuiteRecipe` fully determines a suite (with the code of :mod:`umm.expe
 :mod:`umm.experts.train`): building it twice gives the same weights. Its :meth:`~SuiteRecipe.fingerprint`
 is stored in ``suite.json`` so a cached suite built from another recipe is rebuilt, not reused.
 
-Design (see the issue): a Llama-family ``base`` sees a little of every domain; the ``math`` and
-``code`` experts are fine-tuned from it at a moderate learning rate (task vectors that merge well);
+Design (see the issue): a Llama-family ``base`` sees a little of every domain, few steps, so it is
+weak on all (merges need room above their sources); the ``math`` and ``code`` experts are
+fine-tuned from it at a moderate learning rate, replaying ~5% of the other domain so each keeps
+some of the other's skill (task vectors that merge well);
 the ``list`` expert is a GPT-NeoX model with its own metaspace tokenizer, trained from scratch on a
 domain the Llama models are weak at (the heterogeneous source for distribution fusion).
 """
