@@ -31,9 +31,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from umm.cli import demo, eval, evolve, experts, fuse, merge
+    from umm.cli import demo, eval, evolve, experts, fuse, merge, net
 
-    for module in (merge, evolve, fuse, eval, experts, demo):
+    for module in (merge, evolve, fuse, eval, experts, net, demo):
         module.register(app)
 
 
