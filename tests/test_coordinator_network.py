@@ -268,8 +268,11 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     """SIGKILL in the middle of the evaluate step; the restart finishes the round, skipping done work."""
     net["peers"]["code"].ensure_serving()
     key = tmp_path / "other-coord.key"  # own identity (the first coordinator's peer id may linger)
+    # each expert's evaluation is made to last seconds (many items, one per batch), so the poll
+    # below reliably sees the state "one expert evaluated, the other in progress" even on a fast machine
     cfg = {**SETTINGS, "data_dir": str(tmp_path / "data"), "key_path": str(key), "merge": False,
-           "initial_peers": net["initial_peers"]}
+           "initial_peers": net["initial_peers"], "eval_limit": 96, "max_new_tokens": 16,
+           "eval_batch_size": 1}
     # the contributors trust another coordinator key, so this one's scores records are refused:
     # that is logged, and the round goes on
     config_path = tmp_path / "coordinator.yaml"
