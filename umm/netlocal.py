@@ -433,15 +433,14 @@ def _check_nodes(cfg: LocalNetConfig, result: LocalNetResult, procs: list[Proc],
             break
         time.sleep(0.5)
     for node in result.nodes:
-        if node.problem:
-            pass
-        else:
-            try:
-                check_node_store(node.data_dir, h)
-                node.holds_merged = True
-                say(f"{node.name}: merged model {h[:12]} verified")
-            except UmmError as e:
-                node.problem = str(e) if (node.data_dir / "models" / h).exists() else \
-                    f"no merged model {h[:12]} after {cfg.fetch_timeout:.0f} s ({e})"
+        if node.problem:  # the node process died: its store is not checked
+            continue
+        try:
+            check_node_store(node.data_dir, h)
+            node.holds_merged = True
+            say(f"{node.name}: merged model {h[:12]} verified")
+        except UmmError as e:
+            node.problem = str(e) if (node.data_dir / "models" / h).exists() else \
+                f"no merged model {h[:12]} after {cfg.fetch_timeout:.0f} s ({e})"
         if node.problem:
             result.problems.append(f"{node.name}: {node.problem}")
