@@ -1,4 +1,4 @@
-"""``umm merge`` and ``umm demo`` through the typer app (``typer.testing.CliRunner``)."""
+"""``umm merge`` through the typer app (``typer.testing.CliRunner``)."""
 
 from __future__ import annotations
 
@@ -105,13 +105,3 @@ def test_existing_output_needs_overwrite_and_bad_options(ties_recipe, tmp_path):
     res = runner.invoke(app, ["merge", str(tmp_path / "nope.yaml"), str(tmp_path / "o2")])
     assert res.exit_code == 2 and "nope.yaml" in res.output
 
-
-def test_demo_builds_merges_runs_and_is_idempotent(tmp_path):
-    work = tmp_path / "demo"
-    first = runner.invoke(app, ["demo", "--workdir", str(work)])
-    assert first.exit_code == 0, first.output
-    assert "built" in first.output and "forward pass" in first.output and "finite=True" in first.output
-    assert (work / "merged" / "model.safetensors").is_file() and (work / "ties.yaml").is_file()
-    second = runner.invoke(app, ["demo", "--workdir", str(work)])
-    assert second.exit_code == 0, second.output
-    assert "reused" in second.output
