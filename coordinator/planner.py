@@ -5,6 +5,12 @@ group can be merged layer-wise. The plan takes the best expert of every domain; 
 fall in one group it is an ``evolve`` job (CMA-ES merge over those experts), when they span
 several groups it is a ``fusion`` job into the pivot (:func:`umm.fusion.pivot.choose_pivot`:
 by default the best model of the hardest domain), with the other domains' best as sources.
+
+Ties: :func:`score_order` is the coordinator's one rule for "better expert" (higher score, then
+the smaller manifest hash); the published ranks, the best expert per domain and the partner of a
+lone best expert all sort with it, so the rank-1 expert of a domain is the one the plan merges.
+(``choose_pivot`` breaks its own ties by the name that sorts first; with manifest hashes as names
+that is the same rule.)
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class Plan:
                 "best_per_domain": dict(self.best_per_domain), "reason": self.reason}
 
 
+def score_order(score: float, manifest_hash: str) -> tuple[float, str]:
+    """Sort key that puts the better expert first: higher ``score``; on a tie the smaller
+    ``manifest_hash`` (content-derived, so the order is the same on every run and restart)."""
+    return (-float(score), manifest_hash)
+
+
 def group_candidates(candidates: list[Candidate]) -> dict[tuple[str, str], list[Candidate]]:
     """Candidates by compatibility key, in a stable order."""
     groups: dict[tuple[str, str], list[Candidate]] = {}
@@ -50,15 +62,20 @@ def group_candidates(candidates: list[Candidate]) -> dict[tuple[str, str], list[
     return groups
 
 
+def rank_per_domain(scores: Mapping[str, Mapping[str, float]]) -> dict[str, list[tuple[str, float]]]:
+    """``scores`` (manifest hash -> domain -> score) as, per domain, ``(hash, score)`` best first by
+    :func:`score_order`. The coordinator's published ranks are these positions (1 = first)."""
+    by_domain: dict[str, list[tuple[str, float]]] = {}
+    for h, per_domain in scores.items():
+        for d, s in per_domain.items():
+            by_domain.setdefault(d, []).append((h, float(s)))
+    return {d: sorted(items, key=lambda hs: score_order(hs[1], hs[0])) for d, items in sorted(by_domain.items())}
+
+
 def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
-    """The best candidate of each domain (highest score; ties broken by hash, so deterministic)."""
-    domains = sorted({d for c in candidates for d in c.domain_scores})
-    out: dict[str, str] = {}
-    for d in domains:
-        scored = [c for c in candidates if d in c.domain_scores]
-        best = max(scored, key=lambda c: (c.domain_scores[d], c.manifest_hash))
-        out[d] = best.manifest_hash
-    return out
+    """The best candidate of each domain: the rank-1 expert of :func:`rank_per_domain`."""
+    ranked = rank_per_domain({c.manifest_hash: c.domain_scores for c in candidates})
+    return {d: items[0][0] for d, items in ranked.items()}
 
 
 def plan_round(candidates: list[Candidate]) -> Plan:
@@ -75,7 +92,7 @@ def plan_round(candidates: list[Candidate]) -> Plan:
             # one expert is best everywhere: merge it with the next best of its group
             others = sorted(
                 (c for c in candidates if c.group == group and c.manifest_hash != chosen[0]),
-                key=lambda c: (-sum(c.domain_scores.values()), c.manifest_hash),
+                key=lambda c: score_order(sum(c.domain_scores.values()), c.manifest_hash),
             )
             if not others:
                 return Plan("none", best_per_domain=best,

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import StateDB
-from coordinator.planner import Candidate, plan_round
+from coordinator.planner import Candidate, plan_round, rank_per_domain
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
@@ -279,15 +279,11 @@ class RoundRunner:
         bench = benchmark_key(self.config, "search")
         evals = self.db.evaluations(bench)
         verdicts = self.db.verdicts()
-        by_domain: dict[str, list[tuple[float, str]]] = {}
-        for h in results["evaluate"]["evaluated"]:
-            if h not in evals or not verdicts.get(h, {}).get("admitted"):
-                continue
-            for d, s in domain_scores(self.config, evals[h]["scores"]).items():
-                by_domain.setdefault(d, []).append((s, h))
+        admitted = {h: domain_scores(self.config, evals[h]["scores"]) for h in results["evaluate"]["evaluated"]
+                    if h in evals and verdicts.get(h, {}).get("admitted")}
         rows, ranks = [], {}
-        for d, items in by_domain.items():
-            for i, (s, h) in enumerate(sorted(items, key=lambda x: (-x[0], x[1])), start=1):
+        for d, items in rank_per_domain(admitted).items():
+            for i, (h, s) in enumerate(items, start=1):
                 rows.append((d, i, h, s))
                 ranks.setdefault(h, {})[d] = i
         self.db.record_ranks(number, rows)

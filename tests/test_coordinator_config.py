@@ -91,3 +91,19 @@ def test_planner_groups_by_fingerprint():
     # one expert best everywhere: merged with the best compatible partner
     p = plan_round([_c("a", "llama", math=0.9), _c("b", "llama", math=0.5), _c("d", "neox", math=0.7)])
     assert p.kind == "evolve" and p.sources == ["a" * 64, "b" * 64]
+
+
+def test_ranks_and_plan_break_score_ties_by_one_rule():
+    """Equal scores: the smaller manifest hash ranks first, and the plan merges that rank-1 expert."""
+    from coordinator.planner import best_per_domain, rank_per_domain, score_order
+
+    a, b, c = _c("a", "llama", math=0.5, code=0.2), _c("b", "llama", math=0.5, code=0.7), _c("c", "llama", code=0.7)
+    ranked = rank_per_domain({x.manifest_hash: x.domain_scores for x in (c, b, a)})  # input order does not matter
+    assert [h[0] for h, _ in ranked["math"]] == ["a", "b"] and [h[0] for h, _ in ranked["code"]] == ["b", "c", "a"]
+    assert best_per_domain([c, b, a]) == {"math": "a" * 64, "code": "b" * 64}
+    assert plan_round([c, b, a]).sources == ["b" * 64, "a" * 64]  # code then math, each its rank-1 expert
+    # a higher score always wins, whatever the hashes
+    assert sorted([(0.4, "0" * 64), (0.6, "f" * 64)], key=lambda x: score_order(*x))[0][1] == "f" * 64
+    # a lone best expert takes the best-scoring compatible partner; a tie goes to the smaller hash
+    p = plan_round([_c("a", "llama", math=0.9), _c("e", "llama", math=0.5), _c("d", "llama", math=0.5)])
+    assert p.kind == "evolve" and p.sources == ["a" * 64, "d" * 64]
