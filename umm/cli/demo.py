@@ -1,39 +1,29 @@
-"""``umm demo``: build a tiny base and two experts, merge them with TIES, load and run the result.
+"""``umm demo``: the tiny expert suite (built once, then cached) + a whole umm network on 127.0.0.1.
 
-The whole job runs on CPU in well under a minute and is idempotent: models already built under
-the work folder are reused; the merged model is rebuilt each time (atomically replaced).
+Step 1 prepares the ``full`` tiny expert suite (:func:`umm.experts.build.ensure_suite`: a Llama
+base, math and code experts fine-tuned from it, a GPT-NeoX list expert with its own tokenizer;
+a few minutes on 2 CPU cores the first time, reused afterwards). Step 2 is ``umm net local``
+with the demo's defaults: node processes serve the experts over the DHT and gRPC, a coordinator
+ranks them with its own evaluation, merges the best of each domain, compares the merged model
+with its sources on the ``test`` split, and every node downloads and verifies it. Exit code 1
+if any check failed (as ``umm net local``).
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
-import secrets
+import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-logger = logging.getLogger(__name__)
-
-DEMO_RECIPE = """\
-# Written by `umm demo`: a mergekit-style TIES recipe (runs unchanged in mergekit-yaml).
-merge_method: ties
-base_model: {base}
-models:
-  - model: {math}
-    parameters:
-      weight: 0.5
-      density: 0.5
-  - model: {code}
-    parameters:
-      weight: 0.5
-      density: 0.5
-parameters:
-  normalize: true
-dtype: float32
-out_dtype: bfloat16
-tokenizer_source: base
-"""
+# Chosen so that the whole demo finishes within ~15 minutes on 2 CPU cores from a fresh install
+# (suite build included) while the merged-vs-sources table rests on enough items to mean something.
+DEMO_VARIANT = "full"
+DEMO_NODES = 3
+DEMO_ROUNDS = 1
+DEMO_EVAL_LIMIT = 32
+DEMO_TEST_LIMIT = 64
 
 
 def register(app: typer.Typer) -> None:
@@ -41,81 +31,82 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo_command)
 
 
-def _ensure_model(path: Path, **kwargs) -> bool:
-    """Build a random Llama at ``path`` unless a readable one is there; True if built now."""
-    from umm.checkpoints.reader import Checkpoint
-    from umm.errors import UmmError
-    from umm.experts.random_models import make_random_llama
-
-    if path.is_dir():
-        try:
-            Checkpoint.open(path).close()
-            return False
-        except UmmError:
-            logger.warning("rebuilding unreadable demo model %s", path)
-    tmp = path.parent / f".{path.name}.partial-{secrets.token_hex(4)}"
-    try:
-        make_random_llama(tmp, **kwargs)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
-
-
 def demo_command(
-    workdir: Path = typer.Option(Path("umm-demo"), "--workdir", help="Folder for the demo's models and recipe."),
-    threads: int = typer.Option(0, "--threads", help="Merge threads (0: automatic)."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Folder for the network's processes, data and logs, cleared at the start "
+        "(default: <umm home>/demo)."
+    ),
+    variant: str = typer.Option(DEMO_VARIANT, "--variant", help="Tiny expert suite: full (the demo) or small (seconds, "
+                                "scores near zero: for tests)."),
+    nodes: int = typer.Option(DEMO_NODES, "--nodes", help="Node processes; node i serves the expert of math, code, "
+                              "list (i mod 3)."),
+    rounds: int = typer.Option(DEMO_ROUNDS, "--rounds", help="Coordinator rounds."),
+    eval_limit: int = typer.Option(DEMO_EVAL_LIMIT, "--eval-limit", help="Items per task when ranking experts and "
+                                   "searching merges (search split)."),
+    test_limit: int = typer.Option(DEMO_TEST_LIMIT, "--test-limit", help="Items per task when comparing the merged "
+                                   "model with its sources (test split)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens per item "
+                                                 "(default: each task's own)."),
+    evolve_evaluations: int = typer.Option(4, "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="Where the expert suites live "
+                                               "(default: <umm home>/experts)."),
 ) -> None:
-    """Build a tiny base + math + code expert, TIES-merge them, load the result and run it."""
+    """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with
+    the demo's defaults. Prints the leaderboard, the merged model beside its sources, and where
+    everything is."""
     from umm.cli.common import user_errors
 
     with user_errors():
-        _demo(workdir, threads)
+        code = _demo(workdir, variant, nodes, rounds, eval_limit, test_limit, max_new_tokens, evolve_evaluations,
+                     experts_dir)
+    if code:
+        raise typer.Exit(code)
 
 
-def _demo(workdir: Path, threads: int) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limit: int, test_limit: int,
+          max_new_tokens: int | None, evolve_evaluations: int, experts_dir: Path | None) -> int:
+    from umm import paths
+    from umm.cli.net import run_and_report
+    from umm.experts.build import ensure_suite, is_current, load_suite, SuiteNotBuiltError
+    from umm.experts.recipes import get_recipe
+    from umm.netlocal import LocalNetConfig
+    from umm.ui import console, table
 
-    from umm.merge.executor import merge
-    from umm.merge.recipe import MergeRecipe
-    from umm.ui import console, human_bytes, table
+    t_start = time.monotonic()
+    cfg = LocalNetConfig(
+        workdir=(workdir if workdir is not None else paths.home() / "demo").expanduser().absolute(), nodes=nodes,
+        rounds=rounds, variant=variant, experts_root=experts_dir, eval_limit=eval_limit, test_limit=test_limit,
+        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations,
+    )  # checks the options before anything is built
+    try:
+        cached = is_current(load_suite(variant, experts_dir), get_recipe(variant))
+    except SuiteNotBuiltError:
+        cached = False
+    console.print(f"[bold]1/2[/] expert suite {variant!r}: "
+                  f"{'cached' if cached else 'building it (once; a few minutes on 2 CPU cores)'} ...", highlight=False)
+    t0 = time.monotonic()
+    suite = ensure_suite(variant, experts_dir)
+    t_suite = time.monotonic() - t0
+    console.print(f"    {', '.join(suite.models)} in {suite.root} ({'cached' if cached else f'built in {t_suite:.0f} s'})",
+                  highlight=False)
+    console.print(f"[bold]2/2[/] local network: {nodes} node(s), a coordinator, {rounds} round(s) in {cfg.workdir}",
+                  highlight=False)
+    t1 = time.monotonic()
+    code, result = run_and_report(cfg, suite)
+    t_net = time.monotonic() - t1
 
-    root = workdir.absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    base, math_, code = root / "base", root / "math-expert", root / "code-expert"
-    shape = dict(hidden_size=128, num_layers=4, vocab_size=384)
-    built = [
-        _ensure_model(base, seed=0, **shape),
-        _ensure_model(math_, seed=1, base=base),
-        _ensure_model(code, seed=2, base=base),
+    merged = result.merged_hash
+    holder = next((n for n in result.nodes if n.holds_merged), None)
+    rows = [
+        ("expert suite", f"{suite.root} ({'cached' if cached else f'built in {t_suite:.0f} s'})"),
+        ("network", f"{nodes} node process(es) + a coordinator on 127.0.0.1, {rounds} round(s), "
+                    f"{eval_limit} search / {test_limit} test items per task; {t_net:.0f} s"),
+        ("merged model", str(holder.data_dir / "models" / merged) if holder and merged else "none"),
+        ("nodes holding it (verified)", f"{sum(n.holds_merged for n in result.nodes)} of {len(result.nodes)}"),
+        ("coordinator state / logs", f"{cfg.workdir / 'coordinator' / 'data' / 'state.db'} / {cfg.workdir / 'logs'}"),
+        ("total time", f"{time.monotonic() - t_start:.0f} s"),
     ]
-    console.print(
-        f"models: {'built' if any(built) else 'reused'} a random Llama base (hidden 128, 4 layers) "
-        f"and two experts (base + noise) under {root}"
-    )
-    recipe_path = root / "ties.yaml"
-    recipe_path.write_text(DEMO_RECIPE.format(base=base, math=math_, code=code), encoding="utf-8")
-    out = root / "merged"
-    summary = merge(MergeRecipe.load(recipe_path), out, threads=threads or None, overwrite=True)
-
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
-    prompt = "Question: Tom has 3 apples and buys 4 more."
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = model(ids).logits
-    next_id = int(logits[0, -1].argmax())
-    console.print(table("umm demo", ["", ""], [
-        ("recipe", str(recipe_path)),
-        ("merged model", str(out)),
-        ("method", f"{summary.method} ({len(summary.models) - 1} experts onto the base)"),
-        ("tensors / size", f"{summary.num_tensors} / {human_bytes(summary.output_bytes)} ({summary.out_dtype})"),
-        ("merge time / peak RSS", f"{summary.wall_s:.2f} s / {human_bytes(summary.peak_rss_bytes)}"),
-        ("forward pass", f"{tuple(ids.shape)} tokens -> logits {tuple(logits.shape)}, "
-                         f"finite={bool(torch.isfinite(logits).all())}, next token id {next_id}"),
-    ]))
-    console.print(f"Run it again with: umm merge {recipe_path} {out} --overwrite")
+    console.print(table("umm demo: " + ("done" if code == 0 else "FAILED"), ["", ""], rows))
+    console.print(f"Next: `umm net local --help` (more nodes, rounds, items); `umm eval --help` to score the merged "
+                  f"model; `umm-node join` / `umm-coordinator run` for a real network (README).", highlight=False)
+    return code

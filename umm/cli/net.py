@@ -53,24 +53,35 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
            eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
            round_timeout: float) -> int:
     from umm import paths
-    from umm.netlocal import LocalNetConfig, run_local_network
-    from umm.ui import console
+    from umm.netlocal import LocalNetConfig
 
     cfg = LocalNetConfig(
         workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
         variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
         max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps, round_timeout=round_timeout,
     )
-    result = run_local_network(cfg, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    return run_and_report(cfg)[0]
+
+
+def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
+    """Run :func:`umm.netlocal.run_local_network` with progress on the console, print its result.
+
+    Returns ``(exit code, LocalNetResult)``: 0 when every check passed, 1 otherwise (the problems
+    are printed). ``suite``: an already prepared expert suite (default: ``cfg.variant``'s, built if missing).
+    """
+    from umm.netlocal import run_local_network
+    from umm.ui import console
+
+    result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
     print_result(result)
     if result.ok:
         console.print(f"[bold green]ok[/]: {len(result.nodes)} node(s) hold the verified merged model "
                       f"{result.merged_hash[:12]}; logs in {cfg.workdir.expanduser().absolute() / 'logs'}")
-        return 0
+        return 0, result
     console.print("[bold red]failed[/]:", highlight=False)
     for p in result.problems:
         console.print(f"  - {p}", highlight=False, soft_wrap=True)
-    return 1
+    return 1, result
 
 
 def _names(result: Any) -> dict[str, str]:
