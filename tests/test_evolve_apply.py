@@ -103,16 +103,63 @@ def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_
     assert "fuse" in str(e.value)
 
 
-def test_raw_cache_mode_matches_too(tiny_models) -> None:  # noqa: ANN001
-    """A search over TIES caches the sources as they are (no task vectors); both paths still agree."""
+def test_ties_search_caches_task_vectors_and_ranks(tiny_models) -> None:  # noqa: ANN001
+    """A TIES search caches task vectors and |delta| ranks; candidates equal the streamed merge
+    exactly, whatever the densities (all, none, some), rescale or the weights."""
     from umm.checkpoints.loading import load_causal_lm
     from umm.evolve.apply import LiveMerge
     from umm.merge.executor import merge_state_dict
 
     ties = _recipe("ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
     live = LiveMerge(ties, load_causal_lm(tiny_models["base"], device="cpu", dtype="float32"))
+    assert live.delta_mode
+    assert len(live._ranks) == len(live.tensor_names) * 2  # one rank per tensor and expert
+    recipes = [
+        ties,
+        _recipe("ties", tiny_models, {"rescale": True, "lambda": 1.4},
+                [{"weight": [1.7, 0.1], "density": [0.05, 0.9]}, {"weight": 0.3, "density": 1.0}]),
+        _recipe("ties", tiny_models, {"normalize": False}, [{"weight": 1.2, "density": 0.0}, {"weight": 0.8, "density": 0.5}]),
+        _recipe("task_arithmetic", tiny_models, {"lambda": 1.3}),
+    ]
+    for recipe in recipes:
+        expected = merge_state_dict(recipe)
+        live.apply(recipe)
+        for name, p in live.model.named_parameters():
+            if recipe.merge_method == "ties":
+                assert torch.equal(p.detach(), expected[name].float()), name
+            else:
+                torch.testing.assert_close(p.detach(), expected[name].float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ranked_top_k_equals_magnitude_with_ties_in_magnitude() -> None:
+    """Equal magnitudes (here: many zeros and repeated values, both signs) are kept lower flat
+    index first, as the whole-tensor magnitude sparsification does; rescale too."""
+    from umm.evolve.apply import RankedTopK, descending_rank
+    from umm.merge.methods import sparsify
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randint(-3, 4, (37, 29), generator=g).float() * 0.25
+    rank = descending_rank(d)
+    for density in (0.0, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0):
+        for rescale in (False, True):
+            got = RankedTopK(rank, density, rescale).apply(d.clone(), 0)
+            want = sparsify.magnitude(d.clone(), density, rescale)
+            assert torch.equal(got, want), (density, rescale)
+            assert torch.equal(got.signbit(), want.signbit()), (density, rescale)
+
+
+def test_raw_cache_mode_matches_too(tiny_models) -> None:  # noqa: ANN001
+    """A search over a random method (DARE-TIES) caches the sources as they are (no task
+    vectors); both paths still agree, also for a TIES or task-arithmetic candidate."""
+    from umm.checkpoints.loading import load_causal_lm
+    from umm.evolve.apply import LiveMerge
+    from umm.merge.executor import merge_state_dict
+
+    dare = _recipe("dare_ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
+    ties = _recipe("ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
+    live = LiveMerge(dare, load_causal_lm(tiny_models["base"], device="cpu", dtype="float32"))
     assert not live.delta_mode
-    for recipe in (ties, _recipe("task_arithmetic", tiny_models, {"lambda": 1.3})):
+    for recipe in (dare, ties, _recipe("task_arithmetic", tiny_models, {"lambda": 1.3})):
         expected = merge_state_dict(recipe)
         live.apply(recipe)
         for name, p in live.model.named_parameters():

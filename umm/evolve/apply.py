@@ -8,8 +8,16 @@ parameters resolution and per-tensor random generator as ``umm merge``) and copi
 live model's parameter with ``param.data.copy_``. The result equals the streamed merge of the
 same recipe, up to the live model's dtype.
 
+TIES (magnitude top-k, then sign election) is the other fast path: the sources are cached as
+float32 task vectors and, per tensor and model, the stable descending rank of ``|delta|`` (int32,
+computed once by a sort); a candidate's density ``k`` is then the comparison ``rank < k`` instead
+of a selection over the tensor. The rest (weights, sign election, disjoint mean) depends on the
+candidate and runs through the method's own function (its ``state`` hook), so the result is the
+streamed merge's, bit for bit.
+
 Memory: (number of models) x (parameters) x (4 bytes, or 2 with a bfloat16 cache) on the
-device, plus the live model.
+device, plus the live model; a TIES search adds an int32 rank per expert entry (as much again
+as the task vectors).
 Tied embeddings are handled by the model: ``named_parameters`` yields a tied weight once.
 """
 
@@ -29,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: methods whose merge is a fixed linear combination of the inputs (see :meth:`LiveMerge.apply`)
 FAST_METHODS = frozenset({"linear", "task_arithmetic"})
+#: methods that keep the ``int(density * n)`` largest ``|delta|`` of each task vector (ties first
+#: by lower flat index); with a base they run on cached task vectors and ranks (:class:`RankedTopK`)
+RANKED_METHODS = frozenset({"ties"})
 
 
 class LiveMergeError(UmmError):
@@ -37,6 +48,45 @@ class LiveMergeError(UmmError):
 
 def _cached(t: torch.Tensor, device: torch.device, cache_dtype: torch.dtype) -> torch.Tensor:
     return t.to(device, cache_dtype if t.dtype == cache_dtype else torch.float32)
+
+
+def descending_rank(delta: torch.Tensor) -> torch.Tensor:
+    """int32 rank of every entry of ``|delta|`` (flat) in a stable descending sort: 0 is the
+    largest, equal magnitudes rank by lower flat index first (the order of TIES's top-k)."""
+    flat = delta.detach().abs().reshape(-1)
+    n = flat.numel()
+    if n >= 2**31:
+        raise LiveMergeError(f"a tensor of {n} entries is too large for int32 ranks")
+    order = torch.sort(flat, descending=True, stable=True).indices
+    rank = torch.empty(n, dtype=torch.int32, device=flat.device)
+    rank[order] = torch.arange(n, dtype=torch.int32, device=flat.device)
+    return rank
+
+
+class RankedTopK:
+    """TIES's magnitude sparsification of one whole task vector from its cached
+    :func:`descending_rank`: keep ``rank < max(1, int(density * n))`` (all if ``density >= 1``,
+    none if ``<= 0``), then the optional L1 rescale; the same entries and values as
+    :func:`umm.merge.methods.sparsify.magnitude`. Used as a ``state`` entry of the method's
+    function (``apply(d, flat_start)``, whole tensors only)."""
+
+    def __init__(self, rank: torch.Tensor, density: float, rescale: bool) -> None:
+        self.rank = rank
+        self.density = float(density)
+        self.rescale = bool(rescale)
+
+    def apply(self, d: torch.Tensor, flat_start: int) -> torch.Tensor:
+        from umm.merge.methods.sparsify import _apply as keep_and_rescale
+
+        if flat_start != 0 or d.numel() != self.rank.numel():
+            raise ValueError("RankedTopK sparsifies whole tensors only")
+        if self.density >= 1:
+            return d
+        n = d.numel()
+        if self.density <= 0 or n == 0:
+            return d.zero_()
+        k = max(1, int(self.density * n))
+        return keep_and_rescale(d, self.rank < k, self.rescale)
 
 
 class LiveMerge:
@@ -83,9 +133,11 @@ class LiveMerge:
             self.num_layers = inputs.num_layers
             self.base_index = inputs.base_index
             #: sources other than the base are cached as float32 task vectors (expert - base) when
-            #: the search method is linear/task_arithmetic with a base: a candidate is then
-            #: base + sum_i c_i * delta_i, written in one pass per model (see :meth:`apply`)
-            self.delta_mode = self.base_index is not None and self.method.name in FAST_METHODS
+            #: the search method is linear/task_arithmetic/ties with a base: a linear candidate is
+            #: then base + sum_i c_i * delta_i, written in one pass per model (see :meth:`apply`)
+            self.delta_mode = self.base_index is not None and (
+                self.method.name in FAST_METHODS or self.method.name in RANKED_METHODS
+            )
             params = dict(model.named_parameters())
             missing = [n for n in params if n not in inputs.shapes]
             if missing:
@@ -116,6 +168,15 @@ class LiveMerge:
         self.tensor_names = list(self.params)
         self._index = {p: i for i, p in enumerate(self.model_paths)}
         self._buffer: torch.Tensor | None = None
+        #: (tensor, cached index) -> descending_rank of the task vector (TIES), filled lazily
+        self._ranks: dict[tuple[str, int], torch.Tensor] = {}
+        if self.delta_mode and self.method.name in RANKED_METHODS:
+            t0 = time.perf_counter()
+            for name in self.tensor_names:
+                for i in range(len(self.model_paths)):
+                    if i != self.base_index:
+                        self.rank(name, i)
+            logger.info("ranked |task vectors| for %s in %.1f s", self.method.name, time.perf_counter() - t0)
         logger.info(
             "live merge ready: %d tensors x %d models cached on %s", len(self.tensor_names),
             len(self.model_paths), self.device,
@@ -144,6 +205,8 @@ class LiveMerge:
 
         method, base_index = plan or self._plan(recipe)
         params = resolve_tensor_params(recipe, method, name, self.num_layers)
+        if self.delta_mode and method.name in RANKED_METHODS and base_index == self.base_index:
+            return self._ranked_merge(method, name, params)
         base = self.source(name, base_index) if base_index is not None else None
         tensors = [self.source(name, self._index[str(m)]) for m in params.models]
         gen = (
@@ -152,6 +215,32 @@ class LiveMerge:
             else None
         )
         return method.merge(base, tensors, params.per_model, params.global_, generator=gen)
+
+    def rank(self, name: str, index: int) -> torch.Tensor:
+        """:func:`descending_rank` of the cached task vector ``index`` of tensor ``name``
+        (computed on first use, delta mode only)."""
+        key = (name, index)
+        r = self._ranks.get(key)
+        if r is None:
+            if not self.delta_mode or index == self.base_index:
+                raise LiveMergeError(f"no task vector of model {index} is cached for {name!r}")
+            r = self._ranks[key] = descending_rank(self.inputs[name][index])
+        return r
+
+    def _ranked_merge(self, method: Any, name: str, params: Any) -> torch.Tensor:
+        """TIES of one tensor from the cached task vectors and ranks: the method's function run
+        on a zero base with the task vectors as sources (so each delta is the cached one,
+        exactly), sparsified through :class:`RankedTopK`, plus the base."""
+        gp = method.fill_global_params(params.global_)
+        idx = [self._index[str(m)] for m in params.models]
+        state = [
+            RankedTopK(self.rank(name, i), float(method.fill_tensor_params(p)["density"]), bool(gp["rescale"]))
+            for i, p in zip(idx, params.per_model)
+        ]
+        base = self.inputs[name][self.base_index]  # type: ignore[index]
+        zero = torch.zeros((), dtype=torch.float32, device=self.device).expand(base.shape)
+        merged = method.merge(zero, [self.inputs[name][i] for i in idx], params.per_model, params.global_, state=state)
+        return merged.add_(base)
 
     def source(self, name: str, index: int) -> torch.Tensor:
         """Tensor ``name`` of model ``model_paths[index]`` as read (rebuilt as base + delta in
