@@ -4,18 +4,21 @@
     python bench/bench_transfer.py --size-mb 256 --repeat 1
 
 The model folder holds random bytes in ``--files`` shards plus a config.json (the transfer does
-not look inside files). The provider runs in its own process, like a real peer. Both sides run
-with the page cache warm (the folder was just written and hashed), so the local figure is the
-upper bound a transfer could reach on this machine:
+not look inside files). The provider runs in its own process, like a real peer. Each figure is
+taken twice, with the model's files in the page cache (warm: the upper bound of a local read on
+this machine) and evicted from it first with ``posix_fadvise(DONTNEED)`` (cold-ish: read from
+the disk, which is what a peer serving a model it has not touched lately does):
 
 - local read + sha256, one file after another (what verifying a folder costs);
 - local read + sha256 with ``--parallel`` threads (the same parallelism as the download);
 - download: gRPC stream, sha256 while streaming, write to the partial folder, fsync, rename
-  into the store. Ratio = download MB/s / local MB/s (goal: >= 0.5 of the sequential figure).
+  into the store; the provider's files warm or cold as the local read's. Ratio = download MB/s /
+  local MB/s, same cache state (goal: >= 0.5 of the sequential figure).
 
 CPU seconds per GB (user + system, all threads) are printed too: on a shared machine they are
-steadier than wall-clock rates, and they show where the time goes (client: sha256 + gRPC;
-server: reading and sending).
+steadier than wall-clock rates, and they show where the time goes (client: sha256 + gRPC
+receive + writes; server: reading and sending). The 1-minute load average is printed with every
+figure (the mean over the repeats, taken before each measurement).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def make_model(folder: Path, size_mb: int, files: int) -> None:
                 n = min(block, left)
                 fh.write(os.urandom(n))
                 left -= n
+            os.fsync(fh.fileno())  # clean pages: evict() can drop them
     (folder / "config.json").write_text(json.dumps({"model_type": "bench", "size_mb": size_mb}))
 
 
@@ -73,12 +77,25 @@ def server_cpu(conn) -> float:
     return conn.recv()
 
 
-def local_read(folder: Path, names: list[str], parallel: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) to read and sha256 every file."""
+def evict(folder: Path, names: list[str]) -> None:
+    """Drop the files from the page cache (they were fsynced, so their pages are clean)."""
+    for n in names:
+        fd = os.open(folder / n, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def local_read(folder: Path, names: list[str], parallel: int, cold: bool) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, load average before) to read and sha256 every file."""
+    if cold:
+        evict(folder, names)
+    load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), cpu_seconds()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda n: sha256_file(folder / n), names))
-    return time.perf_counter() - t0, cpu_seconds() - c0
+    return time.perf_counter() - t0, cpu_seconds() - c0, load
 
 
 def main() -> int:
@@ -110,36 +127,49 @@ def main() -> int:
         proc.start()
         address = parent.recv()
 
-        seq, par, net = [], [], []
+        runs: dict[tuple[str, bool], list[tuple[float, ...]]] = {}
         for r in range(ns.repeat):
-            seq.append(local_read(src, names, 1))
-            par.append(local_read(src, names, ns.parallel))
-            store = ModelStore(work / f"dest-{r}")
-            s0, t0, c0 = server_cpu(parent), time.perf_counter(), cpu_seconds()
-            path = download(manifest.hash, [address], store, max_bytes=total, parallel_files=ns.parallel,
-                            progress=False)
-            wall, client = time.perf_counter() - t0, cpu_seconds() - c0
-            net.append((wall, client, server_cpu(parent) - s0))
-            assert path == store.path(manifest.hash)
-            shutil.rmtree(work / f"dest-{r}")
+            for cold in (False, True):
+                runs.setdefault(("seq", cold), []).append(local_read(src, names, 1, cold))
+                runs.setdefault(("par", cold), []).append(local_read(src, names, ns.parallel, cold))
+                store = ModelStore(work / f"dest-{r}")
+                if cold:
+                    evict(src, names)
+                else:
+                    local_read(src, names, ns.parallel, False)  # the provider's files in the page cache
+                load = os.getloadavg()[0]
+                s0, t0, c0 = server_cpu(parent), time.perf_counter(), cpu_seconds()
+                path = download(manifest.hash, [address], store, max_bytes=total, parallel_files=ns.parallel,
+                                progress=False)
+                wall, client = time.perf_counter() - t0, cpu_seconds() - c0
+                runs.setdefault(("net", cold), []).append((wall, client, load, server_cpu(parent) - s0))
+                assert path == store.path(manifest.hash)
+                shutil.rmtree(work / f"dest-{r}")
         gb = total / 1e9
 
-        def med(runs: list[tuple], i: int) -> float:
-            return statistics.median(run[i] for run in runs)
+        def med(kind: str, cold: bool, i: int) -> float:
+            return statistics.median(run[i] for run in runs[(kind, cold)])
 
-        print(f"cpu cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.1f}, "
-              f"repeats: {ns.repeat} (median)")
-        print(f"  {'':<52} {'MB/s':>8} {'CPU s/GB':>9}")
-        print(f"  {'local read + sha256, sequential':<52} {gb * 1e3 / med(seq, 0):8.0f} {med(seq, 1) / gb:9.2f}")
-        print(f"  {f'local read + sha256, {ns.parallel} threads':<52} {gb * 1e3 / med(par, 0):8.0f} "
-              f"{med(par, 1) / gb:9.2f}")
-        print(f"  {f'gRPC download, {ns.parallel} files, {ns.chunk_kib} KiB chunks: client':<52} "
-              f"{gb * 1e3 / med(net, 0):8.0f} {med(net, 1) / gb:9.2f}")
-        print(f"  {'  (server process)':<52} {'':>8} {med(net, 2) / gb:9.2f}")
-        print(f"  ratio download / local sequential: {med(seq, 0) / med(net, 0):.2f}  "
-              f"(CPU: client {med(net, 1) / med(seq, 1):.2f}x, client + server "
-              f"{(med(net, 1) + med(net, 2)) / med(seq, 1):.2f}x the local read)")
-        print(f"  ratio download / local {ns.parallel} threads: {med(par, 0) / med(net, 0):.2f}")
+        def load(kind: str, cold: bool) -> str:
+            return f"{statistics.mean(run[2] for run in runs[(kind, cold)]):5.1f}"
+
+        print(f"cpu cores: {os.cpu_count()}, repeats: {ns.repeat} (median), {ns.parallel} files at once, "
+              f"{ns.chunk_kib} KiB chunks")
+        print(f"  {'':<52} {'MB/s':>8} {'CPU s/GB':>9} {'load':>5}")
+        for cold in (False, True):
+            state = "cold-ish (evicted)" if cold else "warm page cache"
+            print(f"  {state}")
+            print(f"  {'  local read + sha256, sequential':<52} {gb * 1e3 / med('seq', cold, 0):8.0f} "
+                  f"{med('seq', cold, 1) / gb:9.2f} {load('seq', cold)}")
+            print(f"  {f'  local read + sha256, {ns.parallel} threads':<52} {gb * 1e3 / med('par', cold, 0):8.0f} "
+                  f"{med('par', cold, 1) / gb:9.2f} {load('par', cold)}")
+            print(f"  {'  gRPC download (+ sha256, write, fsync): client':<52} {gb * 1e3 / med('net', cold, 0):8.0f} "
+                  f"{med('net', cold, 1) / gb:9.2f} {load('net', cold)}")
+            print(f"  {'    (server process)':<52} {'':>8} {med('net', cold, 3) / gb:9.2f}")
+            print(f"    ratio download / local sequential: {med('seq', cold, 0) / med('net', cold, 0):.2f}, "
+                  f"/ local {ns.parallel} threads: {med('par', cold, 0) / med('net', cold, 0):.2f}  "
+                  f"(CPU: client {med('net', cold, 1) / med('seq', cold, 1):.2f}x, client + server "
+                  f"{(med('net', cold, 1) + med('net', cold, 3)) / med('seq', cold, 1):.2f}x the local read)")
         return 0
     finally:
         if proc is not None:

@@ -308,3 +308,23 @@ def test_cancel_stops_a_download_and_keeps_its_partial_files(model, manifest, tm
     assert not worker.is_alive() and time.monotonic() - t0 < 5
     assert isinstance(outcome[0], TransferError) and "cancelled" in str(outcome[0])
     assert dest.list() == [] and (dest.partial_path(h) / BIG).stat().st_size == 2 * CHUNK
+
+
+def test_chunks_are_parsed_like_protobuf_without_copying_and_malformed_ones_are_bad_data():
+    from umm.net.transfer import _BadData, _parse_chunk
+
+    for offset, data in [(0, b""), (5, b"abc"), (2**63 + 7, bytes(range(256)) * 300)]:
+        raw = pb.FileChunk(offset=offset, data=data).SerializeToString()
+        got_offset, got = _parse_chunk(raw)
+        assert (got_offset, bytes(got)) == (offset, data)
+        assert isinstance(got, memoryview) and (not data or got.obj is raw)  # a view of the received bytes
+    # unknown fields of every wire type are skipped, as protobuf does
+    unknown = bytes([3 << 3 | 0, 0x96, 0x01, 4 << 3 | 1]) + bytes(8) + bytes([5 << 3 | 5]) + bytes(4) + \
+        bytes([6 << 3 | 2, 2]) + b"zz"
+    raw = unknown + pb.FileChunk(offset=9, data=b"xyz").SerializeToString()
+    assert pb.FileChunk.FromString(raw).data == b"xyz"
+    assert (lambda o, d: (o, bytes(d)))(*_parse_chunk(raw)) == (9, b"xyz")
+    good = pb.FileChunk(offset=300, data=b"hello").SerializeToString()
+    for bad in (good[:-1], good[:1], bytes([1 << 3 | 0]) + b"\xff" * 11, bytes([7 << 3 | 3])):
+        with pytest.raises(_BadData):
+            _parse_chunk(bad)

@@ -67,6 +67,7 @@ class _Provider:
     address: str
     channel: grpc.Channel
     stub: pb_grpc.CheckpointServiceStub
+    read_file: grpc.UnaryStreamMultiCallable  # ReadFile answering serialized FileChunks (see _parse_chunk)
     bad: str | None = None  # why it was dropped
     errors: list[str] = field(default_factory=list)
 
@@ -111,11 +112,63 @@ class _Watchdog:
         self._thread.join()
 
 
-def _write_all(out, data: bytes) -> None:
+def _write_all(out, data: bytes | memoryview) -> None:
     """Write every byte (an unbuffered write may write fewer than asked)."""
     view = memoryview(data)
     while view:
         view = view[out.write(view) :]
+
+
+_READ_FILE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CheckpointService'].full_name}/ReadFile"
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``raw[i:]`` and the index after it; ValueError if truncated or too long."""
+    value = shift = 0
+    while True:
+        b = raw[i]  # IndexError past the end
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _parse_chunk(raw: bytes) -> tuple[int, memoryview]:
+    """``(offset, data)`` of a serialized ``FileChunk``, ``data`` a view of ``raw`` (no copy).
+
+    Parsing the message ourselves instead of with protobuf saves one copy of every byte received
+    (about a third of the client's receive cost). Unknown fields are skipped as protobuf would;
+    malformed bytes raise :class:`_BadData`.
+    """
+    view = memoryview(raw)
+    offset, data, i, n = 0, view[:0], 0, len(raw)
+    try:
+        while i < n:
+            tag, i = _varint(raw, i)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                value, i = _varint(raw, i)
+                if field == 1:
+                    offset = value
+            elif wire == 2:
+                size, i = _varint(raw, i)
+                if i + size > n:
+                    raise ValueError("length-delimited field runs past the message")
+                if field == 2:
+                    data = view[i : i + size]
+                i += size
+            elif wire in (1, 5):
+                i += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"wire type {wire}")
+        if i != n:
+            raise ValueError("field runs past the message")
+    except (ValueError, IndexError) as e:
+        raise _BadData(f"sent a malformed FileChunk ({e})") from None
+    return offset, data
 
 
 def _rpc_error(e: grpc.RpcError) -> str:
@@ -248,17 +301,17 @@ class _Download:
         if pos < entry.size:
             request = pb.ReadFileRequest(manifest_hash=self.manifest.hash, path=entry.path, offset=pos)
             with open(path, "ab", buffering=0) as out:
-                call = p.stub.ReadFile(request)
+                call = p.read_file(request)
                 self.watchdog.touch(call)
                 try:
-                    for chunk in call:
+                    for raw in call:
                         if self.cancelled.is_set():
                             raise _Cancelled()
-                        data = chunk.data
+                        offset, data = _parse_chunk(raw)
                         if data:  # only bytes count as progress (an endless run of empty chunks stalls)
                             self.watchdog.touch(call)
-                        if chunk.offset != pos:
-                            raise _BadData(f"sent a chunk at offset {chunk.offset}, expected {pos}")
+                        if offset != pos:
+                            raise _BadData(f"sent a chunk at offset {offset}, expected {pos}")
                         if pos + len(data) > entry.size:
                             raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
                         _write_all(out, data)
@@ -320,7 +373,9 @@ def download(
     provs = []
     for a in addresses:
         channel = grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
-        provs.append(_Provider(a, channel, pb_grpc.CheckpointServiceStub(channel)))
+        read_file = channel.unary_stream(_READ_FILE_METHOD, request_serializer=pb.ReadFileRequest.SerializeToString,
+                                         response_deserializer=None)
+        provs.append(_Provider(a, channel, pb_grpc.CheckpointServiceStub(channel), read_file))
     try:
         manifest = _fetch_manifest(manifest_hash, provs, retries, timeout)
         total = manifest.total_bytes
