@@ -240,6 +240,37 @@ def test_nan_input_refused_naming_tensor_and_model(tiny_models, tmp_path):
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("method,value", [("linear", float("inf")), ("ties", float("nan"))])
+def test_nonfinite_input_refused_by_result_and_input_screens(method, value, tiny_models, tmp_path):
+    # linear screens its float32 result (an Inf input makes it Inf/NaN); TIES screens each input
+    name = "model.layers.0.self_attn.q_proj.weight"
+    bad = _copy_model(tiny_models["code"], tmp_path / "bad-model")
+    tensors = load_file(bad / "model.safetensors")
+    tensors[name].view(-1)[7] = value
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    recipe = recipe_for(method, tiny_models["base"], [tiny_models["math"], bad])
+    with pytest.raises(NonFiniteTensorError) as exc:
+        merge(recipe, tmp_path / "out", show_progress=False, chunk_bytes=1024)
+    assert name in str(exc.value) and str(bad) in str(exc.value)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_finite_inputs_whose_block_sum_overflows_are_merged(tiny_models, tmp_path):
+    # every value near float32's max: the screen's sum overflows, the exact check passes
+    name = "model.norm.weight"
+    models = []
+    for key in ("math", "code"):
+        m = _copy_model(tiny_models[key], tmp_path / f"big-{key}")
+        tensors = load_file(m / "model.safetensors")
+        tensors[name].fill_(2e38)  # 0.6 * 2e38 * 2 = 2.4e38 < 3.4e38
+        save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
+        models.append(m)
+    recipe = recipe_for("linear", tiny_models["base"], models)
+    merge(recipe, tmp_path / "out", show_progress=False)
+    got = _load(tmp_path / "out")[name]
+    assert torch.equal(got, reference_merge(recipe)[name]) and torch.isfinite(got).all()
+
+
 def test_unknown_method_and_parameter_list_valid_ones(tiny_models, tmp_path):
     base, math = str(tiny_models["base"]), str(tiny_models["math"])
     with pytest.raises(UmmError, match="ties") as exc:

@@ -209,3 +209,31 @@ def test_model_card_names_sources_method_and_recipe():
                       out_dtype="bfloat16", version="9.9")
     assert "`/m/base` (base)" in card and "`/m/a`" in card
     assert "ties" in card and "`normalize`: true" in card and "merge_method: ties" in card and "9.9" in card
+
+
+def test_background_syncs_run_while_writing_and_their_errors_fail_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import umm.checkpoints.writer as writer_mod
+
+    ts = _tensors()
+    synced: list[int] = []
+    real = writer_mod._datasync
+    monkeypatch.setattr(writer_mod, "_datasync", lambda fd: (synced.append(fd), real(fd)))
+    with CheckpointWriter(tmp_path / "m", _specs(ts), max_shard_bytes=600, sync_every=64) as w:
+        for n, t in ts.items():
+            w.write_tensor(n, t)
+        w.finalize()
+    assert synced  # the 640-byte embedding alone crosses the 64-byte mark
+    assert all(torch.equal(_load_folder(tmp_path / "m")[n], t) for n, t in ts.items())
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(writer_mod, "_datasync", failing)
+    with pytest.raises(CheckpointWriteError, match="I/O error"):
+        with CheckpointWriter(tmp_path / "bad", _specs(ts), sync_every=64) as w:
+            for n, t in ts.items():
+                w.write_tensor(n, t)
+            w.finalize()
+    assert not (tmp_path / "bad").exists() and _leftovers(tmp_path) == []

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from umm.checkpoints.admission import check_finite as check_finite_tensor
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
@@ -116,60 +117,21 @@ def peak_rss_bytes() -> int:
 
 
 class CheckpointSource:
-    """Reads blocks of rows of a checkpoint's tensors with ``os.preadv`` into fresh buffers.
-
-    Thread-safe: ``preadv`` takes explicit offsets, so workers share one descriptor per file.
-    """
+    """Reads blocks of rows of a checkpoint's tensors (:meth:`Checkpoint.get_rows`: ``os.preadv``
+    into fresh buffers, never memory-mapped). Thread-safe."""
 
     def __init__(self, ckpt: Any) -> None:
         self.ckpt = ckpt
         self.path = Path(ckpt.path)
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def _fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = os.open(self.path / file, os.O_RDONLY)
-                self._fds[file] = fd
-            return fd
 
     def read_rows(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """Rows ``[start, end)`` of tensor ``name`` (whole tensor by default), as stored."""
-        from umm.checkpoints.errors import CorruptCheckpointError
-
-        info = self.ckpt.tensors[name]
-        shape = tuple(info.shape)
-        first, last = info.byte_range
-        nbytes_total = last - first
-        if start is None or not shape:
-            lo, hi, rows_shape = 0, nbytes_total, shape
-        else:
-            row_bytes = nbytes_total // shape[0] if shape[0] else 0
-            lo, hi = start * row_bytes, end * row_bytes  # type: ignore[operator]
-            rows_shape = (end - start, *shape[1:])  # type: ignore[operator]
-        buf = torch.empty(hi - lo, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        fd = self._fd(info.file)
-        offset, done = first + lo, 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CorruptCheckpointError(
-                    f"{self.path / info.file}: ends inside tensor {name!r} (truncated shard?)"
-                )
-            done += n
-        return buf.view(info.dtype).view(rows_shape)
+        if start is None or not self.ckpt.tensors[name].shape:
+            return self.ckpt.get_tensor(name)
+        return self.ckpt.get_rows(name, start, end)
 
     def close(self) -> None:
-        with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        """Nothing to release: the checkpoint's files are closed by :meth:`MergeInputs.close`."""
 
 
 class MemorySource:
@@ -377,23 +339,6 @@ def plan_jobs(inputs: MergeInputs, chunk_bytes: int) -> list[_Job]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_finite(t: torch.Tensor, name: str, model: str) -> None:
-    """Refuse NaN/Inf. Fast path: a float32 sum is finite iff every element is (barring overflow)."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return
-    if bool(torch.isfinite(t).all()):
-        return  # the sum overflowed; the values are fine
-    from umm.checkpoints.errors import NonFiniteTensorError
-
-    bad = int((~torch.isfinite(t)).sum())
-    raise NonFiniteTensorError(
-        f"tensor {name!r} of model {model} holds {bad} NaN/Inf value(s); refusing to merge it "
-        "(fix or drop this model)"
-    )
-
-
 class _Budget:
     """Admits jobs while their estimated memory fits; one oversized job may run alone."""
 
@@ -444,11 +389,13 @@ def _run_job(
 
     method = inputs.method
     name = job.name
+    # methods that carry NaN/Inf into the result are screened once, on the result (cheaper)
+    screen_result = check_finite and method.propagates_nonfinite
     blocks = []
     for src, model in zip(inputs.sources, inputs.names):
         t = src.read_rows(name, job.start, job.end)
-        if check_finite:
-            _check_finite(t, name, model)
+        if check_finite and not screen_result:
+            check_finite_tensor(t, name, model)
         blocks.append(t)
     out_dtype = inputs.out_dtypes[name]
     if not inputs.in_dtypes[name].is_floating_point:
@@ -465,6 +412,9 @@ def _run_job(
                               state=state, row_offset=job.start or 0)
     else:
         result = method.merge(base, tensors, params.per_model, params.global_, generator=gen)
+    if screen_result and result.numel() and not bool(torch.isfinite(result.sum())):
+        for t, model in zip(blocks, inputs.names):  # name the culprit; finite inputs that overflowed pass
+            check_finite_tensor(t, name, model)
     del blocks, tensors, base
     if result.dtype != out_dtype:
         result = result.to(out_dtype)
@@ -688,8 +638,12 @@ def merge(
 
     Checks (before merging): the output folder (refused if it exists and is not empty, unless
     ``overwrite``), the recipe, that every model exists, is safetensors, and is compatible with
-    the others. During: every input block is checked for NaN/Inf. Any failure removes the
-    temporary output; with ``overwrite`` the old folder stays until the new one is complete.
+    the others. During: every input block is checked for NaN/Inf (for methods that carry
+    NaN/Inf into their result, by screening the result). Any failure removes the temporary
+    output; with ``overwrite`` the old folder stays until the new one is complete.
+
+    ``threads``: worker threads, also torch's thread count (default: up to 4 workers by CPU
+    count, with the cores shared out between them as torch threads); restored on return.
     """
     from umm import __version__
     from umm.checkpoints.writer import (
@@ -707,10 +661,11 @@ def merge(
     check_output_dir(out, overwrite)
     max_shard = parse_size(shard_size)
     workers = max(1, threads or min(4, os.cpu_count() or 1))
-    if threads:
-        torch.set_num_threads(max(1, threads))
     the_seed = _seed(recipe, seed)
     inputs = open_inputs(recipe)
+    torch_threads = torch.get_num_threads()
+    # automatic: workers x torch threads = the cores (more threads would only spin)
+    torch.set_num_threads(max(1, threads or (os.cpu_count() or 1) // workers))
     try:
         tok_dir = _tokenizer_dir(inputs)
         ref_dir = Path(inputs.names[inputs.ref_index])
@@ -747,6 +702,7 @@ def merge(
             shards = len(writer.plan.files)
     finally:
         inputs.close()
+        torch.set_num_threads(torch_threads)
     return MergeSummary(
         out_dir=out.absolute(),
         method=inputs.method.name,

@@ -68,6 +68,10 @@ class MergeMethod:
     fn: MergeFn = field(repr=False, compare=False)
     elementwise_fn: ElementwiseFn | None = field(default=None, repr=False, compare=False)
     prepare_fn: PrepareFn | None = field(default=None, repr=False, compare=False)
+    #: A NaN/Inf in any input always makes the result NaN/Inf at that position (the result is
+    #: a sum of finite multiples of every input: w*Inf is +-Inf or NaN, and NaN/Inf survive
+    #: sums), so the executor may screen the float32 result instead of each input.
+    propagates_nonfinite: bool = False
     summary: str = ""
     reference_url: str = ""
 
