@@ -129,3 +129,30 @@ def test_sparse_loss_with_bf16_logits_keeps_dtype_and_value() -> None:
     assert loss.dtype == torch.float32 and xb.grad.dtype == torch.bfloat16
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert torch.allclose(xb.grad.float(), xf.grad, atol=1e-3)
+
+
+class _Tok:
+    """Decodes ids to fixed strings; id 0 is a special token (EOS) that decodes to nothing."""
+
+    def __init__(self, pieces: dict[int, str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_ce_per_character_is_fair_across_tokenizer_granularity() -> None:
+    from umm.fusion.targets import sequence_ce
+    from umm.fusion.teacher import TeacherSequence
+
+    def seq(gold: list[int], ce: float) -> TeacherSequence:
+        n = len(gold)
+        return TeacherSequence(torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), torch.tensor(gold), ce)
+
+    # the same 8-character response: 2 coarse tokens + EOS vs 8 one-character tokens + EOS
+    coarse, fine = _Tok({0: "</s>", 1: "abcd", 2: "efgh"}), _Tok({0: "</s>", **{i + 1: c for i, c in enumerate("abcdefgh")}})
+    a, b = seq([1, 2, 0], 2.0), seq(list(range(1, 9)) + [0], 1.0)  # total NLL 6.0 vs 9.0
+    assert sequence_ce(a, coarse, "token") == 2.0 and sequence_ce(b, fine, "token") == 1.0  # per token: b wins
+    assert sequence_ce(a, coarse, "char") == pytest.approx(6.0 / 8)
+    assert sequence_ce(b, fine, "char") == pytest.approx(9.0 / 8)  # per character: a wins, as its total NLL says
+    assert math.isnan(sequence_ce(seq([1], float("nan")), coarse, "char"))

@@ -96,6 +96,7 @@ class FuseConfig(_Strict):
     fusion: Literal["minCE", "avgCE"] = "minCE"
     vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
     temperature: float = Field(1.0, gt=0)
+    ce_unit: Literal["char", "token"] = "char"
     lam: float = Field(0.9, ge=0, le=1)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -373,7 +374,7 @@ def train_config(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], device: 
         pivot=pivot, sources=list(sources), data=cfg.data, output=cfg.output,
         teacher_cache=cfg.teacher_cache or home() / "fusion" / "teachers", k=cfg.k, max_length=cfg.max_length,
         teacher_batch_size=cfg.teacher_batch_size, layout=cfg.layout, fusion=cfg.fusion, vocab_map=cfg.vocab_map,
-        temperature=cfg.temperature, lam=cfg.lam, device=device, resume=resume,
+        temperature=cfg.temperature, ce_unit=cfg.ce_unit, lam=cfg.lam, device=device, resume=resume,
         **cfg.training.model_dump(),
     )
 
@@ -472,8 +473,8 @@ def run_fuse(
     return result
 
 
-def results_table(result: FuseResult, tasks: Sequence[str]) -> Any:
-    """The final table: one row per model, one column per task, ``score [95% CI]`` on ``test``."""
+def results_table(result: FuseResult, tasks: Sequence[str], split: str = "test") -> Any:
+    """The final table: one row per model, one column per task, ``score [95% CI]`` on ``split``."""
     from umm.ui import table
 
     domains = task_domains(tasks)
@@ -485,4 +486,4 @@ def results_table(result: FuseResult, tasks: Sequence[str]) -> Any:
             s, lo, hi, n = m.scores[t]
             cells.append(f"{s:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
         rows.append([m.name, m.role, *cells])
-    return table("test split: pivot before vs fused vs sources (95% CI)", cols, rows)
+    return table(f"{split} split: pivot before vs fused vs sources (95% CI)", cols, rows)

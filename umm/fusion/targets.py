@@ -4,11 +4,17 @@ For each example kept by the pivot's tokenisation: each teacher's sparse output 
 the pivot's response tokens (:func:`umm.fusion.align.project_to_pivot`, or used as is when the
 teacher tokenises the response exactly as the pivot does with the same vocabulary), then the
 teachers are fused per sequence with MinCE or AvgCE on their cross-entropies.
+
+The cross-entropies compared across teachers are, by default (``ce_unit="char"``), each model's
+total negative log-likelihood of the gold response divided by the number of characters its own
+tokens decode to: a per-token mean would favour the tokenizer that cuts the same text into more,
+easier pieces. ``ce_unit="token"`` compares the stored per-token means (FuseLLM's way).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +33,10 @@ from umm.fusion.align import (
 from umm.fusion.data import InstructionData, TokenizedData
 from umm.fusion.fuse import FusionFunction
 from umm.fusion.sparse import SparseDist, merge_duplicates, renormalise
-from umm.fusion.teacher import TeacherOutputs
+from umm.fusion.teacher import TeacherOutputs, TeacherSequence
 from umm.ui import progress
+
+CE_UNITS = ("char", "token")
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +73,12 @@ def build_fused_targets(
     fusion: str = "minCE",
     vocab_map_method: str = "exact+edit",
     temperature: float = 1.0,
+    ce_unit: str = "char",
     show_progress: bool = True,
 ) -> FusedTargets:
     """Project every teacher onto ``pivot_data`` and fuse them (see module docstring)."""
+    if ce_unit not in CE_UNITS:
+        raise UmmError(f"unknown ce_unit {ce_unit!r}; use one of {', '.join(CE_UNITS)}")
     if len(teachers) != len(source_tokenizers):
         raise UmmError("one tokenizer per teacher is needed")
     for t in teachers:
@@ -115,7 +126,7 @@ def build_fused_targets(
             fallbacks[j] += n_fb
             positions[j] += len(piv_gold)
             dists.append(d)
-            ces.append(seq.ce)
+            ces.append(sequence_ce(seq, source_tokenizers[j], ce_unit))
         if not dists:
             items.append(None)
             continue
@@ -128,6 +139,19 @@ def build_fused_targets(
         logger.info("teacher %s: %.1f%% of pivot positions fell back to the gold token", t.model_path.name, 100 * f)
     return FusedTargets(items, [t.model_path.name for t in teachers], frac, chosen,
                         [m.stats if m is not None else None for m in maps])
+
+
+def sequence_ce(seq: TeacherSequence, tokenizer: Any, unit: str = "char") -> float:
+    """The cross-entropy of one teacher on one gold response, in nats per ``unit``.
+
+    ``token``: the stored mean over the model's own response tokens. ``char``: that mean times the
+    number of tokens (the total NLL), divided by the length of the text those tokens decode to
+    (special tokens such as EOS count in the NLL but add no characters). NaN stays NaN.
+    """
+    if unit == "token" or math.isnan(seq.ce):
+        return seq.ce
+    n_chars = len(tokenizer.decode(seq.gold_ids.tolist(), skip_special_tokens=True))
+    return seq.ce * len(seq.gold_ids) / max(1, n_chars)
 
 
 def _corpus_alignments(

@@ -57,6 +57,7 @@ class FusionTrainConfig(BaseModel):
     fusion: Literal["minCE", "avgCE"] = "minCE"
     vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
     temperature: float = Field(1.0, gt=0)
+    ce_unit: Literal["char", "token"] = "char"  # how teachers' CEs are compared (umm.fusion.targets)
     lam: float = Field(0.9, ge=0, le=1)
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -218,7 +219,8 @@ def prepare_targets(config: FusionTrainConfig, *, show_progress: bool = True,
     pivot_data = tokenize_data(pivot_tok, data, config.max_length, config.layout)
     targets = build_fused_targets(pivot_tok, pivot_data, data, teachers, tokenizers,
                                   fusion=config.fusion, vocab_map_method=config.vocab_map,
-                                  temperature=config.temperature, show_progress=show_progress)
+                                  temperature=config.temperature, ce_unit=config.ce_unit,
+                                  show_progress=show_progress)
     return targets, teachers
 
 
@@ -371,7 +373,7 @@ def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets
         "data": str(config.data),
         "data_sha256": teachers[0].data_sha256 if teachers else None,
         "fusion": config.fusion, "lam": config.lam, "k": config.k, "vocab_map": config.vocab_map,
-        "temperature": config.temperature, "lr": config.lr, "epochs": config.epochs,
+        "temperature": config.temperature, "ce_unit": config.ce_unit, "lr": config.lr, "epochs": config.epochs,
         "steps": state["step"], "batch_size": config.batch_size, "grad_accum": config.grad_accum,
         "max_length": config.max_length, "seed": config.seed,
         "fallback_fraction": dict(zip(targets.teacher_names, targets.fallback_fraction)),
