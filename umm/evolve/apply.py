@@ -57,7 +57,12 @@ def descending_rank(delta: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     if n >= 2**31:
         raise LiveMergeError(f"a tensor of {n} entries is too large for int32 ranks")
-    order = torch.sort(flat, descending=True, stable=True).indices
+    if flat.dtype == torch.float32:
+        # |d| >= 0: its bit patterns order as the values; an ascending stable sort of their
+        # negation (int32, radix) is a few times faster than a descending float sort
+        order = torch.sort(flat.view(torch.int32).neg(), stable=True).indices
+    else:
+        order = torch.sort(flat, descending=True, stable=True).indices
     rank = torch.empty(n, dtype=torch.int32, device=flat.device)
     rank[order] = torch.arange(n, dtype=torch.int32, device=flat.device)
     return rank
