@@ -6,8 +6,9 @@ time goes.
    candidate (per-layer weights) to the live model in memory (:class:`umm.evolve.apply.LiveMerge`)
    against merging the same recipe to disk with the streaming executor and loading the result
    (``load_causal_lm``), what a search without the in-memory path does per candidate.
-   Also one TIES candidate (density 0.5), which goes through the method's own function.
-2. **Apply vs evaluate** on the tiny experts (``umm experts prepare --variant small``, if built):
+   Also TIES candidates (density 0.5): the live merge is set up as for a TIES search, so the
+   setup includes ranking every task vector's magnitudes once (the cost is printed).
+2. **Apply vs evaluate** on the tiny experts (``umm experts prepare --variant full``, if built):
    a short search (``--generations`` generations) with the math and code experts, and the
    share of each candidate's time spent applying vs evaluating, from ``history.jsonl``.
 
@@ -71,9 +72,14 @@ def part_apply(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     model = load_causal_lm(base, device=args.device, dtype=args.dtype)
-    live = LiveMerge(_layer_recipe("task_arithmetic", base, experts, 0, num_layers, None), model, device=args.device)
+    # set up as for a TIES search (task vectors + ranks); task-arithmetic candidates run on it too
+    live = LiveMerge(_layer_recipe("ties", base, experts, 0, num_layers, 0.5), model, device=args.device)
     setup_s = time.perf_counter() - t0
-    print(f"  setup (load live model, cache sources): {setup_s:.1f} s", flush=True)
+    gib = 1 << 30
+    cached = sum(t.numel() * t.element_size() for ts in live.inputs.values() for t in ts) / gib
+    ranks = sum(r.numel() * r.element_size() for r in getattr(live, "_ranks", {}).values()) / gib
+    print(f"  setup (load live model, cache sources, rank |task vectors|): {setup_s:.1f} s; cache "
+          f"{cached:.2f} GiB (base + task vectors) + {ranks:.2f} GiB (int32 ranks)", flush=True)
 
     rows = []
     for method, density in (("task_arithmetic", None), ("ties", 0.5)):
@@ -157,7 +163,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="dtype of the live model")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (and merge workers); 1 on a shared, oversubscribed machine")
-    ap.add_argument("--variant", default="small", help="tiny expert suite variant")
+    ap.add_argument("--variant", default="full", help="tiny expert suite variant")
     ap.add_argument("--suite-root", default=None, help="parent folder of the suite (default: umm's experts cache)")
     ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--search-size", type=int, default=16)
