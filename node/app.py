@@ -6,11 +6,13 @@
     node = Node(NodeConfig(model=..., domains=["math"], coordinator_public_key=key))
     node.start()          # admission first: a bad model raises before anything is announced
     node.run_forever()    # until stop() (e.g. from a signal handler)
-    node.stop()           # withdraw the expert record, stop serving, leave the DHT
+    node.stop()           # withdraw our records, stop serving, leave the DHT
 
 Order in :meth:`Node.start`: admission (raises :class:`CheckpointError`), data-dir lock, DHT
 (hivemind forks, so before any gRPC object exists in this process), gRPC server, records
 (announced at once, then refreshed every ``refresh_period`` with a TTL of twice that), watcher.
+The DHT runs in its own process group (:mod:`umm.net.dht`), so Ctrl-C in a terminal stops the
+node through :meth:`Node.stop`, which withdraws the records before it shuts the DHT down.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Node:
         return self.info
 
     def _start_services(self) -> None:
-        from umm.net.dht import start_dht, visible_maddrs
+        from umm.net.dht import DHT_PIDS, start_dht, visible_maddrs
         from umm.net.keys import load_or_create_key, public_key_text
         from umm.net.records import ExpertRecord, NetworkRecords, Refresher
 
@@ -103,6 +105,7 @@ class Node:
         self.dht = start_dht(
             cfg.network, cfg.identity, host_maddrs=cfg.host_maddrs(), announce_maddrs=cfg.announce_maddrs(),
             initial_peers=cfg.initial_peers, coordinator_public_key=cfg.coordinator_public_key,
+            pid_file=cfg.data_dir / DHT_PIDS,  # the data-dir lock is ours: what is recorded there is a dead node's
         )
         # gRPC only after the DHT process has forked
         from umm.net.server import CheckpointServer, CheckpointServicer
@@ -133,7 +136,8 @@ class Node:
             software_version=umm.__version__,
         )
         self.refresher = Refresher(cfg.refresh_period, name="umm-node-refresher")
-        if not self.refresher.add(EXPERT_JOB, lambda ttl: self.records.announce_expert(record, ttl=ttl)):
+        if not self.refresher.add(EXPERT_JOB, lambda ttl: self.records.announce_expert(record, ttl=ttl),
+                                  withdraw=lambda ttl: self.records.withdraw_expert(ttl=ttl)):
             logger.warning("the first announcement of %s was not stored; retrying every %.0f s",
                            record.name, cfg.refresh_period)
         self.refresher.start()
@@ -163,8 +167,8 @@ class Node:
         self._stopping.set()
 
     def stop(self, *, withdraw: bool = True) -> None:
-        """Stop refreshing, withdraw the expert record (unless ``withdraw=False``), stop serving and
-        leave the DHT. Safe to call more than once and after a failed :meth:`start`."""
+        """Stop refreshing, withdraw our expert and provider records (unless ``withdraw=False``),
+        stop serving and leave the DHT. Safe to call more than once and after a failed :meth:`start`."""
         self._stopping.set()
         if self._stopped:
             return
@@ -172,20 +176,17 @@ class Node:
         if self.watcher is not None:
             self.watcher.stop()
         if self.refresher is not None:
-            self.refresher.stop()
-            if withdraw and self.records is not None:
-                try:
-                    stored = self.records.withdraw_expert(ttl=self.refresher.ttl)
-                except Exception as e:  # e.g. Ctrl-C in a terminal also stopped the p2p daemon
-                    logger.info("could not withdraw the expert record (%s)", e)
-                    stored = False
-                if not stored:
-                    logger.info("the expert record expires within %.0f s", self.refresher.ttl)
+            if withdraw:  # while the DHT is up (it is in its own process group: Ctrl-C did not end it)
+                self.refresher.withdraw_all()
+            else:
+                self.refresher.stop()
         if self.server is not None:
             self.server.stop(grace=1.0)
         if self.dht is not None:
+            from umm.net.dht import DHT_PIDS, stop_dht
+
             with contextlib.suppress(Exception):
-                self.dht.shutdown()
+                stop_dht(self.dht, self.config.data_dir / DHT_PIDS)
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None

@@ -134,7 +134,8 @@ class MergedWatcher:
         self.current = MergedModel(round=rec.round, name=rec.name, manifest_hash=h, path=path)
         self.last_error = None
         self.refresher.add(PROVIDER_JOB_PREFIX + h,
-                           lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl))
+                           lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl),
+                           withdraw=lambda ttl: self.records.withdraw_provider(h, ttl=ttl))
         if previous is not None:  # keep its files served, but stop advertising the old round
             self.refresher.discard(PROVIDER_JOB_PREFIX + previous.manifest_hash)
         logger.info("round %d: merged model %s verified, stored in %s and served", rec.round, h[:12], path)

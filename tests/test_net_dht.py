@@ -141,3 +141,66 @@ def test_refresher_keeps_records_alive_and_stops(swarm):
     assert not refresher._thread.is_alive()
     time.sleep(3.0)
     assert ra.providers(H2) == {}
+
+
+def test_withdraw_all_withdraws_registered_records_at_once(swarm):
+    ra, rb = swarm["ra"], swarm["rb"]
+    refresher = Refresher(period=30.0)  # records live 60 s: only a withdrawal removes them within the test
+    assert refresher.add("provider", lambda ttl: rb.announce_provider(H1, "127.0.0.1:7002", ttl=ttl),
+                         withdraw=lambda ttl: rb.withdraw_provider(H1, ttl=ttl))
+    assert refresher.add("kept", lambda ttl: rb.announce_provider(H3, "127.0.0.1:7003", ttl=ttl))  # no withdrawal
+    refresher.start()
+    assert rb.public_key in ra.providers(H1) and rb.public_key in ra.providers(H3)
+    assert refresher.withdraw_all() == {"provider": True}
+    assert not refresher._thread.is_alive()
+    assert ra.providers(H1) == {} and rb.public_key in ra.providers(H3)
+
+
+def test_dht_processes_leave_the_owners_group_and_are_recorded(tmp_path):
+    """The DHT process and p2pd sit in their own process group (a terminal's Ctrl-C does not reach
+    them); a pid file records them; SIGTERM to the DHT process ends p2pd too; a start with the same
+    pid file ends what a dead owner left; stop_dht leaves nothing."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from umm.net.dht import end_orphaned_dht, stop_dht
+
+    pids = tmp_path / "dht.pids"
+    dht = start_dht(NET, tmp_path / "id.key", pid_file=pids)
+    try:
+        recorded = [psutil.Process(e["pid"]) for e in json.loads(pids.read_text())]
+        assert [p.pid for p in recorded][0] == dht.pid and "p2pd" in recorded[1].name()
+        assert {os.getpgid(p.pid) for p in recorded} == {dht.pid} != {os.getpgid(0)}
+        os.kill(dht.pid, signal.SIGTERM)
+        dht.join(30)
+        _, alive = psutil.wait_procs(recorded, timeout=10)
+        assert not alive  # p2pd did not outlive its DHT process
+
+        # an orphan: the DHT of an owner killed with SIGKILL, started from a thread (so it does not
+        # follow its owner's death), still running under the identity
+        code = ("import threading, time; from umm.net.dht import start_dht; "
+                f"t = threading.Thread(target=start_dht, args=({NET!r}, {str(tmp_path / 'id.key')!r}), "
+                f"kwargs={{'pid_file': {str(pids)!r}}}); t.start(); t.join(); print('up', flush=True); time.sleep(600)")
+        owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert owner.stdout.readline().strip() == "up"
+        finally:
+            owner.kill()
+            owner.wait()
+        orphans = [psutil.Process(e["pid"]) for e in json.loads(pids.read_text())]
+        assert len(orphans) == 2 and all(p.is_running() for p in orphans)
+        dht = start_dht(NET, tmp_path / "id.key", pid_file=pids)  # same identity: works only once they are ended
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+        mine = [psutil.Process(e["pid"]) for e in json.loads(pids.read_text())]
+        assert {p.pid for p in mine}.isdisjoint(p.pid for p in orphans)
+    finally:
+        stop_dht(dht, pids)
+    assert not pids.exists()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    assert not alive
+    assert end_orphaned_dht(pids) == 0  # no file: nothing to do

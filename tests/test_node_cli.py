@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -12,12 +13,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
 from node.cli import main
 from umm.net import keys
-from umm.net.dht import start_dht
+from umm.net.dht import DHT_PIDS, end_orphaned_dht, start_dht
 from umm.net.records import NetworkRecords
 
 NET = "clitest"
@@ -80,10 +82,10 @@ def _wait_line(lines: queue.Queue, needle: str, timeout: float, seen: list[str])
     return False
 
 
-def test_join_prints_bootstrap_addresses_and_ctrl_c_exits_cleanly(tiny_models, tmp_path):
+def test_join_prints_bootstrap_addresses_and_ctrl_c_withdraws_and_exits_cleanly(tiny_models, tmp_path):
     env = {**os.environ, "UMM_HOME": str(tmp_path / "home"), "UMM_NO_PROGRESS": "1", "COLUMNS": "250"}
     cmd = [sys.executable, "-c", "from node.cli import main; main()", "join", "--model", str(tiny_models["math"]),
-           "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "5"]
+           "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "60"]
     # its own process group, like a shell job: Ctrl-C in a terminal reaches the whole group
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).resolve().parents[1], start_new_session=True)
@@ -108,16 +110,27 @@ def test_join_prints_bootstrap_addresses_and_ctrl_c_exits_cleanly(tiny_models, t
             time.sleep(0.5)
         assert any(e.record.name == "cli-expert" for e in records.experts().values())
 
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the node, its DHT process and hivemind's p2p daemon
+        # the node's DHT process and hivemind's p2p daemon, recorded in its data dir
+        dht_procs = [psutil.Process(e["pid"]) for e in json.loads((tmp_path / "home" / "node" / DHT_PIDS).read_text())]
+        assert len(dht_procs) == 2
+
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: SIGINT to the whole process group
         rc = proc.wait(timeout=30)  # generous on a loaded machine; a hang fails here
         assert rc == 0, proc.stderr.read()
         assert _wait_line(lines, "left the network", 5, seen)
-        time.sleep(0.5)
-        with pytest.raises(ProcessLookupError):  # no DHT process or daemon was left behind
+        # withdrawn, not left to expire (the record's TTL is 2 x 60 s): the DHT outlived the Ctrl-C
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(e.record.name == "cli-expert" for e in records.experts().values()):
+            time.sleep(0.5)
+        assert not any(e.record.name == "cli-expert" for e in records.experts().values())
+        _, alive = psutil.wait_procs(dht_procs, timeout=10)
+        assert not alive, f"left behind: {alive}"
+        with pytest.raises(ProcessLookupError):  # nothing else of the node's group either
             os.killpg(proc.pid, 0)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        end_orphaned_dht(tmp_path / "home" / "node" / DHT_PIDS)  # after a failure: the DHT is in its own group
         if dht is not None:
             dht.shutdown()

@@ -28,7 +28,7 @@ class FakeRefresher:
     def __init__(self):
         self.jobs: dict = {}
 
-    def add(self, name, fn):
+    def add(self, name, fn, withdraw=None):
         self.jobs[name] = fn
         return True
 

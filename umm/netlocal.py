@@ -116,10 +116,11 @@ class LocalNetResult:
 
 
 class Proc:
-    """A child process in its own session (so its DHT helpers can be ended with it); output to a log."""
+    """A child process in its own session, output to a log. ``dht_pids``: the pid file of its DHT
+    (``<data dir>/dht.pids``), whose processes live in a process group of their own."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str]):
-        self.name, self.cmd, self.log = name, cmd, log
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str], dht_pids: Path | None = None):
+        self.name, self.cmd, self.log, self.dht_pids = name, cmd, log, dht_pids
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:
             self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -168,11 +169,15 @@ class Proc:
             logger.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
             rc = None
         try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # leftovers: hivemind's DHT process, p2p daemon
+            os.killpg(self.popen.pid, signal.SIGKILL)  # whatever else is left in its process group
         except (ProcessLookupError, PermissionError):
             pass
         if rc is None:
             rc = self.popen.wait()
+        if self.dht_pids is not None:  # a DHT that outlived its process (it follows it, but only on Linux)
+            from umm.net.dht import end_orphaned_dht
+
+            end_orphaned_dht(self.dht_pids)
         return rc
 
 
@@ -303,6 +308,7 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
     :class:`LocalNetError` only for a set-up the caller must fix.
     """
     from umm.experts.instruction_data import write_instruction_data
+    from umm.net.dht import DHT_PIDS
     from umm.net.keys import load_or_create_key, public_key_text
 
     say = say or logger.info
@@ -343,7 +349,7 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
                 cmd += ["--base-model", base]
             for p in bootstrap:
                 cmd += ["--initial-peers", p]
-            procs.append(Proc(name, cmd, workdir / "logs" / f"{name}.log", env))
+            procs.append(Proc(name, cmd, workdir / "logs" / f"{name}.log", env, dht_pids=data_dir / DHT_PIDS))
             if i == 0:  # the others join through the first node
                 procs[0].wait_output(re.compile(r"Ctrl-C to leave"), cfg.start_timeout)
                 bootstrap = _PEER_LINE.findall(procs[0].output())
@@ -355,7 +361,8 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
                      "--rounds", str(cfg.rounds), "--linger"]
         (coord_dir / "coordinator.yaml").write_text(yaml.safe_dump({**settings, "initial_peers": bootstrap},
                                                                    sort_keys=False))
-        coord = Proc("coordinator", coord_cmd, workdir / "logs" / "coordinator.log", env)
+        coord = Proc("coordinator", coord_cmd, workdir / "logs" / "coordinator.log", env,
+                     dht_pids=coord_dir / "data" / DHT_PIDS)
         procs.append(coord)
         coord.wait_output(re.compile(r"status service: (\S+)"), cfg.start_timeout)
         address = (coord_dir / "data" / "status_address").read_text().strip()

@@ -1,13 +1,32 @@
-"""Start a hivemind DHT for a umm network, with our record validators and identity.
+"""Start and stop a hivemind DHT for a umm network, with our record validators and identity.
 
-hivemind runs the DHT node in a forked background process. Start it before creating gRPC
-servers or channels in the same process (gRPC does not like being forked under it).
+hivemind runs the DHT node in a forked background process, which starts hivemind's p2p daemon
+(``p2pd``). Start it before creating gRPC servers or channels in the same process (gRPC does not
+like being forked under it). Our DHT process differs from hivemind's in three ways:
+
+- it leaves its owner's process group (and ``p2pd`` with it), so a terminal's Ctrl-C, which is
+  sent to the whole foreground group, reaches only the owner: the owner can still withdraw its
+  records through the DHT before it shuts the DHT down (hivemind's DHT process ignores SIGINT,
+  but ``p2pd`` does not);
+- on SIGTERM it ends ``p2pd`` before exiting (hivemind's own shutdown does, a signal did not);
+- started from the owner's main thread, it gets SIGTERM when the owner dies (Linux
+  ``PR_SET_PDEATHSIG``), so a SIGKILLed owner does not leave a peer running under its identity.
+
+What can still outlive an owner (its DHT process SIGKILLed, another OS, a DHT started from a
+thread) is recorded in a pid file (``start_dht(pid_file=...)``) and ended by the next start with
+the same file (:func:`end_orphaned_dht`), which would otherwise find the identity "already taken
+by another peer". :func:`stop_dht` shuts down and ends whatever is left.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import signal
+import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +37,70 @@ from umm.net.records import check_network, make_validators
 logger = logging.getLogger(__name__)
 
 LOOPBACK_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
+#: pid file of a data dir's DHT processes (see module docstring)
+DHT_PIDS = "dht.pids"
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when the thread that forked it exits."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _end_children(timeout: float = 5.0) -> None:
+    """SIGTERM this process's children (``p2pd``), SIGKILL those still there after ``timeout``."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        try:
+            c.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for c in alive:
+        try:
+            c.kill()
+        except psutil.Error:
+            pass
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@functools.cache
+def _dht_class():
+    """``hivemind.DHT`` whose background process behaves as the module docstring says."""
+    import hivemind
+
+    class OwnGroupDHT(hivemind.DHT):
+        # set in the owner before start(); the forked child reads them
+        _die_with_owner = False
+        _owner_pid = 0
+
+        def run(self) -> None:
+            try:
+                os.setpgid(0, 0)
+            except OSError as e:  # e.g. already a group leader: Ctrl-C may then end p2pd early
+                logger.debug("the DHT process keeps its process group: %s", e)
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            if self._die_with_owner and _set_parent_death_signal(signal.SIGTERM) and os.getppid() != self._owner_pid:
+                return  # the owner died before we asked to follow it
+            try:
+                super().run()
+            finally:
+                _end_children()
+
+    return OwnGroupDHT
 
 
 def start_dht(
@@ -30,36 +113,48 @@ def start_dht(
     coordinator_public_key: bytes | None = None,
     client_mode: bool = False,
     startup_timeout: float = 30.0,
+    pid_file: str | os.PathLike[str] | None = None,
     **dht_kwargs,
 ):
-    """Start and return a ``hivemind.DHT`` for ``network`` (call ``.shutdown()`` when done).
+    """Start and return a ``hivemind.DHT`` for ``network`` (stop it with :func:`stop_dht`).
 
     ``identity_path`` holds the peer's RSA key (created if missing): it fixes the peer id and
     signs the records (see :mod:`umm.net.keys`). ``host_maddrs`` are the libp2p listen addresses
     (loopback by default; ``/ip4/0.0.0.0/tcp/<port>`` to accept other machines), and
     ``initial_peers`` the multiaddrs of running peers to join (none for the first peer).
+    ``pid_file`` (in the owner's data dir): first end the processes a killed previous owner left
+    there, then record ours (stop with :func:`stop_dht` and the same file).
     """
-    import hivemind
-
     check_network(network)
     identity_path = Path(identity_path)
     key = load_or_create_key(identity_path)
     validators = make_validators(network, key, coordinator_public_key)
+    if pid_file is not None:
+        end_orphaned_dht(pid_file)
+    dht = _dht_class()(
+        initial_peers=list(initial_peers) or None,
+        start=False,
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+        identity_path=str(identity_path),
+        record_validators=validators,
+        client_mode=client_mode,
+        startup_timeout=startup_timeout,
+        **dht_kwargs,
+    )
+    # PR_SET_PDEATHSIG follows the forking *thread*: only the main thread lives as long as the owner
+    dht._die_with_owner = threading.current_thread() is threading.main_thread()
+    dht._owner_pid = os.getpid()
     try:
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None,
-            start=True,
-            host_maddrs=list(host_maddrs),
-            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-            identity_path=str(identity_path),
-            record_validators=validators,
-            client_mode=client_mode,
-            startup_timeout=startup_timeout,
-            **dht_kwargs,
-        )
+        dht.run_in_background(await_ready=True)
     except Exception as e:
+        if dht.is_alive():
+            dht.terminate()
+            dht.join(10)
         hint = " (check that the initial peers are running and reachable)" if initial_peers else ""
         raise NetError(f"could not start the DHT for network {network!r}: {e}{hint}") from e
+    if pid_file is not None:
+        record_dht_processes(dht, pid_file)
     logger.info("DHT for %s started: %s", network, ", ".join(visible_maddrs(dht)))
     return dht
 
@@ -67,3 +162,58 @@ def start_dht(
 def visible_maddrs(dht) -> list[str]:
     """Multiaddrs (with ``/p2p/<peer id>``) that other peers can pass as ``initial_peers``."""
     return [str(m) for m in dht.get_visible_maddrs()]
+
+
+def stop_dht(dht, pid_file: str | os.PathLike[str] | None = None) -> None:
+    """Shut ``dht`` down; then end any of its recorded processes still running and drop ``pid_file``."""
+    try:
+        dht.shutdown()
+    finally:
+        if pid_file is not None:
+            end_orphaned_dht(pid_file)
+
+
+def record_dht_processes(dht, path: str | os.PathLike[str]) -> None:
+    """Write the pid and start time of ``dht``'s process and its children (``p2pd``) to ``path``."""
+    import psutil
+
+    path = Path(path)
+    try:
+        root = psutil.Process(dht.pid)
+        procs = [root, *root.children(recursive=True)]
+        entries = [{"pid": p.pid, "create_time": p.create_time()} for p in procs]
+    except (psutil.Error, ValueError) as e:
+        logger.warning("cannot record the DHT's processes: %s", e)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entries))
+    os.replace(tmp, path)
+
+
+def end_orphaned_dht(path: str | os.PathLike[str]) -> int:
+    """End the DHT processes recorded in ``path`` that still run (only where pid *and* start time
+    match, so a reused pid is never hit), remove ``path``; returns how many were ended."""
+    import psutil
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        entries = []
+    ended = []
+    for e in entries if isinstance(entries, list) else []:
+        try:
+            p = psutil.Process(int(e["pid"]))
+            if abs(p.create_time() - float(e["create_time"])) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            p.kill()
+            ended.append(p)
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue
+    psutil.wait_procs(ended, timeout=10)
+    path.unlink(missing_ok=True)
+    if ended:
+        logger.warning("ended %d DHT process(es) left running by a previous owner of %s", len(ended), path.parent)
+    return len(ended)

@@ -360,6 +360,9 @@ class NetworkRecords:
         record = ProviderRecord(manifest_hash=manifest_hash, address=address)
         return store_value(self.dht, providers_key(self.network, manifest_hash), self.owner, to_value(record), ttl)
 
+    def withdraw_provider(self, manifest_hash: str, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
+        return store_value(self.dht, providers_key(self.network, manifest_hash), self.owner, None, ttl)
+
     # reads -------------------------------------------------------------------------------
     def experts(self) -> dict[bytes, Entry[ExpertRecord]]:
         """Every announced expert, by its contributor's public key."""
@@ -392,9 +395,10 @@ class NetworkRecords:
 class Refresher:
     """Re-runs announcements every ``period`` seconds with a TTL of ``2 * period``, in a thread.
 
-    ``add(name, announce)`` runs ``announce(ttl) -> bool`` at once (returning its result) and then
-    every period until ``discard(name)`` or :meth:`stop`; adding an existing name replaces it.
-    Failures are logged and retried at the next period.
+    ``add(name, announce, withdraw)`` runs ``announce(ttl) -> bool`` at once (returning its result)
+    and then every period until ``discard(name)`` or :meth:`stop`; adding an existing name replaces
+    it. Failures are logged and retried at the next period. ``withdraw(ttl) -> bool``, if given, is
+    what :meth:`withdraw_all` runs for that record when its owner leaves.
     """
 
     def __init__(self, period: float = DEFAULT_REFRESH_PERIOD, *, name: str = "umm-refresher"):
@@ -403,18 +407,43 @@ class Refresher:
         self.period = float(period)
         self.ttl = 2.0 * self.period
         self._jobs: dict[str, Callable[[float], bool]] = {}
+        self._withdrawals: dict[str, Callable[[float], bool]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def add(self, name: str, announce: Callable[[float], bool]) -> bool:
+    def add(self, name: str, announce: Callable[[float], bool],
+            withdraw: Callable[[float], bool] | None = None) -> bool:
         with self._lock:
             self._jobs[name] = announce
+            if withdraw is not None:
+                self._withdrawals[name] = withdraw
+            else:
+                self._withdrawals.pop(name, None)
         return self._run(name, announce)
 
     def discard(self, name: str) -> None:
+        """Stop refreshing ``name`` (its record then expires; it is not withdrawn)."""
         with self._lock:
             self._jobs.pop(name, None)
+            self._withdrawals.pop(name, None)
+
+    def withdraw_all(self) -> dict[str, bool]:
+        """Stop refreshing, then run every record's ``withdraw``; by name, whether the DHT stored
+        the withdrawal (a record not withdrawn expires within ``2 * period``)."""
+        self.stop()
+        with self._lock:
+            jobs = list(self._withdrawals.items())
+        out = {}
+        for name, fn in jobs:
+            try:
+                out[name] = bool(fn(self.ttl))
+            except Exception as e:  # e.g. the DHT is already gone: the record expires instead
+                logger.info("withdrawing %s failed: %s", name, e)
+                out[name] = False
+            if not out[name]:
+                logger.info("%s was not withdrawn; it expires within %.0f s", name, self.ttl)
+        return out
 
     def start(self) -> Refresher:
         self._thread.start()
