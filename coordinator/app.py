@@ -2,13 +2,16 @@
 the round loop. Usable in-process (tests, ``umm net local``) and by ``umm-coordinator run``.
 
 Start order matters: the hivemind DHT forks its own process, so it starts before any gRPC server.
+The DHT's processes are recorded in ``<data_dir>/dht.pids`` (:mod:`umm.net.dht`): a restart after
+a SIGKILL ends what the killed run left. :meth:`Coordinator.stop` withdraws the coordinator's
+provider record (it no longer serves the merged model); the scores and merged-model records stay
+until they expire, since they describe the network, not this process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -20,53 +23,6 @@ from coordinator.round import RoundContext, RoundRunner
 logger = logging.getLogger(__name__)
 
 STATE_DB = "state.db"
-#: pids (with start times) of the DHT's background processes, to end them after a crash
-DHT_PIDS = "dht.pids"
-
-
-def record_dht_processes(dht, path: Path) -> None:
-    """Write the pid and start time of ``dht``'s process and its children (the p2p daemon)."""
-    import psutil
-
-    try:
-        root = psutil.Process(dht.pid)
-        procs = [root, *root.children(recursive=True)]
-        entries = [{"pid": p.pid, "create_time": p.create_time()} for p in procs]
-    except (psutil.Error, ValueError) as e:
-        logger.warning("cannot record the DHT's processes: %s", e)
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
-
-
-def end_orphaned_dht(path: Path) -> int:
-    """End the DHT processes a killed coordinator left running (those recorded in ``path``, and only
-    if pid and start time still match); returns how many. Without this, the restarted coordinator
-    finds its identity "already taken by another peer"."""
-    import psutil
-
-    if not path.is_file():
-        return 0
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = []
-    ended = []
-    for e in entries:
-        try:
-            p = psutil.Process(int(e["pid"]))
-            if abs(p.create_time() - float(e["create_time"])) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            p.kill()
-            ended.append(p)
-        except (psutil.Error, KeyError, TypeError, ValueError):
-            continue
-    psutil.wait_procs(ended, timeout=10)
-    path.unlink(missing_ok=True)
-    if ended:
-        logger.warning("ended %d DHT process(es) left by a previous coordinator run", len(ended))
-    return len(ended)
 
 
 class Coordinator:
@@ -89,7 +45,7 @@ class Coordinator:
     def start(self) -> Coordinator:
         from coordinator.status import StatusServer, StatusServicer
         from umm import __version__
-        from umm.net.dht import start_dht
+        from umm.net.dht import DHT_PIDS, start_dht
         from umm.net.keys import load_or_create_key, public_key_bytes, public_key_text
         from umm.net.records import NetworkRecords, Refresher
         from umm.net.server import CheckpointServer, CheckpointServicer
@@ -101,13 +57,12 @@ class Coordinator:
         self.public_key = public_key_bytes(key)
         self.public_key_text = public_key_text(key)
         self.db = StateDB(cfg.data_dir / STATE_DB)
-        end_orphaned_dht(cfg.data_dir / DHT_PIDS)
         try:
             self.dht = start_dht(
                 cfg.network, cfg.key_path, host_maddrs=cfg.host_maddrs, announce_maddrs=cfg.announce_maddrs or None,
                 initial_peers=cfg.initial_peers, coordinator_public_key=self.public_key,
+                pid_file=cfg.data_dir / DHT_PIDS,
             )
-            record_dht_processes(self.dht, cfg.data_dir / DHT_PIDS)
             self.store = ModelStore(cfg.data_dir)
             self.checkpoint_server = CheckpointServer(CheckpointServicer(self.store), host=cfg.grpc_host,
                                                       port=cfg.grpc_port)
@@ -148,21 +103,23 @@ class Coordinator:
         record = MergedRecord(**{**record.dict(), "address": self.address})
         self.refresher.add("merged", lambda ttl: self.records.publish_merged(record, ttl=ttl))
         h = record.manifest_hash
-        self.refresher.add("provider", lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl))
+        self.refresher.add("provider", lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl),
+                           withdraw=lambda ttl: self.records.withdraw_provider(h, ttl=ttl))
 
     def stop(self) -> None:
+        """Stop the rounds, withdraw the provider record, stop serving, leave the DHT. Idempotent."""
+        from umm.net.dht import DHT_PIDS, stop_dht
+
         self.stop_event.set()
-        for name in ("refresher",):
-            obj = getattr(self, name)
-            if obj is not None:
-                obj.stop()
+        if self.refresher is not None:
+            refresher, self.refresher = self.refresher, None
+            refresher.withdraw_all()  # the DHT is still up: Ctrl-C does not reach its process group
         for server in (self.status_server, self.checkpoint_server):
             if server is not None:
                 server.stop(grace=None)
         if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
-            (self.config.data_dir / DHT_PIDS).unlink(missing_ok=True)
+            dht, self.dht = self.dht, None
+            stop_dht(dht, self.config.data_dir / DHT_PIDS)
         if self.db is not None:
             self.db.close()
 

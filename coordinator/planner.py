@@ -3,30 +3,34 @@
 Experts are grouped by (architecture fingerprint, tokenizer fingerprint): only members of one
 group can be merged layer-wise. The plan takes the best expert of every domain; when they all
 fall in one group it is an ``evolve`` job (CMA-ES merge over those experts), when they span
-several groups it is a ``fusion`` job into the pivot (:func:`umm.fusion.pivot.choose_pivot`:
-by default the best model of the hardest domain), with the other domains' best as sources.
+several groups it is a ``fusion`` job into the pivot (as :func:`umm.fusion.pivot.choose_pivot`
+does by default: the best model of the hardest domain), with the other domains' best as sources.
 
-Ties: :func:`score_order` is the coordinator's one rule for "better expert" (higher score, then
-the smaller manifest hash); the published ranks, the best expert per domain and the partner of a
-lone best expert all sort with it, so the rank-1 expert of a domain is the one the plan merges.
-(``choose_pivot`` breaks its own ties by the name that sorts first; with manifest hashes as names
-that is the same rule.)
+Ties: :func:`score_order` is the coordinator's one rule for "better expert": the higher score
+(the coordinator's own); on equal scores, in a domain, the expert whose record declares that
+domain; then the smaller manifest hash. The published ranks, the best expert per domain and the
+partner of a lone best expert all sort with it, so the rank-1 expert of a domain is the one the
+plan merges (and the pivot is the hardest domain's rank-1 expert). Declared domains only break
+exact ties (tiny models that all score 0 still get the math expert for math); they never outrank a
+better score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """An admitted, evaluated expert: its compatibility key and its score per domain."""
+    """An admitted, evaluated expert: its compatibility key, its score per domain (the
+    coordinator's) and the domains its record declares (used only to break ties)."""
 
     manifest_hash: str
     architecture: str
     tokenizer: str
     domain_scores: Mapping[str, float]
+    declared: frozenset[str] = frozenset()
 
     @property
     def group(self) -> tuple[str, str]:
@@ -48,10 +52,11 @@ class Plan:
                 "best_per_domain": dict(self.best_per_domain), "reason": self.reason}
 
 
-def score_order(score: float, manifest_hash: str) -> tuple[float, str]:
-    """Sort key that puts the better expert first: higher ``score``; on a tie the smaller
-    ``manifest_hash`` (content-derived, so the order is the same on every run and restart)."""
-    return (-float(score), manifest_hash)
+def score_order(score: float, manifest_hash: str, declared: bool = False) -> tuple[float, bool, str]:
+    """Sort key that puts the better expert first: higher ``score``; on a tie, one that
+    ``declared`` the domain; then the smaller ``manifest_hash`` (content-derived, so the order is
+    the same on every run and restart)."""
+    return (-float(score), not declared, manifest_hash)
 
 
 def group_candidates(candidates: list[Candidate]) -> dict[tuple[str, str], list[Candidate]]:
@@ -62,19 +67,24 @@ def group_candidates(candidates: list[Candidate]) -> dict[tuple[str, str], list[
     return groups
 
 
-def rank_per_domain(scores: Mapping[str, Mapping[str, float]]) -> dict[str, list[tuple[str, float]]]:
+def rank_per_domain(scores: Mapping[str, Mapping[str, float]],
+                    declared: Mapping[str, Collection[str]] | None = None) -> dict[str, list[tuple[str, float]]]:
     """``scores`` (manifest hash -> domain -> score) as, per domain, ``(hash, score)`` best first by
-    :func:`score_order`. The coordinator's published ranks are these positions (1 = first)."""
+    :func:`score_order`, with ``declared`` (hash -> domains its record claims) for ties. The
+    coordinator's published ranks are these positions (1 = first)."""
+    declared = declared or {}
     by_domain: dict[str, list[tuple[str, float]]] = {}
     for h, per_domain in scores.items():
         for d, s in per_domain.items():
             by_domain.setdefault(d, []).append((h, float(s)))
-    return {d: sorted(items, key=lambda hs: score_order(hs[1], hs[0])) for d, items in sorted(by_domain.items())}
+    return {d: sorted(items, key=lambda hs: score_order(hs[1], hs[0], d in declared.get(hs[0], ())))
+            for d, items in sorted(by_domain.items())}
 
 
 def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
     """The best candidate of each domain: the rank-1 expert of :func:`rank_per_domain`."""
-    ranked = rank_per_domain({c.manifest_hash: c.domain_scores for c in candidates})
+    ranked = rank_per_domain({c.manifest_hash: c.domain_scores for c in candidates},
+                             {c.manifest_hash: c.declared for c in candidates})
     return {d: items[0][0] for d, items in ranked.items()}
 
 
@@ -99,8 +109,9 @@ def plan_round(candidates: list[Candidate]) -> Plan:
                             reason="one expert is best on every domain and has no compatible partner")
             chosen.append(others[0].manifest_hash)
         return Plan("evolve", sources=chosen, best_per_domain=best)
-    from umm.fusion.pivot import choose_pivot
+    from umm.fusion.pivot import hardest_domain
 
-    pivot = choose_pivot({h: dict(by_hash[h].domain_scores) for h in chosen})
+    # the pivot: the best model of the hardest domain, i.e. that domain's rank-1 expert (same tie rule)
+    pivot = best[hardest_domain({h: dict(by_hash[h].domain_scores) for h in chosen})]
     sources = [h for h in chosen if h != pivot]
     return Plan("fusion", sources=sources, pivot=pivot, best_per_domain=best)

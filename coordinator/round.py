@@ -282,7 +282,7 @@ class RoundRunner:
         admitted = {h: domain_scores(self.config, evals[h]["scores"]) for h in results["evaluate"]["evaluated"]
                     if h in evals and verdicts.get(h, {}).get("admitted")}
         rows, ranks = [], {}
-        for d, items in rank_per_domain(admitted).items():
+        for d, items in rank_per_domain(admitted, {h: self._declared(h) for h in admitted}).items():
             for i, (h, s) in enumerate(items, start=1):
                 rows.append((d, i, h, s))
                 ranks.setdefault(h, {})[d] = i
@@ -304,9 +304,10 @@ class RoundRunner:
         published = self._publish("scores", lambda ttl: self.ctx.records.publish_scores(record, ttl=ttl))
         return {"ranks": [list(r) for r in rows], "published": published, "record": record.dict()}
 
-    def _publish(self, name: str, fn: Callable[[float], bool]) -> bool:
+    def _publish(self, name: str, fn: Callable[[float], bool], withdraw: Callable[[float], bool] | None = None) -> bool:
+        """Store a record now and keep it refreshed; ``withdraw`` runs when the coordinator stops."""
         if self.ctx.refresher is not None:
-            return self.ctx.refresher.add(name, fn)
+            return self.ctx.refresher.add(name, fn, withdraw=withdraw)
         return bool(fn(2 * self.config.refresh_period))
 
     def _candidates(self, results: dict) -> list[Candidate]:
@@ -318,8 +319,12 @@ class RoundRunner:
             v = verdicts.get(h)
             if v and v["admitted"] and h in evals:
                 out.append(Candidate(h, v["architecture"], v["tokenizer"],
-                                     domain_scores(self.config, evals[h]["scores"])))
+                                     domain_scores(self.config, evals[h]["scores"]), self._declared(h)))
         return out
+
+    def _declared(self, manifest_hash: str) -> frozenset[str]:
+        """The domains the expert's record declares (they break score ties only)."""
+        return frozenset((self.db.expert(manifest_hash) or {}).get("domains") or ())
 
     def step_plan(self, number: int, results: dict) -> dict:
         if not self.config.merge:
@@ -430,7 +435,8 @@ class RoundRunner:
             published_at=time.time(),
         )
         published = self._publish("merged", lambda ttl: self.ctx.records.publish_merged(record, ttl=ttl))
-        self._publish("provider", lambda ttl: self.ctx.records.announce_provider(h, self.ctx.address, ttl=ttl))
+        self._publish("provider", lambda ttl: self.ctx.records.announce_provider(h, self.ctx.address, ttl=ttl),
+                      withdraw=lambda ttl: self.ctx.records.withdraw_provider(h, ttl=ttl))
         self.db.update_round(number, published=1)
         why = (f"objective {ev['objective']:.4f} beats round {previous['number']}'s {prev_obj:.4f}" if previous
                else f"first merged model, objective {ev['objective']:.4f}")

@@ -94,7 +94,10 @@ def test_planner_groups_by_fingerprint():
 
 
 def test_ranks_and_plan_break_score_ties_by_one_rule():
-    """Equal scores: the smaller manifest hash ranks first, and the plan merges that rank-1 expert."""
+    """Equal scores: an expert declaring the domain first, then the smaller manifest hash; the plan
+    merges exactly the rank-1 experts."""
+    from dataclasses import replace
+
     from coordinator.planner import best_per_domain, rank_per_domain, score_order
 
     a, b, c = _c("a", "llama", math=0.5, code=0.2), _c("b", "llama", math=0.5, code=0.7), _c("c", "llama", code=0.7)
@@ -102,8 +105,29 @@ def test_ranks_and_plan_break_score_ties_by_one_rule():
     assert [h[0] for h, _ in ranked["math"]] == ["a", "b"] and [h[0] for h, _ in ranked["code"]] == ["b", "c", "a"]
     assert best_per_domain([c, b, a]) == {"math": "a" * 64, "code": "b" * 64}
     assert plan_round([c, b, a]).sources == ["b" * 64, "a" * 64]  # code then math, each its rank-1 expert
+    # a declared domain wins a tie, and only a tie
+    c_code = replace(c, declared=frozenset({"code"}))
+    ranked = rank_per_domain({x.manifest_hash: x.domain_scores for x in (a, b, c_code)}, {"c" * 64: {"code"}})
+    assert [h[0] for h, _ in ranked["code"]] == ["c", "b", "a"]
+    assert best_per_domain([a, b, c_code]) == {"math": "a" * 64, "code": "c" * 64}
+    a_code = replace(a, declared=frozenset({"code"}))
+    assert best_per_domain([a_code, b]) == {"math": "a" * 64, "code": "b" * 64}  # 0.7 beats a declared 0.2
     # a higher score always wins, whatever the hashes
     assert sorted([(0.4, "0" * 64), (0.6, "f" * 64)], key=lambda x: score_order(*x))[0][1] == "f" * 64
     # a lone best expert takes the best-scoring compatible partner; a tie goes to the smaller hash
     p = plan_round([_c("a", "llama", math=0.9), _c("e", "llama", math=0.5), _c("d", "llama", math=0.5)])
     assert p.kind == "evolve" and p.sources == ["a" * 64, "d" * 64]
+
+
+def test_experts_that_all_score_zero_still_fuse_by_their_declared_domains():
+    """Tiny models that score 0 everywhere: each domain's declaring expert is its best, so two
+    families still give a fusion plan (not a hash-dependent evolve or nothing)."""
+    from dataclasses import replace
+
+    zero = dict(math=0.0, code=0.0, list=0.0)
+    experts = [replace(_c(h, arch, **zero), declared=frozenset({d}))
+               for h, arch, d in (("b", "llama", "math"), ("c", "llama", "code"), ("a", "neox", "list"))]
+    p = plan_round(experts)
+    assert p.kind == "fusion" and p.best_per_domain == {"math": "b" * 64, "code": "c" * 64, "list": "a" * 64}
+    # pivot: the rank-1 expert of the hardest domain (equal means: the domain that sorts first, code)
+    assert p.pivot == "c" * 64 and sorted(p.sources) == ["a" * 64, "b" * 64]

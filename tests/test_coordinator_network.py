@@ -9,6 +9,7 @@ process, publish the merged model and serve it; a SIGKILLed coordinator resumes 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,15 +20,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from coordinator.app import DHT_PIDS, STATE_DB, Coordinator, end_orphaned_dht
+from coordinator.app import STATE_DB, Coordinator
 from coordinator.config import parse_config
 from coordinator.db import StateDB
 from umm.checkpoints.manifest import build_manifest
 from umm.net import keys
-from umm.net.dht import start_dht, visible_maddrs
+from umm.net.dht import DHT_PIDS, end_orphaned_dht, start_dht, visible_maddrs
 from umm.net.records import ExpertRecord, NetworkRecords
 from umm.net.server import CheckpointServer, CheckpointServicer
 
@@ -262,8 +264,72 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         assert db.round_job(3) is None and peers["math"].records.merged().record.round == 2
         ranks = {(r["domain"], r["rank"]) for r in db.latest_ranks()}
         assert ranks == {("math", 1), ("math", 2)}
+    # a stopped coordinator no longer serves the model: its provider record is withdrawn
+    assert peers["math"].records.providers(merged) == {}
 
 
+def _running(entries: list[dict]) -> list[psutil.Process]:
+    """The processes of a DHT pid file that still run (same pid and start time)."""
+    out = []
+    for e in entries:
+        try:
+            p = psutil.Process(e["pid"])
+            if abs(p.create_time() - e["create_time"]) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def _wait_gone(entries: list[dict], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _running(entries) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _running(entries)
+
+
+def test_ctrl_c_to_the_coordinators_group_withdraws_its_provider_record(net):
+    """A restarted coordinator serves round 2's model again; Ctrl-C (SIGINT to its process group,
+    as a terminal sends it) withdraws that provider record at once, and leaves no DHT process."""
+    peers, data_dir = net["peers"], net["root"] / "coord-data"
+    merged = StateDB(data_dir / STATE_DB).last_published_round()["merged_hash"]
+    config_path = net["root"] / "coord-ctrl-c.yaml"
+    config_path.write_text(yaml.safe_dump({**SETTINGS, "data_dir": str(data_dir), "key_path": str(net["coord_key"]),
+                                           "initial_peers": net["initial_peers"], "merge": True}))
+    cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config_path), "--rounds", "1", "--linger"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # the round finds nothing new to merge, then the coordinator lingers
+            lines.append(line)
+            if "serving until interrupted" in line:
+                break
+        assert proc.poll() is None, "".join(lines[-30:])
+        reader = peers["math"].records
+        deadline = time.monotonic() + 30
+        while net["coord_pub"] not in reader.providers(merged) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert net["coord_pub"] in reader.providers(merged)
+        entries = json.loads((data_dir / DHT_PIDS).read_text())
+
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        assert rc == 0, "".join(lines[-30:]) + proc.stdout.read()[-3000:]
+        # withdrawn, not expiring (the record lives 2 x refresh_period = 60 s)
+        deadline = time.monotonic() + 15
+        while net["coord_pub"] in reader.providers(merged) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert net["coord_pub"] not in reader.providers(merged)
+        assert reader.merged().record.manifest_hash == merged  # the merged-model record itself stays
+        assert _wait_gone(entries, 15) and not (data_dir / DHT_PIDS).exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        end_orphaned_dht(data_dir / DHT_PIDS)
+
+
+@pytest.mark.timeout(1200)
 def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     """SIGKILL in the middle of the evaluate step; the restart finishes the round, skipping done work."""
     net["peers"]["code"].ensure_serving()
@@ -279,9 +345,11 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     config_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config_path), "--rounds", "1"]
     db_path = tmp_path / "data" / STATE_DB
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "first-run.log"  # a file, not a pipe nobody reads while it runs
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 400  # fetching and evaluating take minutes on a loaded machine
         first = None
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -294,7 +362,7 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
             if first:
                 break
             time.sleep(0.1)
-        assert first and len(first) == 1, proc.stderr.read().decode() if proc.poll() is not None else "no evaluation"
+        assert first and len(first) == 1, log.read_text()[-5000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -304,13 +372,15 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     assert db.round(1)["state"] == "running" and db.step(1, "evaluate")["status"] == "running"
     before = {s["name"]: s for s in db.steps(1)}
 
-    assert (tmp_path / "data" / DHT_PIDS).is_file()  # its DHT processes outlive it: the restart ends them
+    # its DHT process and p2p daemon (recorded beside the state) follow it: none is left running
+    # under its identity, or the restart would find the identity taken
+    entries = json.loads((tmp_path / "data" / DHT_PIDS).read_text())
+    assert len(entries) == 2 and _wait_gone(entries, 30)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
         end_orphaned_dht(tmp_path / "data" / DHT_PIDS)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ended 2 DHT process(es)" in done.stderr
     r = db.round(1)
     assert r["state"] == "verified" and db.unfinished_round() is None and len(db.rounds()) == 1
     after = {s["name"]: s for s in db.steps(1)}
