@@ -201,7 +201,9 @@ def main() -> None:
             # alternate the order so page-cache warmth and neighbours' load are shared fairly
             order = ["umm", "mergekit"] if rep % 2 == 0 else ["mergekit", "umm"]
             for tool in order:
+                load = os.getloadavg()[0]
                 if tool == "umm" and not args.skip_umm:
+                    shutil.rmtree(out_umm, ignore_errors=True)  # as for mergekit: no old output to delete
                     wall, cpu, rss, rc, log = run_measured(umm_cmd(recipe, out_umm, args.threads), env)
                 elif tool == "mergekit" and have_mk:
                     shutil.rmtree(out_mk, ignore_errors=True)
@@ -210,6 +212,7 @@ def main() -> None:
                     continue
                 runs.append(Run(tool, method, wall, cpu, rss, rc == 0, log))
                 print(f"{tool:9s} {method:7s} run {rep + 1}: {wall:6.2f} s wall  {cpu:6.2f} s CPU  {rss / 1e9:5.2f} GB"
+                      f"  (load {load:.1f})"
                       + ("" if rc == 0 else f"  FAILED (exit {rc})\n{log}"), flush=True)
         if have_mk and not args.skip_umm and (out_umm / "config.json").exists() and (out_mk / "config.json").exists():
             verdicts[method] = compare(out_umm, out_mk)
