@@ -90,7 +90,7 @@ def _dht_class():
         def run(self) -> None:
             try:
                 os.setpgid(0, 0)
-            except OSError as e:  # e.g. already a group leader: Ctrl-C may then end p2pd early
+            except OSError as e:  # e.g. a session leader: Ctrl-C may then end p2pd early
                 logger.debug("the DHT process keeps its process group: %s", e)
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
             if self._die_with_owner and _set_parent_death_signal(signal.SIGTERM) and os.getppid() != self._owner_pid:
