@@ -30,13 +30,13 @@ def test_demo_prepares_the_experts_and_runs_a_verified_local_network(small_suite
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
 
-    assert f"expert suite 'small': cached" in out  # the fixture built it: step 1 reuses it
+    assert "expert suite 'small': cached" in out  # the fixture built it: step 1 reuses it
     assert "Leaderboard" in out and "node-0-math" in out and "node-1-code" in out
     assert "Merged model vs its sources (test split)" in out
     assert "ok: 2 node(s) hold the verified merged model" in out
-    merged = re.search(r"│\s*merged model\s*│\s*(\S+)", out)
+    merged = re.search(r"^  merged model:\s+(\S+)$", out, re.M)
     assert merged, out
     folder = merged.group(1)
     assert folder.startswith(str(workdir / "node-")) and (workdir / folder).is_dir()
-    assert re.search(r"nodes holding it \(verified\)\s*│\s*2 of 2", out)
-    assert "umm demo: done" in out
+    assert re.search(r"^  nodes holding it \(verified\):\s+2 of 2$", out, re.M)
+    assert re.search(r"^umm demo: done in \d+ s$", out, re.M)

@@ -67,10 +67,10 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
           max_new_tokens: int | None, evolve_evaluations: int, experts_dir: Path | None) -> int:
     from umm import paths
     from umm.cli.net import run_and_report
-    from umm.experts.build import ensure_suite, is_current, load_suite, SuiteNotBuiltError
+    from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
     from umm.experts.recipes import get_recipe
     from umm.netlocal import LocalNetConfig
-    from umm.ui import console, table
+    from umm.ui import console
 
     t_start = time.monotonic()
     cfg = LocalNetConfig(
@@ -103,10 +103,13 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
                     f"{eval_limit} search / {test_limit} test items per task; {t_net:.0f} s"),
         ("merged model", str(holder.data_dir / "models" / merged) if holder and merged else "none"),
         ("nodes holding it (verified)", f"{sum(n.holds_merged for n in result.nodes)} of {len(result.nodes)}"),
-        ("coordinator state / logs", f"{cfg.workdir / 'coordinator' / 'data' / 'state.db'} / {cfg.workdir / 'logs'}"),
-        ("total time", f"{time.monotonic() - t_start:.0f} s"),
+        ("coordinator state", str(cfg.workdir / "coordinator" / "data" / "state.db")),
+        ("logs of every process", str(cfg.workdir / "logs")),
     ]
-    console.print(table("umm demo: " + ("done" if code == 0 else "FAILED"), ["", ""], rows))
-    console.print(f"Next: `umm net local --help` (more nodes, rounds, items); `umm eval --help` to score the merged "
-                  f"model; `umm-node join` / `umm-coordinator run` for a real network (README).", highlight=False)
+    console.print(f"[bold]umm demo: {'done' if code == 0 else 'FAILED'}[/] in {time.monotonic() - t_start:.0f} s",
+                  highlight=False)
+    for label, value in rows:  # plain lines, not a table: paths stay whole in a narrow terminal
+        console.print(f"  {label + ':':<29} {value}", highlight=False, soft_wrap=True)
+    console.print("Next: `umm net local --help` (more nodes, rounds, items); `umm eval --help` to score the merged "
+                  "model; `umm-node join` / `umm-coordinator run` for a real network (README).", highlight=False)
     return code
