@@ -105,3 +105,15 @@ def test_existing_output_needs_overwrite_and_bad_options(ties_recipe, tmp_path):
     res = runner.invoke(app, ["merge", str(tmp_path / "nope.yaml"), str(tmp_path / "o2")])
     assert res.exit_code == 2 and "nope.yaml" in res.output
 
+
+
+def test_merge_imports_torch_with_gc_frozen_and_leaves_gc_on():
+    # in a fresh interpreter (here torch is already imported, so the CLI skips this step)
+    import subprocess
+    import sys
+
+    code = ("import gc, sys; from umm.cli.merge import _import_quietly; _import_quietly(); "
+            "assert 'torch' in sys.modules and 'umm.merge.executor' in sys.modules; "
+            "assert gc.isenabled() and gc.get_freeze_count() > 100_000, gc.get_freeze_count()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
