@@ -103,12 +103,16 @@ def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_
     assert "fuse" in str(e.value)
 
 
-def test_ties_search_caches_task_vectors_and_ranks(tiny_models) -> None:  # noqa: ANN001
+def test_ties_search_caches_task_vectors_and_ranks(tiny_models, monkeypatch) -> None:  # noqa: ANN001
     """A TIES search caches task vectors and |delta| ranks; candidates equal the streamed merge
-    exactly, whatever the densities (all, none, some), rescale or the weights."""
+    exactly, whatever the densities (all, none, some), rescale or the weights, also merged in
+    many small blocks of rows."""
     from umm.checkpoints.loading import load_causal_lm
+    from umm.evolve import apply
     from umm.evolve.apply import LiveMerge
     from umm.merge.executor import merge_state_dict
+
+    monkeypatch.setattr(apply, "RANKED_BLOCK", 50)  # several blocks per tensor, odd row counts
 
     ties = _recipe("ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
     live = LiveMerge(ties, load_causal_lm(tiny_models["base"], device="cpu", dtype="float32"))

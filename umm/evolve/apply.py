@@ -40,6 +40,8 @@ FAST_METHODS = frozenset({"linear", "task_arithmetic"})
 #: methods that keep the ``int(density * n)`` largest ``|delta|`` of each task vector (ties first
 #: by lower flat index); with a base they run on cached task vectors and ranks (:class:`RankedTopK`)
 RANKED_METHODS = frozenset({"ties"})
+#: entries per block of rows when merging a TIES tensor in memory
+RANKED_BLOCK = 1 << 18
 
 
 class LiveMergeError(UmmError):
@@ -81,17 +83,21 @@ class RankedTopK:
         self.rescale = bool(rescale)
 
     def apply(self, d: torch.Tensor, flat_start: int) -> torch.Tensor:
+        """Sparsify ``d``, the entries ``flat_start ..`` of the task vector, in place (a block of
+        rows without rescale; the whole tensor with it, whose L1 sums the rescale needs)."""
         from umm.merge.methods.sparsify import _apply as keep_and_rescale
 
-        if flat_start != 0 or d.numel() != self.rank.numel():
-            raise ValueError("RankedTopK sparsifies whole tensors only")
+        n = self.rank.numel()
+        whole = flat_start == 0 and d.numel() == n
+        if self.rescale and not whole:
+            raise ValueError("RankedTopK rescales whole tensors only")
         if self.density >= 1:
             return d
-        n = d.numel()
         if self.density <= 0 or n == 0:
             return d.zero_()
         k = max(1, int(self.density * n))
-        return keep_and_rescale(d, self.rank < k, self.rescale)
+        rank = self.rank if whole else self.rank[flat_start : flat_start + d.numel()]
+        return keep_and_rescale(d, rank < k, self.rescale)
 
 
 class LiveMerge:
@@ -243,9 +249,21 @@ class LiveMerge:
             for i, p in zip(idx, params.per_model)
         ]
         base = self.inputs[name][self.base_index]  # type: ignore[index]
-        zero = torch.zeros((), dtype=torch.float32, device=self.device).expand(base.shape)
-        merged = method.merge(zero, [self.inputs[name][i] for i in idx], params.per_model, params.global_, state=state)
-        return merged.add_(base)
+        deltas = [self.inputs[name][i] for i in idx]
+        if gp["rescale"] or base.dim() == 0:
+            zero = torch.zeros((), dtype=torch.float32, device=self.device).expand(base.shape)
+            return method.merge(zero, deltas, params.per_model, params.global_, state=state).add_(base)
+        # blocks of rows: the method's temporaries stay small (cache-resident, no page faults)
+        out = torch.empty(base.shape, dtype=torch.float32, device=self.device)
+        rows = base.shape[0]
+        step = max(1, RANKED_BLOCK // max(1, base[0].numel()))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            zero = torch.zeros((), dtype=torch.float32, device=self.device).expand(base[r0:r1].shape)
+            block = method.merge(zero, [d[r0:r1] for d in deltas], params.per_model, params.global_,
+                                 state=state, row_offset=r0)
+            torch.add(block, base[r0:r1], out=out[r0:r1])
+        return out
 
     def source(self, name: str, index: int) -> torch.Tensor:
         """Tensor ``name`` of model ``model_paths[index]`` as read (rebuilt as base + delta in
