@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, _Flusher
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
 from umm.net.errors import ManifestHashError, SizeLimitError, TransferError
 from umm.net.proto import umm_checkpoint_pb2 as pb
@@ -301,6 +302,9 @@ class _Download:
         if pos < entry.size:
             request = pb.ReadFileRequest(manifest_hash=self.manifest.hash, path=entry.path, offset=pos)
             with open(path, "ab", buffering=0) as out:
+                # fdatasync every DEFAULT_SYNC_EVERY bytes in the background: the disk writes while
+                # the stream goes on, so the final fsync is short (else the kernel starts only then)
+                flusher = _Flusher(DEFAULT_SYNC_EVERY)
                 call = p.read_file(request)
                 self.watchdog.touch(call)
                 try:
@@ -315,6 +319,7 @@ class _Download:
                         if pos + len(data) > entry.size:
                             raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
                         _write_all(out, data)
+                        flusher.wrote(out.fileno(), len(data))
                         digest.update(data)
                         pos += len(data)
                         self.on_bytes(len(data))
@@ -327,6 +332,7 @@ class _Download:
                 finally:
                     self.watchdog.forget(call)
                     call.cancel()
+                    flusher.stop()  # before the file closes; raises a failed sync's OSError
                 os.fsync(out.fileno())
             if pos < entry.size:
                 raise _Retryable(f"stream ended at byte {pos} of {entry.size}")
