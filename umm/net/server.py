@@ -38,6 +38,38 @@ class ServedModel:
     entries: dict[str, FileEntry]
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class RawChunk:
+    """A ``FileChunk`` already serialized, as :meth:`CheckpointServicer.ReadFile` yields it.
+
+    Reads like a ``pb.FileChunk`` (``offset``, ``data``); building the wire bytes once from the
+    bytes read saves protobuf's copies of every byte sent (ReadFile may also yield ``pb.FileChunk``).
+    """
+
+    __slots__ = ("offset", "raw", "_start")
+
+    def __init__(self, offset: int, data: bytes):
+        # proto3 wire form, as SerializeToString writes it: fields 1 and 2, each only when not empty
+        head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
+        self.offset, self.raw, self._start = offset, head + data, len(head)
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.raw)[self._start :]
+
+
+def _serialize_chunk(chunk: RawChunk | pb.FileChunk) -> bytes:
+    return chunk.raw if isinstance(chunk, RawChunk) else chunk.SerializeToString()
+
+
 def _served(root: Path, manifest: Manifest) -> ServedModel:
     return ServedModel(root, manifest, manifest.canonical_json(), {e.path: e for e in manifest.files})
 
@@ -122,8 +154,27 @@ class CheckpointServicer(pb_grpc.CheckpointServiceServicer):
                 data = os.pread(fd, min(self.chunk_size, end - offset), offset)
                 if not data:  # the file shrank on disk: the client resumes elsewhere
                     context.abort(grpc.StatusCode.DATA_LOSS, f"{entry.path} is shorter on disk than in its manifest")
-                yield pb.FileChunk(offset=offset, data=data)
+                yield RawChunk(offset, data)
                 offset += len(data)
+
+
+def _add_servicer(servicer: CheckpointServicer, server: grpc.Server) -> None:
+    """``pb_grpc.add_CheckpointServiceServicer_to_server``, with ReadFile sending :class:`RawChunk` bytes."""
+    handlers = {
+        "GetManifest": grpc.unary_unary_rpc_method_handler(
+            servicer.GetManifest,
+            request_deserializer=pb.GetManifestRequest.FromString,
+            response_serializer=pb.GetManifestResponse.SerializeToString,
+        ),
+        "ReadFile": grpc.unary_stream_rpc_method_handler(
+            servicer.ReadFile,
+            request_deserializer=pb.ReadFileRequest.FromString,
+            response_serializer=_serialize_chunk,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class CheckpointServer:
@@ -147,7 +198,7 @@ class CheckpointServer:
             ],
             maximum_concurrent_rpcs=max_workers * 4,
         )
-        pb_grpc.add_CheckpointServiceServicer_to_server(self.servicer, self._server)
+        _add_servicer(self.servicer, self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise NetError(f"cannot listen on {host}:{port} (address in use or not available)")
