@@ -328,3 +328,30 @@ def test_chunks_are_parsed_like_protobuf_without_copying_and_malformed_ones_are_
     for bad in (good[:-1], good[:1], bytes([1 << 3 | 0]) + b"\xff" * 11, bytes([7 << 3 | 3])):
         with pytest.raises(_BadData):
             _parse_chunk(bad)
+
+
+def test_raw_chunks_are_the_bytes_protobuf_would_send():
+    from umm.net.server import RawChunk, _serialize_chunk
+
+    for offset, data in [(0, b""), (7, b""), (0, b"a"), (300, b"x" * 200), (2**63 + 7, bytes(range(256)) * 300)]:
+        chunk = RawChunk(offset, data)
+        assert _serialize_chunk(chunk) == pb.FileChunk(offset=offset, data=data).SerializeToString()
+        assert (chunk.offset, bytes(chunk.data)) == (offset, data)
+    plain = pb.FileChunk(offset=3, data=b"abc")  # what a subclass's ReadFile may yield instead
+    assert _serialize_chunk(plain) == plain.SerializeToString()
+
+
+def test_download_syncs_files_in_the_background_while_streaming(model, manifest, tmp_path, request, monkeypatch):
+    import umm.checkpoints.writer as writer
+    import umm.net.transfer as transfer
+
+    synced: list[int] = []
+    real = writer._datasync
+    monkeypatch.setattr(writer, "_datasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(transfer, "DEFAULT_SYNC_EVERY", 4 * CHUNK)
+    servicer = CheckpointServicer(chunk_size=CHUNK)
+    h = servicer.register_folder(model)
+    dest = ModelStore(tmp_path / "dest")
+    path = download(h, [serve(servicer, request)], dest, max_bytes=10**9, progress=False)
+    assert same_files(model, path, manifest)
+    assert len(synced) >= 2  # the big file spans ~35 chunks: several syncs before its final fsync
