@@ -238,7 +238,8 @@ class _Download:
 
     def _watch_cancel(self) -> None:
         while not self._closed.is_set():
-            if self.cancelled.wait(0.2):
+            # a short poll: close() waits for this thread, and every download ends with a close()
+            if self.cancelled.wait(0.02):
                 self.watchdog.cancel_all()  # again each round: calls may start after a cancel
                 self._closed.wait(0.2)
 
