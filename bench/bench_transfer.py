@@ -11,9 +11,12 @@ the disk, which is what a peer serving a model it has not touched lately does):
 
 - local read + sha256, one file after another (what verifying a folder costs);
 - local read + sha256 with ``--parallel`` threads (the same parallelism as the download);
-- download: gRPC stream, sha256 while streaming, write to the partial folder, fsync, rename
-  into the store; the provider's files warm or cold as the local read's. Ratio = download MB/s /
-  local MB/s, same cache state (goal: >= 0.5 of the sequential figure).
+- disk: write the same number of bytes into ``--parallel`` files and fsync them (no read, no
+  hash): the ceiling of any download that must reach the disk before it enters the store;
+- download: gRPC stream, sha256 while streaming, write to the partial folder (``fdatasync`` in
+  the background every 64 MiB per file), fsync, rename into the store; the provider's files
+  warm or cold as the local read's. Ratio = download MB/s / local MB/s, same cache state (goal:
+  >= 0.5 of the sequential figure); the download's fraction of the disk ceiling is printed too.
 
 CPU seconds per GB (user + system, all threads) are printed too: on a shared machine they are
 steadier than wall-clock rates, and they show where the time goes (client: sha256 + gRPC
@@ -98,6 +101,37 @@ def local_read(folder: Path, names: list[str], parallel: int, cold: bool) -> tup
     return time.perf_counter() - t0, cpu_seconds() - c0, load
 
 
+def disk_write(folder: Path, sizes: list[int], parallel: int) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, load average before) to write ``sizes`` bytes into files and fsync them
+    (``fdatasync`` in the background every 64 MiB per file, as the download does)."""
+    from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, _Flusher
+
+    folder.mkdir()
+    block = os.urandom(4 << 20)
+
+    def write(i: int) -> None:
+        fd = os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        flusher = _Flusher(DEFAULT_SYNC_EVERY)
+        try:
+            left = sizes[i]
+            while left:
+                n = os.write(fd, memoryview(block)[: min(left, len(block))])
+                flusher.wrote(fd, n)
+                left -= n
+            flusher.stop()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(write, range(len(sizes))))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    shutil.rmtree(folder)
+    return wall, cpu, load
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=1024)
@@ -145,6 +179,8 @@ def main() -> int:
                 runs.setdefault(("net", cold), []).append((wall, client, load, server_cpu(parent) - s0))
                 assert path == store.path(manifest.hash)
                 shutil.rmtree(work / f"dest-{r}")
+                runs.setdefault(("disk", cold), []).append(
+                    disk_write(work / "disk", [e.size for e in manifest.files], ns.parallel))
         gb = total / 1e9
 
         def med(kind: str, cold: bool, i: int) -> float:
@@ -163,11 +199,14 @@ def main() -> int:
                   f"{med('seq', cold, 1) / gb:9.2f} {load('seq', cold)}")
             print(f"  {f'  local read + sha256, {ns.parallel} threads':<52} {gb * 1e3 / med('par', cold, 0):8.0f} "
                   f"{med('par', cold, 1) / gb:9.2f} {load('par', cold)}")
+            print(f"  {'  disk: write + fsync, no read or hash (ceiling)':<52} {gb * 1e3 / med('disk', cold, 0):8.0f} "
+                  f"{med('disk', cold, 1) / gb:9.2f} {load('disk', cold)}")
             print(f"  {'  gRPC download (+ sha256, write, fsync): client':<52} {gb * 1e3 / med('net', cold, 0):8.0f} "
                   f"{med('net', cold, 1) / gb:9.2f} {load('net', cold)}")
             print(f"  {'    (server process)':<52} {'':>8} {med('net', cold, 3) / gb:9.2f}")
             print(f"    ratio download / local sequential: {med('seq', cold, 0) / med('net', cold, 0):.2f}, "
-                  f"/ local {ns.parallel} threads: {med('par', cold, 0) / med('net', cold, 0):.2f}  "
+                  f"/ local {ns.parallel} threads: {med('par', cold, 0) / med('net', cold, 0):.2f}, "
+                  f"/ disk ceiling: {med('disk', cold, 0) / med('net', cold, 0):.2f}  "
                   f"(CPU: client {med('net', cold, 1) / med('seq', cold, 1):.2f}x, client + server "
                   f"{(med('net', cold, 1) + med('net', cold, 3)) / med('seq', cold, 1):.2f}x the local read)")
         return 0
