@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from umm.errors import UmmError
+from umm.fusion.settings import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +49,6 @@ class FuseConfigError(UmmError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainingSettings(_Strict):
-    """Optimisation of the pivot (see :class:`umm.fusion.train.FusionTrainConfig`)."""
-
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
-    bf16: bool | None = None
-    gradient_checkpointing: bool | None = None
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
 
 
 class EvalSettings(_Strict):

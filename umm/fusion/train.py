@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from umm.errors import UmmError
 from umm.fusion.data import PLAIN_PROMPT, InstructionData, resolve_layout, tokenize_data
 from umm.fusion.fuse import FusionFunction
+from umm.fusion.settings import TrainingSettings
 from umm.fusion.loss import sparse_distill_terms
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
 from umm.fusion.teacher import TeacherOutputs, teacher_pass
@@ -39,7 +40,7 @@ CHECKPOINT_PREFIX = "step-"
 STATE_NAME = "trainer_state.json"
 
 
-class FusionTrainConfig(BaseModel):
+class FusionTrainConfig(TrainingSettings):
     """Everything a fusion run needs; its hash (minus the resume/output knobs) guards resumes."""
 
     model_config = ConfigDict(extra="forbid")
@@ -59,20 +60,7 @@ class FusionTrainConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     ce_unit: Literal["char", "token"] = "char"  # how teachers' CEs are compared (umm.fusion.targets)
     lam: float = Field(0.9, ge=0, le=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
     device: str = "auto"
-    bf16: bool | None = None  # default: on for CUDA
-    gradient_checkpointing: bool | None = None  # default: on for CUDA
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
     resume: bool = False
 
     def resolved_work_dir(self) -> Path:
