@@ -104,14 +104,14 @@ def local_read(folder: Path, names: list[str], parallel: int, cold: bool) -> tup
 def disk_write(folder: Path, sizes: list[int], parallel: int) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, load average before) to write ``sizes`` bytes into files and fsync them
     (``fdatasync`` in the background every 64 MiB per file, as the download does)."""
-    from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, _Flusher
+    from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 
     folder.mkdir()
     block = os.urandom(4 << 20)
 
     def write(i: int) -> None:
         fd = os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        flusher = _Flusher(DEFAULT_SYNC_EVERY)
+        flusher = BackgroundSync(DEFAULT_SYNC_EVERY)
         try:
             left = sizes[i]
             while left:

@@ -301,7 +301,7 @@ class CheckpointWriter:
         self._written: dict[str, int] = {}
         self._lock = threading.Lock()
         self._finalized = False
-        self._flusher = _Flusher(sync_every) if sync_every else None
+        self._flusher = BackgroundSync(sync_every) if sync_every else None
         check_output_dir(self.out_dir, overwrite)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -487,7 +487,7 @@ class CheckpointWriter:
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-class _Flusher:
+class BackgroundSync:
     """Starts ``fdatasync`` of a file in a background thread every ``every`` bytes written to it.
 
     Only an optimisation of the final ``fsync`` (which still runs): data reaches the disk while

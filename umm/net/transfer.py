@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from umm.checkpoints.errors import CheckpointError
-from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, _Flusher
+from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
 from umm.net.errors import ManifestHashError, SizeLimitError, TransferError
 from umm.net.proto import umm_checkpoint_pb2 as pb
@@ -305,7 +305,7 @@ class _Download:
             with open(path, "ab", buffering=0) as out:
                 # fdatasync every DEFAULT_SYNC_EVERY bytes in the background: the disk writes while
                 # the stream goes on, so the final fsync is short (else the kernel starts only then)
-                flusher = _Flusher(DEFAULT_SYNC_EVERY)
+                flusher = BackgroundSync(DEFAULT_SYNC_EVERY)
                 call = p.read_file(request)
                 self.watchdog.touch(call)
                 try:
