@@ -156,10 +156,16 @@ def test_withdraw_all_withdraws_registered_records_at_once(swarm):
     assert ra.providers(H1) == {} and rb.public_key in ra.providers(H3)
 
 
+async def _busy_in_dht_process(_dht, _node) -> None:
+    """Block the DHT process inside one of hivemind's ``_run_coroutine`` calls (which catch
+    ``BaseException``), where a SIGTERM once got swallowed."""
+    time.sleep(20)
+
+
 def test_dht_processes_leave_the_owners_group_and_are_recorded(tmp_path):
     """The DHT process and p2pd sit in their own process group (a terminal's Ctrl-C does not reach
-    them); a pid file records them; SIGTERM to the DHT process ends p2pd too; a start with the same
-    pid file ends what a dead owner left; stop_dht leaves nothing."""
+    them); a pid file records them; SIGTERM to the DHT process ends p2pd too, even while it runs a
+    request; a start with the same pid file ends what a dead owner left; stop_dht leaves nothing."""
     import json
     import os
     import signal
@@ -176,6 +182,8 @@ def test_dht_processes_leave_the_owners_group_and_are_recorded(tmp_path):
         recorded = [psutil.Process(e["pid"]) for e in json.loads(pids.read_text())]
         assert [p.pid for p in recorded][0] == dht.pid and "p2pd" in recorded[1].name()
         assert {os.getpgid(p.pid) for p in recorded} == {dht.pid} != {os.getpgid(0)}
+        dht.run_coroutine(_busy_in_dht_process, return_future=True)
+        time.sleep(1.0)  # let the DHT process pick the request up
         os.kill(dht.pid, signal.SIGTERM)
         dht.join(30)
         _, alive = psutil.wait_procs(recorded, timeout=10)

@@ -8,7 +8,8 @@ like being forked under it). Our DHT process differs from hivemind's in three wa
   sent to the whole foreground group, reaches only the owner: the owner can still withdraw its
   records through the DHT before it shuts the DHT down (hivemind's DHT process ignores SIGINT,
   but ``p2pd`` does not);
-- on SIGTERM it ends ``p2pd`` before exiting (hivemind's own shutdown does, a signal did not);
+- on SIGTERM it ends ``p2pd`` and exits at once, whatever it was doing (hivemind's own shutdown
+  ends ``p2pd``, a signal did not);
 - started from the owner's main thread, it gets SIGTERM when the owner dies (Linux
   ``PR_SET_PDEATHSIG``), so a SIGKILLed owner does not leave a peer running under its identity.
 
@@ -74,7 +75,16 @@ def _end_children(timeout: float = 5.0) -> None:
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+    """End ``p2pd``, then this process, at once.
+
+    Not ``raise SystemExit``: the signal may land inside one of hivemind's ``_run_coroutine``
+    calls, whose ``except BaseException`` would swallow it and leave the process running.
+    """
+    signal.signal(signum, signal.SIG_IGN)
+    try:
+        _end_children()
+    finally:
+        os._exit(128 + signum)
 
 
 @functools.cache
