@@ -6,6 +6,7 @@ two recipes (linear 0.4/0.3/0.3; TIES density 0.5 with normalize), then runs eac
 separate process and measures its wall time and peak RSS (``os.wait4`` rusage of the child: the
 kernel's own high-water mark, no polling). Every output tensor of umm is compared with
 mergekit's: the largest difference is reported in bf16 ulps of mergekit's value.
+umm's modules are byte-compiled first, as mergekit's were when pip installed them.
 
     python bench/bench_merge.py                      # both methods, 1 run each
     python bench/bench_merge.py --repeat 3           # best and spread of 3 runs
@@ -114,11 +115,25 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
 
 def umm_cmd(recipe: Path, out: Path, threads: int | None) -> list[str]:
     exe = Path(sys.executable).parent / "umm"
-    base = [str(exe)] if exe.exists() else [sys.executable, "-c", "from umm.cli import main; main()"]
+    base = [str(exe)] if exe.exists() else [sys.executable, "-c", "from umm.cli import console_main; console_main()"]
     cmd = base + ["merge", str(recipe), str(out), "--overwrite"]
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd
+
+
+def byte_compile_umm() -> None:
+    """Write the bytecode of umm's modules, as a (non-editable) ``pip install`` does.
+
+    mergekit's modules were compiled when pip installed them; an editable umm checkout run under
+    ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile its own on every run (~0.13 s).
+    """
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("umm")
+    for folder in spec.submodule_search_locations if spec and spec.submodule_search_locations else []:
+        compileall.compile_dir(folder, quiet=1)
 
 
 def mergekit_cmd(exe: Path, recipe: Path, out: Path) -> list[str]:
@@ -187,6 +202,8 @@ def main() -> None:
             print(method, compare(root / f"umm-{method}", root / f"mergekit-{method}"))
         return
     models = build_models(root / "models")
+    if not args.skip_umm:
+        byte_compile_umm()
     have_mk = args.mergekit_yaml.exists()
     if not have_mk:
         print(f"mergekit not found at {args.mergekit_yaml}: skipping it (see the module docstring)")
