@@ -13,10 +13,9 @@ the disk, which is what a peer serving a model it has not touched lately does):
 - local read + sha256 with ``--parallel`` threads (the same parallelism as the download);
 - disk: write the same number of bytes into ``--parallel`` files and fsync them (no read, no
   hash): the ceiling of any download that must reach the disk before it enters the store;
-- download: gRPC stream, sha256 while streaming, write to the partial folder with ``O_DIRECT``
-  (see ``umm.net.partial_file``), fsync, rename into the store; the provider's files warm or
-  cold as the local read's. Then the same download writing through the page cache
-  (``direct_io=False``: ``fdatasync`` in the background every 64 MiB per file), for comparison. Ratio = download MB/s / local MB/s, same cache state (goal:
+- download: gRPC stream, sha256 while streaming, write to the partial folder (``fdatasync`` in
+  the background every 64 MiB per file), fsync, rename into the store; the provider's files
+  warm or cold as the local read's. Ratio = download MB/s / local MB/s, same cache state (goal:
   >= 0.5 of the sequential figure); the download's fraction of the disk ceiling is printed too.
 
 CPU seconds per GB (user + system, all threads) are printed too: on a shared machine they are
@@ -167,20 +166,19 @@ def main() -> int:
             for cold in (False, True):
                 runs.setdefault(("seq", cold), []).append(local_read(src, names, 1, cold))
                 runs.setdefault(("par", cold), []).append(local_read(src, names, ns.parallel, cold))
-                for kind, direct in (("net", True), ("net-cache", False)):
-                    store = ModelStore(work / f"dest-{r}")
-                    if cold:
-                        evict(src, names)
-                    else:
-                        local_read(src, names, ns.parallel, False)  # the provider's files in the page cache
-                    load = os.getloadavg()[0]
-                    s0, t0, c0 = server_cpu(parent), time.perf_counter(), cpu_seconds()
-                    path = download(manifest.hash, [address], store, max_bytes=total, parallel_files=ns.parallel,
-                                    progress=False, direct_io=direct)
-                    wall, client = time.perf_counter() - t0, cpu_seconds() - c0
-                    runs.setdefault((kind, cold), []).append((wall, client, load, server_cpu(parent) - s0))
-                    assert path == store.path(manifest.hash)
-                    shutil.rmtree(work / f"dest-{r}")
+                store = ModelStore(work / f"dest-{r}")
+                if cold:
+                    evict(src, names)
+                else:
+                    local_read(src, names, ns.parallel, False)  # the provider's files in the page cache
+                load = os.getloadavg()[0]
+                s0, t0, c0 = server_cpu(parent), time.perf_counter(), cpu_seconds()
+                path = download(manifest.hash, [address], store, max_bytes=total, parallel_files=ns.parallel,
+                                progress=False)
+                wall, client = time.perf_counter() - t0, cpu_seconds() - c0
+                runs.setdefault(("net", cold), []).append((wall, client, load, server_cpu(parent) - s0))
+                assert path == store.path(manifest.hash)
+                shutil.rmtree(work / f"dest-{r}")
         for _ in range(ns.repeat):  # after the downloads: the disk's work on freed blocks must not slow them
             runs.setdefault(("disk", False), []).append(
                 disk_write(work / "disk", [e.size for e in manifest.files], ns.parallel))
@@ -208,9 +206,6 @@ def main() -> int:
             print(f"  {'  gRPC download (+ sha256, write, fsync): client':<52} {gb * 1e3 / med('net', cold, 0):8.0f} "
                   f"{med('net', cold, 1) / gb:9.2f} {load('net', cold)}")
             print(f"  {'    (server process)':<52} {'':>8} {med('net', cold, 3) / gb:9.2f}")
-            print(f"  {'  same, writing through the page cache (no O_DIRECT)':<52} "
-                  f"{gb * 1e3 / med('net-cache', cold, 0):8.0f} {med('net-cache', cold, 1) / gb:9.2f} "
-                  f"{load('net-cache', cold)}")
             print(f"    ratio download / local sequential: {med('seq', cold, 0) / med('net', cold, 0):.2f}, "
                   f"/ local {ns.parallel} threads: {med('par', cold, 0) / med('net', cold, 0):.2f}, "
                   f"/ disk ceiling: {med('disk', cold, 0) / med('net', cold, 0):.2f}  "

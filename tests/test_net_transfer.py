@@ -341,14 +341,17 @@ def test_raw_chunks_are_the_bytes_protobuf_would_send():
     assert _serialize_chunk(plain) == plain.SerializeToString()
 
 
-def test_resume_from_an_unaligned_partial_file_restarts_at_a_block_boundary(model, manifest, tmp_path, request):
-    # a partial file a buffered writer (or another version) left mid-block: direct I/O goes on
-    # from the block boundary below it, and the bytes before it are kept, not downloaded again
-    servicer = FlakyServicer(chunk_size=CHUNK, breaks=0)
+def test_download_syncs_files_in_the_background_while_streaming(model, manifest, tmp_path, request, monkeypatch):
+    import umm.checkpoints.writer as writer
+    import umm.net.transfer as transfer
+
+    synced: list[int] = []
+    real = writer._datasync
+    monkeypatch.setattr(writer, "_datasync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(transfer, "DEFAULT_SYNC_EVERY", 4 * CHUNK)
+    servicer = CheckpointServicer(chunk_size=CHUNK)
     h = servicer.register_folder(model)
     dest = ModelStore(tmp_path / "dest")
-    partial = dest.begin(manifest) / BIG
-    partial.write_bytes((model / BIG).read_bytes()[: 5 * CHUNK + 100])
     path = download(h, [serve(servicer, request)], dest, max_bytes=10**9, progress=False)
-    assert servicer.offsets == [5 * CHUNK]
     assert same_files(model, path, manifest)
+    assert len(synced) >= 2  # the big file spans ~35 chunks: several syncs before its final fsync

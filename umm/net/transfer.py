@@ -8,8 +8,7 @@
 - every file's sha256 is computed while it streams and must match the manifest (else the file is
   deleted and the provider dropped for the rest of this download).
 
-Files download in parallel, each written by a :class:`~umm.net.partial_file.PartialFile`
-(direct I/O where possible); a broken connection or a stalled stream (no data for ``timeout``
+Files download in parallel; a broken connection or a stalled stream (no data for ``timeout``
 seconds) leaves the partial file in ``<data_dir>/partial/<hash>/`` and the next attempt resumes it
 from its size, with the same or another provider. Only a complete, verified model enters the
 store, by one rename; a failed download raises :class:`TransferError` and keeps its partial
@@ -31,9 +30,9 @@ from pathlib import Path
 import grpc
 
 from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
 from umm.net.errors import ManifestHashError, SizeLimitError, TransferError
-from umm.net.partial_file import PartialFile
 from umm.net.proto import umm_checkpoint_pb2 as pb
 from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
 from umm.net.server import MAX_MESSAGE_BYTES
@@ -112,6 +111,13 @@ class _Watchdog:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _write_all(out, data: bytes | memoryview) -> None:
+    """Write every byte (an unbuffered write may write fewer than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
 
 
 _READ_FILE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CheckpointService'].full_name}/ReadFile"
@@ -216,12 +222,11 @@ def _failure_message(manifest_hash: str, providers: list[_Provider], what: str) 
 
 class _Download:
     def __init__(self, manifest: Manifest, folder: Path, providers: list[_Provider], *, retries: int,
-                 timeout: float, on_bytes: Callable[[int], None], cancel: threading.Event, direct_io: bool = True):
+                 timeout: float, on_bytes: Callable[[int], None], cancel: threading.Event):
         self.manifest = manifest
         self.folder = folder
         self.providers = providers
         self.retries = retries
-        self.direct_io = direct_io
         self.on_bytes = on_bytes
         self.watchdog = _Watchdog(timeout)
         self.timeout = timeout
@@ -284,73 +289,62 @@ class _Download:
     def _stream(self, p: _Provider, entry: FileEntry) -> None:
         path = self.folder / entry.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        have = path.stat().st_size if path.is_file() else 0
-        if have > entry.size:
+        digest = hashlib.sha256()
+        pos = path.stat().st_size if path.is_file() else 0
+        if pos > entry.size:
             path.unlink()
             self.on_bytes(-entry.size)
-            have = 0
-        out = PartialFile(path, direct=self.direct_io) if have < entry.size else None
-        pos = out.size if out is not None else have
-        if pos < have:  # a direct-I/O file resumes at a block boundary
-            self.on_bytes(pos - have)
+            pos = 0
         resumed = pos > 0
-        digest = hashlib.sha256()
-        try:
-            if resumed:  # hash what an earlier attempt wrote, then continue after it
-                with open(path, "rb", buffering=0) as fh:
-                    left = pos
-                    while left and (block := fh.read(min(_READ_BLOCK, left))):
-                        digest.update(block)
-                        left -= len(block)
-            if out is not None:
-                pos = self._receive(p, entry, out, pos, digest)
-                if pos == entry.size:
-                    out, complete = None, out
-                    complete.finish()  # on disk (fsync) before the file counts as complete
-            else:
-                path.touch()  # an empty file, or one an earlier attempt completed
-        finally:
-            if out is not None:
-                out.abort()  # keep the whole blocks written, for a resume
+        if resumed:  # hash what an earlier attempt wrote, then continue after it
+            with open(path, "rb", buffering=0) as fh:
+                while block := fh.read(_READ_BLOCK):
+                    digest.update(block)
         if pos < entry.size:
-            raise _Retryable(f"stream ended at byte {pos} of {entry.size}")
+            request = pb.ReadFileRequest(manifest_hash=self.manifest.hash, path=entry.path, offset=pos)
+            with open(path, "ab", buffering=0) as out:
+                # fdatasync every DEFAULT_SYNC_EVERY bytes in the background: the disk writes while
+                # the stream goes on, so the final fsync is short (else the kernel starts only then)
+                flusher = BackgroundSync(DEFAULT_SYNC_EVERY)
+                call = p.read_file(request)
+                self.watchdog.touch(call)
+                try:
+                    for raw in call:
+                        if self.cancelled.is_set():
+                            raise _Cancelled()
+                        offset, data = _parse_chunk(raw)
+                        if data:  # only bytes count as progress (an endless run of empty chunks stalls)
+                            self.watchdog.touch(call)
+                        if offset != pos:
+                            raise _BadData(f"sent a chunk at offset {offset}, expected {pos}")
+                        if pos + len(data) > entry.size:
+                            raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
+                        _write_all(out, data)
+                        flusher.wrote(out.fileno(), len(data))
+                        digest.update(data)
+                        pos += len(data)
+                        self.on_bytes(len(data))
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.CANCELLED:
+                        raise _Retryable(f"no data for {self.timeout:.0f} s at byte {pos}") from None
+                    if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
+                        raise _BadData(f"refused a file of its own manifest ({_rpc_error(e)})") from None
+                    raise _Retryable(f"{_rpc_error(e)} at byte {pos}") from None
+                finally:
+                    self.watchdog.forget(call)
+                    call.cancel()
+                    flusher.stop()  # before the file closes; raises a failed sync's OSError
+                os.fsync(out.fileno())
+            if pos < entry.size:
+                raise _Retryable(f"stream ended at byte {pos} of {entry.size}")
+        else:
+            path.touch()
         if digest.hexdigest() != entry.sha256:
             path.unlink()
             self.on_bytes(-pos)
             if resumed:  # the bad bytes may come from an earlier provider: start over, blame no one
                 raise _Retryable("sha256 mismatch after resuming; restarting the file")
             raise _BadData(f"bytes do not match the manifest sha256 {entry.sha256[:12]}...")
-
-    def _receive(self, p: _Provider, entry: FileEntry, out: PartialFile, pos: int, digest) -> int:
-        """Stream ``entry`` from byte ``pos`` into ``out`` and ``digest``; returns the end position."""
-        request = pb.ReadFileRequest(manifest_hash=self.manifest.hash, path=entry.path, offset=pos)
-        call = p.read_file(request)
-        self.watchdog.touch(call)
-        try:
-            for raw in call:
-                if self.cancelled.is_set():
-                    raise _Cancelled()
-                offset, data = _parse_chunk(raw)
-                if data:  # only bytes count as progress (an endless run of empty chunks stalls)
-                    self.watchdog.touch(call)
-                if offset != pos:
-                    raise _BadData(f"sent a chunk at offset {offset}, expected {pos}")
-                if pos + len(data) > entry.size:
-                    raise _BadData(f"sent more than the {entry.size} bytes of the manifest")
-                out.write(data)
-                digest.update(data)
-                pos += len(data)
-                self.on_bytes(len(data))
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise _Retryable(f"no data for {self.timeout:.0f} s at byte {pos}") from None
-            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
-                raise _BadData(f"refused a file of its own manifest ({_rpc_error(e)})") from None
-            raise _Retryable(f"{_rpc_error(e)} at byte {pos}") from None
-        finally:
-            self.watchdog.forget(call)
-            call.cancel()
-        return pos
 
 
 def download(
@@ -364,7 +358,6 @@ def download(
     timeout: float = 30.0,
     progress: bool = True,
     cancel: threading.Event | None = None,
-    direct_io: bool = True,
 ) -> Path:
     """Download model ``manifest_hash`` from ``providers`` (gRPC ``host:port``) into ``store``.
 
@@ -373,8 +366,7 @@ def download(
     ``retries`` attempts per file (and for the manifest) before the next is preferred; ``timeout``
     is the limit in seconds for the manifest call and for a stream without data. Setting
     ``cancel`` (or Ctrl-C) stops the download within a fraction of a second, keeping its partial
-    files. ``direct_io`` writes files with ``O_DIRECT`` where the filesystem allows (see
-    :mod:`umm.net.partial_file`); False writes through the page cache. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError`
+    files. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError`
     (naming each provider and what went wrong with it).
     """
     check_hash(manifest_hash)
@@ -419,7 +411,7 @@ def download(
 
             cancel = cancel if cancel is not None else threading.Event()
             job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, on_bytes=on_bytes,
-                            cancel=cancel, direct_io=direct_io)
+                            cancel=cancel)
             pool = ThreadPoolExecutor(max_workers=parallel_files, thread_name_prefix="umm-fetch")
             try:
                 files = sorted(manifest.files, key=lambda e: -e.size)
