@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from umm.netlocal import _NODE_CMD, MARKER, Proc, _env, node_experts
+from umm.netlocal import MARKER, Proc, _env, node_experts, node_join_command
 
 _READY = re.compile(r"Ctrl-C to leave")
 
@@ -94,15 +94,9 @@ def main() -> int:
         t0 = time.monotonic()
         for i, expert in enumerate(experts):
             name = f"node-{i}-{expert}"
-            cmd = [sys.executable, "-c", _NODE_CMD, "join", "--model", str(suite.path(expert)), "--name", name,
-                   "--network", network, "--data-dir", str(work / f"node-{i}"),
-                   "--coordinator-key", str(work / "coordinator.pub"), "--refresh-period", "60"]
-            for d in suite.models[expert]["domains"]:
-                cmd += ["--domain", d]
-            if suite.base_of(expert):
-                cmd += ["--base-model", suite.base_of(expert)]
-            for p in bootstrap:
-                cmd += ["--initial-peers", p]
+            cmd = node_join_command(suite, expert, name=name, network=network, data_dir=work / f"node-{i}",
+                                    coordinator_key=work / "coordinator.pub", refresh_period=60,
+                                    initial_peers=bootstrap)
             procs.append(Proc(name, cmd, work / "logs" / f"{name}.log", env))
         t_spawned = time.monotonic() - t0
 

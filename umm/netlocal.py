@@ -218,6 +218,21 @@ def node_experts(suite: Any, nodes: int) -> list[str]:
     return [available[i % len(available)] for i in range(nodes)]
 
 
+def node_join_command(suite: Any, expert: str, *, name: str, network: str, data_dir: Path, coordinator_key: Path,
+                      refresh_period: float, initial_peers: list[str]) -> list[str]:
+    """The ``umm-node join`` command line of a local node serving ``expert`` of ``suite``."""
+    cmd = [sys.executable, "-c", _NODE_CMD, "join", "--model", str(suite.path(expert)), "--name", name,
+           "--network", network, "--data-dir", str(data_dir), "--coordinator-key", str(coordinator_key),
+           "--refresh-period", str(refresh_period)]
+    for d in suite.models[expert]["domains"]:
+        cmd += ["--domain", d]
+    if suite.base_of(expert):
+        cmd += ["--base-model", suite.base_of(expert)]
+    for p in initial_peers:
+        cmd += ["--initial-peers", p]
+    return cmd
+
+
 def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fusion_data: Path) -> dict[str, Any]:
     """The coordinator.yaml content: the served domains' synthetic tasks, small limits, loopback only."""
     tasks = []
@@ -338,17 +353,9 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
             name = f"node-{i}-{expert}"
             data_dir = workdir / f"node-{i}"
             result.nodes.append(NodeOutcome(name, expert, data_dir))
-            cmd = [sys.executable, "-c", _NODE_CMD, "join", "--model", str(suite.path(expert)),
-                   "--name", name, "--network", cfg.network, "--data-dir", str(data_dir),
-                   "--coordinator-key", str(coord_dir / "coordinator.pub"),
-                   "--refresh-period", str(cfg.refresh_period)]
-            for d in suite.models[expert]["domains"]:
-                cmd += ["--domain", d]
-            base = suite.base_of(expert)
-            if base:
-                cmd += ["--base-model", base]
-            for p in bootstrap:
-                cmd += ["--initial-peers", p]
+            cmd = node_join_command(suite, expert, name=name, network=cfg.network, data_dir=data_dir,
+                                    coordinator_key=coord_dir / "coordinator.pub",
+                                    refresh_period=cfg.refresh_period, initial_peers=bootstrap)
             procs.append(Proc(name, cmd, workdir / "logs" / f"{name}.log", env, dht_pids=data_dir / DHT_PIDS))
             if i == 0:  # the others join through the first node
                 procs[0].wait_output(re.compile(r"Ctrl-C to leave"), cfg.start_timeout)

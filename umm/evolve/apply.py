@@ -85,7 +85,7 @@ class RankedTopK:
     def apply(self, d: torch.Tensor, flat_start: int) -> torch.Tensor:
         """Sparsify ``d``, the entries ``flat_start ..`` of the task vector, in place (a block of
         rows without rescale; the whole tensor with it, whose L1 sums the rescale needs)."""
-        from umm.merge.methods.sparsify import _apply as keep_and_rescale
+        from umm.merge.methods.sparsify import keep_and_rescale
 
         n = self.rank.numel()
         whole = flat_start == 0 and d.numel() == n

@@ -125,7 +125,9 @@ def _rescale_l1(d: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return d.mul_(before / after)
 
 
-def _apply(d: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+def keep_and_rescale(d: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """Zero the entries of ``d`` where ``keep`` is 0 (in place); with ``rescale``, scale the rest
+    so that ``d``'s L1 norm is what it was (left alone when either norm is below RESCALE_EPS)."""
     before = d.abs().sum() if rescale else None
     d.mul_(keep.view(d.shape))
     return _rescale_l1(d, before) if before is not None else d
@@ -140,7 +142,7 @@ def magnitude(d: torch.Tensor, density: float, rescale: bool = False) -> torch.T
         return d.zero_()
     k = max(1, int(density * n))
     keep = top_k_mask(d.abs().view(-1), k)
-    return _apply(d, keep, rescale)
+    return keep_and_rescale(d, keep, rescale)
 
 
 def magnitude_outliers(d: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
@@ -152,7 +154,7 @@ def magnitude_outliers(d: torch.Tensor, density: float, gamma: float = 0.01, res
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     keep = rank_range_mask(d.abs().view(-1), n_bot, n_bot + target)
-    return _apply(d, keep, rescale)
+    return keep_and_rescale(d, keep, rescale)
 
 
 def bernoulli(d: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -160,7 +162,7 @@ def bernoulli(d: torch.Tensor, density: float, rescale: bool, generator: torch.G
     if density >= 1:
         return d
     keep = torch.rand(d.shape, generator=generator, device=d.device, dtype=torch.float32) < density
-    return _apply(d, keep, rescale)
+    return keep_and_rescale(d, keep, rescale)
 
 
 def della_magprune(
@@ -189,7 +191,7 @@ def della_magprune(
     rank_norm.scatter_(1, order, steps.view(view).expand_as(rows).contiguous())
     probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
     keep = torch.rand(rows.shape, generator=generator, device=d.device, dtype=torch.float32) < probs
-    return _apply(d, keep, rescale)
+    return keep_and_rescale(d, keep, rescale)
 
 
 # ---------------------------------------------------------------------------------------------
