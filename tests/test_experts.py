@@ -164,3 +164,14 @@ def test_cli_list_and_prepare(small_suite, tmp_path: Path) -> None:  # noqa: F81
     r = runner.invoke(app, ["experts", "prepare", "--variant", "huge", "--dir", str(tmp_path)])
     assert r.exit_code == 2 and "unknown expert suite variant 'huge'" in r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_saving_a_model_shows_no_transformers_bar_and_restores_the_setting(tmp_path: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from umm.experts.random_models import make_random_llama
+
+    hf_logging.enable_progress_bar()
+    make_random_llama(tmp_path / "m", hidden_size=32, num_layers=1, num_heads=2, vocab_size=128)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

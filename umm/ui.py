@@ -7,10 +7,11 @@ off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is set, so logs and C
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -66,6 +67,21 @@ def progress(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Hide transformers' own progress bars (``save_pretrained``'s "Writing model shards") within
+    a step that shows its own progress; restores the previous setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

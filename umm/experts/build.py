@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from umm.errors import UmmError
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
-from umm.ui import progress
+from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def build_suite(
             model.to("cpu")
             trained[m.name] = model
             out = tmp / m.name
-            model.save_pretrained(out)
+            with transformers_bars_off():
+                model.save_pretrained(out)
             tok.save_pretrained(out)
             entry = {
                 "path": m.name,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from umm.ui import transformers_bars_off
+
 logger = logging.getLogger(__name__)
 
 _CORPUS = (
@@ -96,7 +98,8 @@ def make_random_llama(
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model = model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    with transformers_bars_off():
+        model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
     logger.info("wrote random llama (seed %d) to %s", seed, out)
     return out

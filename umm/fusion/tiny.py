@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from umm.ui import transformers_bars_off
+
 logger = logging.getLogger(__name__)
 
 _CORPUS = (
@@ -63,7 +65,8 @@ def make_random_neox(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 3
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    with transformers_bars_off():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     logger.info("wrote random GPT-NeoX (seed %d) to %s", seed, out)
     return out

@@ -32,7 +32,7 @@ from umm.fusion.settings import TrainingSettings
 from umm.fusion.loss import sparse_distill_terms
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
 from umm.fusion.teacher import TeacherOutputs, teacher_pass
-from umm.ui import progress
+from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,8 @@ def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets
     tmp.mkdir(parents=True)
     model.eval()
     model.config.use_cache = True
-    model.save_pretrained(tmp)
+    with transformers_bars_off():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     recipe = {
         "method": "distribution fusion (FuseLLM-style)",
