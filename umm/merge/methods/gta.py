@@ -107,7 +107,7 @@ def gta_merge(
         mixed.mul_(sign)
         del sign
         if divisor is not None:
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)  # in place; boolean-index assignment was 2x slower
             mixed.div_(divisor)
     else:
         mixed = deltas[0]
