@@ -39,13 +39,7 @@ def _target_loss(model, tok, domain: str, n: int = 48) -> float:
     ))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these models are tiny, and on a shared machine more threads only wait."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_suite_layout_and_loading(small_suite) -> None:  # noqa: F811
@@ -150,6 +144,8 @@ def test_training_pieces() -> None:
     assert ex.input_ids == (97, 98, 99, 9) and ex.labels == (IGNORE, IGNORE, 99, 9)
     with pytest.raises(ValueError, match="max_length"):
         encode_pairs(Tok(), [("a" * 10, "b")], max_length=8)
+    (doc,) = encode_pairs(Tok(), [("", "a" * 10)], max_length=8)  # a document keeps its first tokens
+    assert doc.input_ids == (97,) * 8 and doc.labels == doc.input_ids
 
 
 def test_cli_list_and_prepare(small_suite, tmp_path: Path) -> None:  # noqa: F811

@@ -45,17 +45,29 @@ def prepare(
     directory: Path | None = typer.Option(None, "--dir", help="Parent folder of the suite (default: umm's experts cache)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a suite from the same recipe is cached."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
+    stage: str | None = typer.Option(
+        None, "--stage", help="Train only this model (e.g. base) and save it as the prebuilt folder its recipe names "
+        "(umm/experts/prebuilt/; commit it), or into --out.",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="With --stage: write the prebuilt folder here instead."),
 ) -> None:
     """Train the tokenizers and models of a suite variant (cached: reused when up to date)."""
     with user_errors():
         from umm.errors import UmmError
-        from umm.experts.build import ensure_suite, load_suite, suite_dir
+        from umm.experts.build import build_stage, ensure_suite, load_suite, suite_dir
         from umm.experts.recipes import get_recipe
         from umm.ui import console
 
         if device != "cpu" and not device.startswith("cuda"):
             raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
         recipe = get_recipe(variant)
+        if stage is not None:
+            console.print(f"training [bold]{stage}[/] of suite {variant} alone (a prebuilt stage)")
+            folder = build_stage(recipe, stage, out, device=device)
+            console.print(f"wrote {folder} (sha256 of each file and the recipe fingerprint in prebuilt.json)")
+            return
+        if out is not None:
+            raise UmmError("--out goes with --stage")
         target = suite_dir(variant, directory)
         try:
             cached = not force and load_suite(variant, directory).info["recipe_fingerprint"] == recipe.fingerprint()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from umm.errors import UmmError
+from umm.experts.prebuilt import Prebuilt, load_prebuilt
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
 from umm.ui import progress, transformers_bars_off
 
@@ -145,12 +146,19 @@ def _corpus(recipe: SuiteRecipe, per_domain: int, seed: int) -> list[str]:
 
 
 def _pairs(recipe: SuiteRecipe, m: ModelRecipe) -> list[tuple[str, str]]:
+    """The model's training examples as ``(prompt, target)``: the loss covers the target only.
+
+    Pretraining documents, and every pair when ``m.loss == "text"``, have an empty prompt.
+    """
+    from umm.experts.corpus import documents
     from umm.experts.suites import split_records, suite_for_domain
 
-    pairs = []
+    pairs = [("", doc) for doc in documents(m.documents, recipe.data_seed)] if m.documents else []
     for domain, n in m.mixture.items():
         suite = suite_for_domain(domain)
-        pairs += [(suite.prompt(r), suite.target(r)) for r in split_records(suite, "train", n, recipe.data_seed)]
+        for r in split_records(suite, "train", n, recipe.data_seed):
+            prompt, target = suite.prompt(r), suite.target(r)
+            pairs.append(("", prompt + target) if m.loss == "text" else (prompt, target))
     return pairs
 
 
@@ -217,16 +225,19 @@ def build_suite(
     *,
     device: str = "cpu",
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
+    prebuilt_root: Path | None = None,
 ) -> ExpertSuite:
-    """Train every tokenizer and model of the recipe and write the suite atomically.
+    """Train (or take prebuilt) every tokenizer and model of the recipe, score them, write the suite atomically.
 
-    An existing suite of that variant is replaced only once the new one is complete.
-    ``on_model(name, entry)`` is called after each model is trained.
+    A model whose recipe names a prebuilt folder (:mod:`umm.experts.prebuilt`, looked up under
+    ``prebuilt_root`` or the one shipped with umm) is taken from it once its fingerprint and file
+    hashes check out, with its tokenizer; otherwise it is trained. After training, every model is
+    scored on ``recipe.score_items`` ``search`` items of each task and each expert's task vector is
+    measured (:func:`task_vector_stats`): both go into ``suite.json``. An existing suite of that
+    variant is replaced only once the new one is complete. ``on_model(name, entry)`` is called
+    after each model is trained.
     """
     import torch
-
-    from umm.experts.tokenizers import train_tokenizer
-    from umm.experts.train import train_causal_lm
 
     recipe = get_recipe(variant) if isinstance(variant, str) else variant
     recipe.validate()
@@ -236,49 +247,26 @@ def build_suite(
     tmp.mkdir()
     started = time.perf_counter()
     try:
-        tokenizers = {}
-        for key, tr in recipe.tokenizers.items():
-            tokenizers[key] = train_tokenizer(tr.kind, _corpus(recipe, tr.corpus_per_domain, tr.seed), tr.vocab_size)
+        prebuilt = {m.name: load_prebuilt(recipe, m.name, prebuilt_root) for m in recipe.models}
+        tokenizers = _tokenizers(recipe, prebuilt)
         trained: dict[str, Any] = {}
         entries: dict[str, dict[str, Any]] = {}
-        bar = progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model")
-        for m in bar:
-            tok = tokenizers[m.tokenizer]
-            if m.init_from is not None:
-                model = copy.deepcopy(trained[m.init_from])
-            else:
-                model = _new_model(m, tok, recipe.max_length)
-            result = train_causal_lm(
-                model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads, desc=m.name
-            )
-            model.to("cpu")
+        for m in progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model"):
+            model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device)
             trained[m.name] = model
             out = tmp / m.name
             with transformers_bars_off():
                 model.save_pretrained(out)
-            tok.save_pretrained(out)
-            entry = {
-                "path": m.name,
-                "role": m.role,
-                "family": m.family,
-                "architecture": ARCHITECTURES[m.family],
-                "tokenizer": m.tokenizer,
-                "vocab_size": len(tok),
-                "params": sum(p.numel() for p in model.parameters()),
-                "domains": m.domains,
-                "base": m.init_from,
-                "steps": result.steps,
-                "final_loss": round(result.final_loss, 5),
-                "train_seconds": round(result.seconds, 2),
-                "threads": recipe.threads,
-                "device": str(device),
-            }
+            tokenizers[m.tokenizer].save_pretrained(out)
             (out / "README.md").write_text(_model_card(m.name, m, recipe, entry))
             entries[m.name] = entry
             if on_model is not None:
                 on_model(m.name, entry)
         _check_complete(tmp, entries)
+        scores = _search_scores(recipe, trained, tokenizers, device)
+        vectors = task_vector_stats(trained, {n: e["base"] for n, e in entries.items() if e["base"]})
         info = _suite_info(recipe, entries, time.perf_counter() - started, torch.__version__)
+        info["search_scores"], info["task_vectors"] = scores, vectors
         (tmp / SUITE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         _swap_into_place(tmp, target)
     except BaseException:
@@ -286,6 +274,132 @@ def build_suite(
         raise
     logger.info("built expert suite %s in %.1fs at %s", recipe.variant, time.perf_counter() - started, target)
     return load_suite(recipe.variant, root)
+
+
+def build_stage(
+    variant: str | SuiteRecipe,
+    name: str,
+    out: Path | None = None,
+    *,
+    device: str = "cpu",
+    prebuilt_root: Path | None = None,
+) -> Path:
+    """Train model ``name`` of the recipe (and what it starts from) and save it as a prebuilt folder.
+
+    ``out`` defaults to the folder the recipe names for it in umm's own ``umm/experts/prebuilt/``
+    (in a source checkout: commit it). Ancestors are taken prebuilt when they check out.
+    """
+    from umm.experts.prebuilt import prebuilt_folder, write_prebuilt
+
+    recipe = get_recipe(variant) if isinstance(variant, str) else variant
+    recipe.validate()
+    m = recipe.model(name)
+    if out is None and m.prebuilt is None:
+        raise UmmError(f"model {name!r} of suite {recipe.variant!r} names no prebuilt folder; pass an output folder")
+    chain = [m]
+    while chain[0].init_from is not None:
+        chain.insert(0, recipe.model(chain[0].init_from))
+    ready = {c.name: load_prebuilt(recipe, c.name, prebuilt_root) for c in chain[:-1]}
+    ready[name] = None
+    tokenizers = _tokenizers(recipe, {**{x.name: None for x in recipe.models}, **ready})
+    tok = tokenizers[m.tokenizer]
+    trained: dict[str, Any] = {}
+    for c in chain:
+        trained[c.name], entry = _model(recipe, c, tok, trained, ready[c.name], device)
+    return write_prebuilt(out or prebuilt_folder(m.prebuilt, prebuilt_root), recipe, name, trained[name], tok, entry)
+
+
+def _tokenizers(recipe: SuiteRecipe, prebuilt: dict[str, Prebuilt | None]) -> dict[str, Any]:
+    """Each tokenizer of the recipe: a prebuilt model's own, else trained on the suites' ``train`` texts."""
+    from transformers import AutoTokenizer
+
+    from umm.experts.tokenizers import train_tokenizer
+
+    out: dict[str, Any] = {}
+    for m in recipe.models:
+        if prebuilt[m.name] is not None and m.tokenizer not in out:
+            out[m.tokenizer] = AutoTokenizer.from_pretrained(prebuilt[m.name].folder, trust_remote_code=False)
+    for key, tr in recipe.tokenizers.items():
+        if key not in out:
+            out[key] = train_tokenizer(tr.kind, _corpus(recipe, tr.corpus_per_domain, tr.seed), tr.vocab_size)
+    return out
+
+
+def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any], ready: Prebuilt | None,
+           device: str) -> tuple[Any, dict[str, Any]]:
+    """Model ``m`` (prebuilt, or trained from scratch or from its ``init_from``) and its suite entry."""
+    from transformers import AutoModelForCausalLM
+
+    from umm.experts.train import train_causal_lm
+
+    if ready is not None:
+        model = AutoModelForCausalLM.from_pretrained(ready.folder, use_safetensors=True, trust_remote_code=False).eval()
+        steps, final_loss, seconds = ready.steps, ready.final_loss, ready.train_seconds
+    else:
+        model = copy.deepcopy(trained[m.init_from]) if m.init_from is not None else _new_model(m, tok, recipe.max_length)
+        result = train_causal_lm(model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads, desc=m.name)
+        model.to("cpu")
+        steps, final_loss, seconds = result.steps, result.final_loss, result.seconds
+    entry = {
+        "path": m.name,
+        "role": m.role,
+        "family": m.family,
+        "architecture": ARCHITECTURES[m.family],
+        "tokenizer": m.tokenizer,
+        "vocab_size": len(tok),
+        "params": sum(p.numel() for p in model.parameters()),
+        "domains": m.domains,
+        "base": m.init_from,
+        "steps": steps,
+        "final_loss": round(final_loss, 5),
+        "train_seconds": round(seconds, 2),
+        "prebuilt": ready is not None,
+        "threads": recipe.threads,
+        "device": str(device),
+    }
+    return model, entry
+
+
+def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict[str, Any], device: str) -> dict[str, Any]:
+    """Each model's score on ``recipe.score_items`` ``search`` items of every synthetic task."""
+    from umm.eval import evaluate
+    from umm.experts.suites import SUITES
+
+    if recipe.score_items <= 0:
+        return {}
+    out: dict[str, Any] = {"split": "search", "n": recipe.score_items, "models": {}}
+    for m in progress(recipe.models, desc="scoring (search)", unit="model"):
+        res = evaluate(models[m.name].to(device), tokenizers[m.tokenizer], list(SUITES), split="search",
+                       limit=recipe.score_items, show_progress=False, num_threads=recipe.threads)
+        models[m.name].to("cpu")
+        out["models"][m.name] = {t: round(s.score, 4) for t, s in res.scores.items()}
+    return out
+
+
+def task_vector_stats(models: dict[str, Any], base_of: dict[str, str]) -> dict[str, Any]:
+    """Size and direction of each expert's task vector ``tau = theta_expert - theta_base``.
+
+    ``relative_norm``: ``||tau_W|| / ||W_base||`` over the expert's 2-D weight matrices W
+    (min / mean / max); ``cosine``: ``<tau_a, tau_b> / (||tau_a|| ||tau_b||)`` over all parameters,
+    for each pair of experts with the same base. ``base_of`` maps each expert to its base's name.
+    """
+    import torch
+
+    vectors: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {"relative_norm": {}, "cosine": {}}
+    for name, base_name in base_of.items():
+        base = dict(models[base_name].named_parameters())
+        tau = {n: (p.detach().float() - base[n].detach().float()) for n, p in models[name].named_parameters()}
+        rel = [float(t.norm() / base[n].detach().float().norm()) for n, t in tau.items() if t.ndim == 2]
+        out["relative_norm"][name] = {"min": round(min(rel), 4), "mean": round(sum(rel) / len(rel), 4), "max": round(max(rel), 4)}
+        vectors[name] = {"base": base_name, "flat": torch.cat([t.flatten() for t in tau.values()])}
+    names = sorted(vectors)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if vectors[a]["base"] == vectors[b]["base"]:
+                va, vb = vectors[a]["flat"], vectors[b]["flat"]
+                out["cosine"][f"{a}~{b}"] = round(float(va @ vb / (va.norm() * vb.norm())), 4)
+    return out
 
 
 def _suite_info(recipe: SuiteRecipe, entries: dict[str, dict[str, Any]], seconds: float, torch_version: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from umm.errors import UmmError
@@ -60,6 +60,9 @@ class ModelRecipe:
     intermediate_size: int = 352
     init_seed: int = 0
     experts_of: tuple[str, ...] | None = None
+    documents: Mapping[str, int] = field(default_factory=dict)
+    loss: Literal["target", "text"] = "target"
+    prebuilt: str | None = None
 
     @property
     def domains(self) -> list[str]:
@@ -80,6 +83,7 @@ class SuiteRecipe:
     data_seed: int = 0
     max_length: int = 128
     description: str = ""
+    score_items: int = 256  # search items per task each model is scored on for suite.json (0: none)
 
     def model(self, name: str) -> ModelRecipe:
         for m in self.models:
@@ -88,11 +92,13 @@ class SuiteRecipe:
         raise UmmError(f"suite {self.variant!r} has no model {name!r}; it has {', '.join(m.name for m in self.models)}")
 
     def to_dict(self) -> dict:
+        from umm.experts.corpus import CORPUS_VERSION
         from umm.experts.suites import SUITES_VERSION
 
         d = asdict(self)
         d["version"] = RECIPE_VERSION
         d["suites_version"] = SUITES_VERSION
+        d["corpus_version"] = CORPUS_VERSION
         return d
 
     def fingerprint(self) -> str:
@@ -162,6 +168,7 @@ def _small() -> SuiteRecipe:
     return SuiteRecipe(
         variant="small",
         description="same layout, 2 layers x 64 hidden, few steps: for tests (well under a minute)",
+        score_items=16,
         tokenizers={
             "bytelevel": TokenizerRecipe("bytelevel", vocab_size=384, corpus_per_domain=300),
             "metaspace": TokenizerRecipe("metaspace", vocab_size=256, corpus_per_domain=300),

@@ -60,7 +60,8 @@ class Example:
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 128) -> list[Example]:
     """Tokenize ``(prompt, target)`` pairs; the loss covers ``target + eos`` only.
 
-    Raises ``ValueError`` naming the pair when one does not fit in ``max_length`` tokens.
+    A pair with an empty prompt is a pretraining document: it keeps its first ``max_length``
+    tokens. Raises ``ValueError`` naming the pair when any other does not fit in ``max_length``.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -69,7 +70,9 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 
     for i, (prompt, target) in enumerate(pairs):
         p = tokenizer(prompt)["input_ids"]
         t = tokenizer(target)["input_ids"] + [eos]
-        if len(p) + len(t) > max_length:
+        if not prompt:
+            t = t[:max_length]
+        elif len(p) + len(t) > max_length:
             raise ValueError(f"example {i} has {len(p) + len(t)} tokens > max_length {max_length}: {prompt!r}")
         out.append(Example(tuple(p + t), tuple([IGNORE] * len(p) + t)))
     return out
