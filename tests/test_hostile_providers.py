@@ -141,6 +141,48 @@ def test_each_file_has_a_deadline_from_its_size_and_the_minimum_rate(tmp_path, r
     assert address in str(err.value) and slow.streams == 1 and slow.completed == 0
 
 
+class _Providers:
+    """The DHT part a round's fetch step reads: who else serves a model."""
+
+    def __init__(self, extra: dict[str, list[str]]):
+        self.extra = extra
+
+    def providers(self, manifest_hash):
+        return {i: type("E", (), {"record": ProviderRecord(manifest_hash=manifest_hash, address=a)})()
+                for i, a in enumerate(self.extra.get(manifest_hash, []))}
+
+
+def test_a_round_fetches_past_slow_providers_into_quarantine_and_admission_promotes(tiny_models, tmp_path, request):
+    from coordinator.db import StateDB
+    from coordinator.round import RoundContext, RoundRunner
+
+    folders = {}
+    for name in ("math", "code"):
+        folders[name] = tmp_path / "served" / name
+        shutil.copytree(tiny_models[name], folders[name])
+    slow, honest = TricklingServicer(), CheckpointServicer()
+    hashes = {name: slow.register_folder(f) for name, f in folders.items()}
+    honest.register_folder(folders["math"])
+    slow_address, honest_address = serve(slow, request), serve(honest, request)
+    config = parse_config({"data_dir": str(tmp_path / "coord"), "fetch_timeout": 0.5, "fetch_min_rate": 4096,
+                           "fetch_concurrency": 2, "fetch_retries": 1})
+    db = StateDB(tmp_path / "coord" / "state.db")
+    request.addfinalizer(db.close)
+    for name, h in hashes.items():  # both announce the slow address; math is also served honestly
+        db.upsert_expert(h, "owner-" + name, name, [name], slow_address, {})
+    store = ModelStore(config.data_dir)
+    runner = RoundRunner(RoundContext(config=config, db=db, store=store,
+                                      records=_Providers({hashes["math"]: [honest_address]}), address=""))
+    results = {"discover": {"experts": sorted(hashes.values())}}
+    results["fetch"] = runner.step_fetch(1, results)
+    assert results["fetch"]["fetched"] == [hashes["math"]] and results["fetch"]["failed"] == [hashes["code"]]
+    assert "too slow" in db.fetch(hashes["code"])["error"]  # recorded; retried next round
+    assert store.quarantined(hashes["math"]) and store.list() == []  # not served before admission
+    admitted = runner.step_admit(1, results)
+    assert admitted["admitted"] == [hashes["math"]] and store.list() == [hashes["math"]]
+    assert not store.quarantined(hashes["math"])
+
+
 # --- finding 4: clients that hoard streams -----------------------------------------------------
 
 
