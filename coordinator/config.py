@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from umm.errors import UmmError
+from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
+from umm.net.addresses import AddressPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ class CoordinatorConfig(BaseModel):
     max_model_bytes: int = Field(default=64 * 10**9, ge=1)
     fetch_retries: int = Field(default=3, ge=1)
     fetch_timeout: float = Field(default=30.0, gt=0)
+    fetch_min_rate: float = Field(default=64 * 1024, gt=0)
+    fetch_concurrency: int = Field(default=4, ge=1, le=64)
+    allowed_networks: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    denied_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_DENIED))
     round_interval: float = Field(default=600.0, ge=0)
     refresh_period: float = Field(default=60.0, gt=0)
     merge: bool = True
@@ -62,6 +68,22 @@ class CoordinatorConfig(BaseModel):
     fusion_data: Path | None = None
     fusion_max_steps: int | None = Field(default=None, ge=1)
     job_timeout: float = Field(default=6 * 3600.0, gt=0)
+
+    @field_validator("allowed_networks", "denied_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ValueError(f"{net!r} is not an IP network in CIDR form: {e}") from None
+        return v
+
+    def address_policy(self) -> AddressPolicy:
+        """Which provider addresses may be dialled (see :mod:`umm.net.addresses`)."""
+        return AddressPolicy(allowed=tuple(self.allowed_networks), denied=tuple(self.denied_networks))
 
     @field_validator("tasks")
     @classmethod
@@ -184,8 +206,18 @@ device: cpu
 # Models larger than this many bytes are rejected before download.
 max_model_bytes: 64000000000
 fetch_retries: 3
-# Seconds without data before a stream is abandoned (and resumed later or elsewhere).
+# Seconds without data before a stream is abandoned (and resumed later or elsewhere); also the
+# window over which a provider must keep fetch_min_rate bytes/s, else it is dropped. Each file
+# must arrive within fetch_timeout + size / fetch_min_rate seconds.
 fetch_timeout: 30.0
+fetch_min_rate: 65536
+# Experts fetched at once in a round (each from its own providers).
+fetch_concurrency: 4
+# Provider addresses (host:port over TCP) are dialled only inside allowed_networks and outside
+# denied_networks (CIDR). The default denies link-local (cloud metadata 169.254.169.254),
+# multicast, unspecified and reserved ranges; loopback, private and public addresses are allowed.
+allowed_networks: ["0.0.0.0/0", "::/0"]
+denied_networks: [0.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 100.100.100.200/32, "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128"]
 
 # --- rounds ---
 # Seconds between the end of one round and the start of the next.

@@ -178,27 +178,33 @@ class RoundRunner:
         return [h for h in results["discover"]["experts"] if self.db.verdict(h) is None]
 
     def step_fetch(self, number: int, results: dict) -> dict:
-        from umm.net.transfer import download
+        """Download the new experts into the store's quarantine, ``fetch_concurrency`` at a time.
+
+        Each download is bounded (minimum rate, per-file deadline, address policy: see
+        :func:`umm.net.transfer.download`), so a slow or hostile provider costs its own expert a
+        failed fetch and never holds the round. Models stay quarantined (not served) until
+        admission promotes them.
+        """
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         fetched, failed, rejected = [], [], []
+        todo = {}
         for h in self._todo(results):
-            if self.ctx.store.has(h):
+            if self.ctx.store.has(h) or self.ctx.store.quarantined(h):
                 fetched.append(h)
-                continue
-            expert = self.db.expert(h)
-            providers = [expert["address"]] if expert else []
-            try:
-                providers += [e.record.address for e in self.ctx.records.providers(h).values()]
-            except Exception as e:  # the DHT may not answer; the announced address is enough
-                logger.info("provider lookup for %s failed: %s", h[:12], e)
-            try:
-                download(h, providers, self.ctx.store, max_bytes=self.config.max_model_bytes,
-                         retries=self.config.fetch_retries, timeout=self.config.fetch_timeout, progress=False,
-                         cancel=self.ctx.stop)
-            except Exception as e:  # noqa: BLE001 - every failure is recorded per expert
+            else:
+                todo[h] = self._providers(h)  # DHT lookups stay on this thread
+        with ThreadPoolExecutor(max_workers=self.config.fetch_concurrency, thread_name_prefix="umm-round-fetch") as pool:
+            jobs = {pool.submit(self._download, h, providers): h for h, providers in todo.items()}
+            for job in as_completed(jobs):
+                h, error = jobs[job], job.exception()
+                if error is None:
+                    self.db.record_fetch(h, "done")
+                    fetched.append(h)
+                    continue
                 if self.ctx.stop is not None and self.ctx.stop.is_set():
-                    raise Interrupted() from None
-                status, reason = classify_transfer_error(e)
+                    continue  # interrupted below, once every download has stopped
+                status, reason = classify_transfer_error(error)
                 self.db.record_fetch(h, status, reason)
                 if status == "rejected":
                     self.db.record_verdict(h, False, reason)
@@ -206,10 +212,29 @@ class RoundRunner:
                 else:
                     failed.append(h)
                 logger.warning("fetch of %s %s: %s", h[:12], status, reason)
-                continue
-            self.db.record_fetch(h, "done")
-            fetched.append(h)
-        return {"fetched": fetched, "failed": failed, "rejected": rejected}
+        if self.ctx.stop is not None and self.ctx.stop.is_set():
+            raise Interrupted()
+        order = {h: i for i, h in enumerate(results["discover"]["experts"])}
+        return {name: sorted(hs, key=order.__getitem__) for name, hs in
+                (("fetched", fetched), ("failed", failed), ("rejected", rejected))}
+
+    def _providers(self, manifest_hash: str) -> list[str]:
+        """The announced address of an expert, then the peers that say they serve it."""
+        expert = self.db.expert(manifest_hash)
+        providers = [expert["address"]] if expert else []
+        try:
+            providers += [e.record.address for e in self.ctx.records.providers(manifest_hash).values()]
+        except Exception as e:  # noqa: BLE001 - the DHT may not answer; the announced address is enough
+            logger.info("provider lookup for %s failed: %s", manifest_hash[:12], e)
+        return providers
+
+    def _download(self, manifest_hash: str, providers: list[str]) -> None:
+        from umm.net.transfer import download
+
+        cfg = self.config
+        download(manifest_hash, providers, self.ctx.store, max_bytes=cfg.max_model_bytes, retries=cfg.fetch_retries,
+                 timeout=cfg.fetch_timeout, min_rate=cfg.fetch_min_rate, progress=False, cancel=self.ctx.stop,
+                 policy=cfg.address_policy(), quarantine=True)
 
     def step_admit(self, number: int, results: dict) -> dict:
         from umm.checkpoints.admission import AdmissionLimits, admit
@@ -222,7 +247,7 @@ class RoundRunner:
             expert = self.db.expert(h) or {"record": {}}
             claimed = expert["record"]
             try:
-                report = admit(self.ctx.store.path(h), AdmissionLimits(max_total_bytes=self.config.max_model_bytes))
+                report = admit(self.ctx.store.candidate_path(h), AdmissionLimits(max_total_bytes=self.config.max_model_bytes))
             except UmmError as e:
                 self._reject(h, str(e).splitlines()[0][:1000])
                 rejected.append(h)
@@ -240,6 +265,7 @@ class RoundRunner:
                              tokenizer=fp.tokenizer or "", num_parameters=report.num_parameters)
                 rejected.append(h)
                 continue
+            self.ctx.store.promote(h)  # out of quarantine: served and evaluated from the store from now on
             self.db.record_verdict(h, True, "admitted", architecture=fp.architecture, tokenizer=fp.tokenizer or "",
                                    num_parameters=report.num_parameters)
             admitted.append(h)

@@ -147,11 +147,14 @@ def net(tiny_models, tmp_path_factory):
                 c.announce("127.0.0.1:9")
                 continue
             c.announce(c.serve())
-        # the corrupt provider: its file changes on disk after it was hashed (same size, other bytes)
+        # the corrupt provider: its file changes on disk after it was hashed (same size, other bytes,
+        # same inode and mtime, so the server cannot tell: as a provider running modified code would)
         weights = peers["corrupt"].folder / "model.safetensors"
+        st = weights.stat()
         data = bytearray(weights.read_bytes())
         data[-100] ^= 0xFF
         weights.write_bytes(bytes(data))
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
         yield {"root": root, "peers": peers, "coord_key": coord_key, "coord_pub": coord_pub,
                "initial_peers": first}
     finally:

@@ -164,3 +164,40 @@ def test_valid_dict_accepted_and_entries_validated_directly() -> None:
         FileEntry("../evil", 1, GOOD_HEX)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         Manifest.from_json(b"{nope")
+
+
+def _entries(paths: list[str]) -> dict:
+    return {"schema_version": 1, "files": [{"path": p, "size": 0, "sha256": GOOD_HEX} for p in paths]}
+
+
+def test_manifests_are_bounded_by_entries_depth_folders_and_size_not_only_bytes() -> None:
+    """Zero-byte files in deep trees cost inodes while total_bytes is 0 (issue 13, finding 10)."""
+    from umm.checkpoints.manifest import (
+        MAX_DEPTH,
+        MAX_DIRS,
+        MAX_FILES,
+        MAX_MANIFEST_BYTES,
+        MAX_NAME_CHARS,
+    )
+
+    deep = "/".join(["d"] * MAX_DEPTH)
+    assert Manifest.from_dict(_entries([deep])).total_bytes == 0  # at the limit: fine
+    with pytest.raises(CheckpointError, match=f"levels deep, more than {MAX_DEPTH}"):
+        Manifest.from_dict(_entries([deep + "/x"]))
+    with pytest.raises(CheckpointError, match=f"more than the {MAX_FILES} allowed"):
+        Manifest.from_dict(_entries([f"f{i}" for i in range(MAX_FILES + 1)]))
+    # the reported attack: a small manifest whose paths open a new chain of folders each
+    trees = [f"t{i}/" + "/".join(f"n{j}" for j in range(MAX_DEPTH - 2)) + "/f" for i in range(200)]
+    with pytest.raises(CheckpointError, match=f"more than {MAX_DIRS} folders"):
+        Manifest.from_dict(_entries(trees))
+    with pytest.raises(CheckpointError, match=f"over {MAX_NAME_CHARS} characters"):
+        Manifest.from_dict(_entries(["a" * (MAX_NAME_CHARS + 1)]))
+    with pytest.raises(CheckpointError, match="bytes of JSON"):
+        Manifest.from_json(b" " * (MAX_MANIFEST_BYTES + 1))
+
+
+def test_pathological_json_is_a_checkpoint_error() -> None:
+    for raw in [b"[" * 100_000 + b"]" * 100_000, b'{"schema_version": 1, "files": [{"size": ' + b"9" * 5000 + b"}]}",
+                b"\xff\xfe", b"{"]:
+        with pytest.raises(CheckpointError):
+            Manifest.from_json(raw)

@@ -6,6 +6,17 @@ from untrusted peers, so :meth:`Manifest.from_dict` validates every field strict
 relative POSIX paths that cannot leave the folder, sizes are non-negative integers, digests are
 64 lowercase hex characters, and the schema version is known.
 
+A manifest's cost on disk is not only its bytes: every entry is a file and every folder of its
+paths a directory, so zero-byte files in deep trees would cost inodes while ``total_bytes`` is 0.
+Manifests are therefore also bounded by count and shape (defaults, for Hugging Face folders that
+hold tens of files in at most a few folders):
+
+- :data:`MAX_MANIFEST_BYTES` (4 MiB) of JSON;
+- :data:`MAX_FILES` (10,000) entries;
+- :data:`MAX_DIRS` (1,000) distinct folders over all paths;
+- :data:`MAX_DEPTH` (16) components per path, each at most :data:`MAX_NAME_CHARS` (255, the
+  usual file-name limit) and :data:`MAX_PATH_CHARS` (1024) per path.
+
 Names starting with ``"."`` (temporary and partial downloads, ``.git``) are never part of a
 manifest. Symbolic links are refused: a link could make a verified folder read files elsewhere.
 """
@@ -29,7 +40,11 @@ from umm.ui import progress
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MAX_FILES = 100_000
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_FILES = 10_000
+MAX_DIRS = 1_000
+MAX_DEPTH = 16
+MAX_NAME_CHARS = 255
 MAX_PATH_CHARS = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
@@ -38,8 +53,9 @@ _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\:]")
 def validate_relative_path(path: Any) -> str:
     """Return ``path`` if it is a safe relative POSIX path, else raise :class:`CheckpointError`.
 
-    Safe: a non-empty string of at most 1024 characters, ``/``-separated, no empty, ``.``/``..``
-    or dot-prefixed component, not absolute, no backslash, colon or control character.
+    Safe: a non-empty string of at most 1024 characters, ``/``-separated into at most 16
+    components of at most 255 characters, no empty, ``.``/``..`` or dot-prefixed component, not
+    absolute, no backslash, colon or control character.
     """
     if not isinstance(path, str) or not path:
         raise CheckpointError(f"manifest path {path!r} is not a non-empty string")
@@ -49,7 +65,12 @@ def validate_relative_path(path: Any) -> str:
         raise CheckpointError(f"manifest path {path!r} is absolute")
     if _BAD_CHARS.search(path):
         raise CheckpointError(f"manifest path {path!r} contains a backslash, colon or control character")
-    for part in path.split("/"):
+    parts = path.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise CheckpointError(f"manifest path {path[:60]!r}... is {len(parts)} levels deep, more than {MAX_DEPTH}")
+    for part in parts:
+        if len(part) > MAX_NAME_CHARS:
+            raise CheckpointError(f"manifest path {path[:60]!r}... has a component over {MAX_NAME_CHARS} characters")
         if part in ("", ".", ".."):
             raise CheckpointError(f"manifest path {path!r} has an empty, '.' or '..' component")
         if part.startswith("."):
@@ -94,11 +115,16 @@ class Manifest:
         if len(paths) != len(files):
             dup = next(e.path for i, e in enumerate(files) if i and files[i - 1].path == e.path)
             raise CheckpointError(f"manifest lists {dup!r} twice")
+        folders: set[str] = set()
         for entry in files:
             parts = entry.path.split("/")
             for i in range(1, len(parts)):
-                if "/".join(parts[:i]) in paths:
-                    raise CheckpointError(f"manifest lists {'/'.join(parts[:i])!r} both as a file and a folder")
+                folder = "/".join(parts[:i])
+                if folder in paths:
+                    raise CheckpointError(f"manifest lists {folder!r} both as a file and a folder")
+                folders.add(folder)
+            if len(folders) > MAX_DIRS:
+                raise CheckpointError(f"manifest paths span more than {MAX_DIRS} folders")
         object.__setattr__(self, "files", files)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,10 +160,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:
+        """Parse untrusted JSON (at most :data:`MAX_MANIFEST_BYTES`); raises CheckpointError."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"manifest is {len(data)} bytes of JSON, more than the {MAX_MANIFEST_BYTES} allowed")
         try:
             return cls.from_dict(json.loads(data))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # not JSON, not UTF-8, or an integer of more than 4300 digits
             raise CheckpointError(f"manifest is not valid JSON ({e})") from None
+        except RecursionError:
+            raise CheckpointError("manifest JSON is nested too deeply") from None
 
     @property
     def hash(self) -> str:

@@ -35,3 +35,7 @@ class SizeLimitError(TransferError):
 
 class ManifestHashError(TransferError):
     """A provider sent a manifest whose bytes do not hash to the requested manifest hash."""
+
+
+class AddressError(NetError):
+    """A peer address is malformed, not host:port over TCP, or in a range that may not be dialled."""

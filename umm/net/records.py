@@ -36,7 +36,8 @@ from typing import Any, Dict, Generic, List, Optional, Type, TypeVar
 
 import pydantic.v1 as pyd
 
-from umm.net.errors import RecordError
+from umm.net.addresses import check_address
+from umm.net.errors import AddressError, RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,23 @@ def public_key_of_marker(marker: Any) -> bytes | None:
 Hash = pyd.constr(strict=True, regex=HASH_RE)
 Name = pyd.constr(strict=True, min_length=1, max_length=128)
 Text = pyd.constr(strict=True, max_length=1024)
-Address = pyd.constr(strict=True, min_length=3, max_length=256, regex=r"^[^\s/]+:[0-9]{1,5}$")
+
+
+class Address(str):
+    """A peer's ``host:port`` over TCP, checked by :func:`umm.net.addresses.check_address`."""
+
+    @classmethod
+    def __get_validators__(cls):
+        yield cls._check
+
+    @classmethod
+    def _check(cls, v: Any) -> str:
+        try:
+            return check_address(v)
+        except AddressError as e:
+            raise ValueError(str(e)) from None
+
+
 Count = pyd.conint(strict=True, ge=0)
 
 

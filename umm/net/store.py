@@ -7,10 +7,18 @@ Layout under a data directory::
                                        never part of a manifest, so the folder still verifies)
     partial/<manifest hash>/           a download or import in progress, same layout
     partial/<manifest hash>.lock       held while one process fills that partial folder
+    quarantine/<manifest hash>/        a complete, verified model from an untrusted contributor,
+                                       not yet admitted: never served, never listed
 
-A model enters ``models/`` only by one ``rename`` of its partial folder after every file has the
-size and sha256 of the manifest, so readers never see a half-written model, and a crash leaves
-at most a partial folder (which the next download resumes).
+A model enters ``models/`` (or ``quarantine/``) only by one ``rename`` of its partial folder after
+every file has the size and sha256 of the manifest, so readers never see a half-written model,
+and a crash leaves at most a partial folder (which the next download resumes). A quarantined
+model enters ``models/`` by :meth:`ModelStore.promote` (one rename) once admission accepts it, or
+is dropped by :meth:`ModelStore.discard`.
+
+Abandoned partial folders (no download holds their lock) are not kept forever:
+:meth:`ModelStore.reclaim` deletes those older than a maximum age, then the oldest until the
+abandoned bytes fit a budget; quarantined models older than the maximum age go too.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import logging
 import os
 import re
 import shutil
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +61,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tree_usage(folder: Path) -> tuple[float, int]:
+    """(latest mtime, total bytes) of the files under ``folder``, links not followed."""
+    latest, total = folder.lstat().st_mtime, 0
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(parent, name))
+                latest = max(latest, st.st_mtime)
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return latest, total
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,8 +88,9 @@ class ModelStore:
         self.data_dir = Path(data_dir)
         self.models_dir = self.data_dir / "models"
         self.partial_dir = self.data_dir / "partial"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir = self.data_dir / "quarantine"
+        for d in (self.models_dir, self.partial_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
 
     # queries --------------------------------------------------------------------------------
     def has(self, manifest_hash: str) -> bool:
@@ -90,16 +113,94 @@ class ModelStore:
         """Manifest hashes of the complete models, sorted."""
         return sorted(p.name for p in self.models_dir.iterdir() if _HASH.fullmatch(p.name) and self.has(p.name))
 
-    def remove(self, manifest_hash: str) -> bool:
-        """Delete a model (moved aside first, so it disappears at once); False if it was absent."""
-        src = self.models_dir / check_hash(manifest_hash)
-        if not src.exists():
+    def quarantined(self, manifest_hash: str) -> bool:
+        """Whether a complete model waits in quarantine (downloaded, not yet admitted)."""
+        return (self.quarantine_dir / check_hash(manifest_hash) / MANIFEST_NAME).is_file()
+
+    def candidate_path(self, manifest_hash: str) -> Path:
+        """Folder to examine for admission: the quarantined copy, else the stored model."""
+        if self.quarantined(manifest_hash):
+            return self.quarantine_dir / manifest_hash
+        return self.path(manifest_hash)
+
+    def _delete(self, folder: Path) -> bool:
+        """Move ``folder`` aside (it disappears at once), then delete it; False if it was absent."""
+        trash = self.partial_dir / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
             return False
-        trash = self.partial_dir / f".trash-{manifest_hash}-{uuid.uuid4().hex[:8]}"
-        os.rename(src, trash)
         shutil.rmtree(trash, ignore_errors=True)
-        logger.info("removed model %s from %s", manifest_hash[:12], self.models_dir)
         return True
+
+    def remove(self, manifest_hash: str) -> bool:
+        """Delete a model, stored or quarantined; False if it was absent."""
+        gone = self._delete(self.quarantine_dir / check_hash(manifest_hash))
+        if self._delete(self.models_dir / manifest_hash):
+            logger.info("removed model %s from %s", manifest_hash[:12], self.models_dir)
+            return True
+        return gone
+
+    def promote(self, manifest_hash: str) -> Path:
+        """Move an admitted model from quarantine into the served store (idempotent); its folder.
+
+        :class:`ModelNotFoundError` when the model is neither quarantined nor stored.
+        """
+        src = self.quarantine_dir / check_hash(manifest_hash)
+        if self.has(manifest_hash):
+            self._delete(src)
+            return self.models_dir / manifest_hash
+        if not self.quarantined(manifest_hash):
+            raise ModelNotFoundError(f"model {manifest_hash[:12]} is not in quarantine {self.quarantine_dir}")
+        target = self.models_dir / manifest_hash
+        if target.exists():  # leftover without a manifest (e.g. a crashed removal): replace it
+            shutil.rmtree(target)
+        os.rename(src, target)
+        _fsync_dir(self.models_dir)
+        _fsync_dir(self.quarantine_dir)
+        logger.info("model %s admitted into the store", manifest_hash[:12])
+        return target
+
+    def discard(self, manifest_hash: str) -> bool:
+        """Delete a quarantined model (e.g. refused by admission); False if none was there."""
+        return self._delete(self.quarantine_dir / check_hash(manifest_hash))
+
+    def reclaim(self, *, budget: int, max_age: float, keep: str | None = None) -> list[str]:
+        """Delete abandoned partial downloads; returns the hashes deleted.
+
+        A partial folder is abandoned when no download holds its lock. Those last written more
+        than ``max_age`` seconds ago go first; then the oldest go until the abandoned bytes are at
+        most ``budget``. ``keep`` (the download about to start) is never deleted. Quarantined
+        models older than ``max_age`` go too (admission never took them).
+        """
+        now = time.time()
+        abandoned: list[tuple[float, int, str]] = []
+        for folder in self.partial_dir.iterdir():
+            h = folder.name
+            if h == keep or not _HASH.fullmatch(h) or not folder.is_dir():
+                continue
+            try:
+                with self.lock(h, blocking=False):
+                    mtime, size = _tree_usage(folder)
+            except StoreError:  # a download is filling it right now
+                continue
+            abandoned.append((mtime, size, h))
+        abandoned.sort()
+        total = sum(size for _, size, _ in abandoned)
+        removed = []
+        for mtime, size, h in abandoned:
+            if now - mtime <= max_age and total <= budget:
+                break
+            with contextlib.suppress(StoreError), self.lock(h, blocking=False):
+                if self._delete(self.partial_dir / h):
+                    removed.append(h)
+                    total -= size
+                    logger.info("reclaimed the abandoned partial download of %s (%d bytes)", h[:12], size)
+        for folder in self.quarantine_dir.iterdir():
+            if _HASH.fullmatch(folder.name) and now - _tree_usage(folder)[0] > max_age and self._delete(folder):
+                removed.append(folder.name)
+                logger.info("reclaimed quarantined model %s (never admitted)", folder.name[:12])
+        return removed
 
     # filling ---------------------------------------------------------------------------------
     def partial_path(self, manifest_hash: str) -> Path:
@@ -131,19 +232,21 @@ class ModelStore:
             os.replace(tmp, target)
         return folder
 
-    def commit(self, manifest: Manifest, *, verify: bool = True) -> Path:
+    def commit(self, manifest: Manifest, *, verify: bool = True, quarantine: bool = False) -> Path:
         """Move the complete partial folder of ``manifest`` into ``models/`` in one rename.
 
         Checks that it holds exactly the manifest's files with their sizes (and, with ``verify``,
         their sha256; pass False only when the caller hashed every byte as it wrote it). Raises
-        :class:`StoreError` and leaves the partial folder in place when it does not match.
+        :class:`StoreError` and leaves the partial folder in place when it does not match. With
+        ``quarantine`` the model goes to ``quarantine/`` instead, until :meth:`promote`.
         """
         h = manifest.hash
         folder = self.partial_path(h)
-        target = self.models_dir / h
-        if self.has(h):
+        area = self.quarantine_dir if quarantine else self.models_dir
+        target = area / h
+        if self.has(h) or (quarantine and self.quarantined(h)):
             shutil.rmtree(folder, ignore_errors=True)
-            return target
+            return self.models_dir / h if self.has(h) else target
         if not folder.is_dir():
             raise StoreError(f"nothing to commit for model {h[:12]}: {folder} does not exist")
         self.begin(manifest)  # make sure the manifest file is there and right
@@ -168,9 +271,9 @@ class ModelStore:
         if target.exists():  # leftover without a manifest (e.g. a crashed removal): replace it
             shutil.rmtree(target)
         os.rename(folder, target)
-        _fsync_dir(self.models_dir)
+        _fsync_dir(area)
         _fsync_dir(self.partial_dir)
-        logger.info("model %s entered the store (%d files, %d bytes)", h[:12], len(manifest.files), manifest.total_bytes)
+        logger.info("model %s entered %s (%d files, %d bytes)", h[:12], area, len(manifest.files), manifest.total_bytes)
         return target
 
     def add_folder(self, folder: str | os.PathLike[str], manifest: Manifest | None = None) -> str:

@@ -6,7 +6,11 @@
 - the model must fit ``max_bytes`` (checked on the manifest, then per chunk: a provider that
   sends more bytes than a file's manifest size is dropped);
 - every file's sha256 is computed while it streams and must match the manifest (else the file is
-  deleted and the provider dropped for the rest of this download).
+  deleted and the provider dropped for the rest of this download);
+- a provider must keep a minimum rate and deliver each file within a deadline (else it is
+  dropped), so a peer that trickles bytes cannot hold a download;
+- an address is dialled only if it is ``host:port`` over TCP in an allowed range
+  (:mod:`umm.net.addresses`), checked right before dialling.
 
 Files download in parallel; a broken connection or a stalled stream (no data for ``timeout``
 seconds) leaves the partial file in ``<data_dir>/partial/<hash>/`` and the next attempt resumes it
@@ -32,9 +36,11 @@ import grpc
 from umm.checkpoints.errors import CheckpointError
 from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
-from umm.net.errors import ManifestHashError, SizeLimitError, TransferError
+from umm.net.addresses import DEFAULT_POLICY, AddressPolicy, dial_target
+from umm.net.errors import AddressError, ManifestHashError, SizeLimitError, TransferError
 from umm.net.proto import umm_checkpoint_pb2 as pb
 from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
+from umm.net.ratewatch import RateWatchdog
 from umm.net.server import MAX_MESSAGE_BYTES
 from umm.net.store import ModelStore, check_hash
 from umm.ui import human_bytes
@@ -43,6 +49,8 @@ from umm.ui import progress as progress_bar
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK = 4 << 20
+DEFAULT_MIN_RATE = 64 << 10  # bytes/s: a provider slower than this over a ``timeout`` window is dropped
+DEFAULT_PARTIAL_MAX_AGE = 24 * 3600.0  # abandoned partial downloads older than this are reclaimed
 # Chunks are up to MAX_MESSAGE_BYTES; HTTP/2 frames as large as allowed cut per-frame overhead.
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -55,8 +63,16 @@ class _Retryable(Exception):
     """The provider may still be fine (connection broke, stream stalled or ended early)."""
 
 
+class _Stalled(_Retryable):
+    """The stream sent nothing for ``timeout`` seconds."""
+
+
 class _BadData(Exception):
     """The provider sent bytes that contradict the manifest: do not use it again."""
+
+
+class _TooSlow(_BadData):
+    """The provider fell under the minimum rate or missed a file's deadline: drop it too."""
 
 
 class _Cancelled(Exception):
@@ -66,51 +82,25 @@ class _Cancelled(Exception):
 @dataclass
 class _Provider:
     address: str
-    channel: grpc.Channel
-    stub: pb_grpc.CheckpointServiceStub
-    read_file: grpc.UnaryStreamMultiCallable  # ReadFile answering serialized FileChunks (see _parse_chunk)
+    channel: grpc.Channel | None  # None when the address may not be dialled (then ``bad`` says why)
+    stub: pb_grpc.CheckpointServiceStub | None
+    read_file: grpc.UnaryStreamMultiCallable | None  # ReadFile answering serialized FileChunks (see _parse_chunk)
     bad: str | None = None  # why it was dropped
     errors: list[str] = field(default_factory=list)
+    stalls: int = 0  # streams of this download it left without data for ``timeout``
 
 
-class _Watchdog:
-    """Cancels streaming calls that receive nothing for ``timeout`` seconds."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._calls: dict[int, tuple[grpc.Call, float]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="umm-transfer-watchdog", daemon=True)
-        self._thread.start()
-
-    def touch(self, call: grpc.Call) -> None:
-        with self._lock:
-            self._calls[id(call)] = (call, time.monotonic())
-
-    def forget(self, call: grpc.Call) -> None:
-        with self._lock:
-            self._calls.pop(id(call), None)
-
-    def cancel_all(self) -> None:
-        with self._lock:
-            calls = [c for c, _ in self._calls.values()]
-        for call in calls:
-            call.cancel()
-
-    def _run(self) -> None:
-        period = min(1.0, self.timeout / 4)
-        while not self._stop.wait(period):
-            now = time.monotonic()
-            with self._lock:
-                stalled = [c for c, t in self._calls.values() if now - t > self.timeout]
-            for call in stalled:
-                logger.info("cancelling a stream with no data for %.0f s", self.timeout)
-                call.cancel()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+def _connect(address: str, policy: AddressPolicy) -> _Provider:
+    """A provider for ``address``, dialled only when ``policy`` allows it (checked right now)."""
+    try:
+        target = dial_target(address, policy)
+    except AddressError as e:
+        logger.warning("not dialling provider %s: %s", address, e)
+        return _Provider(address, None, None, None, bad=f"not dialled: {e}")
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    read_file = channel.unary_stream(_READ_FILE_METHOD, request_serializer=pb.ReadFileRequest.SerializeToString,
+                                     response_deserializer=None)
+    return _Provider(address, channel, pb_grpc.CheckpointServiceStub(channel), read_file)
 
 
 def _write_all(out, data: bytes | memoryview) -> None:
@@ -222,14 +212,15 @@ def _failure_message(manifest_hash: str, providers: list[_Provider], what: str) 
 
 class _Download:
     def __init__(self, manifest: Manifest, folder: Path, providers: list[_Provider], *, retries: int,
-                 timeout: float, on_bytes: Callable[[int], None], cancel: threading.Event):
+                 timeout: float, min_rate: float, on_bytes: Callable[[int], None], cancel: threading.Event):
         self.manifest = manifest
         self.folder = folder
         self.providers = providers
         self.retries = retries
         self.on_bytes = on_bytes
-        self.watchdog = _Watchdog(timeout)
+        self.watchdog = RateWatchdog(timeout, min_rate, name="umm-transfer-watchdog")
         self.timeout = timeout
+        self.min_rate = min_rate
         self.cancelled = cancel
         self._lock = threading.Lock()
         self._stop_watch = threading.Thread(target=self._watch_cancel, name="umm-transfer-cancel", daemon=True)
@@ -275,6 +266,10 @@ class _Download:
                 failures[p.address] = failures.get(p.address, 0) + 1
                 with self._lock:
                     p.errors.append(f"{entry.path}: {e}")
+                    if isinstance(e, _Stalled):
+                        p.stalls += 1
+                        if p.stalls >= self.retries:  # silent on several files: stop asking it
+                            p.bad = f"stalled {p.stalls} times (no data for {self.timeout:.0f} s)"
                 logger.info("provider %s, %s: %s (will resume)", p.address, entry.path, e)
                 with self._lock:
                     untried = [q for q in self.providers if not q.bad and failures.get(q.address, 0) == 0]
@@ -285,6 +280,10 @@ class _Download:
                     p.bad = f"{entry.path}: {e}"
                     p.errors.append(p.bad)
                 logger.warning("dropping provider %s: %s: %s", p.address, entry.path, e)
+
+    def deadline(self, remaining: int) -> float:
+        """Seconds a stream of ``remaining`` bytes may take: ``timeout + remaining / min_rate``."""
+        return self.timeout + remaining / self.min_rate
 
     def _stream(self, p: _Provider, entry: FileEntry) -> None:
         path = self.folder / entry.path
@@ -306,15 +305,15 @@ class _Download:
                 # fdatasync every DEFAULT_SYNC_EVERY bytes in the background: the disk writes while
                 # the stream goes on, so the final fsync is short (else the kernel starts only then)
                 flusher = BackgroundSync(DEFAULT_SYNC_EVERY)
-                call = p.read_file(request)
-                self.watchdog.touch(call)
+                deadline = self.deadline(entry.size - pos)
+                call = p.read_file(request, timeout=deadline)
+                self.watchdog.watch(call, entry.size - pos)
                 try:
                     for raw in call:
                         if self.cancelled.is_set():
                             raise _Cancelled()
                         offset, data = _parse_chunk(raw)
-                        if data:  # only bytes count as progress (an endless run of empty chunks stalls)
-                            self.watchdog.touch(call)
+                        self.watchdog.got(call, len(data))  # only bytes count (empty chunks stall)
                         if offset != pos:
                             raise _BadData(f"sent a chunk at offset {offset}, expected {pos}")
                         if pos + len(data) > entry.size:
@@ -325,8 +324,13 @@ class _Download:
                         pos += len(data)
                         self.on_bytes(len(data))
                 except grpc.RpcError as e:
-                    if e.code() == grpc.StatusCode.CANCELLED:
-                        raise _Retryable(f"no data for {self.timeout:.0f} s at byte {pos}") from None
+                    why = self.watchdog.forget(call)
+                    if e.code() == grpc.StatusCode.CANCELLED and why is not None and why.startswith("stalled"):
+                        raise _Stalled(f"{why} at byte {pos}") from None
+                    if e.code() == grpc.StatusCode.CANCELLED and why is not None:
+                        raise _TooSlow(f"{why} at byte {pos}") from None
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise _TooSlow(f"missed the file's deadline of {deadline:.0f} s at byte {pos}") from None
                     if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE):
                         raise _BadData(f"refused a file of its own manifest ({_rpc_error(e)})") from None
                     raise _Retryable(f"{_rpc_error(e)} at byte {pos}") from None
@@ -356,33 +360,38 @@ def download(
     parallel_files: int = 4,
     retries: int = 3,
     timeout: float = 30.0,
+    min_rate: float = DEFAULT_MIN_RATE,
     progress: bool = True,
     cancel: threading.Event | None = None,
+    policy: AddressPolicy = DEFAULT_POLICY,
+    quarantine: bool = False,
+    partial_max_age: float = DEFAULT_PARTIAL_MAX_AGE,
 ) -> Path:
     """Download model ``manifest_hash`` from ``providers`` (gRPC ``host:port``) into ``store``.
 
     Returns the model's folder in the store (at once if it is already there). ``max_bytes``
-    bounds the model's total size; ``parallel_files`` files stream at once; each provider gets
-    ``retries`` attempts per file (and for the manifest) before the next is preferred; ``timeout``
-    is the limit in seconds for the manifest call and for a stream without data. Setting
-    ``cancel`` (or Ctrl-C) stops the download within a fraction of a second, keeping its partial
-    files. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or :class:`TransferError`
-    (naming each provider and what went wrong with it).
+    bounds the model's total size, and also the abandoned partial downloads kept beside it (the
+    oldest are reclaimed, as are those older than ``partial_max_age`` seconds); ``parallel_files``
+    files stream at once; each provider gets ``retries`` attempts per file (and for the manifest)
+    before the next is preferred. ``timeout`` is the limit in seconds for the manifest call and the
+    length of the windows over which a stream must keep ``min_rate`` bytes/s: a stream silent for
+    a window is retried (a provider silent ``retries`` times is dropped), a slower one drops its
+    provider, and each file must arrive within ``timeout + size / min_rate`` seconds. Only
+    addresses that ``policy`` allows are dialled (checked right before dialling). With
+    ``quarantine`` the model goes to the store's quarantine (see :meth:`ModelStore.promote`).
+    Setting ``cancel`` (or Ctrl-C) stops the download within a fraction of a second, keeping its
+    partial files. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or
+    :class:`TransferError` (naming each provider and what went wrong with it).
     """
     check_hash(manifest_hash)
-    if store.has(manifest_hash):
-        return store.path(manifest_hash)
+    if store.has(manifest_hash) or (quarantine and store.quarantined(manifest_hash)):
+        return store.candidate_path(manifest_hash)
     addresses = list(dict.fromkeys(a for a in providers if a))
     if not addresses:
         raise TransferError(f"no provider for model {manifest_hash[:12]}: nobody announces it")
-    if retries < 1 or parallel_files < 1 or timeout <= 0:
-        raise ValueError("retries and parallel_files must be >= 1 and timeout > 0")
-    provs = []
-    for a in addresses:
-        channel = grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
-        read_file = channel.unary_stream(_READ_FILE_METHOD, request_serializer=pb.ReadFileRequest.SerializeToString,
-                                         response_deserializer=None)
-        provs.append(_Provider(a, channel, pb_grpc.CheckpointServiceStub(channel), read_file))
+    if retries < 1 or parallel_files < 1 or timeout <= 0 or min_rate <= 0:
+        raise ValueError("retries and parallel_files must be >= 1, timeout and min_rate > 0")
+    provs = [_connect(a, policy) for a in addresses]
     try:
         manifest = _fetch_manifest(manifest_hash, provs, retries, timeout)
         total = manifest.total_bytes
@@ -392,8 +401,9 @@ def download(
                 "raise the size limit to accept it"
             )
         with store.lock(manifest_hash):
-            if store.has(manifest_hash):
-                return store.path(manifest_hash)
+            if store.has(manifest_hash) or (quarantine and store.quarantined(manifest_hash)):
+                return store.candidate_path(manifest_hash)
+            store.reclaim(budget=max_bytes - total, max_age=partial_max_age, keep=manifest_hash)
             folder = store.begin(manifest)
             present = list_files(folder)
             for stray in set(present) - {e.path for e in manifest.files}:
@@ -410,8 +420,8 @@ def download(
                     bar.update(n)
 
             cancel = cancel if cancel is not None else threading.Event()
-            job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, on_bytes=on_bytes,
-                            cancel=cancel)
+            job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, min_rate=min_rate,
+                            on_bytes=on_bytes, cancel=cancel)
             pool = ThreadPoolExecutor(max_workers=parallel_files, thread_name_prefix="umm-fetch")
             try:
                 files = sorted(manifest.files, key=lambda e: -e.size)
@@ -433,9 +443,10 @@ def download(
                 if not isinstance(failed[0], TransferError):
                     raise TransferError(f"download of model {manifest_hash[:12]} failed: {failed[0]}") from failed[0]
                 raise failed[0]
-            path = store.commit(manifest, verify=False)  # every byte was hashed as it was written
+            path = store.commit(manifest, verify=False, quarantine=quarantine)  # every byte was hashed as written
         logger.info("downloaded model %s (%s) from %s", manifest_hash[:12], human_bytes(total), ", ".join(addresses))
         return path
     finally:
         for p in provs:
-            p.channel.close()
+            if p.channel is not None:
+                p.channel.close()
