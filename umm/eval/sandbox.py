@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,7 @@ class SandboxLimits:
     guard: bool = True
     namespaces: bool = True
     landlock: bool = True
+    seccomp: bool = True
     user: str | None = "nobody"  # uid to drop to when running as root (None: stay root, Landlock only)
 
 
@@ -138,6 +140,7 @@ def run_program(code: str, limits: SandboxLimits | None = None) -> ExecResult:
             "guard": lim.guard,
             "namespaces": lim.namespaces,
             "landlock": lim.landlock,
+            "seccomp": lim.seccomp,
             "env": {"PATH": "/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"},
             "limits": {
                 "timeout_seconds": lim.timeout_seconds,
@@ -148,18 +151,29 @@ def run_program(code: str, limits: SandboxLimits | None = None) -> ExecResult:
                 "max_open_files": lim.max_open_files,
             },
         }
+        token = secrets.token_hex(16)  # the run's secret: in no file, argument or environment
+        token_r, token_w = os.pipe()
+        try:
+            os.write(token_w, token.encode())
+        finally:
+            os.close(token_w)
+        cfg["token_fd"] = token_r
         (root / "config.json").write_text(json.dumps(cfg))
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-S", str(_CHILD), str(root / "config.json")],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=scratch,
-                env=cfg["env"],
-                start_new_session=True,
-                close_fds=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-B", "-S", str(_CHILD), str(root / "config.json")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=scratch,
+                    env=cfg["env"],
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=(token_r,),
+                )
+            finally:
+                os.close(token_r)
             # the launcher enforces the program's deadline itself; this watchdog only catches a
             # launcher that misses it (a blocking wait: Popen.wait(timeout) polls with sleeps)
             watchdog = threading.Timer(lim.timeout_seconds + 10.0, _kill_group, (proc.pid, True))
@@ -175,8 +189,11 @@ def run_program(code: str, limits: SandboxLimits | None = None) -> ExecResult:
             st = json.loads((root / "status.json").read_text())
         except (OSError, ValueError):
             return ExecResult(False, "sandbox error", proc.returncode, stdout, stderr, time.monotonic() - t0)
-        status = "passed" if st["passed"] else "timed out" if st["timed_out"] else "failed"
-        return ExecResult(st["passed"], status, st["exit_code"], stdout, stderr, time.monotonic() - t0, st["applied"])
+        # the verdict: the token, which only the judge thread in the sandbox knows, and which it
+        # writes only after the program's last line ran (see _sandbox_child.py)
+        passed = not st["timed_out"] and f"PASS {token}" in st["report"]
+        status = "passed" if passed else "timed out" if st["timed_out"] else "failed"
+        return ExecResult(passed, status, st["exit_code"], stdout, stderr, time.monotonic() - t0, st["applied"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
