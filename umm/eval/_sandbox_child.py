@@ -104,8 +104,9 @@ _NO_PRELOAD = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledem
 # Audit events the program may not raise in any thread: they reach other threads' frames or raw
 # memory (where the token is), or change how the tests execute.
 _DENIED_EVENTS = frozenset({
-    "sys._current_frames", "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers",
-    "gc.get_referents", "code.__new__", "marshal.loads", "marshal.load", "cpython.PyInterpreterState_New",
+    "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook", "gc.get_objects",
+    "gc.get_referrers", "gc.get_referents", "code.__new__", "marshal.loads", "marshal.load",
+    "cpython.PyInterpreterState_New",
 })
 _FRAME_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 
@@ -297,11 +298,11 @@ def _flush_stdout() -> None:
         pass
 
 
-def _audit_hook(main_ident: int, get_ident):
+def _audit_hook(judge_ident: int, get_ident):
     """The hook that keeps the program away from the token and the tests' control flow.
 
-    Installed before the program runs; CPython offers no way to remove or list it. It holds no
-    reference the program could use, and nothing stores it.
+    Installed before the program runs; CPython offers no way to remove or list it, and it denies
+    adding another. It holds no reference the program could use, and nothing stores it.
     """
     denied, frame_attrs = _DENIED_EVENTS, _FRAME_ATTRS
 
@@ -310,10 +311,8 @@ def _audit_hook(main_ident: int, get_ident):
             raise RuntimeError(f"the sandbox does not allow {event}")
         if event == "object.__getattr__" and args[1] in frame_attrs:
             raise RuntimeError(f"the sandbox does not allow reading {args[1]}")
-        if event == "sys._getframe" and get_ident() == main_ident:
-            raise RuntimeError("the sandbox does not allow frames of its own thread")
-        if event == "import" and args[0] == "gc":
-            raise RuntimeError("the sandbox does not allow the gc module")
+        if event == "sys._getframe" and get_ident() == judge_ident:
+            raise RuntimeError("the sandbox does not allow frames of the judge's thread")
         if event == "open" and isinstance(args[0], str) and (args[0] == "/proc" or args[0].startswith("/proc/")):
             raise RuntimeError("the sandbox does not allow files under /proc")  # Landlock's job; this without it
 
@@ -330,7 +329,7 @@ def _end_marker(slot: list, getframe):
 
 
 def _run(program, glob: dict, done, report, flush) -> None:
-    """The program's thread: run it, report an exception, then wake the judge (in every case)."""
+    """Run the program (on the main thread), report an exception, then wake the judge (in every case)."""
     try:
         exec(program, glob)  # noqa: S102 - this is the sandbox
     except BaseException as exc:  # noqa: BLE001 - any exception (SystemExit too) is a failure
@@ -342,34 +341,37 @@ def _run(program, glob: dict, done, report, flush) -> None:
             done.release()
 
 
-def _judge(program, last_line: int, token: bytes, status_fd: int) -> None:
-    """Run ``program`` in a second thread; write ``PASS <token>`` only if it ran to its last line.
+def _judge(done, slot: list, glob: dict, program, last_line: int, line: bytes, status_fd: int,
+           frame_type: type, type_, write, exit_) -> None:
+    """The judge's thread: once woken, write ``line`` (``PASS <token>``) only if the end marker
+    handed over a real frame of ``program`` with ``glob``, standing on its last line; then end
+    the process. Every name it uses is an argument, bound before the program could replace one.
+    """
+    done.acquire()
+    f = slot[0] if slot else None
+    if type_(f) is frame_type and f.f_globals is glob and f.f_lineno == last_line and f.f_code is program:
+        write(status_fd, line)
+        exit_(0)
+    exit_(1)
 
-    This thread runs no code of the program (signal handlers cannot be set from another thread).
-    Everything it uses after the start is bound here, before the program can replace a name.
+
+def _start_judge(token_fd: int, program, last_line: int, status_fd: int) -> tuple:
+    """Start the judge's thread with the token (read here, so no frame of the main thread keeps it).
+
+    Returns (the judge's thread id, the lock that wakes it, the program's globals).
     """
     import _thread
-    import gc
 
-    del sys.modules["gc"]
+    line = b"PASS " + os.read(token_fd, 256).strip() + b"\n"
+    os.close(token_fd)
     done = _thread.allocate_lock()
     done.acquire()
     slot: list = []
     glob = {"__name__": "__main__", "__builtins__": __builtins__, _END_NAME: _end_marker(slot, sys._getframe)}
-    frame_type, type_, tuple_ = type(sys._getframe()), type, tuple
-    write, exit_, gc_disable, set_interval = os.write, os._exit, gc.disable, sys.setswitchinterval
-    passed = False
-    sys.addaudithook(_audit_hook(_thread.get_ident(), _thread.get_ident))
-    _thread.start_new_thread(_run, (program, glob, done, _report_exception, _flush_stdout))
-    done.acquire()
-    set_interval(100.0)  # keep the GIL for the few checks below, and run no collector (no finalizers)
-    gc_disable()
-    for f in tuple_(slot):
-        if type_(f) is frame_type and f.f_globals is glob and f.f_lineno == last_line and f.f_code is program:
-            passed = True
-    if passed:
-        write(status_fd, b"PASS " + token + b"\n")
-    exit_(0 if passed else 1)
+    ident = _thread.start_new_thread(
+        _judge, (done, slot, glob, program, last_line, line, status_fd, type(sys._getframe()), type, os.write, os._exit)
+    )
+    return ident, done, glob
 
 
 def _compile_program(code: str):
@@ -382,7 +384,7 @@ def _compile_program(code: str):
     return program, max(line for _, _, line in program.co_lines() if line is not None)
 
 
-def _child(cfg: dict, code: str, status_fd: int, applied: dict, token: bytes) -> None:
+def _child(cfg: dict, code: str, status_fd: int, applied: dict) -> None:
     """Apply the limits to this process, then run the program and judge it. Never returns."""
     try:
         scratch = cfg["scratch"]
@@ -429,12 +431,18 @@ def _child(cfg: dict, code: str, status_fd: int, applied: dict, token: bytes) ->
         program, last_line = _compile_program(code)
         if program is None:
             os._exit(1)
+        import _thread
+
+        judge, done, glob = _start_judge(cfg["token_fd"], program, last_line, status_fd)
+        sys.addaudithook(_audit_hook(judge, _thread.get_ident))
         if cfg.get("guard", True):
             _reliability_guard()
     except BaseException as exc:  # noqa: BLE001 - set-up failed: never run the program unconfined
         os.write(2, f"sandbox set-up failed: {exc!r}\n".encode())
         os._exit(121)
-    _judge(program, last_line, token, status_fd)
+    _run(program, glob, done, _report_exception, _flush_stdout)
+    while True:  # the judge ends the process
+        _thread.allocate_lock().acquire(True, 1.0)
 
 
 def _namespaces() -> dict:
@@ -453,8 +461,6 @@ def main(config_path: str) -> None:
         cfg = json.load(f)
     with open(cfg["program"]) as f:
         code = f.read()
-    token = os.read(cfg["token_fd"], 256).strip()
-    os.close(cfg["token_fd"])
     # loaded before the uid drop (the interpreter's own directory may be unreadable to that uid)
     import encodings.idna  # noqa: F401 - host names in socket calls
     import encodings.latin_1  # noqa: F401
@@ -464,9 +470,10 @@ def main(config_path: str) -> None:
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        _child(cfg, code, w, applied, token)
+        _child(cfg, code, w, applied)
         os._exit(122)
     os.close(w)
+    os.close(cfg["token_fd"])  # only the child's judge reads it
     deadline = time.monotonic() + float(cfg["limits"]["timeout_seconds"])
     timed_out = False
     status = None
