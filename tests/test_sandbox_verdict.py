@@ -187,8 +187,8 @@ def test_the_end_marker_called_early_or_with_forged_frames_is_a_failure() -> Non
         ("gc", "import gc\ngc.get_objects()"),
         ("gc referrers", "import gc\ngc.get_referrers(globals())"),
         # a hook of the program's would run on the judge's thread (the refusal is silent)
-        ("another audit hook", "import sys\nseen = []\nsys.addaudithook(lambda e, a: seen.append(e))\n"
-         "compile('1', 'x', 'exec')\nif not seen:\n    raise RuntimeError('not added')"),
+        ("another audit hook", ("import sys\nseen = []\nsys.addaudithook(lambda e, a: seen.append(e))\n"
+                                "compile('1', 'x', 'exec')\nif not seen:\n    raise RuntimeError('not added')")),
         ("gc, imported afresh", "import _imp, importlib.machinery as m\n_imp.create_builtin(m.ModuleSpec('gc', None)).get_objects()"),
         ("other threads' frames", "import sys\nsys._current_frames()"),
         ("a traceback's frame", "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    e.__traceback__.tb_frame"),
