@@ -14,22 +14,27 @@ scrubbed environment, in a new session (its own process group), with stdin close
    standard-library modules the program names imported, the drop to an unprivileged uid/gid,
    seccomp (no unix sockets, no ptrace/process_vm_*, no io_uring), an audit hook (below), the
    optional reliability guard;
-4. the program runs in a *second thread*; this (main) thread holds the token and waits;
+4. the judge's thread starts with the token (read from the pipe in a helper frame that is gone
+   before the program runs), then the audit hook is installed and the program runs on the main
+   thread;
 5. the launcher waits with a wall-clock deadline, SIGKILLs the child on timeout, and writes a
-   JSON status (what was applied, exit code/signal, timed out, passed) next to the config.
+   JSON status (what was applied, exit code/signal, timed out, the lines written on the status
+   pipe) next to the config; the parent looks there for ``PASS <token>``.
 
 The verdict (the threat model is in ``umm/eval/README.md``): the program is compiled with a last
-line of its own that calls an end marker; the marker hands its caller's frame to the main thread,
-which writes ``PASS <token>`` only if that is a real frame of *this* program's code object, with
-*its* globals, standing on that last line: the module ran to its end, so every statement before
-it (all the tests) ran without an uncaught exception. The program never holds the token: it lives
-in the main thread's frame, and the audit hook denies every way to reach another thread's frames
-or raw memory (``sys._current_frames``, ``gc.get_objects``/``get_referrers``/``get_referents``,
-``tb_frame``/``gi_frame``/``cr_frame``/``ag_frame``, ``sys._getframe`` on the main thread, ctypes,
-``code.__new__``/``marshal.loads`` (forged bytecode), ``sys.settrace``/``sys.setprofile`` (line
-jumps over asserts), sub-interpreters); Landlock makes ``/proc/self/mem`` unreadable. Writing
-``PASS`` to every descriptor, ``os._exit(0)``, ``sys.exit(0)``, a fork, threads or signals do not
-produce the token; Python signal handlers cannot be set outside the main thread.
+line of its own that calls an end marker; the marker hands its caller's frame to the judge, which
+writes ``PASS <token>`` only if that is a real frame of *this* program's code object, with *its*
+globals, standing on that last line: the module ran to its end, so every statement before it (all
+the tests) ran without an uncaught exception. The program never holds the token: it lives only in
+the judge thread's frame, and the audit hook denies every way to another thread's frames, to raw
+memory, or to code on the judge's thread: ``sys._current_frames``, ``gc.get_objects``/
+``get_referrers``/``get_referents``, ``tb_frame``/``gi_frame``/``cr_frame``/``ag_frame``,
+``sys._getframe`` on the judge's thread (a finalizer may run there), ``sys.addaudithook``, ctypes,
+``code.__new__``/``marshal.loads`` (forged bytecode reads memory), ``sys.settrace``/
+``sys.setprofile`` (line jumps over asserts), sub-interpreters (no hook there); Landlock makes
+``/proc/self/mem`` unreadable. Python signal handlers only ever run on the main thread (the
+program's). Writing ``PASS`` to every descriptor, ``os._exit(0)``, ``sys.exit(0)``, a fork,
+threads, atexit or signals do not produce the token.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ if __name__ == "__main__" and sys.path and sys.path[0] == __file__.rpartition("/
 import ctypes  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import select  # noqa: E402
@@ -206,7 +210,7 @@ def _seccomp_filter(arch: int, socket_nr: int, denied: tuple[int, ...]) -> bytes
 
 def _seccomp() -> bool:
     """Install :func:`_seccomp_filter` for this machine's architecture (no_new_privs set first)."""
-    spec = _SECCOMP_ARCH.get(platform.machine())
+    spec = _SECCOMP_ARCH.get(os.uname().machine)
     if spec is None:
         return False
     code = _seccomp_filter(*spec)

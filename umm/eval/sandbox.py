@@ -1,24 +1,33 @@
 """Run untrusted Python programs (model completions + tests) in a sandbox, one process each.
 
-What is enforced, and where (Linux; see ``_sandbox_child.py`` for the child's side):
+What is enforced, and where (Linux; see ``_sandbox_child.py`` for the child's side, and the
+table in ``umm/eval/README.md``):
 
-- **process** (here): a fresh interpreter per program (``python -I -B``), new session
+- **verdict** (here + child): a program passes only if a judge thread in the sandbox, which the
+  program cannot reach, saw it run to its own last line and wrote this run's secret token
+  (``secrets.token_hex(16)``, handed over through a pipe) on the status pipe; with ``tests``, the
+  tests must also be the program's last top-level statements, unchanged (:func:`ends_with_tests`,
+  checked here before the run). Writing ``PASS`` anywhere and exiting early is a failure.
+- **process** (here): a fresh interpreter per program (``python -I -B -S``), new session
   (``start_new_session=True``), stdin closed, stdout/stderr to size-capped files, environment
   replaced by ``PATH``, ``HOME`` = ``TMPDIR`` = the scratch dir and ``LANG`` (nothing inherited),
   cwd = a fresh scratch dir removed afterwards; on a missed deadline the whole process group
   is killed with SIGKILL.
-- **namespaces** (launcher): new network namespace (no interfaces up, so no network) and new
-  PID namespace (the program is its PID 1: when it ends, the kernel kills everything it
-  started). Unprivileged, via a user namespace where the kernel allows it.
+- **namespaces** (launcher): new network namespace (no interfaces up, so no network), new PID
+  namespace (the program is its PID 1: when it ends, the kernel kills everything it started) and
+  new mount namespace with a fresh ``/proc`` (only the sandbox's processes). Unprivileged, via a
+  user namespace where the kernel allows it.
 - **resource limits** (child): RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE,
   RLIMIT_CORE = 0; a wall-clock deadline enforced by the launcher (SIGKILL).
-- **filesystem** (child): Landlock (kernel >= 5.13) allows writes only below the scratch dir
-  (and to ``/dev/null``); ABI >= 4 also blocks TCP bind/connect, ABI >= 6 blocks signals and
-  abstract unix sockets to processes outside the sandbox. When running as root the child also
-  drops to an unprivileged uid/gid (``nobody`` by default): root's RLIMIT_NPROC exemption and
-  its read access to other processes' ``/proc/<pid>/environ`` go away. Standard-library modules
-  the program imports are loaded before the uid drop (the interpreter may live in a directory
-  the unprivileged uid cannot read).
+- **filesystem** (child): Landlock (kernel >= 5.13) allows reads only from the Python
+  installation, ``/usr``, ``/bin``, ``/lib*``, a few ``/etc`` and ``/dev`` files and the scratch
+  dir (``/proc`` may be listed, none of its files read), writes only below the scratch dir (and to
+  ``/dev/null``); ABI >= 4 also blocks TCP bind/connect, ABI >= 6 blocks signals and abstract unix
+  sockets to processes outside the sandbox. When running as root the child also drops to an
+  unprivileged uid/gid (``nobody`` by default). Standard-library modules the program imports are
+  loaded before the uid drop (the interpreter may live in a directory that uid cannot read).
+- **system calls** (child): seccomp refuses ``socket(AF_UNIX, ...)`` (no unix socket anywhere),
+  ``ptrace``, ``process_vm_readv``/``writev``, ``io_uring_*`` and ``pidfd_getfd`` (x86_64, aarch64).
 - **reliability guard** (child, optional, on by default): destructive ``os``/``shutil``/
   ``subprocess`` functions are set to ``None``. Defence in depth only; the tests check that each
   attack is contained with the guard off.
