@@ -259,6 +259,9 @@ def test_a_program_that_hunts_for_the_token_everywhere_fails() -> None:
         "import sys\nsys.setrecursionlimit(5000)\ndef f(n):\n    return 0 if n == 0 else 1 + f(n - 1)\nassert f(3000) == 3000\n",
         "print('out')\nif __name__ == '__main__':\n    assert True",
         "x = [1, 2]\nassert sum(x) == 3\n# the end",
+        # a signal handler of the program's own (it runs on the main thread)
+        ("import signal, time\nhit = []\nsignal.signal(signal.SIGALRM, lambda *a: hit.append(1))\n"
+         "signal.setitimer(signal.ITIMER_REAL, 0.01)\ntime.sleep(0.2)\nassert hit == [1]\n"),
         # a program that replaces names the harness once used still passes honestly
         "import os, sys, builtins\nos.write = None\nos._exit = None\nbuiltins.exec = None\nsys.stdout.write('ok')\n",
     ],
