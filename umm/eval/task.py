@@ -173,6 +173,11 @@ class CodeTask(Task):
     def program(self, sample: Sample, extracted: str) -> str:
         """The complete program to run: the code under test followed by its tests."""
 
+    def tests(self, sample: Sample) -> str | None:
+        """The text :meth:`program` ends with: its tests, which the code before them must leave
+        intact (checked before the run, :func:`umm.eval.sandbox.ends_with_tests`); None: no check."""
+        return None
+
     def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):  # noqa: D102
         extracted = [self.extract(s, o) or "" for s, o in zip(samples, outputs, strict=True)]
         programs = [self.program(s, e) for s, e in zip(samples, extracted)]
@@ -187,6 +192,7 @@ class CodeTask(Task):
         results: list[ExecResult] = run_programs(
             [programs[i] for i in runnable], lim, workers=sandbox_workers,
             on_done=(lambda j, _r: on_done(runnable[j])) if on_done else None,
+            tests=[self.tests(samples[i]) for i in runnable],
         )
         for i, r in zip(runnable, results):
             passed[i] = r.passed

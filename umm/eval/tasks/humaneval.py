@@ -54,7 +54,10 @@ class HumanEval(CodeTask):
         return extract_code(output) if "```" in output else output
 
     def program(self, sample: Sample, extracted: str) -> str:
-        return f"{sample.prompt}{extracted}\n\n{sample.reference}\n\ncheck({sample.data['entry_point']})\n"
+        return f"{sample.prompt}{extracted}\n\n{self.tests(sample)}"
+
+    def tests(self, sample: Sample) -> str:
+        return f"{sample.reference}\n\ncheck({sample.data['entry_point']})\n"
 
 
 def register() -> None:

@@ -52,7 +52,10 @@ class MBPP(CodeTask):
         return extract_code(output)
 
     def program(self, sample: Sample, extracted: str) -> str:
-        return f"{extracted}\n\n{sample.reference}\n"
+        return f"{extracted}\n\n{self.tests(sample)}"
+
+    def tests(self, sample: Sample) -> str:
+        return f"{sample.reference}\n"
 
 
 def register() -> None:

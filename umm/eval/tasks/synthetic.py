@@ -88,7 +88,10 @@ class SyntheticCodeTask(_SyntheticMixin, CodeTask):
         return extract_code(output) if "```" in output else output
 
     def program(self, sample: Sample, extracted: str) -> str:
-        return f"{extracted}\n\n{sample.reference}\n"
+        return f"{extracted}\n\n{self.tests(sample)}"
+
+    def tests(self, sample: Sample) -> str:
+        return f"{sample.reference}\n"
 
 
 def synthetic_task(suite: Any, data: Path | None = None, pool_size: int = POOL_SIZE) -> Task:
