@@ -6,11 +6,13 @@ tokenizer identity, merge compatibility), :mod:`.manifest` (file hashes), :mod:`
 """
 
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit, check_finite
+from umm.checkpoints.budget import ModelBudget
 from umm.checkpoints.errors import (
     CheckpointError,
     CheckpointTooLargeError,
     CorruptCheckpointError,
     IncompatibleCheckpointsError,
+    InvalidConfigError,
     ManifestMismatchError,
     NonFiniteTensorError,
     NotSafetensorsError,
@@ -41,8 +43,10 @@ __all__ = [
     "FileEntry",
     "Fingerprint",
     "IncompatibleCheckpointsError",
+    "InvalidConfigError",
     "Manifest",
     "ManifestMismatchError",
+    "ModelBudget",
     "NonFiniteTensorError",
     "NotSafetensorsError",
     "TensorInfo",
