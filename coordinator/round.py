@@ -62,6 +62,12 @@ def objective(config: CoordinatorConfig, scores: dict[str, float]) -> float:
 EXPERTS_DB = "experts.db"  # job rows of the admission/evaluation workers (apart from the round's merge job)
 
 
+#: how running out of the address-space limit shows in a worker's message (Python, torch, the loader,
+#: or the kernel's OOM killer)
+_OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "out of memory",
+                  "failed to map segment", "killed by signal 9")
+
+
 class ExpertWorkerError(UmmError):
     """The worker handling one expert crashed, ran out of memory or time: that expert's rejection."""
 
@@ -91,7 +97,7 @@ def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], ti
     if row["status"] != "failed":
         raise Interrupted()
     message = row["message"]
-    if any(m in message for m in ("MemoryError", "can't allocate memory", "out of memory", "signal 9")):
+    if any(m in message for m in _OUT_OF_MEMORY):
         message = f"ran out of its memory limit of {config.expert_memory_bytes()} bytes ({message})"
     raise ExpertWorkerError(f"{kind} worker failed: {message}"[:1000])
 

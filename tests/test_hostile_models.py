@@ -261,3 +261,20 @@ def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[st
 
     again = runner.run()  # verdicts are kept: nothing fails the next round either
     assert again["number"] == row["number"] + 1 and again["state"] == "verified", again["reason"]
+
+
+def test_a_worker_past_its_timeout_or_killed_is_the_experts_rejection(tiny_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """The worker is stopped at the deadline (its process group killed) and that is a typed error
+    with the reason; the caller (step_admit / step_evaluate) records it as the expert's rejection."""
+    from coordinator.config import parse_config
+    from coordinator.round import ExpertWorkerError, run_in_worker
+
+    cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math"]})
+    spec = {"path": str(tiny_models["base"]), "max_total_bytes": 10**9, "budget": {}}
+    with pytest.raises(ExpertWorkerError, match="admit worker failed: stopped after the job timeout of 0 s"):
+        run_in_worker(cfg, "admit", spec, timeout=0.2)
+    low = parse_config({"data_dir": str(tmp_path / "low"), "tasks": ["synth-math"],
+                        "expert_memory_limit": 256 * 2**20})  # torch alone needs more address space
+    with pytest.raises(ExpertWorkerError, match="ran out of its memory limit of 268435456 bytes"):
+        run_in_worker(low, "admit", spec, timeout=300)

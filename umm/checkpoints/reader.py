@@ -337,7 +337,10 @@ class Checkpoint:
         try:
             headers: dict[str, SafetensorsHeader] = {}
             for rel in files:
-                fh = open(folder / rel, "rb", buffering=0)  # noqa: SIM115 - kept open on purpose
+                try:
+                    fh = open(folder / rel, "rb", buffering=0)  # noqa: SIM115 - kept open on purpose
+                except OSError as e:  # unreadable, or more shards than file descriptors
+                    raise CorruptCheckpointError(f"{folder / rel}: cannot open ({e.strerror or e})") from None
                 handles[rel] = fh
                 headers[rel] = parse_safetensors_header(fh, rel, os.fstat(fh.fileno()).st_size)
             tensors = cls._collect(folder, headers, weight_map)
