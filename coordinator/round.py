@@ -11,10 +11,13 @@ lies about its fingerprint: each becomes a rejected verdict with its reason, and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -76,8 +79,10 @@ def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], ti
                   stop: threading.Event | None = None) -> dict[str, Any]:
     """Run job ``kind`` (``admit`` | ``evaluate``, see :mod:`coordinator.worker`) in a worker process,
     with the expert memory limit (address space, on device cpu: CUDA reserves more than it uses) and
-    ``timeout``; return its result. :class:`ExpertWorkerError` when it fails, :class:`Interrupted`
-    when the coordinator stops (a restart waits for the same worker: the job is found by its spec)."""
+    ``timeout``; return its result. :class:`ExpertWorkerError` when it fails; :class:`Interrupted`
+    when the coordinator stops, after killing the worker (a stranger's model never outlives the
+    coordinator's orderly stop; after a SIGKILL of the coordinator, its restart waits for the same
+    worker, found by its spec)."""
     from coordinator.jobs import run_job
 
     if config.device == "cpu":
@@ -90,12 +95,16 @@ def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], ti
         else:
             job_id = db.create_job(0, kind, spec)
         row = run_job(db, job_id, log_dir=config.data_dir / "logs" / "experts", timeout=timeout, stop=stop)
+        if row["status"] not in ("done", "failed"):
+            if int(row["pid"]) > 0:  # (killpg(0) would be our own group)
+                with contextlib.suppress(ProcessLookupError):  # it leads its own process group
+                    os.killpg(int(row["pid"]), signal.SIGKILL)
+            db.update_job(job_id, status="failed", message="stopped with the coordinator")
+            raise Interrupted()
     finally:
         db.close()
     if row["status"] == "done":
         return row["result"]
-    if row["status"] != "failed":
-        raise Interrupted()
     message = row["message"]
     if any(m in message for m in _OUT_OF_MEMORY):
         message = f"ran out of its memory limit of {config.expert_memory_bytes()} bytes ({message})"

@@ -10,8 +10,10 @@ header), a binary ``vocab.txt``, ``added_tokens`` that is not a list, and memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -263,12 +265,18 @@ def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[st
     assert again["number"] == row["number"] + 1 and again["state"] == "verified", again["reason"]
 
 
-def test_a_worker_past_its_timeout_or_killed_is_the_experts_rejection(tiny_models: dict[str, Path],
+def test_a_worker_past_its_timeout_or_memory_is_the_experts_rejection(tiny_models: dict[str, Path],
                                                                        tmp_path: Path) -> None:
     """The worker is stopped at the deadline (its process group killed) and that is a typed error
-    with the reason; the caller (step_admit / step_evaluate) records it as the expert's rejection."""
+    with the reason; the caller (step_admit / step_evaluate) records it as the expert's rejection.
+    When the coordinator stops, the worker is killed too: a stranger's model never outlives it."""
+    import threading
+
+    import psutil
+
     from coordinator.config import parse_config
-    from coordinator.round import ExpertWorkerError, run_in_worker
+    from coordinator.db import StateDB
+    from coordinator.round import EXPERTS_DB, ExpertWorkerError, Interrupted, run_in_worker
 
     cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math"]})
     spec = {"path": str(tiny_models["base"]), "max_total_bytes": 10**9, "budget": {}}
@@ -278,3 +286,11 @@ def test_a_worker_past_its_timeout_or_killed_is_the_experts_rejection(tiny_model
                         "expert_memory_limit": 256 * 2**20})  # torch alone needs more address space
     with pytest.raises(ExpertWorkerError, match="ran out of its memory limit of 268435456 bytes"):
         run_in_worker(low, "admit", spec, timeout=300)
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    with pytest.raises(Interrupted):
+        run_in_worker(cfg, "admit", spec, timeout=300, stop=stop)
+    job = StateDB(cfg.data_dir / EXPERTS_DB).job(2)
+    assert job["kind"] == "admit" and job["status"] == "failed" and job["message"] == "stopped with the coordinator"
+    with contextlib.suppress(psutil.NoSuchProcess):  # killed (SIGKILL), not left running
+        assert psutil.Process(job["pid"]).wait(timeout=60) == -signal.SIGKILL
