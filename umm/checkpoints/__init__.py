@@ -2,7 +2,9 @@
 
 Submodules: :mod:`.reader` (headers + tensor reads), :mod:`.fingerprint` (architecture and
 tokenizer identity, merge compatibility), :mod:`.manifest` (file hashes), :mod:`.admission`
-(checks on untrusted folders), :mod:`.loading` (transformers models/tokenizers), :mod:`.writer`.
+(checks on untrusted folders), :mod:`.budget` (what an untrusted config may ask for),
+:mod:`.safejson` (size- and depth-bounded JSON), :mod:`.loading` (transformers models/tokenizers),
+:mod:`.writer`.
 """
 
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit, check_finite
