@@ -232,19 +232,19 @@ def _round(tmp_path: Path, folders: dict[str, Path], **settings: object):  # noq
 
 
 def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    """Admission and evaluation run in worker processes (address space limited to 2.5 GiB here):
+    """Admission and evaluation run in worker processes (address space limited to 6 GiB here):
     each hostile expert is rejected with its reason, the honest one is admitted, scored and ranked,
     the round ends ``verified``, and the next round does too.
 
-    With the buffer budget lifted, a GPT-Neo whose masks need 2 × 40000² bytes (3.2 GB) from 1.3 MB
-    of files passes admission; loading it for evaluation exhausts its worker's memory limit.
+    With the buffer budget lifted, a GPT-Neo whose masks need 90000² bytes (8.1 GB) per layer, from
+    2.9 MB of files, passes admission; loading it for evaluation exhausts its worker's memory limit.
     """
     names = ("zero_heads", "deep_tokenizer")  # one of each kind of crash; the other attacks: see above
     folders = {"honest": tiny_models["math"]}
     folders.update({n: ATTACKS[n][0](tiny_models["base"], tmp_path / n) for n in names})
-    folders["neo"] = gpt_neo_positions(tmp_path / "neo", 40_000)
-    runner, db, store, hashes, records = _round(tmp_path, folders, expert_memory_limit=5 * 2**29,
-                                                model_budget={"max_buffer_bytes": 8 * 2**30})
+    folders["neo"] = gpt_neo_positions(tmp_path / "neo", 90_000)
+    runner, db, store, hashes, records = _round(tmp_path, folders, expert_memory_limit=6 * 2**30,
+                                                model_budget={"max_buffer_bytes": 32 * 2**30})
     row = runner.run()
     assert row["state"] == "verified", row["reason"]
     honest = db.verdict(hashes["honest"])
@@ -254,7 +254,7 @@ def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[st
         assert not v["admitted"] and ATTACKS[name][2] in v["reason"], (name, v["reason"])
     neo = db.verdict(hashes["neo"])
     assert not neo["admitted"] and "evaluation failed" in neo["reason"], neo["reason"]
-    assert "ran out of its memory limit of 2684354560 bytes" in neo["reason"], neo["reason"]
+    assert "ran out of its memory limit of 6442450944 bytes" in neo["reason"], neo["reason"]
     assert store.list() == [hashes["honest"]]  # rejected bytes are dropped from the served store
     published = records.scores[-1].experts
     assert published[hashes["honest"]].ranks == {"math": 1}
