@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
 from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
 from umm.net.addresses import AddressPolicy
@@ -68,6 +69,12 @@ class CoordinatorConfig(BaseModel):
     fusion_data: Path | None = None
     fusion_max_steps: int | None = Field(default=None, ge=1)
     job_timeout: float = Field(default=6 * 3600.0, gt=0)
+    #: what an expert's config.json may ask for (layers, sizes, positions, vocabulary, parameters, buffers)
+    model_budget: ModelBudget = Field(default_factory=ModelBudget)
+    #: address-space limit (bytes) of the worker that admits or evaluates one expert; null: see expert_memory_bytes
+    expert_memory_limit: int | None = Field(default=None, ge=256 * 2**20)
+    admission_timeout: float = Field(default=1800.0, gt=0)
+    evaluation_timeout: float = Field(default=7200.0, gt=0)
 
     @field_validator("allowed_networks", "denied_networks")
     @classmethod
@@ -108,6 +115,13 @@ class CoordinatorConfig(BaseModel):
         if self.fusion_data is not None:
             update["fusion_data"] = fix(self.fusion_data)
         return self.model_copy(update=update)
+
+    def expert_memory_bytes(self) -> int:
+        """The expert workers' memory limit: ``expert_memory_limit``, else 2 × max_model_bytes + 4 GiB
+        (the weights once loaded, a copy while they are converted, and the runtime itself)."""
+        if self.expert_memory_limit is not None:
+            return self.expert_memory_limit
+        return 2 * self.max_model_bytes + 4 * 2**30
 
     def domains(self) -> dict[str, list[str]]:
         """Tasks by domain (the coordinator's benchmark)."""
@@ -218,6 +232,27 @@ fetch_concurrency: 4
 # multicast, unspecified and reserved ranges; loopback, private and public addresses are allowed.
 allowed_networks: ["0.0.0.0/0", "::/0"]
 denied_networks: [0.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 100.100.100.200/32, "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128"]
+# What an expert's config.json may ask for, checked before anything is built from it; over any
+# bound, the expert is rejected with the key and the bound named. The defaults admit every public
+# model we know of (e.g. 126 layers, hidden 16384, 10M positions, a 256k vocabulary).
+model_budget:
+  max_layers: 1024
+  max_hidden_size: 65536          # also bounds head_dim and the embedding width
+  max_intermediate_size: 1048576
+  max_attention_heads: 4096       # attention and key/value heads
+  max_positions: 16777216         # max_position_embeddings, n_positions, n_ctx
+  max_vocab_size: 2097152
+  max_experts: 4096               # MoE experts per layer
+  max_parameters: 2000000000000   # parameters stored in the safetensors files
+  # Bytes of buffers the built model allocates but never stores (e.g. GPT-Neo's
+  # max_position_embeddings^2 attention mask per layer), measured on the meta device.
+  max_buffer_bytes: 536870912
+# Admission and evaluation of each expert run in a worker process. On device cpu its address
+# space is limited to expert_memory_limit bytes (null: 2 x max_model_bytes + 4 GiB); a worker
+# that runs out of memory, is killed or exceeds its timeout (seconds) rejects that expert only.
+expert_memory_limit: null
+admission_timeout: 1800.0
+evaluation_timeout: 7200.0
 
 # --- rounds ---
 # Seconds between the end of one round and the start of the next.

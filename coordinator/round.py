@@ -11,10 +11,13 @@ lies about its fingerprint: each becomes a rejected verdict with its reason, and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -59,19 +62,74 @@ def objective(config: CoordinatorConfig, scores: dict[str, float]) -> float:
     return sum(d.values()) / len(d) if d else 0.0
 
 
-def evaluate_folder(config: CoordinatorConfig, path: Path, split: str) -> dict[str, float]:
-    """Scores of the model in ``path`` on the coordinator's tasks (``split``: search or test)."""
+EXPERTS_DB = "experts.db"  # job rows of the admission/evaluation workers (apart from the round's merge job)
+
+
+#: how running out of the address-space limit shows in a worker's message (Python, torch, the loader,
+#: or the kernel's OOM killer)
+_OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "out of memory",
+                  "failed to map segment", "killed by signal 9")
+
+
+class ExpertWorkerError(UmmError):
+    """The worker handling one expert crashed, ran out of memory or time: that expert's rejection."""
+
+
+def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], timeout: float,
+                  stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run job ``kind`` (``admit`` | ``evaluate``, see :mod:`coordinator.worker`) in a worker process,
+    with the expert memory limit (address space, on device cpu: CUDA reserves more than it uses) and
+    ``timeout``; return its result. :class:`ExpertWorkerError` when it fails; :class:`Interrupted`
+    when the coordinator stops, after killing the worker (a stranger's model never outlives the
+    coordinator's orderly stop; after a SIGKILL of the coordinator, its restart waits for the same
+    worker, found by its spec)."""
+    from coordinator.jobs import run_job
+
+    if config.device == "cpu":
+        spec = {**spec, "memory_limit": config.expert_memory_bytes()}
+    db = StateDB(config.data_dir / EXPERTS_DB)
+    try:
+        job = db.current_job()
+        if job is not None and job["kind"] == kind and job["spec"] == spec:
+            job_id = int(job["id"])
+        else:
+            job_id = db.create_job(0, kind, spec)
+        row = run_job(db, job_id, log_dir=config.data_dir / "logs" / "experts", timeout=timeout, stop=stop)
+        if row["status"] not in ("done", "failed"):
+            if int(row["pid"]) > 0:  # (killpg(0) would be our own group)
+                with contextlib.suppress(ProcessLookupError):  # it leads its own process group
+                    os.killpg(int(row["pid"]), signal.SIGKILL)
+            db.update_job(job_id, status="failed", message="stopped with the coordinator")
+            raise Interrupted()
+    finally:
+        db.close()
+    if row["status"] == "done":
+        return row["result"]
+    message = row["message"]
+    if any(m in message for m in _OUT_OF_MEMORY):
+        message = f"ran out of its memory limit of {config.expert_memory_bytes()} bytes ({message})"
+    raise ExpertWorkerError(f"{kind} worker failed: {message}"[:1000])
+
+
+def evaluate_spec(config: CoordinatorConfig, path: Path, split: str) -> dict[str, Any]:
+    """What :func:`evaluate_here` needs to score ``path`` on the coordinator's tasks."""
+    return {"path": str(path), "split": split, "tasks": list(config.tasks), "seed": config.eval_seed,
+            "limit": config.eval_limit if split == "search" else config.test_limit,
+            "batch_size": config.eval_batch_size, "max_new_tokens": config.max_new_tokens, "device": config.device}
+
+
+def evaluate_here(spec: dict[str, Any]) -> dict[str, float]:
+    """Scores of the model in ``spec["path"]`` on ``spec["tasks"]``, in this process."""
     from umm.checkpoints.loading import load_causal_lm, load_tokenizer
     from umm.eval import evaluate
 
-    model = load_causal_lm(path, device=config.device)
+    path = Path(spec["path"])
+    model = load_causal_lm(path, device=spec["device"])
     tokenizer = load_tokenizer(path)
     try:
         result = evaluate(
-            model, tokenizer, list(config.tasks), split=split,
-            limit=config.eval_limit if split == "search" else config.test_limit,
-            seed=config.eval_seed, batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens,
-            show_progress=False,
+            model, tokenizer, list(spec["tasks"]), split=spec["split"], limit=spec["limit"], seed=spec["seed"],
+            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], show_progress=False,
         )
     finally:
         del model
@@ -80,6 +138,14 @@ def evaluate_folder(config: CoordinatorConfig, path: Path, split: str) -> dict[s
     if bad:
         raise UmmError(f"evaluation of {path} gave non-finite scores on {', '.join(bad)}")
     return scores
+
+
+def evaluate_folder(config: CoordinatorConfig, path: Path, split: str,
+                    stop: threading.Event | None = None) -> dict[str, float]:
+    """Scores of the model in ``path`` on the coordinator's tasks (``split``: search or test),
+    computed in a worker process (:func:`run_in_worker`, ``evaluation_timeout``)."""
+    result = run_in_worker(config, "evaluate", evaluate_spec(config, path, split), config.evaluation_timeout, stop)
+    return {str(k): float(v) for k, v in result["scores"].items()}
 
 
 def classify_transfer_error(e: Exception) -> tuple[str, str]:
@@ -237,39 +303,41 @@ class RoundRunner:
                  policy=cfg.address_policy(), quarantine=True)
 
     def step_admit(self, number: int, results: dict) -> dict:
-        from umm.checkpoints.admission import AdmissionLimits, admit
-
         admitted, rejected = [], []
         for h in results["fetch"]["fetched"]:
-            if self.db.verdict(h) is not None:
-                (admitted if self.db.verdict(h)["admitted"] else rejected).append(h)
-                continue
-            expert = self.db.expert(h) or {"record": {}}
-            claimed = expert["record"]
-            try:
-                report = admit(self.ctx.store.candidate_path(h), AdmissionLimits(max_total_bytes=self.config.max_model_bytes))
-            except UmmError as e:
-                self._reject(h, str(e).splitlines()[0][:1000])
-                rejected.append(h)
-                continue
-            fp = report.fingerprint
-            lies = []
-            if claimed.get("architecture") not in (None, fp.architecture):
-                lies.append(f"architecture {claimed['architecture'][:16]} (files: {fp.architecture[:16]})")
-            if claimed.get("tokenizer") not in (None, fp.tokenizer or ""):
-                lies.append(f"tokenizer {claimed['tokenizer'][:16]} (files: {(fp.tokenizer or '')[:16]})")
-            if claimed.get("num_parameters") not in (None, report.num_parameters):
-                lies.append(f"num_parameters {claimed['num_parameters']} (files: {report.num_parameters})")
-            if lies:
-                self._reject(h, "record does not match the files: " + "; ".join(lies), architecture=fp.architecture,
-                             tokenizer=fp.tokenizer or "", num_parameters=report.num_parameters)
-                rejected.append(h)
-                continue
-            self.ctx.store.promote(h)  # out of quarantine: served and evaluated from the store from now on
-            self.db.record_verdict(h, True, "admitted", architecture=fp.architecture, tokenizer=fp.tokenizer or "",
-                                   num_parameters=report.num_parameters)
-            admitted.append(h)
+            if self.db.verdict(h) is None:
+                try:
+                    self._admit_one(h)
+                except Interrupted:
+                    raise
+                except Exception as e:  # noqa: BLE001 - whatever one expert causes is its rejection
+                    logger.exception("round %d: admission of %s failed", number, h[:12])
+                    self._reject(h, f"admission failed: {type(e).__name__}: {e}".splitlines()[0][:1000])
+            (admitted if self.db.verdict(h)["admitted"] else rejected).append(h)
         return {"admitted": admitted, "rejected": rejected}
+
+    def _admit_one(self, h: str) -> None:
+        """Admit or reject expert ``h`` in a worker process; its record must match its files."""
+        spec = {"path": str(self.ctx.store.candidate_path(h)), "max_total_bytes": self.config.max_model_bytes,
+                "budget": self.config.model_budget.model_dump()}
+        try:
+            out = run_in_worker(self.config, "admit", spec, self.config.admission_timeout, self.ctx.stop)
+        except ExpertWorkerError as e:
+            self._reject(h, f"admission failed: {e}")
+            return
+        if not out["admitted"]:
+            self._reject(h, out["reason"])
+            return
+        claimed = (self.db.expert(h) or {"record": {}})["record"]
+        found = {"architecture": out["architecture"], "tokenizer": out["tokenizer"],
+                 "num_parameters": out["num_parameters"]}
+        lies = [f"{key} {str(claimed[key])[:16]} (files: {str(value)[:16]})" for key, value in found.items()
+                if claimed.get(key) not in (None, value)]
+        if lies:
+            self._reject(h, "record does not match the files: " + "; ".join(lies), **found)
+            return
+        self.ctx.store.promote(h)  # out of quarantine: served and evaluated from the store from now on
+        self.db.record_verdict(h, True, "admitted", **found)
 
     def _reject(self, manifest_hash: str, reason: str, **fingerprint: Any) -> None:
         """Record the verdict, then drop the bytes: the store (which we serve) keeps admitted models only."""
@@ -287,7 +355,9 @@ class RoundRunner:
             if self.db.evaluation(h, bench) is None:
                 t0 = time.perf_counter()
                 try:
-                    scores = evaluate_folder(self.config, self.ctx.store.path(h), "search")
+                    scores = evaluate_folder(self.config, self.ctx.store.path(h), "search", self.ctx.stop)
+                except Interrupted:
+                    raise
                 except Exception as e:  # noqa: BLE001 - an expert that cannot be evaluated is rejected
                     self._reject(h, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
                                  architecture=v["architecture"], tokenizer=v["tokenizer"],

@@ -5,6 +5,11 @@ Reads the job's spec from the state database, runs it (``evolve``: a CMA-ES merg
 :mod:`umm.fusion.train`, resumable from its checkpoints), writes progress into the job row and,
 at the end, ``status='done'`` with ``result={"model_dir": ..., "recipe_hash": ...}``. An error is
 written as ``status='failed'`` with its message; a crash is noticed by :mod:`coordinator.jobs`.
+
+The round also runs the admission (``admit``) and evaluation (``evaluate``) of each stranger's
+model here (:func:`coordinator.round.run_in_worker`), so that a model which crashes, hangs or
+exhausts memory takes down only its worker. A spec's ``memory_limit`` caps the worker's address
+space (:func:`limit_memory`) before the job starts.
 """
 
 from __future__ import annotations
@@ -76,7 +81,43 @@ def run_fusion_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, 
     return {"model_dir": str(model_dir), "recipe_hash": _sha256_text(repr(sorted(spec.items()))), "method": "fusion"}
 
 
-RUNNERS = {"evolve": run_evolve_job, "fusion": run_fusion_job}
+def run_admit_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Admission of one stranger's folder: ``{"admitted": False, "reason"}`` for a typed refusal,
+    else its identity. Anything else (a crash, running out of memory) fails the job."""
+    from umm.checkpoints.admission import AdmissionLimits, admit
+    from umm.checkpoints.budget import ModelBudget
+    from umm.errors import UmmError
+
+    limits = AdmissionLimits(max_total_bytes=int(spec["max_total_bytes"]), budget=ModelBudget(**spec["budget"]))
+    try:
+        report = admit(spec["path"], limits)
+    except UmmError as e:
+        return {"admitted": False, "reason": str(e).splitlines()[0][:1000]}
+    fp = report.fingerprint
+    return {"admitted": True, "architecture": fp.architecture, "tokenizer": fp.tokenizer or "",
+            "num_parameters": report.num_parameters}
+
+
+def run_evaluate_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The coordinator's benchmark on one model folder: ``{"scores": {task: score}}``."""
+    from coordinator.round import evaluate_here
+
+    return {"scores": evaluate_here(spec)}
+
+
+RUNNERS = {"evolve": run_evolve_job, "fusion": run_fusion_job, "admit": run_admit_job, "evaluate": run_evaluate_job}
+
+
+def limit_memory(limit: int | None) -> None:
+    """Cap this process's address space (``RLIMIT_AS``) at ``limit`` bytes: past it, allocations
+    fail (MemoryError) instead of the machine swapping or the OOM killer picking a victim."""
+    if not limit:
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = int(limit) if hard == resource.RLIM_INFINITY else min(int(limit), hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def run(db_path: str, job_id: int) -> int:
@@ -90,6 +131,7 @@ def run(db_path: str, job_id: int) -> int:
         if job["kind"] not in RUNNERS:
             raise ValueError(f"unknown job kind {job['kind']!r} (known: {', '.join(RUNNERS)})")
         runner = RUNNERS[job["kind"]]
+        limit_memory(job["spec"].get("memory_limit"))
         result = runner(db, job_id, job["spec"])
     except Exception as e:  # recorded for the coordinator; the process still exits non-zero
         logger.exception("job %d failed", job_id)

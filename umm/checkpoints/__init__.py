@@ -2,15 +2,19 @@
 
 Submodules: :mod:`.reader` (headers + tensor reads), :mod:`.fingerprint` (architecture and
 tokenizer identity, merge compatibility), :mod:`.manifest` (file hashes), :mod:`.admission`
-(checks on untrusted folders), :mod:`.loading` (transformers models/tokenizers), :mod:`.writer`.
+(checks on untrusted folders), :mod:`.budget` (what an untrusted config may ask for),
+:mod:`.safejson` (size- and depth-bounded JSON), :mod:`.loading` (transformers models/tokenizers),
+:mod:`.writer`.
 """
 
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit, check_finite
+from umm.checkpoints.budget import ModelBudget
 from umm.checkpoints.errors import (
     CheckpointError,
     CheckpointTooLargeError,
     CorruptCheckpointError,
     IncompatibleCheckpointsError,
+    InvalidConfigError,
     ManifestMismatchError,
     NonFiniteTensorError,
     NotSafetensorsError,
@@ -41,8 +45,10 @@ __all__ = [
     "FileEntry",
     "Fingerprint",
     "IncompatibleCheckpointsError",
+    "InvalidConfigError",
     "Manifest",
     "ManifestMismatchError",
+    "ModelBudget",
     "NonFiniteTensorError",
     "NotSafetensorsError",
     "TensorInfo",

@@ -2,11 +2,15 @@
 
 :func:`admit` runs the checks cheapest first and raises the specific :class:`CheckpointError`:
 
-1. weights are safetensors (never unpickled) with valid headers, config.json is valid JSON;
-2. the config needs no remote code, names a model type transformers knows, and is a causal LM;
-3. size: folder bytes and tensor count within :class:`AdmissionLimits`;
+1. weights are safetensors (never unpickled) with valid headers, config.json is valid JSON
+   (size and nesting bounded: :mod:`~umm.checkpoints.safejson`);
+2. the config needs no remote code, names a model type transformers knows, is a causal LM, and
+   its sizes are valid and within the :class:`~umm.checkpoints.budget.ModelBudget`;
+3. size: folder bytes and tensor count within :class:`AdmissionLimits`; the parameters stored
+   are within the budget and not far fewer than the config implies (nothing is built yet);
 4. structure: the tensor names and shapes are exactly those of the model the config describes
-   (built on the ``meta`` device, so no memory is used), tied weights allowed to be absent;
+   (built on the ``meta`` device, so no memory is used), tied weights allowed to be absent; the
+   buffers that model would allocate when loaded (attention masks...) are within the budget;
 5. a tokenizer is present, needs no custom code, and its ids fit the embedding;
 6. every tensor is finite (read one at a time, so memory stays at one tensor);
 7. the manifest (sha256 of every file) and fingerprint are computed for the report.
@@ -16,14 +20,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from umm.checkpoints.budget import ModelBudget, check_buffer_bytes, check_parameter_count
 from umm.checkpoints.errors import CheckpointError, CheckpointTooLargeError, NonFiniteTensorError
 from umm.checkpoints.fingerprint import Fingerprint, _pairs_from_tokenizer_json, fingerprint
-from umm.checkpoints.loading import check_model_config, check_tokenizer_files
+from umm.checkpoints.loading import check_model_config, check_tokenizer_files, first_line
 from umm.checkpoints.manifest import Manifest, build_manifest, list_files
 from umm.checkpoints.reader import CONFIG_NAME, Checkpoint
 from umm.ui import human_bytes, progress
@@ -38,6 +43,7 @@ class AdmissionLimits:
     max_total_bytes: int = 64 * 10**9
     max_tensors: int = 100_000
     check_finite: bool = True
+    budget: ModelBudget = field(default_factory=ModelBudget)
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,26 @@ def check_finite(tensor: torch.Tensor, name: str, model: str = "") -> None:
     raise NonFiniteTensorError(f"tensor {name!r}{where} has {nan} NaN and {inf} Inf values; the model is broken")
 
 
-def expected_layout(config_path: Path) -> tuple[dict[str, tuple[int, ...]], list[set[str]], bool]:
-    """The tensors the config's causal LM has: ``(name -> shape, tied groups, renamed)``.
+@dataclass(frozen=True)
+class Layout:
+    """The tensors a config's causal LM has (built on the ``meta`` device).
 
-    Built on the ``meta`` device. ``tied groups`` are sets of names sharing one tensor (only one
-    of each needs to be stored). ``renamed`` is true when transformers converts this model's
-    checkpoint names on load (e.g. fused MoE experts), in which case names cannot be compared.
+    ``tied``: sets of names sharing one tensor (only one of each needs to be stored); ``renamed``:
+    transformers converts this model's checkpoint names on load (e.g. fused MoE experts), so names
+    cannot be compared; ``buffer_bytes``: what its buffers (masks, caches) take once really built.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    tied: list[set[str]]
+    renamed: bool
+    buffer_bytes: int
+
+
+def expected_layout(config_path: Path) -> Layout:
+    """The :class:`Layout` of the causal LM the config at ``config_path`` describes.
+
+    Any exception while transformers reads the config or builds the model is this folder's
+    :class:`CheckpointError` (a stranger's config can trip transformers in many ways).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,15 +103,14 @@ def expected_layout(config_path: Path) -> tuple[dict[str, tuple[int, ...]], list
         config = AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=False, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError, AttributeError) as e:
-        msg = str(e).strip().splitlines()
-        first = msg[0] if msg else type(e).__name__
-        raise CheckpointError(f"{config_path}: transformers cannot build this model: {first}") from None
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise CheckpointError(f"{config_path}: transformers cannot build this model: {first_line(e)}") from None
     groups: dict[int, set[str]] = defaultdict(set)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         shapes[name] = tuple(tensor.shape)
         groups[id(tensor)].add(name)
+    buffer_bytes = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
     renamed = False
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -99,13 +118,18 @@ def expected_layout(config_path: Path) -> tuple[dict[str, tuple[int, ...]], list
         renamed = bool(get_model_conversion_mapping(model, add_legacy=False))
     except ImportError:  # older transformers: no load-time conversions
         pass
-    return shapes, [g for g in groups.values() if len(g) > 1], renamed
+    return Layout(shapes, [g for g in groups.values() if len(g) > 1], renamed, buffer_bytes)
 
 
-def structure_mismatch(ckpt: Checkpoint) -> str | None:
-    """``None`` if the checkpoint's tensors are what its config implies, else the first difference."""
-    shapes, tied, renamed = expected_layout(ckpt.path / CONFIG_NAME)
-    if renamed:
+def structure_mismatch(ckpt: Checkpoint, budget: ModelBudget | None = None) -> str | None:
+    """``None`` if the checkpoint's tensors are what its config implies, else the first difference.
+
+    Raises :class:`CheckpointTooLargeError` when the model's buffers exceed ``budget``.
+    """
+    layout = expected_layout(ckpt.path / CONFIG_NAME)
+    check_buffer_bytes(layout.buffer_bytes, ckpt.path, budget)
+    shapes, tied = layout.shapes, layout.tied
+    if layout.renamed:
         # Names are converted at load time (e.g. fused MoE experts); the parameter count still
         # has to agree: every distinct tensor once, tied copies optionally stored as well.
         unique = sum(_numel(shapes[next(iter(g))]) for g in _groups(shapes, tied))
@@ -178,13 +202,14 @@ def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits()) -> Admi
             )
     with Checkpoint.open(folder) as ckpt:
         where = str(ckpt.path)
-        check_model_config(ckpt.config, ckpt.path / CONFIG_NAME)
+        check_model_config(ckpt.config, ckpt.path / CONFIG_NAME, limits.budget)
         if len(ckpt.tensors) > limits.max_tensors:
             raise CheckpointTooLargeError(
                 f"{where}: {len(ckpt.tensors)} tensors exceed the admission limit of {limits.max_tensors}"
             )
+        check_parameter_count(ckpt.config, ckpt.num_parameters, where, limits.budget)
 
-        reason = structure_mismatch(ckpt)
+        reason = structure_mismatch(ckpt, limits.budget)
         if reason is not None:
             raise CheckpointError(f"{where}: weights do not match config.json: {reason}")
         _check_tokenizer_fits(ckpt)

@@ -35,3 +35,7 @@ class ManifestMismatchError(CheckpointError):
 
 class CheckpointTooLargeError(CheckpointError):
     """A checkpoint exceeds an admission limit (bytes or tensor count)."""
+
+
+class InvalidConfigError(CheckpointError):
+    """config.json declares sizes no model can be built from (zero heads, a config bigger than its weights)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from umm.checkpoints.errors import CorruptCheckpointError, IncompatibleCheckpointsError
 from umm.checkpoints.reader import Checkpoint, dtype_code
+from umm.checkpoints.safejson import read_json_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,20 @@ def architecture_fingerprint(ckpt: Checkpoint) -> str:
 
 
 def _load_json(path: Path) -> Any:
-    size = path.stat().st_size
-    if size > MAX_TOKENIZER_FILE_BYTES:
-        raise CorruptCheckpointError(f"{path}: {size} bytes is too large for a tokenizer file")
+    return read_json_bounded(path, "tokenizer file", MAX_TOKENIZER_FILE_BYTES)
+
+
+def _read_vocab_txt(path: Path) -> list[str]:
+    """The lines of a WordPiece ``vocab.txt`` (one token per line, id = line number)."""
+    if path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+        raise CorruptCheckpointError(f"{path}: more than the {MAX_TOKENIZER_FILE_BYTES} bytes allowed")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _pairs_from_tokenizer_json(path: Path) -> list[tuple[str, int]]:
@@ -78,7 +86,10 @@ def _pairs_from_tokenizer_json(path: Path) -> list[tuple[str, int]]:
             pairs.append((entry[0], idx))
     else:
         raise CorruptCheckpointError(f"{path}: model.vocab is neither an object nor a list")
-    for entry in data.get("added_tokens") or []:
+    added = data.get("added_tokens")
+    if added is not None and not isinstance(added, list):
+        raise CorruptCheckpointError(f"{path}: added_tokens is not a list")
+    for entry in added or []:
         if not isinstance(entry, dict):
             raise CorruptCheckpointError(f"{path}: an added_tokens entry is not an object")
         pairs.append((entry.get("content"), entry.get("id")))
@@ -93,10 +104,7 @@ def _pairs_from_vocab_files(folder: Path) -> list[tuple[str, int]] | None:
             raise CorruptCheckpointError(f"{folder / 'vocab.json'}: is not a token -> id object")
         pairs.extend(vocab.items())
     elif (folder / "vocab.txt").is_file():
-        lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        pairs.extend((tok, idx) for idx, tok in enumerate(lines))
+        pairs.extend((tok, idx) for idx, tok in enumerate(_read_vocab_txt(folder / "vocab.txt")))
     else:
         return None
     if (folder / "added_tokens.json").is_file():

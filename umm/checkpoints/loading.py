@@ -10,7 +10,6 @@ A load that would leave weights randomly initialised (names missing from the che
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from umm.checkpoints.errors import CheckpointError, CorruptCheckpointError
-from umm.checkpoints.reader import CONFIG_NAME, Checkpoint
+from umm.checkpoints.budget import ModelBudget, check_config_budget
+from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.reader import CONFIG_NAME, Checkpoint, read_json_file
 from umm.errors import UmmError
 
 if TYPE_CHECKING:
@@ -73,8 +73,15 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def check_model_config(config: Mapping[str, Any], where: str | Path) -> str:
-    """Refuse a config that needs remote code, names an unknown model type, or is not a causal LM.
+def first_line(e: BaseException) -> str:
+    """The exception's type and the first line of its message, for a one-line reason."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:500]}" if lines else type(e).__name__
+
+
+def check_model_config(config: Mapping[str, Any], where: str | Path, budget: ModelBudget | None = None) -> str:
+    """Refuse a config that needs remote code, names an unknown model type, is not a causal LM, or
+    declares sizes that are invalid or over ``budget`` (:func:`~umm.checkpoints.budget.check_config_budget`).
 
     Returns the causal-LM class name transformers would build. ``where`` names the folder in messages.
     """
@@ -104,16 +111,12 @@ def check_model_config(config: Mapping[str, Any], where: str | Path) -> str:
             f"{where}: architectures {archs} is not a causal LM head (expected e.g. {names[0]}); "
             "its weights would not fit a causal LM"
         )
+    check_config_budget(config, where, budget)
     return names[0]
 
 
 def _read_optional_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+    return read_json_file(path, path.name) if path.is_file() else None
 
 
 def check_tokenizer_files(path: str | Path) -> None:
@@ -139,14 +142,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - see load_causal_lm
         msg = str(e)
         if "trust_remote_code" in msg or "custom code" in msg:
             raise CheckpointError(
                 f"{path}: the tokenizer needs custom code; umm never runs code that comes with a model"
             ) from None
-        first = msg.splitlines()[0] if msg else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load the tokenizer: {first}") from None
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {first_line(e)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -177,10 +179,8 @@ def load_causal_lm(
             local_files_only=True,
             output_loading_info=True,
         )
-    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
-        msg = str(e).strip()
-        first = msg.splitlines()[0] if msg else type(e).__name__
-        raise CheckpointError(f"{folder}: transformers cannot load this model: {first}") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers trips on in a stranger's files is theirs
+        raise CheckpointError(f"{folder}: transformers cannot load this model: {first_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])
     if missing or mismatched:

@@ -20,7 +20,6 @@ bytes fill the rest of the file contiguously, little-endian, row-major.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from typing import Any, BinaryIO
 import torch
 
 from umm.checkpoints.errors import CheckpointError, CorruptCheckpointError, NotSafetensorsError
+from umm.checkpoints.safejson import loads_bounded, read_json_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def parse_safetensors_header(f: BinaryIO, rel_name: str, file_size: int) -> Safe
     if len(raw) != header_len:
         raise bad("truncated while reading the header")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not valid JSON ({e})") from None
+        header = loads_bounded(raw, "header")
+    except CorruptCheckpointError as e:
+        raise bad(str(e)) from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
 
@@ -159,7 +159,7 @@ def parse_safetensors_header(f: BinaryIO, rel_name: str, file_size: int) -> Safe
         if not isinstance(spec, dict):
             raise bad(f"entry for tensor {name!r} is not an object")
         code = spec.get("dtype")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise bad(f"tensor {name!r} has unsupported dtype {code!r} (known: {', '.join(DTYPES)})")
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all(
@@ -204,19 +204,8 @@ def parse_safetensors_header(f: BinaryIO, rel_name: str, file_size: int) -> Safe
 
 
 def read_json_file(path: Path, what: str) -> Any:
-    """Parse a small JSON file, turning every failure into :class:`CorruptCheckpointError`."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CorruptCheckpointError(f"{path}: {what} is {size} bytes, more than the {MAX_JSON_BYTES} allowed")
-        with path.open("rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise CorruptCheckpointError(f"{path}: {what} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
-    except IsADirectoryError:
-        raise CorruptCheckpointError(f"{path}: {what} is a directory, not a file") from None
+    """Parse a small JSON file (size and nesting bounded), every failure a :class:`CorruptCheckpointError`."""
+    return read_json_bounded(path, what, MAX_JSON_BYTES)
 
 
 def _safe_relative(name: Any, where: str) -> str:
@@ -348,7 +337,10 @@ class Checkpoint:
         try:
             headers: dict[str, SafetensorsHeader] = {}
             for rel in files:
-                fh = open(folder / rel, "rb", buffering=0)  # noqa: SIM115 - kept open on purpose
+                try:
+                    fh = open(folder / rel, "rb", buffering=0)  # noqa: SIM115 - kept open on purpose
+                except OSError as e:  # unreadable, or more shards than file descriptors
+                    raise CorruptCheckpointError(f"{folder / rel}: cannot open ({e.strerror or e})") from None
                 handles[rel] = fh
                 headers[rel] = parse_safetensors_header(fh, rel, os.fstat(fh.fileno()).st_size)
             tensors = cls._collect(folder, headers, weight_map)
