@@ -53,6 +53,7 @@ class CoordinatorConfig(BaseModel):
     max_model_bytes: int = Field(default=64 * 10**9, ge=1)
     fetch_retries: int = Field(default=3, ge=1)
     fetch_timeout: float = Field(default=30.0, gt=0)
+    dht_timeout: float = Field(default=30.0, gt=0)
     round_interval: float = Field(default=600.0, ge=0)
     refresh_period: float = Field(default=60.0, gt=0)
     merge: bool = True
@@ -186,6 +187,8 @@ max_model_bytes: 64000000000
 fetch_retries: 3
 # Seconds without data before a stream is abandoned (and resumed later or elsewhere).
 fetch_timeout: 30.0
+# Seconds a DHT read or write may take before it fails (the round goes on or fails cleanly).
+dht_timeout: 30.0
 
 # --- rounds ---
 # Seconds between the end of one round and the start of the next.

@@ -35,3 +35,7 @@ class SizeLimitError(TransferError):
 
 class ManifestHashError(TransferError):
     """A provider sent a manifest whose bytes do not hash to the requested manifest hash."""
+
+
+class DHTUnavailableError(NetError):
+    """The DHT process did not answer a call within its time limit, or is not running."""
