@@ -250,6 +250,9 @@ def parse_record(cls: Type[R], value: Any) -> R:
     """Parse a DHT value into ``cls``; :class:`RecordError` for anything of the wrong shape."""
     if not isinstance(value, dict):
         raise RecordError(f"{cls.__name__}: expected a dictionary, got {type(value).__name__}")
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:
+        raise RecordError(f"malformed {cls.__name__}: field names must be strings, got {odd[0]!r:.60}")
     try:
         record = cls.parse_obj(value)
     except pyd.ValidationError as e:
