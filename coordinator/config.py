@@ -53,6 +53,12 @@ class CoordinatorConfig(BaseModel):
     max_model_bytes: int = Field(default=64 * 10**9, ge=1)
     fetch_retries: int = Field(default=3, ge=1)
     fetch_timeout: float = Field(default=30.0, gt=0)
+    max_new_experts_per_round: int = Field(default=8, ge=1)
+    max_new_experts_per_owner: int = Field(default=1, ge=1)
+    max_new_experts_per_address: int = Field(default=1, ge=1)
+    fetch_backoff: float = Field(default=600.0, ge=0)
+    fetch_backoff_max: float = Field(default=86400.0, ge=0)
+    max_published_verdicts: int = Field(default=2000, ge=1)
     dht_timeout: float = Field(default=30.0, gt=0)
     round_interval: float = Field(default=600.0, ge=0)
     refresh_period: float = Field(default=60.0, gt=0)
@@ -187,6 +193,20 @@ max_model_bytes: 64000000000
 fetch_retries: 3
 # Seconds without data before a stream is abandoned (and resumed later or elsewhere).
 fetch_timeout: 30.0
+# Work per round is bounded, whatever is announced: at most this many experts without a verdict
+# are fetched (then admitted and evaluated) per round, at most max_new_experts_per_owner per
+# contributor key and max_new_experts_per_address per announced host:port. Order: fewest failed
+# fetches, then highest self-reported score, then newest. The others wait for later rounds.
+max_new_experts_per_round: 8
+max_new_experts_per_owner: 1
+max_new_experts_per_address: 1
+# An expert whose fetch failed is retried at the next round once, then only after
+# fetch_backoff * (2^(failures-1) - 1) seconds (600, 1800, 4200, ...), at most fetch_backoff_max.
+fetch_backoff: 600.0
+fetch_backoff_max: 86400.0
+# Verdicts in the published scores record (ranked experts first). It is paged in the DHT: at
+# most 128 pages of 32 KiB; verdicts that do not fit are left out.
+max_published_verdicts: 2000
 # Seconds a DHT read or write may take before it fails (the round goes on or fails cleanly).
 dht_timeout: 30.0
 
