@@ -315,6 +315,7 @@ def test_a_stopped_dht_process_gives_typed_errors_not_a_hang(tmp_path):
                 recs.scores()
         with pytest.raises(DHTUnavailableError):
             visible_maddrs(dht, timeout=1.0)
+        assert str(dht.peer_id) == keys.peer_id_of(tmp_path / "c.key")  # cached at start: no call
     finally:
         stop_dht(dht, timeout=3.0)  # killed: it would never answer a shutdown request
     assert not dht.is_alive()

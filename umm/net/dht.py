@@ -201,6 +201,11 @@ def start_dht(
             dht.join(10)
         hint = " (check that the initial peers are running and reachable)" if initial_peers else ""
         raise NetError(f"could not start the DHT for network {network!r}: {e}{hint}") from e
+    try:  # hivemind fetches and caches peer_id on first use with an unbounded call: cache it now, bounded
+        dht._peer_id = call_dht(dht, "run_coroutine", startup_timeout, coro=type(dht)._get_peer_id)
+    except Exception:
+        stop_dht(dht)
+        raise
     if pid_file is not None:
         record_dht_processes(dht, pid_file)
     logger.info("DHT for %s started: %s", network, ", ".join(visible_maddrs(dht)))
