@@ -56,6 +56,7 @@ class CoordinatorConfig(BaseModel):
     max_new_experts_per_round: int = Field(default=8, ge=1)
     max_new_experts_per_owner: int = Field(default=1, ge=1)
     max_new_experts_per_address: int = Field(default=1, ge=1)
+    max_new_experts_per_host: int | None = Field(default=None, ge=1)
     fetch_backoff: float = Field(default=600.0, ge=0)
     fetch_backoff_max: float = Field(default=86400.0, ge=0)
     max_published_verdicts: int = Field(default=2000, ge=1)
@@ -200,6 +201,10 @@ fetch_timeout: 30.0
 max_new_experts_per_round: 8
 max_new_experts_per_owner: 1
 max_new_experts_per_address: 1
+# Also at most this many per announced host (IP or name; any port). null: no cap, as on a local
+# network where every node is 127.0.0.1. On a public network, 1-2 stops one machine that
+# announces many experts on many ports from filling the budget.
+max_new_experts_per_host: null
 # An expert whose fetch failed is retried at the next round once, then only after
 # fetch_backoff * (2^(failures-1) - 1) seconds (600, 1800, 4200, ...), at most fetch_backoff_max.
 fetch_backoff: 600.0

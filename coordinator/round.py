@@ -131,11 +131,14 @@ def select_fetches(config: CoordinatorConfig, candidates: list[FetchCandidate], 
     Experts already in the store are always taken (no transfer). The others are taken in order of
     fewer failed fetches, higher mean self-reported score, newer first sighting, skipping those still
     in back-off (:func:`fetch_wait`), until ``max_new_experts_per_round`` are taken, with at most
-    ``max_new_experts_per_owner`` per contributor key and ``max_new_experts_per_address`` per
-    announced address. The rest wait for a later round."""
+    ``max_new_experts_per_owner`` per contributor key, ``max_new_experts_per_address`` per
+    announced address and, if set, ``max_new_experts_per_host`` per host (any port). The rest
+    wait for a later round."""
     chosen = [c.manifest_hash for c in candidates if c.in_store]
     per_owner: dict[str, int] = {}
     per_address: dict[str, int] = {}
+    per_host: dict[str, int] = {}
+    host_cap = config.max_new_experts_per_host
     order = sorted((c for c in candidates if not c.in_store),
                    key=lambda c: (c.attempts, -c.self_score, -c.first_seen, c.manifest_hash))
     taken = 0
@@ -144,11 +147,13 @@ def select_fetches(config: CoordinatorConfig, candidates: list[FetchCandidate], 
             break
         if c.attempts and now < c.last_attempt + fetch_wait(config, c.attempts):
             continue
+        host = c.address.rsplit(":", 1)[0]
         if (per_owner.get(c.owner, 0) >= config.max_new_experts_per_owner
-                or per_address.get(c.address, 0) >= config.max_new_experts_per_address):
+                or per_address.get(c.address, 0) >= config.max_new_experts_per_address
+                or (host_cap is not None and per_host.get(host, 0) >= host_cap)):
             continue
-        per_owner[c.owner] = per_owner.get(c.owner, 0) + 1
-        per_address[c.address] = per_address.get(c.address, 0) + 1
+        for counts, k in ((per_owner, c.owner), (per_address, c.address), (per_host, host)):
+            counts[k] = counts.get(k, 0) + 1
         chosen.append(c.manifest_hash)
         taken += 1
     return chosen

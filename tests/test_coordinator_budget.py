@@ -124,6 +124,9 @@ def test_selection_caps_orders_and_backs_off():
     assert len(chosen) == 2 and chosen[1] == h(9) and chosen[0] in {h(i) for i in range(5)}
     same_address = [candidate(i, address="10.0.0.9:1") for i in range(5)]
     assert len(select_fetches(cfg, same_address, now)) == 2
+    many_ports = [candidate(i, address=f"10.0.0.9:{2000 + i}") for i in range(5)]
+    assert len(select_fetches(cfg, many_ports, now)) == 3  # no host cap by default: the budget bounds it
+    assert len(select_fetches(config(max_new_experts_per_host=1), many_ports, now)) == 1
     # order: fewer failures, then higher self-report, then newer
     mixed = [candidate(1, score=0.1, seen=5.0), candidate(2, score=0.9), candidate(3, score=0.1, seen=9.0),
              candidate(4, score=1.0, attempts=1, last=now - 1)]
