@@ -109,6 +109,8 @@ def test_wrong_shaped_values_are_rejected(swarm):
     assert not records.store_value(swarm["b"], key, rb.owner, {**good, "extra": 1}, ttl=60)
     assert not records.store_value(swarm["b"], key, rb.owner, {k: v for k, v in good.items() if k != "name"}, ttl=60)
     assert not records.store_value(swarm["b"], key, rb.owner, {**good, "schema_version": 99}, ttl=60)
+    fat = {**good, "domains": [f"domain-{i:03d}-" + "d" * 100 for i in range(40)]}  # within the list bounds
+    assert not records.store_value(swarm["b"], key, rb.owner, fat, ttl=60)  # but over 4 KiB in all
     assert not records.store_value(swarm["b"], key, rb.owner, b"not a dict", ttl=60)
     # an entry without an owner marker is refused for schema keys
     assert not records.store_value(swarm["b"], key, b"plain-subkey", good, ttl=60)

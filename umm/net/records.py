@@ -12,8 +12,8 @@ An *owner marker* is ``b"[owner:" + OpenSSH public key + b"]"``: hivemind's
 :class:`~hivemind.dht.crypto.RSASignatureValidator` then requires every write under that subkey
 to carry the owner's signature (over key, subkey, value and expiration), so a peer can write only
 its own entries. hivemind's :class:`~hivemind.dht.schema.SchemaValidator` rejects values of the
-wrong shape for the three fixed keys (strict pydantic v1 types, no extra fields, our
-``schema_version``). Provider keys contain a hash, so no fixed schema can name them: they are
+wrong shape for the fixed keys (experts, scores index and pages, merged; strict pydantic v1
+types, no extra fields, our ``schema_version``). Provider keys contain a hash, so no fixed schema can name them: they are
 protected by signature like the others and their shape is checked on read.
 
 Scores and merged-model records are trusted only under the coordinator's marker. Readers ignore
@@ -24,9 +24,10 @@ coordinator key: hivemind drops a whole dictionary answer when one entry of it f
 The coordinator's scores (a :class:`ScoresRecord`, one verdict per expert) are stored as pages of
 at most :data:`PAGE_BYTES` each plus an index naming the round, time and page count
 (:func:`scores_pages`); :meth:`NetworkRecords.scores` reads them back as one record. No value we
-store exceeds :data:`MAX_VALUE_BYTES` (:func:`store_value` refuses it): hivemind itself carries up
-to 2 MiB per unary RPC (``MAX_UNARY_PAYLOAD_SIZE``, half of p2pd's 4 MiB message limit), and a
-whole dictionary key travels in one answer, so records stay far below that. (Before
+store exceeds :data:`MAX_VALUE_BYTES` (:func:`store_value` refuses it). hivemind's own limit is
+per DHT RPC: a request or answer over p2pd's 4 MiB message (``DEFAULT_MAX_MSG_SIZE``, hivemind
+keeps unary payloads to half that) fails, and a dictionary key travels whole in one answer
+(every subkey, with owner markers and signatures), so single values stay far below it. (Before
 :mod:`umm.net.dht` read requests whole, any request over the 64 KiB pipe buffer between a DHT
 and its owner could kill the DHT process; records of ~200 KB did.)
 
@@ -59,8 +60,10 @@ DEFAULT_REFRESH_PERIOD = 60.0
 HASH_RE = r"^[0-9a-f]{64}$"
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ENTRIES = 512
-#: largest msgpack value :func:`store_value` stores (hivemind's own limit is 2 MiB per RPC)
+#: largest msgpack value :func:`store_value` stores (hivemind's own limit: 4 MiB per DHT RPC message)
 MAX_VALUE_BYTES = 48 * 1024
+#: largest expert record (msgpack; a usual one is ~400 bytes)
+MAX_EXPERT_RECORD_BYTES = 4096
 #: verdicts are packed into scores pages of at most this many msgpack bytes
 PAGE_BYTES = 32 * 1024
 #: scores pages a coordinator may write (fixed keys, so the DHT can check who writes them)
@@ -161,6 +164,15 @@ class ExpertRecord(_Record):
 
     _b1 = pyd.validator("domains", allow_reuse=True)(lambda v: _bounded(v, "domains"))
     _b2 = pyd.validator("self_scores", allow_reuse=True)(lambda v: _bounded(v, "self_scores"))
+
+    @pyd.root_validator(skip_on_failure=True)
+    def _small(cls, values: dict) -> dict:
+        # every contributor's record travels in one DHT answer (at most 4 MiB): fat records would let
+        # a few dozen keys make the experts key unreadable
+        size = value_size(values)
+        if size > MAX_EXPERT_RECORD_BYTES:
+            raise ValueError(f"the record is {size} bytes (at most {MAX_EXPERT_RECORD_BYTES})")
+        return values
 
 
 class ExpertVerdict(pyd.BaseModel):
