@@ -67,7 +67,7 @@ class Coordinator:
             self.checkpoint_server = CheckpointServer(CheckpointServicer(self.store), host=cfg.grpc_host,
                                                       port=cfg.grpc_port)
             self.address = cfg.public_address or self.checkpoint_server.address
-            self.records = NetworkRecords(self.dht, cfg.network, key, self.public_key)
+            self.records = NetworkRecords(self.dht, cfg.network, key, self.public_key, timeout=cfg.dht_timeout)
             self.refresher = Refresher(cfg.refresh_period, name="umm-coordinator-refresh").start()
             info = {"network": cfg.network, "public_key": self.public_key_text, "version": __version__,
                     "address": self.address}

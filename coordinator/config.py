@@ -60,6 +60,14 @@ class CoordinatorConfig(BaseModel):
     fetch_concurrency: int = Field(default=4, ge=1, le=64)
     allowed_networks: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     denied_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_DENIED))
+    max_new_experts_per_round: int = Field(default=8, ge=1)
+    max_new_experts_per_owner: int = Field(default=1, ge=1)
+    max_new_experts_per_address: int = Field(default=1, ge=1)
+    max_new_experts_per_host: int | None = Field(default=None, ge=1)
+    fetch_backoff: float = Field(default=600.0, ge=0)
+    fetch_backoff_max: float = Field(default=86400.0, ge=0)
+    max_published_verdicts: int = Field(default=2000, ge=1)
+    dht_timeout: float = Field(default=30.0, gt=0)
     round_interval: float = Field(default=600.0, ge=0)
     refresh_period: float = Field(default=60.0, gt=0)
     merge: bool = True
@@ -253,6 +261,26 @@ model_budget:
 expert_memory_limit: null
 admission_timeout: 1800.0
 evaluation_timeout: 7200.0
+# Work per round is bounded, whatever is announced: at most this many experts without a verdict
+# are fetched (then admitted and evaluated) per round, at most max_new_experts_per_owner per
+# contributor key and max_new_experts_per_address per announced host:port. Order: fewest failed
+# fetches, then highest self-reported score, then newest. The others wait for later rounds.
+max_new_experts_per_round: 8
+max_new_experts_per_owner: 1
+max_new_experts_per_address: 1
+# Also at most this many per announced host (IP or name; any port). null: no cap, as on a local
+# network where every node is 127.0.0.1. On a public network, 1-2 stops one machine that
+# announces many experts on many ports from filling the budget.
+max_new_experts_per_host: null
+# An expert whose fetch failed is retried at the next round once, then only after
+# fetch_backoff * (2^(failures-1) - 1) seconds (600, 1800, 4200, ...), at most fetch_backoff_max.
+fetch_backoff: 600.0
+fetch_backoff_max: 86400.0
+# Verdicts in the published scores record (ranked experts first). It is paged in the DHT: at
+# most 128 pages of 32 KiB; verdicts that do not fit are left out.
+max_published_verdicts: 2000
+# Seconds a DHT read or write may take before it fails (the round goes on or fails cleanly).
+dht_timeout: 30.0
 
 # --- rounds ---
 # Seconds between the end of one round and the start of the next.

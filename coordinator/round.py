@@ -166,6 +166,70 @@ def classify_transfer_error(e: Exception) -> tuple[str, str]:
     return "failed", " | ".join(line.strip() for line in text.splitlines()[:3])
 
 
+@dataclass(frozen=True)
+class FetchCandidate:
+    """An announced expert without a verdict, as the fetch budget sees it."""
+
+    manifest_hash: str
+    owner: str  # contributor's public key
+    address: str  # announced gRPC host:port
+    self_score: float  # mean self-reported score (untrusted: only an ordering hint)
+    first_seen: float
+    attempts: int  # failed fetches so far
+    last_attempt: float  # time of the last failed fetch (0: never)
+    in_store: bool  # fetched before (e.g. a round interrupted before admission): costs nothing
+
+
+def fetch_wait(config: CoordinatorConfig, attempts: int) -> float:
+    """Seconds before an expert whose fetch failed ``attempts`` times is tried again.
+
+    ``fetch_backoff * (2**(attempts-1) - 1)``, at most ``fetch_backoff_max``: the first failure is
+    retried at the next round (a blip), later ones wait ``fetch_backoff``, 3x, 7x, ... that."""
+    if attempts <= 0:
+        return 0.0
+    return min(config.fetch_backoff * (2.0 ** min(attempts - 1, 60) - 1.0), config.fetch_backoff_max)
+
+
+def select_fetches(config: CoordinatorConfig, candidates: list[FetchCandidate], now: float) -> list[str]:
+    """The experts a round fetches (and so admits and evaluates): a bounded set, so that a flood of
+    announcements (one peer with many keys or records) cannot make a round long.
+
+    Experts already in the store are always taken (no transfer). The others are taken in order of
+    fewer failed fetches, higher mean self-reported score, newer first sighting, skipping those still
+    in back-off (:func:`fetch_wait`), until ``max_new_experts_per_round`` are taken, with at most
+    ``max_new_experts_per_owner`` per contributor key, ``max_new_experts_per_address`` per
+    announced address and, if set, ``max_new_experts_per_host`` per host (any port). The rest
+    wait for a later round."""
+    chosen = [c.manifest_hash for c in candidates if c.in_store]
+    per_owner: dict[str, int] = {}
+    per_address: dict[str, int] = {}
+    per_host: dict[str, int] = {}
+    host_cap = config.max_new_experts_per_host
+    order = sorted((c for c in candidates if not c.in_store),
+                   key=lambda c: (c.attempts, -c.self_score, -c.first_seen, c.manifest_hash))
+    taken = 0
+    for c in order:
+        if taken >= config.max_new_experts_per_round:
+            break
+        if c.attempts and now < c.last_attempt + fetch_wait(config, c.attempts):
+            continue
+        host = c.address.rsplit(":", 1)[0]
+        if (per_owner.get(c.owner, 0) >= config.max_new_experts_per_owner
+                or per_address.get(c.address, 0) >= config.max_new_experts_per_address
+                or (host_cap is not None and per_host.get(host, 0) >= host_cap)):
+            continue
+        for counts, k in ((per_owner, c.owner), (per_address, c.address), (per_host, host)):
+            counts[k] = counts.get(k, 0) + 1
+        chosen.append(c.manifest_hash)
+        taken += 1
+    return chosen
+
+
+def _mean_self_score(record: dict) -> float:
+    vals = [v for v in (record.get("self_scores") or {}).values() if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
 @dataclass
 class RoundContext:
     """What a round needs from the running coordinator."""
@@ -241,7 +305,23 @@ class RoundRunner:
         return {"experts": seen}
 
     def _todo(self, results: dict) -> list[str]:
-        return [h for h in results["discover"]["experts"] if self.db.verdict(h) is None]
+        """This round's fetch set: announced experts without a verdict, bounded by :func:`select_fetches`."""
+        candidates = []
+        for h in results["discover"]["experts"]:
+            if self.db.verdict(h) is not None:
+                continue
+            e = self.db.expert(h) or {}
+            f = self.db.fetch(h) or {}
+            failed = f.get("status") == "failed"
+            candidates.append(FetchCandidate(
+                h, e.get("owner", ""), e.get("address", ""), _mean_self_score(e.get("record") or {}),
+                float(e.get("first_seen", 0.0)), int(f.get("attempts", 0)) if failed else 0,
+                float(f.get("updated_at", 0.0)) if failed else 0.0, self.ctx.store.has(h)))
+        chosen = select_fetches(self.config, candidates, time.time())
+        if len(chosen) < len(candidates):
+            logger.info("fetching %d of %d expert(s) without a verdict; the rest wait (budget or back-off)",
+                        len(chosen), len(candidates))
+        return chosen
 
     def step_fetch(self, number: int, results: dict) -> dict:
         """Download the new experts into the store's quarantine, ``fetch_concurrency`` at a time.
@@ -384,12 +464,10 @@ class RoundRunner:
                 ranks.setdefault(h, {})[d] = i
         self.db.record_ranks(number, rows)
         experts = {}
-        for h in results["discover"]["experts"][-512:]:
+        for h in self._published_verdicts(results["discover"]["experts"], verdicts, ranks):
             v = verdicts.get(h)
             if v is None:
                 f = self.db.fetch(h)
-                if f is None:
-                    continue
                 experts[h] = ExpertVerdict(admitted=False, reason=f"not fetched yet: {f['error']}"[:1024],
                                            scores={}, ranks={})
                 continue
@@ -399,6 +477,14 @@ class RoundRunner:
         record = ScoresRecord(round=number, updated_at=time.time(), experts=experts)
         published = self._publish("scores", lambda ttl: self.ctx.records.publish_scores(record, ttl=ttl))
         return {"ranks": [list(r) for r in rows], "published": published, "record": record.dict()}
+
+    def _published_verdicts(self, announced: list[str], verdicts: dict, ranks: dict) -> list[str]:
+        """Announced experts with a verdict or a fetch attempt, ranked ones first (best rank first),
+        then admitted, then the others; at most ``max_published_verdicts`` (the scores record's size)."""
+        known = [h for h in announced if h in verdicts or self.db.fetch(h) is not None]
+        known.sort(key=lambda h: (min(ranks[h].values()) if ranks.get(h) else math.inf,
+                                  not verdicts.get(h, {}).get("admitted", False), h))
+        return known[: self.config.max_published_verdicts]
 
     def _publish(self, name: str, fn: Callable[[float], bool], withdraw: Callable[[float], bool] | None = None) -> bool:
         """Store a record now and keep it refreshed; ``withdraw`` runs when the coordinator stops."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import umm
 from node.config import NodeConfig, grpc_address
-from node.watch import MergedWatcher
+from node.watch import HIGH_WATER_NAME, MergedWatcher
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit
 from umm.errors import UmmError
 
@@ -145,6 +145,7 @@ class Node:
             self.watcher = MergedWatcher(
                 self.records, self.store, servicer, self.refresher, address,
                 period=cfg.poll_period, max_bytes=cfg.max_merged_bytes, show_progress=cfg.show_progress,
+                state_path=cfg.data_dir / HIGH_WATER_NAME,
             )
             self.watcher.start()
         else:

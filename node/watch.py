@@ -7,11 +7,19 @@ own address and every announced provider (:func:`umm.net.transfer.download`: has
 resumable, only a verified model enters the store), registers it with the gRPC servicer and
 announces itself as a provider (refreshed with the other records). A failed download is retried
 at the next poll, resuming its partial files; records for older rounds are ignored.
+
+Rollback: the highest round seen from each coordinator key is kept in ``state_path`` (in the
+node's data dir, replaced atomically), so a node restarted while an older, still validly signed
+merged record circulates refuses it instead of fetching and serving it again. A record of the
+same round with another model is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +31,68 @@ from umm.ui import human_bytes
 logger = logging.getLogger(__name__)
 
 PROVIDER_JOB_PREFIX = "provider:"
+#: file in the node's data dir: the highest merged round seen per coordinator key
+HIGH_WATER_NAME = "merged_high_water.json"
+
+
+class HighWaterMark:
+    """Highest merged round (and its model) accepted per coordinator key, persisted in ``path``.
+
+    The file maps sha256(coordinator public key) to ``{"round": n, "manifest_hash": h}``; it is
+    written to a temporary file and renamed over the old one. An unreadable file counts as empty
+    (and is logged): the node then behaves as one started fresh."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self._marks: dict[str, dict[str, Any]] = self._load()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring unreadable %s: %s", self.path, e)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("round"), int)
+                and isinstance(v.get("manifest_hash"), str)}
+
+    @staticmethod
+    def _id(coordinator_key: bytes) -> str:
+        return hashlib.sha256(bytes(coordinator_key)).hexdigest()
+
+    def refusal(self, coordinator_key: bytes, round_: int, manifest_hash: str) -> str | None:
+        """Why a record of ``round_`` with ``manifest_hash`` is refused, or None if it is not."""
+        mark = self._marks.get(self._id(coordinator_key))
+        if mark is None:
+            return None
+        if round_ < mark["round"]:
+            return f"round {round_} is older than round {mark['round']}, already seen from this coordinator"
+        if round_ == mark["round"] and manifest_hash != mark["manifest_hash"]:
+            return f"round {round_} was already published with another model ({mark['manifest_hash'][:12]})"
+        return None
+
+    def raise_to(self, coordinator_key: bytes, round_: int, manifest_hash: str) -> None:
+        """Record ``round_`` as seen (only ever upward) and persist it."""
+        key = self._id(coordinator_key)
+        mark = self._marks.get(key)
+        if mark is not None and mark["round"] >= round_:
+            return
+        self._marks[key] = {"round": int(round_), "manifest_hash": manifest_hash}
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(self._marks, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            logger.warning("could not save the merged-round high-water mark to %s: %s", self.path, e)
 
 
 @dataclass(frozen=True)
@@ -51,6 +121,7 @@ class MergedWatcher:
         show_progress: bool = False,
         timeout: float = 30.0,
         retries: int = 3,
+        state_path: Path | None = None,  # high-water mark file (None: kept in memory only)
     ):
         if period <= 0:
             raise ValueError("period must be positive")
@@ -67,6 +138,7 @@ class MergedWatcher:
         self.current: MergedModel | None = None
         self.last_error: str | None = None
         self._refused: set[str] = set()  # hashes we will not fetch (over the size limit)
+        self.high_water = HighWaterMark(state_path)
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="umm-merged-watcher", daemon=True)
@@ -104,12 +176,19 @@ class MergedWatcher:
             return self.current
         if h in self._refused:
             return self.current
+        refusal = self.high_water.refusal(entry.owner, rec.round, h)
+        if refusal is not None:
+            if self.last_error != f"refused merged record: {refusal}":
+                logger.warning("refused merged record of round %d (%s): %s", rec.round, h[:12], refusal)
+            self.last_error = f"refused merged record: {refusal}"
+            return self.current
         if rec.total_bytes > self.max_bytes:
             self._refused.add(h)
             self.last_error = (f"merged model of round {rec.round} is {human_bytes(rec.total_bytes)}, over "
                                f"--max-merged-bytes {human_bytes(self.max_bytes)}; not fetched")
             logger.warning("%s", self.last_error)
             return self.current
+        self.high_water.raise_to(entry.owner, rec.round, h)  # before fetching: older rounds are refused from now on
         providers = [rec.address] + sorted(
             e.record.address for e in self.records.providers(h).values() if e.record.address != self.address
         )

@@ -1,14 +1,28 @@
-"""DHT records on a real 2-peer hivemind swarm on 127.0.0.1: who may write what, shapes, expiry."""
+"""DHT records on a real 2-peer hivemind swarm on 127.0.0.1: who may write what, shapes, expiry;
+scores of 1,000 experts in pages; requests larger than the DHT's request pipe; and a DHT process
+that stops answering (every call fails with a typed error instead of blocking)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
 import time
 
 import pytest
 
 from umm.net import keys, records
-from umm.net.dht import start_dht, visible_maddrs
-from umm.net.records import ExpertRecord, MergedRecord, NetworkRecords, ProviderRecord, Refresher
+from umm.net.dht import start_dht, stop_dht, visible_maddrs
+from umm.net.errors import DHTUnavailableError, RecordError
+from umm.net.records import (
+    ExpertRecord,
+    ExpertVerdict,
+    MergedRecord,
+    NetworkRecords,
+    ProviderRecord,
+    Refresher,
+    ScoresRecord,
+)
 
 NET = "testnet"
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
@@ -28,6 +42,20 @@ def merged(round_: int = 1) -> MergedRecord:
         sources=[H1, H2], method="ties", recipe_hash=H2, scores={"gsm8k": 0.7},
         source_scores={H1: {"gsm8k": 0.5}, H2: {"gsm8k": 0.4}}, published_at=1.0,
     )
+
+
+def verdicts(n: int) -> dict[str, ExpertVerdict]:
+    out = {}
+    for i in range(n):
+        h = hashlib.sha256(str(i).encode()).hexdigest()
+        if i % 3:
+            out[h] = ExpertVerdict(admitted=False, reason=f"not fetched yet: provider 127.0.0.1:{9000 + i} refused "
+                                   "the connection (UNAVAILABLE: failed to connect to all addresses) " + "x" * 200,
+                                   scores={}, ranks={})
+        else:
+            out[h] = ExpertVerdict(admitted=True, reason="admitted", scores={"synth-math": i / n, "synth-code": 0.5},
+                                   ranks={"math": i // 3 + 1, "code": i // 3 + 1})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +109,8 @@ def test_wrong_shaped_values_are_rejected(swarm):
     assert not records.store_value(swarm["b"], key, rb.owner, {**good, "extra": 1}, ttl=60)
     assert not records.store_value(swarm["b"], key, rb.owner, {k: v for k, v in good.items() if k != "name"}, ttl=60)
     assert not records.store_value(swarm["b"], key, rb.owner, {**good, "schema_version": 99}, ttl=60)
+    fat = {**good, "domains": [f"domain-{i:03d}-" + "d" * 100 for i in range(40)]}  # within the list bounds
+    assert not records.store_value(swarm["b"], key, rb.owner, fat, ttl=60)  # but over 4 KiB in all
     assert not records.store_value(swarm["b"], key, rb.owner, b"not a dict", ttl=60)
     # an entry without an owner marker is refused for schema keys
     assert not records.store_value(swarm["b"], key, b"plain-subkey", good, ttl=60)
@@ -212,3 +242,84 @@ def test_dht_processes_leave_the_owners_group_and_are_recorded(tmp_path):
     _, alive = psutil.wait_procs(mine, timeout=10)
     assert not alive
     assert end_orphaned_dht(pids) == 0  # no file: nothing to do
+
+
+def test_scores_of_1000_experts_are_paged_and_read_back_whole(swarm):
+    record = ScoresRecord(round=3, updated_at=time.time(), experts=verdicts(1000))
+    index, pages = records.scores_pages(record)
+    assert index.pages == len(pages) > 1
+    assert all(records.value_size(records.to_value(p)) <= records.PAGE_BYTES for p in pages)
+    assert swarm["ra"].publish_scores(record)
+    entry = swarm["rb"].scores()  # a node reads the coordinator's pages through the one read helper
+    assert entry is not None and entry.owner == swarm["ra"].public_key
+    assert entry.record == record and list(entry.record.experts) == list(record.experts)
+    assert swarm["a"].is_alive() and swarm["b"].is_alive()
+
+    # a smaller record replaces it: pages of the old one left in the DHT are not mixed in
+    smaller = ScoresRecord(round=4, updated_at=time.time(), experts=dict(list(verdicts(5).items())))
+    assert swarm["ra"].publish_scores(smaller)
+    assert swarm["rb"].scores().record == smaller
+
+
+def test_only_the_coordinator_writes_scores_pages(swarm):
+    rb = swarm["rb"]
+    page = records.ScoresPage(round=99, updated_at=1.0, page=0, experts={})
+    # under its own key: refused by the peers that know the coordinator key
+    assert not records.store_value(swarm["b"], records.scores_page_key(NET, 0), rb.owner, records.to_value(page), 60)
+    assert not rb.publish_scores(ScoresRecord(round=99, updated_at=1.0, experts={}))
+    entry = rb.scores()
+    assert entry is None or entry.record.round != 99
+
+
+def test_requests_larger_than_the_dht_pipe_do_not_kill_the_dht_process(swarm):
+    """hivemind read such requests from a non-blocking pipe and died mid-message (finding 5)."""
+    a = swarm["a"]
+    for i in range(3):  # bare calls: our own store_value refuses values this large
+        assert records.call_dht(a, "store", 30.0, key=f"umm.{NET}.raw.{i}", value=b"x" * 300_000,
+                                expiration_time=records.dht_time() + 60)
+        assert a.is_alive()
+    assert records.call_dht(a, "get", 30.0, key=f"umm.{NET}.raw.2", latest=True).value == b"x" * 300_000
+
+
+def test_values_over_the_record_size_limit_are_refused_before_sending(swarm):
+    rb = swarm["rb"]
+    with pytest.raises(RecordError, match="limit"):
+        records.store_value(swarm["b"], records.providers_key(NET, "a" * 64), rb.owner,
+                            {"blob": "y" * (records.MAX_VALUE_BYTES + 1)}, ttl=60)
+    with pytest.raises(RecordError):
+        records.scores_pages(ScoresRecord(round=1, updated_at=1.0, experts=verdicts(1000)), page_bytes=300)
+
+
+def test_scores_past_the_last_page_are_left_out_when_publishing():
+    record = ScoresRecord(round=1, updated_at=1.0, experts=verdicts(1000))
+    with pytest.raises(RecordError, match="pages"):
+        records.scores_pages(record, page_bytes=1024)
+    index, pages = records.scores_pages(record, page_bytes=1024, drop_overflow=True)
+    assert index.pages == len(pages) == records.MAX_SCORE_PAGES
+    kept = [h for p in pages for h in p.experts]
+    assert kept == list(record.experts)[: len(kept)]  # the first (most important) verdicts are kept
+
+
+def test_a_stopped_dht_process_gives_typed_errors_not_a_hang(tmp_path):
+    key = keys.load_or_create_key(tmp_path / "c.key")
+    pub = keys.public_key_bytes(key)
+    dht = start_dht(NET, tmp_path / "c.key", coordinator_public_key=pub)
+    recs = NetworkRecords(dht, NET, key, pub, timeout=2.0)
+    try:
+        assert NetworkRecords(dht, NET, key, pub).experts() == {}  # it answers (default timeout: load)
+        os.kill(dht.pid, signal.SIGSTOP)  # alive, but answers nothing
+        with pytest.raises(DHTUnavailableError, match="no answer"):
+            recs.experts()
+        with pytest.raises(DHTUnavailableError):
+            recs.publish_scores(ScoresRecord(round=1, updated_at=1.0, experts=verdicts(300)))
+        for _ in range(3):  # requests pile up in the pipe; each caller still gets its error
+            with pytest.raises(DHTUnavailableError):
+                recs.scores()
+        with pytest.raises(DHTUnavailableError):
+            visible_maddrs(dht, timeout=1.0)
+        assert str(dht.peer_id) == keys.peer_id_of(tmp_path / "c.key")  # cached at start: no call
+    finally:
+        stop_dht(dht, timeout=3.0)  # killed: it would never answer a shutdown request
+    assert not dht.is_alive()
+    with pytest.raises(DHTUnavailableError, match="not running"):
+        recs.merged()

@@ -11,7 +11,14 @@ like being forked under it). Our DHT process differs from hivemind's in three wa
 - on SIGTERM it ends ``p2pd`` and exits at once, whatever it was doing (hivemind's own shutdown
   ends ``p2pd``, a signal did not);
 - started from the owner's main thread, it gets SIGTERM when the owner dies (Linux
-  ``PR_SET_PDEATHSIG``), so a SIGKILLed owner does not leave a peer running under its identity.
+  ``PR_SET_PDEATHSIG``), so a SIGKILLed owner does not leave a peer running under its identity;
+- it reads each request from its owner whole. hivemind polls the request pipe through uvloop,
+  which makes the pipe non-blocking, and then reads a message with a plain ``recv()``: a request
+  larger than what the pipe holds at that moment (a value over the 64 KiB pipe buffer, or one
+  caught between its length header and its body) failed with ``BlockingIOError``, the next read
+  started mid-message, and the DHT process died (``EOFError``/unpickling error). That is what killed
+  the coordinator's process on scores records of ~200 KB. Our process reads a message in blocking
+  mode (the owner is writing the rest of it) and then hands the pipe back to the loop.
 
 What can still outlive an owner (its DHT process SIGKILLed, another OS, a DHT started from a
 thread) is recorded in a pid file (``start_dht(pid_file=...)``) and ended by the next start with
@@ -21,6 +28,7 @@ by another peer". :func:`stop_dht` shuts down and ends whatever is left.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -33,7 +41,7 @@ from pathlib import Path
 
 from umm.net.errors import NetError
 from umm.net.keys import load_or_create_key
-from umm.net.records import check_network, make_validators
+from umm.net.records import DEFAULT_DHT_TIMEOUT, call_dht, check_network, make_validators
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,10 @@ LOOPBACK_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 #: pid file of a data dir's DHT processes (see module docstring)
 DHT_PIDS = "dht.pids"
 _PR_SET_PDEATHSIG = 1
+#: seconds beyond hivemind's own ``startup_timeout`` that start_dht waits for the DHT to be ready
+_READY_MARGIN = 15.0
+#: seconds stop_dht gives a DHT to shut down before it is killed
+STOP_TIMEOUT = 10.0
 
 
 def _set_parent_death_signal(sig: int) -> bool:
@@ -87,6 +99,31 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
         os._exit(128 + signum)
 
 
+class _WholeMessagePipe:
+    """The DHT process's end of its request pipe, reading each message whole (see module docstring)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._conn.poll(timeout)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def recv(self):
+        fd = self._conn.fileno()
+        was_blocking = os.get_blocking(fd)
+        os.set_blocking(fd, True)
+        try:
+            return self._conn.recv()
+        finally:
+            os.set_blocking(fd, was_blocking)
+
+
 @functools.cache
 def _dht_class():
     """``hivemind.DHT`` whose background process behaves as the module docstring says."""
@@ -98,6 +135,7 @@ def _dht_class():
         _owner_pid = 0
 
         def run(self) -> None:
+            self._inner_pipe = _WholeMessagePipe(self._inner_pipe)
             try:
                 os.setpgid(0, 0)
             except OSError as e:  # e.g. a session leader: Ctrl-C may then end p2pd early
@@ -156,28 +194,54 @@ def start_dht(
     dht._die_with_owner = threading.current_thread() is threading.main_thread()
     dht._owner_pid = os.getpid()
     try:
-        dht.run_in_background(await_ready=True)
+        dht.run_in_background(await_ready=True, timeout=startup_timeout + _READY_MARGIN)
     except Exception as e:
         if dht.is_alive():
             dht.terminate()
             dht.join(10)
         hint = " (check that the initial peers are running and reachable)" if initial_peers else ""
         raise NetError(f"could not start the DHT for network {network!r}: {e}{hint}") from e
+    try:  # hivemind fetches and caches peer_id on first use with an unbounded call: cache it now, bounded
+        dht._peer_id = call_dht(dht, "run_coroutine", startup_timeout, coro=type(dht)._get_peer_id)
+    except Exception:
+        stop_dht(dht)
+        raise
     if pid_file is not None:
         record_dht_processes(dht, pid_file)
     logger.info("DHT for %s started: %s", network, ", ".join(visible_maddrs(dht)))
     return dht
 
 
-def visible_maddrs(dht) -> list[str]:
-    """Multiaddrs (with ``/p2p/<peer id>``) that other peers can pass as ``initial_peers``."""
-    return [str(m) for m in dht.get_visible_maddrs()]
+def visible_maddrs(dht, timeout: float = DEFAULT_DHT_TIMEOUT) -> list[str]:
+    """Multiaddrs (with ``/p2p/<peer id>``) that other peers can pass as ``initial_peers``.
+
+    :class:`~umm.net.errors.DHTUnavailableError` when the DHT does not answer within ``timeout`` s."""
+    coro = functools.partial(type(dht)._get_visible_maddrs, latest=False)
+    return [str(m) for m in call_dht(dht, "run_coroutine", timeout, coro=coro)]
 
 
-def stop_dht(dht, pid_file: str | os.PathLike[str] | None = None) -> None:
-    """Shut ``dht`` down; then end any of its recorded processes still running and drop ``pid_file``."""
+def stop_dht(dht, pid_file: str | os.PathLike[str] | None = None, timeout: float = STOP_TIMEOUT) -> None:
+    """Shut ``dht`` down within about ``timeout`` seconds, killing it (and ``p2pd``) if it does not
+    answer (stopped, hung); then end any of its recorded processes still running and drop ``pid_file``."""
+    import psutil
+
     try:
-        dht.shutdown()
+        children = psutil.Process(dht.pid).children(recursive=True) if dht.is_alive() else []
+    except (psutil.Error, ValueError, AssertionError):
+        children = []
+    try:
+        # hivemind's shutdown writes to the DHT's request pipe, which blocks once the pipe is full
+        closer = threading.Thread(target=dht.shutdown, name="umm-dht-shutdown", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if dht.is_alive():
+            logger.warning("the DHT process did not shut down within %.0f s; killing it", timeout)
+            dht.kill()
+            dht.join(timeout)
+        _, alive = psutil.wait_procs(children, timeout=timeout / 2)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
     finally:
         if pid_file is not None:
             end_orphaned_dht(pid_file)

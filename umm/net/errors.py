@@ -39,3 +39,7 @@ class ManifestHashError(TransferError):
 
 class AddressError(NetError):
     """A peer address is malformed, not host:port over TCP, or in a range that may not be dialled."""
+
+
+class DHTUnavailableError(NetError):
+    """The DHT process did not answer a call within its time limit, or is not running."""

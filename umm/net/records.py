@@ -3,7 +3,8 @@
 Keys (``<network>`` is the network's name)::
 
     umm.<network>.experts                 subkey: contributor's owner marker  -> ExpertRecord
-    umm.<network>.scores                  subkey: coordinator's owner marker  -> ScoresRecord
+    umm.<network>.scores                  subkey: coordinator's owner marker  -> ScoresIndex
+    umm.<network>.scores.<page>           subkey: coordinator's owner marker  -> ScoresPage (page < 128)
     umm.<network>.merged                  subkey: coordinator's owner marker  -> MergedRecord
     umm.<network>.providers.<hash>        subkey: provider's owner marker     -> ProviderRecord
 
@@ -11,14 +12,27 @@ An *owner marker* is ``b"[owner:" + OpenSSH public key + b"]"``: hivemind's
 :class:`~hivemind.dht.crypto.RSASignatureValidator` then requires every write under that subkey
 to carry the owner's signature (over key, subkey, value and expiration), so a peer can write only
 its own entries. hivemind's :class:`~hivemind.dht.schema.SchemaValidator` rejects values of the
-wrong shape for the three fixed keys (strict pydantic v1 types, no extra fields, our
-``schema_version``). Provider keys contain a hash, so no fixed schema can name them: they are
+wrong shape for the fixed keys (experts, scores index and pages, merged; strict pydantic v1
+types, no extra fields, our ``schema_version``). Provider keys contain a hash, so no fixed schema can name them: they are
 protected by signature like the others and their shape is checked on read.
 
 Scores and merged-model records are trusted only under the coordinator's marker. Readers ignore
 every other subkey, and a DHT started with ``coordinator_public_key`` (see
 :func:`make_validators`) refuses to store or relay them at all. Give every peer of a network the
 coordinator key: hivemind drops a whole dictionary answer when one entry of it fails validation.
+
+The coordinator's scores (a :class:`ScoresRecord`, one verdict per expert) are stored as pages of
+at most :data:`PAGE_BYTES` each plus an index naming the round, time and page count
+(:func:`scores_pages`); :meth:`NetworkRecords.scores` reads them back as one record. No value we
+store exceeds :data:`MAX_VALUE_BYTES` (:func:`store_value` refuses it). hivemind's own limit is
+per DHT RPC: a request or answer over p2pd's 4 MiB message (``DEFAULT_MAX_MSG_SIZE``, hivemind
+keeps unary payloads to half that) fails, and a dictionary key travels whole in one answer
+(every subkey, with owner markers and signatures), so single values stay far below it. (Before
+:mod:`umm.net.dht` read requests whole, any request over the 64 KiB pipe buffer between a DHT
+and its owner could kill the DHT process; records of ~200 KB did.)
+
+Every DHT call is bounded: :class:`DHTUnavailableError` after ``timeout`` seconds (default
+:data:`DEFAULT_DHT_TIMEOUT`), or at once when the DHT process is not running.
 
 Records expire; their owners re-store them every refresh period with an expiration of twice the
 period (:class:`Refresher`), so an owner that goes away disappears within two periods.
@@ -29,6 +43,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +52,7 @@ from typing import Any, Dict, Generic, List, Optional, Type, TypeVar
 import pydantic.v1 as pyd
 
 from umm.net.addresses import check_address
-from umm.net.errors import AddressError, RecordError
+from umm.net.errors import AddressError, DHTUnavailableError, RecordError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +61,16 @@ DEFAULT_REFRESH_PERIOD = 60.0
 HASH_RE = r"^[0-9a-f]{64}$"
 _NETWORK_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ENTRIES = 512
+#: largest msgpack value :func:`store_value` stores (hivemind's own limit: 4 MiB per DHT RPC message)
+MAX_VALUE_BYTES = 48 * 1024
+#: largest expert record (msgpack; a usual one is ~400 bytes)
+MAX_EXPERT_RECORD_BYTES = 4096
+#: verdicts are packed into scores pages of at most this many msgpack bytes
+PAGE_BYTES = 32 * 1024
+#: scores pages a coordinator may write (fixed keys, so the DHT can check who writes them)
+MAX_SCORE_PAGES = 128
+#: verdicts one scores record may hold (far more than MAX_SCORE_PAGES pages would fit)
+MAX_SCORED_EXPERTS = 100_000
 
 # ---------------------------------------------------------------------------------------------
 # keys
@@ -63,6 +88,12 @@ def experts_key(network: str) -> str:
 
 def scores_key(network: str) -> str:
     return f"umm.{check_network(network)}.scores"
+
+
+def scores_page_key(network: str, page: int) -> str:
+    if not isinstance(page, int) or not 0 <= page < MAX_SCORE_PAGES:
+        raise RecordError(f"invalid scores page {page!r}: expected 0 to {MAX_SCORE_PAGES - 1}")
+    return f"umm.{check_network(network)}.scores.{page}"
 
 
 def merged_key(network: str) -> str:
@@ -151,6 +182,15 @@ class ExpertRecord(_Record):
     _b1 = pyd.validator("domains", allow_reuse=True)(lambda v: _bounded(v, "domains"))
     _b2 = pyd.validator("self_scores", allow_reuse=True)(lambda v: _bounded(v, "self_scores"))
 
+    @pyd.root_validator(skip_on_failure=True)
+    def _small(cls, values: dict) -> dict:
+        # every contributor's record travels in one DHT answer (at most 4 MiB): fat records would let
+        # a few dozen keys make the experts key unreadable
+        size = value_size(values)
+        if size > MAX_EXPERT_RECORD_BYTES:
+            raise ValueError(f"the record is {size} bytes (at most {MAX_EXPERT_RECORD_BYTES})")
+        return values
+
 
 class ExpertVerdict(pyd.BaseModel):
     """The coordinator's verdict on one expert (by manifest hash)."""
@@ -166,10 +206,36 @@ class ExpertVerdict(pyd.BaseModel):
 
 
 class ScoresRecord(_Record):
-    """Verified scores, admission verdicts and ranks, written by the coordinator only."""
+    """Verified scores, admission verdicts and ranks, written by the coordinator only.
+
+    Held in memory and in the coordinator's state; in the DHT it is an index and pages
+    (:func:`scores_pages`)."""
 
     round: Count
     updated_at: pyd.StrictFloat
+    experts: Dict[Hash, ExpertVerdict]
+
+    @pyd.validator("experts")
+    def _b(cls, v: dict) -> dict:
+        if len(v) > MAX_SCORED_EXPERTS:
+            raise ValueError(f"experts has {len(v)} entries (at most {MAX_SCORED_EXPERTS})")
+        return v
+
+
+class ScoresIndex(_Record):
+    """Which scores pages make up the coordinator's current :class:`ScoresRecord`."""
+
+    round: Count
+    updated_at: pyd.StrictFloat
+    pages: pyd.conint(strict=True, ge=0, le=MAX_SCORE_PAGES)
+
+
+class ScoresPage(_Record):
+    """Page ``page`` of a :class:`ScoresRecord` (same ``round`` and ``updated_at`` as its index)."""
+
+    round: Count
+    updated_at: pyd.StrictFloat
+    page: pyd.conint(strict=True, ge=0, lt=MAX_SCORE_PAGES)
     experts: Dict[Hash, ExpertVerdict]
 
     _b = pyd.validator("experts", allow_reuse=True)(lambda v: _bounded(v, "experts"))
@@ -213,6 +279,9 @@ def parse_record(cls: Type[R], value: Any) -> R:
     """Parse a DHT value into ``cls``; :class:`RecordError` for anything of the wrong shape."""
     if not isinstance(value, dict):
         raise RecordError(f"{cls.__name__}: expected a dictionary, got {type(value).__name__}")
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:
+        raise RecordError(f"malformed {cls.__name__}: field names must be strings, got {odd[0]!r:.60}")
     try:
         record = cls.parse_obj(value)
     except pyd.ValidationError as e:
@@ -220,6 +289,50 @@ def parse_record(cls: Type[R], value: Any) -> R:
     if to_value(record) != value:
         raise RecordError(f"malformed {cls.__name__}: values need type conversion or fields are missing")
     return record
+
+
+def value_size(value: Any) -> int:
+    """Bytes of ``value`` as hivemind serialises it (msgpack)."""
+    from hivemind.utils import MSGPackSerializer
+
+    return len(MSGPackSerializer.dumps(value))
+
+
+def scores_pages(record: ScoresRecord, page_bytes: int = PAGE_BYTES, *,
+                 drop_overflow: bool = False) -> tuple[ScoresIndex, list[ScoresPage]]:
+    """``record`` as an index and pages of at most ``page_bytes`` msgpack bytes (verdicts in record order).
+
+    A page takes verdicts while its size (page fields + each hash and verdict) stays within
+    ``page_bytes``; :class:`RecordError` when one verdict alone does not fit or more than
+    :data:`MAX_SCORE_PAGES` pages are needed, unless ``drop_overflow``: then the verdicts past the
+    last page are left out (the record lists the most important first).
+    """
+    def page(i: int, experts: dict) -> ScoresPage:
+        return ScoresPage(round=record.round, updated_at=record.updated_at, page=i, experts=experts)
+
+    base = value_size(to_value(page(MAX_SCORE_PAGES - 1, {}))) + 4  # + the map header growing to 5 bytes
+    groups: list[dict[str, ExpertVerdict]] = [{}]
+    size = base
+    for h, verdict in record.experts.items():
+        item = value_size(h) + value_size(verdict.dict())
+        if base + item > page_bytes:
+            raise RecordError(f"the verdict on {h[:12]} is {item} bytes, over a scores page of {page_bytes} bytes")
+        if size + item > page_bytes or len(groups[-1]) >= _MAX_ENTRIES:
+            groups.append({})
+            size = base
+        groups[-1][h] = verdict
+        size += item
+    if not groups[-1]:
+        groups.pop()
+    if len(groups) > MAX_SCORE_PAGES and drop_overflow:
+        left_out = sum(len(g) for g in groups[MAX_SCORE_PAGES:])
+        logger.warning("scores of round %d: %d verdict(s) past %d pages left out", record.round, left_out,
+                       MAX_SCORE_PAGES)
+        groups = groups[:MAX_SCORE_PAGES]
+    if len(groups) > MAX_SCORE_PAGES:
+        raise RecordError(f"{len(record.experts)} verdicts need {len(groups)} scores pages (at most {MAX_SCORE_PAGES})")
+    index = ScoresIndex(round=record.round, updated_at=record.updated_at, pages=len(groups))
+    return index, [page(i, g) for i, g in enumerate(groups)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +351,11 @@ def dht_schema(network: str) -> Type[pyd.BaseModel]:
 
     fields = {
         experts_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ExpertRecord]]], None),
-        scores_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ScoresRecord]]], None),
+        scores_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ScoresIndex]]], None),
         merged_key(network): (Optional[Dict[BytesWithPublicKey, Optional[MergedRecord]]], None),
     }
+    for i in range(MAX_SCORE_PAGES):
+        fields[scores_page_key(network, i)] = (Optional[Dict[BytesWithPublicKey, Optional[ScoresPage]]], None)
     return pyd.create_model(f"UmmRecords_{network.replace('-', '_')}", **fields)
 
 
@@ -249,10 +364,12 @@ def _coordinator_only_validator_class():
     from hivemind.utils import MSGPackSerializer
 
     class CoordinatorOnlyValidator(RecordValidatorBase):
-        """Rejects scores/merged entries whose subkey is not the coordinator's owner marker."""
+        """Rejects scores (index and pages) and merged entries whose subkey is not the coordinator's marker."""
 
         def __init__(self, network: str, coordinator_public_key: bytes):
-            self._key_ids = {_key_id(scores_key(network)), _key_id(merged_key(network))}
+            keys = [scores_key(network), merged_key(network)]
+            keys += [scores_page_key(network, i) for i in range(MAX_SCORE_PAGES)]
+            self._key_ids = {_key_id(k) for k in keys}
             self._owner = owner_marker(coordinator_public_key)
 
         def validate(self, record) -> bool:
@@ -288,17 +405,67 @@ def make_validators(network: str, local_key, coordinator_public_key: bytes | Non
 # ---------------------------------------------------------------------------------------------
 # announce / read
 
+#: seconds a DHT call may take before :class:`DHTUnavailableError` (sending the request included)
+DEFAULT_DHT_TIMEOUT = 30.0
+
 _DHT_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 _DHT_LOCKS_GUARD = threading.Lock()
 
 
-def _dht_call(dht, method: str, **kwargs) -> Any:
-    # hivemind.DHT talks to its process over one pipe; serialise sends from our threads.
+def call_dht(dht, method: str, timeout: float = DEFAULT_DHT_TIMEOUT, **kwargs) -> Any:
+    """``dht.<method>(**kwargs)`` with a bound: :class:`DHTUnavailableError` after ``timeout`` seconds.
+
+    hivemind.DHT talks to its process over one pipe: sends from our threads are serialised, and a
+    send runs in a helper thread, since it blocks for good once the pipe is full and the process
+    stopped reading (stopped, hung). A request abandoned that way is not sent later.
+    """
+    import concurrent.futures
+
+    if not dht.is_alive():
+        raise DHTUnavailableError(f"DHT {method}: the DHT process is not running")
     with _DHT_LOCKS_GUARD:
         lock = _DHT_LOCKS.setdefault(dht, threading.Lock())
-    with lock:
-        future = getattr(dht, method)(return_future=True, **kwargs)
-    return future.result()
+    deadline = time.monotonic() + timeout
+    sent, abandoned = threading.Event(), threading.Event()
+    out: dict[str, Any] = {}
+
+    def send() -> None:
+        with lock:
+            if abandoned.is_set():  # the caller gave up while we waited for the pipe
+                return
+            try:
+                out["future"] = getattr(dht, method)(return_future=True, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                out["error"] = e
+            sent.set()
+
+    threading.Thread(target=send, name=f"umm-dht-{method}", daemon=True).start()
+    try:
+        if not sent.wait(max(0.0, deadline - time.monotonic())):
+            raise concurrent.futures.TimeoutError
+        if "error" in out:
+            raise out["error"]
+        return _answer(dht, method, out["future"], deadline)
+    except concurrent.futures.TimeoutError:
+        abandoned.set()
+        if "future" in out:
+            out["future"].cancel()
+        raise DHTUnavailableError(f"DHT {method}: no answer within {timeout:g} s (the DHT process is busy, "
+                                  "stopped or gone)") from None
+
+
+def _answer(dht, method: str, future, deadline: float) -> Any:
+    """``future``'s result by ``deadline`` (TimeoutError after it); :class:`DHTUnavailableError` as
+    soon as the DHT process is found gone (it would never answer)."""
+    while True:
+        try:
+            return future.result(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+            if not dht.is_alive():
+                future.cancel()
+                raise DHTUnavailableError(f"DHT {method}: the DHT process exited before answering") from None
 
 
 def dht_time() -> float:
@@ -316,17 +483,27 @@ class Entry(Generic[R]):
     expiration_time: float
 
 
-def store_value(dht, key: str, subkey: bytes, value: dict | None, ttl: float) -> bool:
-    """Store ``value`` (None withdraws) under ``key``/``subkey`` until now + ``ttl``; True if stored."""
+def store_value(dht, key: str, subkey: bytes, value: dict | None, ttl: float, *,
+                timeout: float = DEFAULT_DHT_TIMEOUT) -> bool:
+    """Store ``value`` (None withdraws) under ``key``/``subkey`` until now + ``ttl``; True if stored.
+
+    :class:`RecordError` for a value over :data:`MAX_VALUE_BYTES`; :class:`DHTUnavailableError`
+    when the DHT does not answer within ``timeout`` seconds."""
     if ttl <= 0:
         raise ValueError("ttl must be positive")
-    return bool(_dht_call(dht, "store", key=key, value=value, subkey=subkey, expiration_time=dht_time() + ttl))
+    size = value_size(value)
+    if size > MAX_VALUE_BYTES:
+        raise RecordError(f"a value of {size} bytes under {key} is over the {MAX_VALUE_BYTES}-byte limit of a record")
+    return bool(call_dht(dht, "store", timeout, key=key, value=value, subkey=subkey, expiration_time=dht_time() + ttl))
 
 
-def read_entries(dht, key: str, cls: Type[R], *, owners: set[bytes] | None = None) -> dict[bytes, Entry[R]]:
-    """All well-formed, unexpired entries under ``key`` (optionally only those of ``owners``), by owner."""
-    found = _dht_call(dht, "get", key=key, latest=True)
-    if found is None or not isinstance(found.value, dict):
+def read_entries(dht, key: str, cls: Type[R], *, owners: set[bytes] | None = None,
+                 timeout: float = DEFAULT_DHT_TIMEOUT) -> dict[bytes, Entry[R]]:
+    """All well-formed, unexpired entries under ``key`` (optionally only those of ``owners``), by owner.
+
+    :class:`DHTUnavailableError` when the DHT does not answer within ``timeout`` seconds."""
+    found = call_dht(dht, "get", timeout, key=key, latest=True)
+    if found is None or not isinstance(getattr(found, "value", None), dict):
         return {}
     out: dict[bytes, Entry[R]] = {}
     now = dht_time()
@@ -334,11 +511,11 @@ def read_entries(dht, key: str, cls: Type[R], *, owners: set[bytes] | None = Non
         owner = public_key_of_marker(subkey)
         if owner is None or (owners is not None and owner not in owners):
             continue
-        value, expiration = item.value, item.expiration_time
-        if value is None or expiration < now:
+        value, expiration = getattr(item, "value", None), getattr(item, "expiration_time", None)
+        if value is None or not isinstance(expiration, (int, float)) or expiration < now:
             continue
         try:
-            out[owner] = Entry(owner, parse_record(cls, value), expiration)
+            out[owner] = Entry(owner, parse_record(cls, value), float(expiration))
         except RecordError as e:
             logger.debug("ignoring a malformed entry under %s: %s", key, e)
     return out
@@ -349,51 +526,87 @@ class NetworkRecords:
 
     ``key`` must be the private key given to :func:`make_validators` for this DHT (it signs our
     writes). ``coordinator_public_key`` is the only key whose scores/merged records are returned.
+    Each DHT call raises :class:`DHTUnavailableError` after ``timeout`` seconds without an answer.
     """
 
-    def __init__(self, dht, network: str, key, coordinator_public_key: bytes | None = None):
+    def __init__(self, dht, network: str, key, coordinator_public_key: bytes | None = None, *,
+                 timeout: float = DEFAULT_DHT_TIMEOUT):
         from umm.net.keys import public_key_bytes
 
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
         self.dht = dht
         self.network = check_network(network)
         self.public_key = public_key_bytes(key)
         self.owner = owner_marker(self.public_key)
         self.coordinator_public_key = coordinator_public_key
+        self.timeout = float(timeout)
+
+    def _store(self, key: str, value: dict | None, ttl: float) -> bool:
+        return store_value(self.dht, key, self.owner, value, ttl, timeout=self.timeout)
+
+    def _read(self, key: str, cls: Type[R], owners: set[bytes] | None = None) -> dict[bytes, Entry[R]]:
+        return read_entries(self.dht, key, cls, owners=owners, timeout=self.timeout)
 
     # writes ------------------------------------------------------------------------------
     def announce_expert(self, record: ExpertRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
-        return store_value(self.dht, experts_key(self.network), self.owner, to_value(record), ttl)
+        return self._store(experts_key(self.network), to_value(record), ttl)
 
     def withdraw_expert(self, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
-        return store_value(self.dht, experts_key(self.network), self.owner, None, ttl)
+        return self._store(experts_key(self.network), None, ttl)
 
     def publish_scores(self, record: ScoresRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
-        return store_value(self.dht, scores_key(self.network), self.owner, to_value(record), ttl)
+        """Store ``record`` as pages, then their index (:func:`scores_pages`; verdicts past the last
+        page are left out); True if all were stored."""
+        index, pages = scores_pages(record, drop_overflow=True)
+        stored = [self._store(scores_page_key(self.network, p.page), to_value(p), ttl) for p in pages]
+        return self._store(scores_key(self.network), to_value(index), ttl) and all(stored)
 
     def publish_merged(self, record: MergedRecord, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
-        return store_value(self.dht, merged_key(self.network), self.owner, to_value(record), ttl)
+        return self._store(merged_key(self.network), to_value(record), ttl)
 
     def announce_provider(self, manifest_hash: str, address: str, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
         record = ProviderRecord(manifest_hash=manifest_hash, address=address)
-        return store_value(self.dht, providers_key(self.network, manifest_hash), self.owner, to_value(record), ttl)
+        return self._store(providers_key(self.network, manifest_hash), to_value(record), ttl)
 
     def withdraw_provider(self, manifest_hash: str, ttl: float = 2 * DEFAULT_REFRESH_PERIOD) -> bool:
-        return store_value(self.dht, providers_key(self.network, manifest_hash), self.owner, None, ttl)
+        return self._store(providers_key(self.network, manifest_hash), None, ttl)
 
     # reads -------------------------------------------------------------------------------
     def experts(self) -> dict[bytes, Entry[ExpertRecord]]:
         """Every announced expert, by its contributor's public key."""
-        return read_entries(self.dht, experts_key(self.network), ExpertRecord)
+        return self._read(experts_key(self.network), ExpertRecord)
 
     def _coordinator_entry(self, key: str, cls: Type[R]) -> Entry[R] | None:
         if self.coordinator_public_key is None:
             raise RecordError("no coordinator public key configured: scores and merged records cannot be trusted")
         owner = bytes(self.coordinator_public_key)
-        return read_entries(self.dht, key, cls, owners={owner}).get(owner)
+        return self._read(key, cls, owners={owner}).get(owner)
 
     def scores(self) -> Entry[ScoresRecord] | None:
-        """The coordinator's scores record (records by any other key are ignored)."""
-        return self._coordinator_entry(scores_key(self.network), ScoresRecord)
+        """The coordinator's scores record, read from its index and pages (the one read helper for scores).
+
+        Only pages of the index's round and time count (records by any other key are ignored). A
+        page that is missing or from another publication (being replaced right now) is left out:
+        its verdicts are missing from the record until the next read."""
+        index = self._coordinator_entry(scores_key(self.network), ScoresIndex)
+        if index is None:
+            return None
+        idx = index.record
+        experts: dict[str, ExpertVerdict] = {}
+        expiration, missing = index.expiration_time, []
+        for i in range(idx.pages):
+            page = self._coordinator_entry(scores_page_key(self.network, i), ScoresPage)
+            if page is None or (page.record.round, page.record.updated_at, page.record.page) != (idx.round, idx.updated_at, i):
+                missing.append(i)
+                continue
+            experts.update(page.record.experts)
+            expiration = min(expiration, page.expiration_time)
+        if missing:
+            logger.info("scores of round %d: %d of %d page(s) missing or being replaced", idx.round, len(missing),
+                        idx.pages)
+        record = ScoresRecord(round=idx.round, updated_at=idx.updated_at, experts=experts)
+        return Entry(index.owner, record, expiration)
 
     def merged(self) -> Entry[MergedRecord] | None:
         """The coordinator's merged-model record (records by any other key are ignored)."""
@@ -401,7 +614,7 @@ class NetworkRecords:
 
     def providers(self, manifest_hash: str) -> dict[bytes, Entry[ProviderRecord]]:
         """Peers announcing that they serve ``manifest_hash``, by public key."""
-        entries = read_entries(self.dht, providers_key(self.network, manifest_hash), ProviderRecord)
+        entries = self._read(providers_key(self.network, manifest_hash), ProviderRecord)
         return {k: e for k, e in entries.items() if e.record.manifest_hash == manifest_hash}
 
 
