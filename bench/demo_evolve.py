@@ -129,9 +129,7 @@ def holdout_scores(worker: Any, config: Any, recipes: dict[str, Any]) -> dict[st
 
 
 def _score(result: Any, name: str) -> Any:
-    from umm.evolve.run import _task_score
-
-    return _task_score(result, name)
+    return result.scores[name]
 
 
 def main() -> None:
@@ -188,7 +186,7 @@ def main() -> None:
         rows = json.loads((run_dir / "comparison.json").read_text())["rows"]
         evolved, others = rows[0], rows[1:]
         holds = all(evolved["objective"] > r["objective"] for r in others)
-        console.print(f"\ntest split, objective = synth-math + synth-code:\n\n{result.comparison_md}")
+        console.print(f"\ntest split, objective = mean of synth-math and synth-code:\n\n{result.comparison_md}")
         console.print(f"evolved merge above every source and untuned merge on test: {'yes' if holds else 'NO'}")
         summary["holds"] = holds
     if args.holdout:
@@ -202,7 +200,8 @@ def main() -> None:
                for i, p in enumerate(worker.live.model_paths)},
         })
         for label, s in held.items():
-            obj = sum(v for k, v in s.items() if not k.endswith(":n"))
+            vals = [v for k, v in s.items() if not k.endswith(":n")]
+            obj = sum(vals) / len(vals)  # the objective: the (equal-weight) mean of the task scores
             console.print(f"held-out search items: {label}: {json.dumps(s)} objective {obj:.3f}")
         summary["holdout"] = held
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

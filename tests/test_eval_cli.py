@@ -73,3 +73,33 @@ def test_bad_input_gets_clear_errors(tmp_path: Path, tiny_models: dict[str, Path
     assert r.exit_code == 2 and "c.jsonl:2" in r.output
     r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "synth-math", "--split", "train"])
     assert r.exit_code == 2 and "split" in r.output
+
+
+def test_default_threads_leave_the_sandbox_workers_their_cores(tiny_models: dict[str, Path], monkeypatch) -> None:  # noqa: ANN001
+    import os
+
+    import torch
+
+    from umm.cli import common
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(common, "_cgroup_cpu_max", lambda: None)
+    assert common.usable_cores() == 8 and common.default_threads(2) == 6 and common.default_threads(0) == 8
+    monkeypatch.setattr(common, "_cgroup_cpu_max", lambda: (150000, 100000))  # a 1.5-CPU quota
+    assert common.usable_cores() == 2 and common.default_threads(2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(common, "_cgroup_cpu_max", lambda: None)
+    assert common.default_threads(2) == 1 and common.default_threads(0) == 2
+
+    # `umm eval` without --threads runs on that default (2 cores, 2 sandbox workers: 1 thread)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "synth-math", "--limit", "2",
+                                "--device", "cpu", "--max-new-tokens", "2"])
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+        r = runner.invoke(app, ["eval", str(tiny_models["base"]), "--task", "synth-math", "--threads", "0"])
+        assert r.exit_code == 2 and "--threads" in r.output
+    finally:
+        torch.set_num_threads(before)

@@ -69,7 +69,7 @@ def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:  # no
     run = tmp_path / "run"
     assert seen == [(0, 2), (1, 2), (2, 2)]
 
-    # history: one line per candidate, named genes inside the bounds, fitness = weighted score
+    # history: one line per candidate, named genes inside the bounds, fitness = (weighted mean) score
     rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and [r["generation"] for r in rows[:2]] == [0, 1]
     assert set(rows[0]["genome"]) == {"g0/math/weight", "g0/code/weight", "g1/math/weight", "g1/code/weight"}
@@ -86,29 +86,66 @@ def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:  # no
     for png in ("fitness.png", "weights.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the best recipe is a plain mergekit recipe whose merge is the model written to run/model
+    # the best recipe is a plain mergekit recipe whose merge is the model written to run/merged
     data = yaml.safe_load((run / "best_recipe.yaml").read_text())
     assert data["merge_method"] == "task_arithmetic" and data["base_model"] == str(tiny_models["base"])
     recipe = MergeRecipe.load(run / "best_recipe.yaml")
     expected = merge_state_dict(recipe)
-    with Checkpoint.open(run / "model") as written:
+    assert result.model_dir == run / "merged" and not (run / "model").exists()
+    with Checkpoint.open(run / "merged") as written:
         for name, t in expected.items():
             torch.testing.assert_close(written.get_tensor(name).float(), t.float(), rtol=1e-5, atol=1e-6)
     w = recipe.models[0].parameters["weight"]
     gene = [best["genome"]["g0/math/weight"], best["genome"]["g1/math/weight"]]
     assert (w == pytest.approx(gene)) if isinstance(w, list) else (w == pytest.approx(gene[0]))
 
-    # the final table: evolved, base, both sources, untuned TA and TIES, with intervals on test
+    # the reference lines of the plot: each source and untuned merge on the search items, stored
+    refs = json.loads((run / "references.json").read_text())
+    assert refs["split"] == "search"
+    assert [(r["name"], r["kind"]) for r in refs["rows"]] == [
+        ("source: math", "source"), ("source: code", "source"),
+        ("untuned task_arithmetic", "baseline"), ("untuned ties", "baseline"),
+    ]
+    assert next(r for r in refs["rows"] if r["name"] == "source: math")["objective"] == pytest.approx(1.0, abs=0.15)
+
+    # the random-search baseline: same seed and budget, its own state and history
+    random_rows = [json.loads(x) for x in (run / "random" / "history.jsonl").read_text().splitlines()]
+    assert len(random_rows) == 9 and random_rows[0]["genome"] == rows[0]["genome"]
+    assert [r["genome"] for r in random_rows[1:]] != [r["genome"] for r in rows[1:]]
+
+    # the final table: evolved, sources, base and baselines on test, typed rows, paired CI
     table = json.loads((run / "comparison.json").read_text())
-    names = [r["name"] for r in table["rows"]]
-    assert names[0].startswith("evolved") and "untuned task_arithmetic" in names and "untuned ties" in names
-    assert any("math" in n for n in names) and any("code" in n for n in names)
+    assert table["split"] == "test" and "weighted mean" in table["objective"]
+    by_name = {r["name"]: r for r in table["rows"]}
+    assert [(r["name"], r["kind"]) for r in table["rows"]] == [
+        ("evolved (cma, task_arithmetic)", "evolved"), ("base: base", "baseline"),
+        ("source: math", "source"), ("source: code", "source"), ("untuned task_arithmetic", "baseline"),
+        ("untuned ties", "baseline"), ("random search (same budget)", "baseline"),
+    ]
     for r in table["rows"]:
+        assert set(r) >= {"name", "kind", "scores", "objective", "n"}
         lo, hi = r["ci"]["mimic-math"]
-        assert lo - 1e-9 <= r["scores"]["mimic-math"] <= hi + 1e-9 and r["n"]["mimic-math"] == 16
-    math_row = next(r for r in table["rows"] if r["name"].endswith("math"))
-    assert math_row["scores"]["mimic-math"] == pytest.approx(1.0, abs=0.1)  # the target mimics itself
-    assert "95% CI" in (run / "comparison.md").read_text()
+        assert lo - 1e-9 <= r["scores"]["mimic-math"] <= hi + 1e-9 and r["n"] == {"mimic-math": 16}
+        assert r["objective"] == pytest.approx(r["scores"]["mimic-math"])
+    assert by_name["source: math"]["scores"]["mimic-math"] == pytest.approx(1.0, abs=0.1)  # mimics itself
+    assert table["best_source"] == "source: math"
+    d = table["evolved_minus_best_source"]
+    assert d["diff"] == pytest.approx(by_name["evolved (cma, task_arithmetic)"]["objective"] - by_name["source: math"]["objective"])
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert by_name["evolved (cma, task_arithmetic)"]["path"] == str(run / "merged")
+    assert "95% CI" in (run / "comparison.md").read_text() and "umm eval" in (run / "comparison.md").read_text()
+
+    # the evolved row is what `umm eval RUN/merged --split test` gives (the command comparison.json names)
+    from typer.testing import CliRunner
+
+    from umm.cli import app
+
+    [command] = table["eval_commands"]
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(app, [*command.split()[1:], "--device", "cpu", "--threads", "1", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    evald = json.loads(out.read_text())["scores"]["mimic-math"]
+    assert evald["n"] == 16 and evald["score"] == by_name["evolved (cma, task_arithmetic)"]["scores"]["mimic-math"]
 
     # a finished run folder is not silently overwritten
     from umm.evolve.run import EvolveError
@@ -173,7 +210,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(probe, tiny_models, tmp_
     from umm.evolve.run import run_evolve
     from umm.evolve.state import ResumeError
 
-    cfg = _config(tiny_models, population=3, budget={"evaluations": 1 + 3 * 4}, compare=False, write_model=False)
+    cfg = _config(tiny_models, population=3, budget={"evaluations": 1 + 3 * 4}, write_model=False)
     cfg["tasks"][0]["search_size"] = 4
     cfg_path = tmp_path / "evolve.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -211,3 +248,6 @@ def test_kill_and_resume_gives_the_uninterrupted_result(probe, tiny_models, tmp_
     assert candidates(run) == candidates(tmp_path / "full")
     assert len(candidates(run)) == 13 and resumed.state.evaluations == full.state.evaluations == 13
     assert (run / "best_recipe.yaml").read_text() == (tmp_path / "full" / "best_recipe.yaml").read_text()
+    # the random-search baseline ran in the resumed session and matches the uninterrupted one
+    assert candidates(run / "random") == candidates(tmp_path / "full" / "random") and len(candidates(run / "random")) == 13
+    assert (run / "references.json").read_text() == (tmp_path / "full" / "references.json").read_text()

@@ -40,7 +40,7 @@ def eval_command(
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Completions per item (needs --temperature > 0); gives pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
     workers: int = typer.Option(2, "--workers", help="Sandboxed programs run in parallel (code tasks)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""
@@ -108,14 +108,16 @@ def _run(model, task, split, limit, seed, data, output, samples, completions, de
         if model is None:
             raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
         from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+        from umm.cli.common import set_threads
         from umm.eval.evaluate import evaluate
 
+        set_threads(threads, sandbox_workers=workers)
         dev = resolve_device(device)
         lm = load_causal_lm(model, device=dev, dtype=dtype)
         tok = load_tokenizer(model)
         result = evaluate(lm, tok, tasks, split=split or "test", limit=limit, seed=seed, batch_size=batch_size, device=dev,
                           max_new_tokens=max_new_tokens, chat_template=chat, sandbox_workers=workers,
-                          num_threads=threads, num_samples=num_samples, temperature=temperature)
+                          num_samples=num_samples, temperature=temperature)
         result.meta["model"] = str(model)
     _report(result, output, samples)
 

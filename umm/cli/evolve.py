@@ -7,6 +7,11 @@ from typing import Optional
 
 import typer
 
+from umm.cli.common import user_errors
+
+#: sandboxed programs run in parallel when a code task is scored (``umm.eval.evaluate``'s default)
+EVAL_SANDBOX_WORKERS = 2
+
 
 def register(app: typer.Typer) -> None:
     """Add ``umm evolve`` to the ``umm`` app."""
@@ -17,36 +22,50 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the search saved in the run folder."),
         optimizer: Optional[str] = typer.Option(None, "--optimizer", help="cma (default) or random: overrides the config."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: $UMM_HOME/runs/evolve-<config>-<optimizer>-seed<seed>)."),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: ./runs/evolve-<config>-<optimizer>-seed<seed> under the current directory)."),
         layer_granularity: Optional[int] = typer.Option(None, "--layer-granularity", help="Layers per gene group: overrides the config."),
+        suite: Optional[str] = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
+        set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: budget.evaluations=9): overrides the config. Repeatable."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the 2 sandbox workers, at least 1)."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
-        from umm.evolve.config import load_config
-        from umm.evolve.run import default_run_dir, run_evolve
-        from umm.ui import console
+        with user_errors():
+            _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, set_, threads)
 
-        cfg = load_config(config, optimizer=optimizer, device=device, layer_granularity=layer_granularity)
-        out = run_dir or default_run_dir(config, cfg)
-        console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}")
 
-        def show(state, gen, total) -> None:  # noqa: ANN001 - search state / generation
-            best = state.best()
-            n = len(gen.candidates)
-            per = sum(c.seconds for c in gen.candidates) / max(1, n)
-            apply = sum(c.apply_seconds for c in gen.candidates) / max(1, n)
-            console.print(
-                f"generation {gen.index}/{total}  best so far {best.fitness:.4f}  "
-                f"generation best {gen.best.fitness:.4f}  {per:.2f} s/candidate "
-                f"(applying {apply:.3f} s)  evaluations {state.evaluations}",
-                highlight=False,
-            )
+def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads) -> None:  # noqa: ANN001
+    from umm.cli.common import config_overrides, set_threads
+    from umm.evolve.config import load_config
+    from umm.evolve.run import default_run_dir, run_evolve
+    from umm.ui import console
 
-        result = run_evolve(cfg, out, resume=resume, on_generation=show)
-        best = result.state.best()
-        console.print(f"best fitness {best.fitness:.4f} (generation {best.generation}, candidate {best.index})")
-        console.print(f"best recipe: {result.best_recipe}")
-        if result.model_dir is not None:
-            console.print(f"merged model: {result.model_dir}")
-        if result.comparison_md:
-            console.print("test split comparison:")
-            console.print(result.comparison_md, highlight=False, markup=False, soft_wrap=True)
+    over = config_overrides(config, sets=sets, suite=suite, model_keys=("models", "base_model"))
+    over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity))
+                 if v is not None})
+    cfg = load_config(config, **over)
+    n_threads = set_threads(threads, sandbox_workers=EVAL_SANDBOX_WORKERS)
+    out = (run_dir or default_run_dir(config, cfg)).resolve()
+    console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
+                  f"{n_threads} torch thread(s)", highlight=False)
+
+    def show(state, gen, total) -> None:  # noqa: ANN001 - search state / generation
+        best = state.best()
+        n = len(gen.candidates)
+        per = sum(c.seconds for c in gen.candidates) / max(1, n)
+        apply = sum(c.apply_seconds for c in gen.candidates) / max(1, n)
+        console.print(
+            f"generation {gen.index}/{total}  best so far {best.fitness:.4f}  "
+            f"generation best {gen.best.fitness:.4f}  {per:.2f} s/candidate "
+            f"(applying {apply:.3f} s)  evaluations {state.evaluations}",
+            highlight=False,
+        )
+
+    result = run_evolve(cfg, out, resume=resume, on_generation=show)
+    best = result.state.best()
+    console.print(f"best fitness (weighted mean score, search split) {best.fitness:.4f} (generation {best.generation}, candidate {best.index})")
+    console.print(f"best recipe: {result.best_recipe}")
+    if result.model_dir is not None:
+        console.print(f"merged model: {result.model_dir}")
+    if result.comparison_md:
+        console.print("test split comparison:")
+        console.print(result.comparison_md, highlight=False, markup=False, soft_wrap=True)

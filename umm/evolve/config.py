@@ -2,6 +2,9 @@
 
 Unknown keys are errors whose message lists the valid keys of that section, so a typo never
 silently falls back to a default. See ``examples/evolve.yaml`` for every key, commented.
+
+The fitness of a candidate (and the objective of every model in the final table) is the
+weighted mean of its task scores, ``sum_t weight_t * score_t / sum_t weight_t``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TaskSpec(_Frozen):
     """One task of the fitness: its evaluator name, weight and subset sizes."""
 
     name: str
+    #: weight of the task in the objective (a weighted mean: only the ratios of weights matter)
     weight: float = 1.0
     #: items of the ``search`` split used for every candidate (fixed, seeded subset)
     search_size: int | None = Field(default=64, ge=1)
@@ -70,6 +74,10 @@ class Budget(_Frozen):
         return v
 
 
+#: the baselines of the final table that are not sources (``random``: a second search)
+Baseline = Literal["task_arithmetic", "ties", "random"]
+
+
 class EvolveConfig(_Frozen):
     """Everything a search needs; paths are resolved relative to the config file."""
 
@@ -103,8 +111,12 @@ class EvolveConfig(_Frozen):
     out_dtype: str | None = None
     #: write the merged model of the best recipe into the run folder
     write_model: bool = True
-    #: score the sources and untuned merges on ``test`` for the final table
+    #: score the sources and the baselines on ``test`` for the final table
     compare: bool = True
+    #: baselines of the final table: untuned task arithmetic (every weight 1), TIES at the
+    #: method's default density (1, as mergekit's), random search with the same budget and seed
+    #: (run only with ``compare``: its result is a row of the final table)
+    baselines: list[Baseline] = Field(default_factory=lambda: ["task_arithmetic", "ties", "random"])
 
     @field_validator("bounds")
     @classmethod
@@ -112,6 +124,14 @@ class EvolveConfig(_Frozen):
         for name, (lo, hi) in v.items():
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"bounds.{name} must be [low, high] with low < high (got [{lo}, {hi}])")
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({b for b in v if v.count(b) > 1})
+        if dup:
+            raise ValueError(f"baselines listed twice: {', '.join(dup)}")
         return v
 
     @model_validator(mode="after")
@@ -177,14 +197,12 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
             return str((base_dir / p).resolve())
         return p
 
-    if True:
-
-        if isinstance(data.get("models"), list):
-            data["models"] = [_resolve(m) for m in data["models"]]
-        if "base_model" in data:
-            data["base_model"] = _resolve(data["base_model"])
-        if isinstance(data.get("start"), str) and data["start"] != "uniform":
-            data["start"] = _resolve(data["start"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [_resolve(m) for m in data["models"]]
+    if "base_model" in data:
+        data["base_model"] = _resolve(data["base_model"])
+    if isinstance(data.get("start"), str) and data["start"] != "uniform":
+        data["start"] = _resolve(data["start"])
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as exc:

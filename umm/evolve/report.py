@@ -4,10 +4,14 @@
   genes, per-task scores, fitness, seconds, of which applying), rewritten atomically from the
   search state after every generation, so it never holds an unfinished generation.
 - ``fitness.png``: best-so-far, best-of-generation and mean fitness per generation (drawn when
-  the search ends; the history has the same numbers at every generation).
+  the search ends; the history has the same numbers at every generation), with each source's
+  and each untuned baseline's objective on the same ``search`` items as labelled horizontal lines
+  (``references.json``), and the random-search baseline's best so far when it ran.
 - ``weights.png``: heatmap of the final per-layer weight of every model.
-- ``comparison.md`` / ``comparison.json``: test-split scores with 95% intervals of the evolved
-  merge, each source and the untuned merges.
+- ``comparison.md`` / ``comparison.json``: the final table on ``test`` (:class:`Comparison`).
+
+The objective (the search's fitness, and every objective in these files) is the weighted
+**mean** of the task scores, ``sum_t w_t * score_t / sum_t w_t`` (:func:`objective`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
+from umm.eval.stats import PairedDifference, weighted_mean
 from umm.evolve.state import SearchState, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -29,6 +35,23 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 FITNESS_PNG = "fitness.png"
 WEIGHTS_PNG = "weights.png"
+REFERENCES_FILE = "references.json"
+COMPARISON_JSON = "comparison.json"
+COMPARISON_MD = "comparison.md"
+#: how the objective is computed, written into comparison.json and the plots
+OBJECTIVE_FORMULA = "weighted mean of the task scores: sum_t w_t * score_t / sum_t w_t"
+
+
+def objective(scores: dict[str, float], weights: dict[str, float]) -> float:
+    """The fitness and objective: the weighted mean ``sum_t w_t s_t / sum_t w_t`` of task scores."""
+    return weighted_mean(scores, weights)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_history(run_dir: Path, state: SearchState, gene_names: Sequence[str]) -> Path:
@@ -72,27 +95,48 @@ def _save_figure(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
     os.replace(tmp, path)
 
 
-def plot_fitness(state: SearchState, path: Path, *, title: str = "") -> Path:
-    """Line plot of :func:`fitness_curves` (generation 0 is the starting point)."""
+def plot_fitness(
+    state: SearchState,
+    path: Path,
+    *,
+    title: str = "",
+    references: Sequence[Reference] = (),
+    random_state: SearchState | None = None,
+) -> Path:
+    """Line plot of :func:`fitness_curves` (generation 0 is the starting point).
+
+    Each of ``references`` (a source's or an untuned merge's objective on the same ``search``
+    items) is a labelled horizontal dashed line; ``random_state``'s best so far (the random-search
+    baseline with the same budget) is a thin curve. The search's "best so far" is drawn last, on
+    top, thicker and in black, so no reference line hides it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves = fitness_curves(state)
     gens = [g.index for g in state.generations]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(gens, curves["best"], label="best so far", lw=2)
-    ax.plot(gens, curves["generation_best"], label="best of generation", ls="--", marker=".")
-    ax.plot(gens, curves["mean"], label="mean of generation", ls=":", marker=".")
-    from matplotlib.ticker import MaxNLocator
-
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.get_cmap("tab10").colors
+    for i, ref in enumerate(references):
+        ax.axhline(ref.objective, color=colours[(i + 3) % len(colours)], ls="--" if ref.kind == "source" else "-.",
+                   lw=1.2, zorder=1, label=f"{ref.name} ({ref.objective:.3f})")
+    if random_state is not None and random_state.generations:
+        rgens = [g.index for g in random_state.generations]
+        ax.plot(rgens, fitness_curves(random_state)["best"], color="tab:gray", lw=1.5, zorder=2,
+                label="random search: best so far")
+    ax.plot(gens, curves["mean"], label="mean of generation", ls=":", marker=".", color="tab:green", zorder=3)
+    ax.plot(gens, curves["generation_best"], label="best of generation", ls="--", marker=".", color="tab:orange",
+            zorder=4)
+    ax.plot(gens, curves["best"], label=f"best so far ({curves['best'][-1]:.3f})", lw=2.8, color="black", zorder=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation (0 = starting point)")
-    ax.set_ylabel("fitness (search split)")
+    ax.set_ylabel("objective: weighted mean score (search split)")
     ax.set_title(title or f"{state.optimizer} search")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -123,37 +167,104 @@ def plot_weights(weights: np.ndarray, model_names: Sequence[str], path: Path, *,
     return path
 
 
-@dataclass(frozen=True)
-class ComparisonRow:
-    """One model in the final table: per-task score and 95% interval on ``test``, and the objective."""
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reference(_Frozen):
+    """A source's or an untuned baseline's scores and objective on the search items (plot lines)."""
 
     name: str
+    kind: Literal["source", "baseline"]
     scores: dict[str, float]
-    ci: dict[str, tuple[float, float]]
-    n: dict[str, int]
     objective: float
 
 
-def objective(scores: dict[str, float], weights: dict[str, float]) -> float:
-    """The fitness: the weighted sum of task scores."""
-    return float(sum(weights[t] * scores[t] for t in weights))
+class References(_Frozen):
+    """``references.json``: computed once at the start of a run; a resume reuses them."""
+
+    split: Literal["search"] = "search"
+    rows: list[Reference]
 
 
-def write_comparison(run_dir: Path, rows: Sequence[ComparisonRow], weights: dict[str, float]) -> str:
-    """Write ``comparison.json`` and ``comparison.md``; return the markdown table."""
-    tasks = list(weights)
-    header = "| model | " + " | ".join(f"{t} (test, 95% CI)" for t in tasks) + " | objective |"
-    lines = [header, "|" + "---|" * (len(tasks) + 2)]
-    for r in rows:
+def load_references(run_dir: Path) -> dict[str, Reference]:
+    """The stored references of ``run_dir`` by name (empty if none or unreadable: recomputed)."""
+    path = Path(run_dir) / REFERENCES_FILE
+    try:
+        return {r.name: r for r in References.model_validate_json(path.read_text(encoding="utf-8")).rows}
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            logger.warning("%s is unreadable (%s); computing the references again", path, exc)
+        return {}
+
+
+def save_references(run_dir: Path, rows: Sequence[Reference]) -> Path:
+    path = Path(run_dir) / REFERENCES_FILE
+    write_json_atomic(path, References(rows=list(rows)).model_dump(mode="json"))
+    return path
+
+
+class ComparisonRow(_Frozen):
+    """One model of the final table, on the ``test`` split.
+
+    ``scores``: task -> accuracy; ``ci``: task -> 95% Wilson interval; ``n``: task -> number of
+    test items scored (a mapping, since tasks may have different ``test_size``); ``objective``:
+    :func:`objective` of ``scores``; ``path``: the model folder, when the row is one on disk.
+    """
+
+    name: str
+    kind: Literal["evolved", "source", "baseline"]
+    scores: dict[str, float]
+    objective: float
+    n: dict[str, int]
+    ci: dict[str, tuple[float, float]]
+    path: str | None = None
+
+
+class Comparison(_Frozen):
+    """``comparison.json``: the final ``test`` table and the evolved merge's gain over its best source.
+
+    ``evolved_minus_best_source`` is the paired bootstrap
+    (:func:`umm.eval.stats.paired_bootstrap_difference`, ``resamples`` replicates, ``seed``) of
+    objective(evolved) - objective(best source) over the test items, the best source being the
+    ``kind == "source"`` row with the highest objective (``best_source``). ``eval_commands`` give
+    the evolved row's scores again with ``umm eval`` (one command per distinct test size).
+    """
+
+    split: Literal["test"] = "test"
+    objective: str = OBJECTIVE_FORMULA
+    weights: dict[str, float]
+    rows: list[ComparisonRow]
+    best_source: str
+    evolved_minus_best_source: PairedDifference
+    resamples: int
+    seed: int
+    eval_commands: list[str] = []
+
+
+def comparison_markdown(comparison: Comparison) -> str:
+    """The table of ``comparison`` as markdown (scores with 95% intervals, n, objective)."""
+    tasks = list(comparison.weights)
+    header = "| model | kind | " + " | ".join(f"{t} (test, 95% CI)" for t in tasks) + " | objective |"
+    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+    for r in comparison.rows:
         cells = [f"{r.scores[t]:.3f} [{r.ci[t][0]:.3f}, {r.ci[t][1]:.3f}] (n={r.n[t]})" for t in tasks]
-        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.objective:.3f} |")
-    md = "\n".join(lines) + "\n"
-    weights_text = ", ".join(f"{w:g}·{t}" for t, w in weights.items())
-    (Path(run_dir) / "comparison.md").write_text(
-        f"Objective = {weights_text} on the test split.\n\n{md}", encoding="utf-8"
-    )
-    write_json_atomic(
-        Path(run_dir) / "comparison.json",
-        {"weights": weights, "rows": [asdict(r) for r in rows]},
-    )
+        lines.append(f"| {r.name} | {r.kind} | " + " | ".join(cells) + f" | {r.objective:.3f} |")
+    d = comparison.evolved_minus_best_source
+    lines.append("")
+    lines.append(f"evolved - best source ({comparison.best_source}): {d.diff:+.3f} "
+                 f"[{d.ci_low:+.3f}, {d.ci_high:+.3f}] (paired bootstrap over test items, 95%)")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(run_dir: Path, comparison: Comparison) -> str:
+    """Write ``comparison.json`` and ``comparison.md``; return the markdown table."""
+    md = comparison_markdown(comparison)
+    weights_text = ", ".join(f"{w:g}·{t}" for t, w in comparison.weights.items())
+    commands = "".join(f"    {c}\n" for c in comparison.eval_commands)
+    text = f"Objective = {comparison.objective} (weights {weights_text}), on the test split.\n\n{md}"
+    if commands:
+        text += f"\nThe evolved row's scores again:\n\n{commands}"
+    write_text_atomic(Path(run_dir) / COMPARISON_MD, text)
+    write_json_atomic(Path(run_dir) / COMPARISON_JSON, comparison.model_dump(mode="json"))
     return md

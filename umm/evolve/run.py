@@ -2,10 +2,16 @@
 
 Steps: validate the config, the models (compatible, same tokenizer) and the tasks (each must have
 a ``search`` split); load the base model once per device and cache every source tensor there
-(:class:`~umm.evolve.apply.LiveMerge`); run CMA-ES or random search (:mod:`umm.evolve.search`),
-scoring each candidate in place on the ``search`` split only; save the state after every
-generation; then write the best recipe, the merged model (streaming executor), the plots, and
-the ``test``-split comparison with the sources and the untuned task-arithmetic and TIES merges.
+(:class:`~umm.evolve.apply.LiveMerge`); score each source and each untuned baseline on the
+``search`` items once (the plot's reference lines); run CMA-ES or random search
+(:mod:`umm.evolve.search`), scoring each candidate in place on the ``search`` split only; save
+the state after every generation; run the random-search baseline with the same budget and seed
+(its own state in ``random/``); then write the best recipe, the merged model (streaming
+executor), the plots, and the ``test``-split comparison (:class:`~umm.evolve.report.Comparison`)
+of the evolved merge with the sources and the baselines.
+
+The fitness and every objective is the weighted mean of the task scores
+(:func:`umm.evolve.report.objective`).
 
 Run folder contents are listed in :func:`run_evolve`'s docstring.
 """
@@ -15,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,16 +31,22 @@ from typing import Any
 import numpy as np
 
 from umm.errors import UmmError
+from umm.eval.stats import PairedDifference, paired_bootstrap_difference
 from umm.evolve.config import EvolveConfig
 from umm.evolve.report import (
     FITNESS_PNG,
     WEIGHTS_PNG,
+    Comparison,
     ComparisonRow,
+    Reference,
+    load_references,
     objective,
     plot_fitness,
     plot_weights,
+    save_references,
     write_comparison,
     write_history,
+    write_text_atomic,
 )
 from umm.evolve.search import Scored, generations_for, run_search
 from umm.evolve.state import (
@@ -53,9 +64,14 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 BEST_RECIPE = "best_recipe.yaml"
-MODEL_DIR = "model"
+MODEL_DIR = "merged"
+#: sub-folder of the random-search baseline's own state and history
+RANDOM_DIR = "random"
 #: config keys that may change between a run and its resume (they do not change the search)
-RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype"})
+RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype", "baselines"})
+#: bootstrap replicates and seed of ``evolved_minus_best_source``
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 class EvolveError(UmmError):
@@ -69,6 +85,8 @@ class EvolveResult:
     best_recipe: Path
     model_dir: Path | None
     comparison_md: str | None
+    comparison: Comparison | None = None
+    random_state: SearchState | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,40 +208,46 @@ class Worker:
             genome.to_recipe(), self.model, device=device, cache_dtype=resolve_dtype(config.dtype) or torch.float32
         )
 
-    def evaluate(self, split: str) -> dict[str, Any]:
-        """Task name -> TaskScore of the live model on ``split`` (per-task subset sizes)."""
-        from umm.eval import evaluate
-
-        out: dict[str, Any] = {}
-        for spec, task in zip(self.config.tasks, self.tasks):
-            limit = spec.search_size if split == "search" else spec.test_size
-            result = evaluate(
-                self.model, self.tokenizer, [task], split=split, limit=limit, seed=self.config.seed,
-                batch_size=self.config.batch_size, device=self.device, show_progress=False,
-            )
-            out[spec.name] = _task_score(result, spec.name)
-        return out
+    def evaluate(self, split: str) -> dict[str, TaskEval]:
+        """Task name -> score and per-item correctness of the live model on ``split``."""
+        return evaluate_tasks(self.config, self.tasks, self.model, self.tokenizer, split, self.device)
 
     def score(self, x: np.ndarray) -> Scored:
         t0 = time.perf_counter()
         recipe = self.genome.with_vector(np.asarray(x)).to_recipe()
         apply_s = self.live.apply(recipe)
-        scores = {k: float(v.score) for k, v in self.evaluate("search").items()}
-        weights = {t.name: t.weight for t in self.config.tasks}
-        return Scored(scores, objective(scores, weights), time.perf_counter() - t0, apply_s)
+        scores = {k: v.score.score for k, v in self.evaluate("search").items()}
+        return Scored(scores, objective(scores, task_weights(self.config)), time.perf_counter() - t0, apply_s)
 
 
-def _task_score(result: Any, name: str) -> Any:
-    """The TaskScore of ``name`` in an EvalResult (a mapping or a list of scores)."""
-    scores = getattr(result, "scores", None)
-    if scores is None:
-        scores = getattr(result, "tasks", result)
-    if isinstance(scores, dict):
-        return scores[name]
-    for s in scores:
-        if getattr(s, "task", None) == name:
-            return s
-    raise RuntimeError(f"the evaluator returned no score for task {name!r}")
+@dataclass(frozen=True)
+class TaskEval:
+    """One task's result: the TaskScore and ``item id -> correct`` of every scored item."""
+
+    score: Any
+    correct: dict[str, bool]
+
+
+def task_weights(config: EvolveConfig) -> dict[str, float]:
+    return {t.name: t.weight for t in config.tasks}
+
+
+def evaluate_tasks(
+    config: EvolveConfig, tasks: Sequence[Any], model: Any, tokenizer: Any, split: str, device: Any
+) -> dict[str, TaskEval]:
+    """Score ``model`` on each task's seeded ``split`` subset (``search_size`` / ``test_size``)
+    with :func:`umm.eval.evaluate`, as ``umm eval --split SPLIT --limit SIZE --seed SEED`` does."""
+    from umm.eval import evaluate
+
+    out: dict[str, TaskEval] = {}
+    for spec, task in zip(config.tasks, tasks):
+        limit = spec.search_size if split == "search" else spec.test_size
+        result = evaluate(
+            model, tokenizer, [task], split=split, limit=limit, seed=config.seed,
+            batch_size=config.batch_size, device=device, show_progress=False,
+        )
+        out[spec.name] = TaskEval(result.scores[spec.name], {r.id: bool(r.correct) for r in result.samples[spec.name]})
+    return out
 
 
 def devices_for(config: EvolveConfig) -> list[str]:
@@ -277,9 +301,8 @@ def make_evaluator(
 
 
 def default_run_dir(config_path: str | Path, config: EvolveConfig) -> Path:
-    from umm.paths import home
-
-    return home() / "runs" / f"evolve-{Path(config_path).stem}-{config.optimizer}-seed{config.seed}"
+    """``./runs/evolve-<config stem>-<optimizer>-seed<seed>`` under the current directory."""
+    return Path.cwd() / "runs" / f"evolve-{Path(config_path).stem}-{config.optimizer}-seed{config.seed}"
 
 
 def _config_record(config: EvolveConfig) -> dict[str, Any]:
@@ -312,12 +335,6 @@ def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> Search
     return None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pipeline
 # ---------------------------------------------------------------------------------------------
@@ -332,11 +349,13 @@ def run_evolve(
 ) -> EvolveResult:
     """Run a search and write its outputs into ``run_dir``:
 
-    ``config.json``, ``search_state.json`` (resume point) and ``history.jsonl`` (both rewritten
-    after every generation), then at the end ``fitness.png``,
-    ``weights.png``, ``best_recipe.yaml`` (runs in ``umm merge`` and ``mergekit-yaml``),
-    ``model/`` (the merged model, if ``write_model``), ``comparison.md``/``.json`` (test split,
-    if ``compare``). ``on_generation(state, generation, total_generations)`` reports progress.
+    ``config.json``, ``references.json`` (each source's and untuned baseline's search-split
+    objective, computed once), ``search_state.json`` (resume point) and ``history.jsonl`` (both
+    rewritten after every generation), ``random/`` (the same two files for the random-search
+    baseline, if listed in ``baselines`` and ``compare`` is on), then at the end ``fitness.png``, ``weights.png``,
+    ``best_recipe.yaml`` (runs in ``umm merge`` and ``mergekit-yaml``), ``merged/`` (the merged
+    model, if ``write_model``), ``comparison.md``/``.json`` (test split, if ``compare``).
+    ``on_generation(state, generation, total_generations)`` reports the main search's progress.
     """
     from umm.checkpoints.reader import Checkpoint
 
@@ -363,53 +382,23 @@ def run_evolve(
 
     devices = devices_for(config)
     workers = [Worker(config, genome, tasks, d) for d in devices]
-    from umm.ui import progress as progress_bar
-
-    total = 1 + generations * population
-    bar = progress_bar(total=total, desc=f"evolve ({config.optimizer})", unit="candidate")
-    bar.update(min(total, state.evaluations))
-    best_seen = [max((c.fitness for g in state.generations for c in g.candidates), default=-math.inf)]
-
-    def tick(r: Scored) -> None:
-        if math.isfinite(r.fitness):
-            best_seen[0] = max(best_seen[0], r.fitness)
-        bar.set_postfix(best=f"{best_seen[0]:.4f}", s_per_candidate=f"{r.seconds:.2f}", refresh=False)
-        bar.update(1)
-
-    evaluate = make_evaluator(workers, tick)
-
-    def save(s: SearchState) -> None:
-        save_state(run_dir, s)
-        write_history(run_dir, s, names)
-
-    def progress(s: SearchState, g: Generation) -> None:
-        if on_generation is not None:
-            on_generation(s, g, generations)
+    references = reference_objectives(config, workers[0], run_dir)
+    search = _Search(transform, workers, names, generations, config.budget.seconds)
 
     t0 = time.perf_counter()
-    try:
-        run_search(
-            state, transform, evaluate, generations=generations, max_seconds=config.budget.seconds,
-            save=save, on_generation=progress,
-        )
-    finally:
-        bar.close()
+    search.run(state, run_dir, f"evolve ({config.optimizer})", on_generation)
     logger.info("search finished in %.1f s (this session)", time.perf_counter() - t0)
+    random_state = None
+    if config.compare and "random" in config.baselines and config.optimizer != "random":
+        random_state = search.run(_random_state(run_dir / RANDOM_DIR, fresh), run_dir / RANDOM_DIR,
+                                  "baseline (random search)", None)
 
-    plot_fitness(state, run_dir / FITNESS_PNG, title=f"{config.optimizer} search, {config.method}")
-    best = state.best()
-    assert best is not None
-    best_genome = genome.with_vector(np.asarray(best.x))
-    best_recipe = best_genome.to_recipe(**({"out_dtype": config.out_dtype} if config.out_dtype else {}))
+    plot_fitness(state, run_dir / FITNESS_PNG, title=f"{config.optimizer} search, {config.method}",
+                 references=references, random_state=random_state)
+    best_recipe = _recipe_of(config, genome, state)
     recipe_path = run_dir / BEST_RECIPE
-    _write_text_atomic(recipe_path, best_recipe.to_yaml())
-    shown = "weight" if "weight" in best_genome.param_names else best_genome.param_names[0]
-    weights = layer_weights(best_genome, shown)
-    if weights is not None:
-        plot_weights(
-            weights, [Path(str(m)).name for m in best_genome.models], run_dir / WEIGHTS_PNG,
-            title=f"best genome: per-layer {shown} per model",
-        )
+    write_text_atomic(recipe_path, best_recipe.to_yaml())
+    _plot_best_weights(genome, state, run_dir)
 
     model_dir: Path | None = None
     if config.write_model:
@@ -418,17 +407,100 @@ def run_evolve(
         model_dir = run_dir / MODEL_DIR
         merge(best_recipe, model_dir, device=devices[0], overwrite=True, show_progress=True)
 
-    md = None
+    md = comparison = None
     if config.compare:
-        rows = compare_on_test(config, workers[0], best_recipe)
-        md = write_comparison(run_dir, rows, {t.name: t.weight for t in config.tasks})
-    return EvolveResult(run_dir, state, recipe_path, model_dir, md)
+        random_recipe = _recipe_of(config, genome, random_state) if random_state is not None else None
+        comparison = compare_on_test(config, workers[0], best_recipe, model_dir, random_recipe)
+        md = write_comparison(run_dir, comparison)
+    return EvolveResult(run_dir, state, recipe_path, model_dir, md, comparison, random_state)
+
+
+def _recipe_of(config: EvolveConfig, genome: Any, state: SearchState) -> Any:
+    """The recipe of the best candidate of ``state``."""
+    best = state.best()
+    assert best is not None
+    return genome.with_vector(np.asarray(best.x)).to_recipe(**({"out_dtype": config.out_dtype} if config.out_dtype else {}))
+
+
+def _plot_best_weights(genome: Any, state: SearchState, run_dir: Path) -> None:
+    best = state.best()
+    assert best is not None
+    best_genome = genome.with_vector(np.asarray(best.x))
+    shown = "weight" if "weight" in best_genome.param_names else best_genome.param_names[0]
+    weights = layer_weights(best_genome, shown)
+    if weights is not None:
+        plot_weights(
+            weights, [Path(str(m)).name for m in best_genome.models], run_dir / WEIGHTS_PNG,
+            title=f"best genome: per-layer {shown} per model",
+        )
+
+
+def _random_state(folder: Path, main: SearchState) -> SearchState:
+    """The random-search baseline's state: the one saved in ``folder``, else a fresh one with the
+    main search's seed, population, dimension and starting point."""
+    if (folder / STATE_FILE).exists():
+        saved = load_state(folder)
+        if saved.optimizer == "random" and saved.settings() == _random_settings(main).settings():
+            return saved
+        raise ResumeError(f"cannot resume {folder}: its search settings differ from the config's")
+    folder.mkdir(parents=True, exist_ok=True)
+    return _random_settings(main)
+
+
+def _random_settings(main: SearchState) -> SearchState:
+    return SearchState(optimizer="random", seed=main.seed, dimension=main.dimension, population=main.population,
+                       sigma0=main.sigma0, z0=list(main.z0))
+
+
+@dataclass
+class _Search:
+    """Runs (or resumes) one search with the shared workers, saving into its own folder."""
+
+    transform: BoxTransform
+    workers: Sequence[Worker]
+    names: list[str]
+    generations: int
+    max_seconds: float | None
+
+    def run(
+        self, state: SearchState, folder: Path, label: str,
+        on_generation: Callable[[SearchState, Generation, int], None] | None,
+    ) -> SearchState:
+        from umm.ui import progress as progress_bar
+
+        total = 1 + self.generations * state.population
+        bar = progress_bar(total=total, desc=label, unit="candidate")
+        bar.update(min(total, state.evaluations))
+        best_seen = [max((c.fitness for g in state.generations for c in g.candidates), default=-math.inf)]
+
+        def tick(r: Scored) -> None:
+            if math.isfinite(r.fitness):
+                best_seen[0] = max(best_seen[0], r.fitness)
+            bar.set_postfix(best=f"{best_seen[0]:.4f}", s_per_candidate=f"{r.seconds:.2f}", refresh=False)
+            bar.update(1)
+
+        def save(s: SearchState) -> None:
+            save_state(folder, s)
+            write_history(folder, s, self.names)
+
+        def progress(s: SearchState, g: Generation) -> None:
+            if on_generation is not None:
+                on_generation(s, g, self.generations)
+
+        try:
+            run_search(
+                state, self.transform, make_evaluator(self.workers, tick), generations=self.generations,
+                max_seconds=self.max_seconds, save=save, on_generation=progress,
+            )
+        finally:
+            bar.close()
+        return state
 
 
 #: the "untuned" merges of the final table: textbook settings, never tuned on any split
 UNTUNED = {
-    "task_arithmetic": {"weight": 1.0},  # base + sum of task vectors (lambda 1)
-    "ties": {"weight": 1.0, "density": 0.5},  # keep the top half of each task vector, sign consensus
+    "task_arithmetic": {"weight": 1.0},  # base + sum of task vectors (every weight 1: "1/1")
+    "ties": {"weight": 1.0},  # density left at the method's default, 1.0, as mergekit's default
 }
 
 
@@ -447,32 +519,136 @@ def untuned_recipe(config: EvolveConfig, method: str) -> Any:
     )
 
 
-def compare_on_test(config: EvolveConfig, worker: Worker, best_recipe: Any) -> list[ComparisonRow]:
-    """Test-split scores of the evolved merge, each source, and untuned TA / TIES merges."""
-    weights = {t.name: t.weight for t in config.tasks}
+def untuned_baselines(config: EvolveConfig) -> list[str]:
+    """The untuned merges of ``config.baselines`` that can be built (they need a base model)."""
+    wanted = [b for b in config.baselines if b in UNTUNED]
+    if wanted and config.base_model is None:
+        logger.info("no base_model: the untuned %s rows are left out", " and ".join(wanted))
+        return []
+    return wanted
 
-    def row(name: str) -> ComparisonRow:
-        s = worker.evaluate("test")
-        scores = {k: float(v.score) for k, v in s.items()}
-        return ComparisonRow(
-            name=name,
-            scores=scores,
-            ci={k: (float(v.ci_low), float(v.ci_high)) for k, v in s.items()},
-            n={k: int(v.n) for k, v in s.items()},
-            objective=objective(scores, weights),
-        )
 
+def source_name(path: str) -> str:
+    return f"source: {Path(path).name}"
+
+
+def untuned_name(method: str) -> str:
+    return f"untuned {method}"
+
+
+def reference_objectives(config: EvolveConfig, worker: Worker, run_dir: Path) -> list[Reference]:
+    """Each source's and each untuned baseline's scores on the search items (the fitness's items).
+
+    Read from ``references.json`` when a previous session of this run stored them; the missing
+    ones are computed and the file rewritten. Leaves the worker's live model in an unspecified
+    state (every candidate is applied in full anyway).
+    """
+    stored = load_references(run_dir)
+    weights = task_weights(config)
+    wanted: list[tuple[str, str, Callable[[], None]]] = []
+    for i, path in enumerate(worker.live.model_paths):
+        if i != worker.live.base_index:
+            wanted.append((source_name(path), "source", lambda i=i: worker.live.load_source(i)))
+    for method in untuned_baselines(config):
+        wanted.append((untuned_name(method), "baseline", lambda m=method: worker.live.apply(untuned_recipe(config, m))))
     rows = []
-    worker.live.apply(best_recipe)
-    rows.append(row(f"evolved ({config.optimizer}, {config.method})"))
+    for name, kind, load in wanted:
+        if name not in stored:
+            load()
+            scores = {k: v.score.score for k, v in worker.evaluate("search").items()}
+            stored[name] = Reference(name=name, kind=kind, scores=scores, objective=objective(scores, weights))
+        rows.append(stored[name])
+    save_references(run_dir, rows)
+    return rows
+
+
+def compare_on_test(
+    config: EvolveConfig,
+    worker: Worker,
+    best_recipe: Any,
+    model_dir: Path | None = None,
+    random_recipe: Any = None,
+) -> Comparison:
+    """The final table on ``test``: the evolved merge, each source, the base and the baselines.
+
+    The evolved row is scored from ``model_dir`` (the merged model written to disk) when there is
+    one, loaded as ``umm eval`` loads it, so its scores are what ``umm eval model_dir --split test``
+    gives; otherwise from the live model. The other rows are applied to the live model.
+    """
+    weights = task_weights(config)
+    rows: list[ComparisonRow] = []
+    correct: dict[str, dict[str, dict[str, bool]]] = {}
+
+    def add(name: str, kind: str, results: dict[str, TaskEval], path: str | None = None) -> None:
+        scores = {k: float(v.score.score) for k, v in results.items()}
+        rows.append(ComparisonRow(
+            name=name, kind=kind, scores=scores, objective=objective(scores, weights),
+            n={k: int(v.score.n) for k, v in results.items()},
+            ci={k: (float(v.score.ci_low), float(v.score.ci_high)) for k, v in results.items()}, path=path,
+        ))
+        correct[name] = {k: v.correct for k, v in results.items()}
+
+    evolved = f"evolved ({config.optimizer}, {config.method})"
+    if model_dir is not None:
+        add(evolved, "evolved", _evaluate_folder(config, worker, model_dir), str(model_dir))
+    else:
+        worker.live.apply(best_recipe)
+        add(evolved, "evolved", worker.evaluate("test"))
     for i, path in enumerate(worker.live.model_paths):
         worker.live.load_source(i)
-        role = "base" if i == worker.live.base_index else "source"
-        rows.append(row(f"{role}: {Path(path).name}"))
-    if config.base_model is not None:
-        for method in ("task_arithmetic", "ties"):
-            worker.live.apply(untuned_recipe(config, method))
-            rows.append(row(f"untuned {method}"))
-    else:
-        logger.info("no base_model: the untuned task-arithmetic and TIES rows are left out")
-    return rows
+        if i == worker.live.base_index:
+            add(f"base: {Path(path).name}", "baseline", worker.evaluate("test"), str(path))
+        else:
+            add(source_name(path), "source", worker.evaluate("test"), str(path))
+    for method in untuned_baselines(config):
+        worker.live.apply(untuned_recipe(config, method))
+        add(untuned_name(method), "baseline", worker.evaluate("test"))
+    if random_recipe is not None:
+        worker.live.apply(random_recipe)
+        add("random search (same budget)", "baseline", worker.evaluate("test"))
+
+    best = max((r for r in rows if r.kind == "source"), key=lambda r: r.objective)
+    diff = paired_difference(correct[evolved], correct[best.name], weights)
+    return Comparison(
+        weights=weights, rows=rows, best_source=best.name, evolved_minus_best_source=diff,
+        resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
+        eval_commands=eval_commands(config, model_dir) if model_dir is not None else [],
+    )
+
+
+def paired_difference(
+    a: dict[str, dict[str, bool]], b: dict[str, dict[str, bool]], weights: dict[str, float]
+) -> PairedDifference:
+    """:func:`~umm.eval.stats.paired_bootstrap_difference` of ``a - b``, items paired by id."""
+    for task in weights:
+        if set(a[task]) != set(b[task]):
+            raise RuntimeError(f"task {task}: the two models were scored on different test items")
+    ids = {task: sorted(a[task]) for task in weights}
+    return paired_bootstrap_difference(
+        {t: [float(a[t][i]) for i in ids[t]] for t in weights},
+        {t: [float(b[t][i]) for i in ids[t]] for t in weights},
+        weights, resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
+    )
+
+
+def _evaluate_folder(config: EvolveConfig, worker: Worker, folder: Path) -> dict[str, TaskEval]:
+    """Test scores of the model in ``folder``, loaded as ``umm eval`` loads it (its own dtype)."""
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(folder, device=worker.device, dtype="auto")
+    try:
+        return evaluate_tasks(config, worker.tasks, model, load_tokenizer(folder), "test", worker.device)
+    finally:
+        del model
+
+
+def eval_commands(config: EvolveConfig, folder: Path) -> list[str]:
+    """``umm eval`` commands that score ``folder`` on the same test items (one per test size)."""
+    by_size: dict[int | None, list[str]] = {}
+    for t in config.tasks:
+        by_size.setdefault(t.test_size, []).append(t.name)
+    return [
+        f"umm eval {folder} --task {','.join(names)} --split test --seed {config.seed} "
+        f"--batch-size {config.batch_size}" + (f" --limit {size}" if size is not None else "")
+        for size, names in by_size.items()
+    ]

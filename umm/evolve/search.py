@@ -3,7 +3,9 @@
 Both optimizers share one budget accounting: generation 0 evaluates the starting point (one
 candidate), then every generation evaluates ``population`` candidates, for
 ``(evaluations - 1) // population`` generations or until the wall-time budget is spent (checked
-before a generation starts; a started generation is finished). Fitness is maximised.
+before a generation starts; a started generation is finished). Fitness is maximised; in
+``umm evolve`` it is the weighted mean of the task scores on the ``search`` items
+(:func:`umm.evolve.report.objective`), whatever the optimizer.
 
 After each generation the state (:mod:`umm.evolve.state`) is saved; :func:`run_search` given a
 state with finished generations replays them into a fresh optimizer (see :func:`replay`) and

@@ -123,7 +123,8 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
 
     Relative paths of models and data are read from ``base_dir`` (the config file's folder) when
     they exist there, else from the current directory; ``output`` and ``teacher_cache`` are
-    relative to ``base_dir``. Raises :class:`FuseConfigError` listing every problem.
+    relative to the current directory (outputs never land beside the config, e.g. in the
+    checkout's ``examples/``). Raises :class:`FuseConfigError` listing every problem.
     """
     if not isinstance(data, dict):
         raise FuseConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
@@ -137,11 +138,8 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
             return str((base_dir / q).resolve())
         return str(q)
 
-    def target(p: Any) -> Any:
-        if not isinstance(p, str):
-            return p
-        q = Path(p).expanduser()
-        return str(base_dir / q) if base_dir is not None and not q.is_absolute() else str(q)
+    def target(p: Any) -> Any:  # an output: relative to the current directory, never the config's
+        return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
     for key in ("pivot", "data"):
         if key in data:
