@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 
 import typer
@@ -23,3 +24,30 @@ def user_errors() -> Iterator[None]:
     except UmmError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: raised in the main thread, so whatever Ctrl-C cleans up is cleaned up."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread.
+
+    A ``kill PID`` then takes the Ctrl-C path: ``with`` blocks and ``finally`` clauses run, so e.g.
+    a merge removes its hidden partial output folder. Only the first SIGTERM raises; later ones
+    are ignored, so they cannot cut that clean-up short (SIGKILL still ends the process). Yields
+    a list that holds the signal number once one arrived. Main thread only (Python's rule).
+    """
+    received: list[int] = []
+
+    def _handler(signum: int, _frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
