@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,21 +108,28 @@ class Coordinator:
                            withdraw=lambda ttl: self.records.withdraw_provider(h, ttl=ttl))
 
     def stop(self) -> None:
-        """Stop the rounds, withdraw the provider record, stop serving, leave the DHT. Idempotent."""
-        from umm.net.dht import DHT_PIDS, stop_dht
+        """Stop the rounds, withdraw the provider record, stop serving, leave the DHT. Idempotent.
+
+        Bounded: each step has a deadline (:mod:`umm.net.shutdown`); a round in progress is
+        interrupted by the caller (``umm-coordinator run`` turns SIGTERM into Ctrl-C) or stops at
+        its next step once :attr:`stop_event` is set."""
+        from umm.net.dht import DHT_PIDS
+        from umm.net.shutdown import leave_dht, stop_server, withdraw_records
 
         self.stop_event.set()
+        t0 = time.monotonic()
         if self.refresher is not None:
             refresher, self.refresher = self.refresher, None
-            refresher.withdraw_all()  # the DHT is still up: Ctrl-C does not reach its process group
+            withdraw_records(refresher)  # the DHT is still up: Ctrl-C does not reach its process group
         for server in (self.status_server, self.checkpoint_server):
             if server is not None:
-                server.stop(grace=None)
+                stop_server(server, grace=None)
         if self.dht is not None:
             dht, self.dht = self.dht, None
-            stop_dht(dht, self.config.data_dir / DHT_PIDS)
+            leave_dht(dht, self.config.data_dir / DHT_PIDS)
         if self.db is not None:
             self.db.close()
+        logger.info("coordinator stopped in %.1f s", time.monotonic() - t0)
 
     def __enter__(self) -> Coordinator:
         return self.start()

@@ -52,32 +52,34 @@ def run(
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
 ) -> None:
     """Run rounds: discover, fetch, admit, evaluate, rank, publish scores, merge, publish if better."""
-    import signal
-
     from coordinator.app import Coordinator
     from coordinator.config import load_config
+    from umm.cli.common import freeze_for_exit, sigterm_as_interrupt
     from umm.ui import console, setup_logging
 
     setup_logging(verbose)
     cfg = load_config(config)
     coordinator = Coordinator(cfg)
-    coordinator.start()
-    signal.signal(signal.SIGTERM, lambda *_: coordinator.stop_event.set())
-    try:
-        console.print(f"coordinator of network [bold]{cfg.network}[/]", highlight=False)
-        console.print(f"  DHT peers join with: {' '.join(coordinator.maddrs)}", soft_wrap=True, highlight=False)
-        console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
-        console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
-        console.print(f"  status service: {coordinator.status_address}", highlight=False)
-        coordinator.run(rounds=rounds or None)
-        if linger and not coordinator.stop_event.is_set():
-            console.print("rounds done; serving until interrupted", highlight=False)
-            while not coordinator.stop_event.wait(0.5):
-                pass
-    except KeyboardInterrupt:
-        console.print("interrupted; the round resumes on the next start")
-    finally:
-        coordinator.stop()
+    # SIGTERM as Ctrl-C: the work in progress (an evaluation, a fetch) is interrupted at once and
+    # the round resumes on the next start, as after a crash
+    with sigterm_as_interrupt():
+        try:
+            coordinator.start()
+            console.print(f"coordinator of network [bold]{cfg.network}[/]", highlight=False)
+            console.print(f"  DHT peers join with: {' '.join(coordinator.maddrs)}", soft_wrap=True, highlight=False)
+            console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
+            console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
+            console.print(f"  status service: {coordinator.status_address}", highlight=False)
+            coordinator.run(rounds=rounds or None)
+            if linger and not coordinator.stop_event.is_set():
+                console.print("rounds done; serving until interrupted", highlight=False)
+                while not coordinator.stop_event.wait(0.5):
+                    pass
+        except KeyboardInterrupt:
+            console.print("interrupted; the round resumes on the next start")
+        finally:
+            coordinator.stop()  # bounded (coordinator.app): withdraw, stop serving, leave the DHT
+            freeze_for_exit()
 
 
 @app.command()

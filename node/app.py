@@ -17,11 +17,11 @@ node through :meth:`Node.stop`, which withdraws the records before it shuts the 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ from umm.errors import UmmError
 logger = logging.getLogger(__name__)
 
 EXPERT_JOB = "expert"
+#: seconds to wait for the watcher's and refresher's threads (a download is cancelled at once; a
+#: DHT read in progress is abandoned: the threads are daemons)
+WATCHER_STOP_TIMEOUT = 2.0
 
 
 class NodeError(UmmError):
@@ -169,29 +172,35 @@ class Node:
 
     def stop(self, *, withdraw: bool = True) -> None:
         """Stop refreshing, withdraw our expert and provider records (unless ``withdraw=False``),
-        stop serving and leave the DHT. Safe to call more than once and after a failed :meth:`start`."""
+        stop serving and leave the DHT. Safe to call more than once and after a failed :meth:`start`.
+
+        Bounded: each step has a deadline (:mod:`umm.net.shutdown`), a download in progress is
+        cancelled, so the node stops within about 25 s whatever the network does (a few seconds
+        when it answers)."""
+        from umm.net.shutdown import leave_dht, stop_server, withdraw_records
+
         self._stopping.set()
         if self._stopped:
             return
         self._stopped = True
+        t0 = time.monotonic()
         if self.watcher is not None:
-            self.watcher.stop()
+            self.watcher.stop(timeout=WATCHER_STOP_TIMEOUT)
         if self.refresher is not None:
             if withdraw:  # while the DHT is up (it is in its own process group: Ctrl-C did not end it)
-                self.refresher.withdraw_all()
+                withdraw_records(self.refresher)
             else:
-                self.refresher.stop()
+                self.refresher.stop(timeout=WATCHER_STOP_TIMEOUT)
         if self.server is not None:
-            self.server.stop(grace=1.0)
+            stop_server(self.server, grace=1.0)
         if self.dht is not None:
-            from umm.net.dht import DHT_PIDS, stop_dht
+            from umm.net.dht import DHT_PIDS
 
-            with contextlib.suppress(Exception):
-                stop_dht(self.dht, self.config.data_dir / DHT_PIDS)
+            leave_dht(self.dht, self.config.data_dir / DHT_PIDS)
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
-        logger.info("node stopped")
+        logger.info("node stopped in %.1f s", time.monotonic() - t0)
 
     def __enter__(self) -> Node:
         self.start()

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from umm.cli import run_app
+from umm.cli.common import freeze_for_exit
 from umm.ui import console, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ def join(
         sys.stdout.flush()
         node.run_forever()
     finally:
-        node.stop()
+        node.stop()  # bounded (node.app): withdraw, stop serving, leave the DHT
+        freeze_for_exit()
     console.print("left the network", highlight=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,80 @@ def test_merge_imports_torch_with_gc_frozen_and_leaves_gc_on():
             "assert gc.isenabled() and gc.get_freeze_count() > 100_000, gc.get_freeze_count()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+# A merge that is certainly still running when the signal comes, on any machine: every block
+# written waits 0.3 s (a slow disk), so a 2-layer model's ~20 blocks take seconds on one thread.
+_SLOW_MERGE = """\
+import time
+from umm.checkpoints.writer import CheckpointWriter
+_write = CheckpointWriter.write_rows
+def _slow(self, *args, **kwargs):
+    _write(self, *args, **kwargs)
+    time.sleep(0.3)
+CheckpointWriter.write_rows = _slow
+from umm.cli import console_main
+console_main()
+"""
+
+
+def _partials(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.parametrize(("sig", "status"), [("SIGTERM", 128 + 15), ("SIGINT", 128 + 2)])
+def test_a_killed_merge_leaves_no_partial_folder(ties_recipe, tmp_path, sig, status):
+    """SIGTERM (``kill PID``) removes the hidden partial output as Ctrl-C does, and says so by its status."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "merged"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_MERGE, "merge", str(ties_recipe), str(out), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120  # start-up imports torch: slow on a loaded machine
+        while not _partials(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _partials(out) and proc.poll() is None, proc.communicate(timeout=60)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, err
+    assert "Traceback" not in err
+    assert _partials(out) == [] and not out.exists()
+
+
+def test_a_merge_removes_partial_folders_of_dead_processes_only(ties_recipe, tmp_path):
+    """What a SIGKILLed merge left is reclaimed by the next merge to that target; a live merge's
+    folder (pid and start time of a running process) and names it did not write stay."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "merged"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    dead_start = round(psutil.Process(child.pid).create_time() * 100)
+    child.communicate(b"")  # now gone; its pid may be reused, its start time is not
+    me = os.getpid()
+    my_start = round(psutil.Process(me).create_time() * 100)
+    planted = {
+        "dead": tmp_path / f".merged.partial-{child.pid}-{dead_start}-0badf00d",
+        "reused pid": tmp_path / f".merged.partial-{me}-{my_start - 1000}-0badf00d",
+        "live": tmp_path / f".merged.partial-{me}-{my_start}-0badf00d",
+        "old layout": tmp_path / ".merged.partial-0badf00d",
+        "other target": tmp_path / f".other.partial-{child.pid}-{dead_start}-0badf00d",
+    }
+    for path in planted.values():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 1024)
+    res = runner.invoke(app, ["merge", str(ties_recipe), str(out)])
+    assert res.exit_code == 0, res.output
+    assert not planted["dead"].exists() and not planted["reused pid"].exists()
+    assert planted["live"].is_dir() and planted["old layout"].is_dir() and planted["other target"].is_dir()
+    assert (out / "model.safetensors").is_file() and set(_partials(out)) == {planted["live"], planted["old layout"]}

@@ -9,13 +9,16 @@ first, reserves the file's full size, and ``os.pwrite``\\ s each tensor's bytes 
 rows) at its planned offset as soon as it is produced, in any order and from any thread. No
 output shard is ever held in memory.
 
-Atomicity: everything is written into a sibling temporary folder ``.<name>.partial-<random>``;
+Atomicity: everything is written into a sibling temporary folder
+``.<name>.partial-<pid>-<start>-<random>`` (named after the writing process, :mod:`umm.partials`);
 :meth:`CheckpointWriter.finalize` checks that every byte was written, fsyncs the files and the
 folder and renames it onto the target. To keep that final sync short, a background thread
 ``fdatasync``\ s a shard each time ``sync_every`` more bytes have been written into it, so most
 of the data reaches the disk while later tensors are still being computed. With ``overwrite=True`` an existing target is replaced only
 after the new folder is complete. Any exception (or ``KeyboardInterrupt``) inside the ``with``
-block removes the temporary folder, so a failed or interrupted write leaves nothing behind.
+block removes the temporary folder, so a failed or interrupted write leaves nothing behind. A
+process killed before it could do so (SIGKILL) leaves its folder; :meth:`CheckpointWriter.open`
+removes such folders of dead processes beside the target before it starts (never a live one's).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 
 from umm.errors import UmmError
+from umm.partials import partial_path, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +314,9 @@ class CheckpointWriter:
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir = parent / f".{self.out_dir.name}.partial-{secrets.token_hex(4)}"
+            prefix = partial_prefix(self.out_dir)
+            remove_stale_partials(parent, prefix)
+            self.tmp_dir = partial_path(parent, prefix)
             self.tmp_dir.mkdir()
             for name, header, size in zip(self.plan.files, self.plan.headers, self.plan.file_sizes):
                 fd = os.open(self.tmp_dir / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -544,6 +550,11 @@ class BackgroundSync:
             thread.join()
         if self._error is not None:
             raise self._error
+
+
+def partial_prefix(out_dir: str | Path) -> str:
+    """Name prefix of the temporary folders of an output ``out_dir`` (beside it)."""
+    return f".{Path(out_dir).name}.partial-"
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:

@@ -58,12 +58,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console_main() -> NoReturn:
-    """Entry point of the ``umm`` console script: :func:`main`, then :func:`exit_quickly`."""
-    try:
-        main()
-        code: int | str | None = 0
-    except SystemExit as exc:
-        code = exc.code
+    """Entry point of the ``umm`` console script: :func:`main`, then :func:`exit_quickly`.
+
+    SIGTERM is handled as Ctrl-C (:func:`umm.cli.common.sigterm_as_interrupt`: partial outputs
+    are removed); the exit status is then 143 (128 + SIGTERM), as a shell reports a killed job.
+    """
+    from umm.cli.common import sigterm_as_interrupt
+
+    with sigterm_as_interrupt() as received:
+        try:
+            main()
+            code: int | str | None = 0
+        except SystemExit as exc:
+            code = exc.code
+    if received:
+        code = 128 + received[0]
     exit_quickly(code)
 
 

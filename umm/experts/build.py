@@ -9,7 +9,8 @@ Layout of a built suite::
 
 A suite is built in a temporary sibling folder and renamed into place, so a reader sees either
 no suite or a complete one. A cached suite is reused when its recipe fingerprint matches the
-current recipe of its variant; otherwise (or with ``force``) it is rebuilt.
+current recipe of its variant; otherwise (or with ``force``) it is rebuilt. The temporary folder
+names its builder process (:mod:`umm.partials`): a build removes those of dead builders first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable
 from umm.errors import UmmError
 from umm.experts.prebuilt import Prebuilt, load_prebuilt
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
+from umm.partials import partial_path, remove_stale_partials
 from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -243,7 +245,9 @@ def build_suite(
     recipe.validate()
     target = suite_dir(recipe.variant, root)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{recipe.variant}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    prefix = f".{recipe.variant}.tmp-"
+    remove_stale_partials(target.parent, prefix)  # builds killed outright (SIGKILL) left these
+    tmp = partial_path(target.parent, prefix)
     tmp.mkdir()
     started = time.perf_counter()
     try:

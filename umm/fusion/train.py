@@ -32,6 +32,7 @@ from umm.fusion.settings import TrainingSettings
 from umm.fusion.loss import sparse_distill_terms
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
 from umm.fusion.teacher import TeacherOutputs, teacher_pass
+from umm.partials import partial_path, remove_stale_partials
 from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -343,9 +344,26 @@ def train_pivot(
 def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets: FusedTargets,
                   teachers: list[TeacherOutputs], state: dict[str, Any], seconds: float) -> Path:
     out = config.output
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.tmp-"
+    remove_stale_partials(out.parent, prefix)  # of runs killed outright (SIGKILL) while writing
+    tmp = partial_path(out.parent, prefix)
+    tmp.mkdir()
+    try:
+        _fill_output(config, tmp, model, tokenizer, targets, teachers, state, seconds)
+        if out.exists():
+            out.rmdir()  # checked empty at the start
+        os.replace(tmp, out)
+    except BaseException:  # an error, Ctrl-C or (in the umm command) SIGTERM: no half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("fused model written to %s", out)
+    return out
+
+
+def _fill_output(config: FusionTrainConfig, tmp: Path, model: Any, tokenizer: Any, targets: FusedTargets,
+                 teachers: list[TeacherOutputs], state: dict[str, Any], seconds: float) -> None:
+    """Write the fused model, its tokenizer, recipe and model card into ``tmp``."""
     model.eval()
     model.config.use_cache = True
     with transformers_bars_off():
@@ -372,11 +390,6 @@ def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets
     }
     (tmp / "fusion_recipe.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
     (tmp / "README.md").write_text(_model_card(recipe), encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # checked empty at the start
-    os.replace(tmp, out)
-    logger.info("fused model written to %s", out)
-    return out
 
 
 def _model_card(r: dict[str, Any]) -> str:
