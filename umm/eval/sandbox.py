@@ -142,6 +142,14 @@ def ends_with_tests(code: str, tests: str) -> bool:
     return n <= len(body) and all(ast.dump(a) == ast.dump(b) for a, b in zip(body[len(body) - n:], own))
 
 
+def _count_statements(tests: str | None) -> int:
+    """How many top-level statements ``tests`` has (0: none, or they do not parse on their own)."""
+    try:
+        return len(ast.parse(tests).body) if tests is not None else 0
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0
+
+
 def run_program(code: str, limits: SandboxLimits | None = None, tests: str | None = None) -> ExecResult:
     """Run ``code`` (a complete Python program) in the sandbox and report how it ended.
 
@@ -175,6 +183,7 @@ def run_program(code: str, limits: SandboxLimits | None = None, tests: str | Non
             "namespaces": lim.namespaces,
             "landlock": lim.landlock,
             "seccomp": lim.seccomp,
+            "tests": _count_statements(tests),  # the last statements: compiled with plain-value checks
             "env": {"PATH": "/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"},
             "limits": {
                 "timeout_seconds": lim.timeout_seconds,
