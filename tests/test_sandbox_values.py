@@ -96,6 +96,15 @@ def test_a_function_under_test_named_like_a_builtin_is_the_programs_and_its_resu
     assert not r.passed and "plain built-in types" in r.stderr
 
 
+def test_methods_of_the_programs_objects_are_checked_on_their_results() -> None:
+    tests = "assert Solution().f(1) == 2\nassert obj.f(2) == 3\n"
+    honest = "class Solution:\n    def f(self, x):\n        return x + 1\n\nobj = Solution()\n\n"
+    assert run_program(honest + tests, RAW, tests=tests).passed  # the receiver may be any object
+    lying = honest.replace("return x + 1", "return _Yes()") + ALWAYS_EQUAL + "\n"
+    r = run_program(lying + tests, RAW, tests=tests)
+    assert not r.passed and "plain built-in types" in r.stderr
+
+
 # ---- HumanEval: the benchmark's own check(candidate), real problems and a data file in its format
 
 

@@ -35,6 +35,9 @@ memory, or to code on the judge's thread: ``sys._current_frames``, ``gc.get_obje
 ``/proc/self/mem`` unreadable. Python signal handlers only ever run on the main thread (the
 program's). Writing ``PASS`` to every descriptor, ``os._exit(0)``, ``sys.exit(0)``, a fork,
 threads, atexit or signals do not produce the token.
+
+The tests' last statements (as many as the config's ``tests``) are compiled rewritten, so that what
+their comparisons mean does not depend on the program's objects or names (``_harden_tests``).
 """
 
 from __future__ import annotations
@@ -457,16 +460,25 @@ class _Harden(ast.NodeTransformer):
             return self.const(obj, node)
         return self.generic_visit(node)
 
-    def visit_Call(self, node):
+    def visit_Call(self, node, receiver: bool = False):
+        """A call; its result checked unless it is the tests' own function, a trusted one, or the
+        receiver of a method call (``Solution().f(1)``: the method's result is checked)."""
         func = node.func
         own = isinstance(func, ast.Name) and func.id in self.defs
-        if isinstance(func, ast.Name) and (id(func) in self.under_test or not own and self.resolve(func) is None):
+        program = isinstance(func, ast.Name) and (id(func) in self.under_test or not own and self.resolve(func) is None)
+        if program or isinstance(func, ast.Attribute) and self.resolve(func) is None:
+            if isinstance(func, ast.Attribute):  # a method: its receiver may be any object of the program's
+                recv = func.value
+                if isinstance(recv, ast.Call):
+                    func.value = self.visit_Call(recv, receiver=True)
+                elif not (isinstance(recv, ast.Name) and recv.id not in self.bound and recv.id not in self.names):
+                    func.value = self.visit(recv)
             node.args = [self.visit(a) for a in node.args]
             node.keywords = [self.visit(k) for k in node.keywords]
         else:
             node = self.generic_visit(node)
         trusted = isinstance(node.func, ast.Constant) and id(func) not in self.under_test
-        return node if own or trusted else self.wrap(self.plain, node)
+        return node if own or trusted or receiver else self.wrap(self.plain, node)
 
 
 def _harden_tests(stmts: list, trusted: list, prefix: str) -> None:

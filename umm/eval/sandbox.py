@@ -8,6 +8,11 @@ table in ``umm/eval/README.md``):
   (``secrets.token_hex(16)``, handed over through a pipe) on the status pipe; with ``tests``, the
   tests must also be the program's last top-level statements, unchanged (:func:`ends_with_tests`,
   checked here before the run). Writing ``PASS`` anywhere and exiting early is a failure.
+- **the tests' values** (here + child): with ``tests``, the parent passes how many statements
+  they are; the child compiles them rewritten so their comparisons run on fresh copies of exact
+  built-in types and use builtins and imported names captured before the program ran (see
+  ``_harden_tests`` in ``_sandbox_child.py``): a result with a lying ``__eq__``, a shadowed ``abs``
+  or a patched ``math.isclose`` does not pass.
 - **process** (here): a fresh interpreter per program (``python -I -B -S``), new session
   (``start_new_session=True``), stdin closed, stdout/stderr to size-capped files, environment
   replaced by ``PATH``, ``HOME`` = ``TMPDIR`` = the scratch dir and ``LANG`` (nothing inherited),
