@@ -35,6 +35,9 @@ memory, or to code on the judge's thread: ``sys._current_frames``, ``gc.get_obje
 ``/proc/self/mem`` unreadable. Python signal handlers only ever run on the main thread (the
 program's). Writing ``PASS`` to every descriptor, ``os._exit(0)``, ``sys.exit(0)``, a fork,
 threads, atexit or signals do not produce the token.
+
+The tests' last statements (as many as the config's ``tests``) are compiled rewritten, so that what
+their comparisons mean does not depend on the program's objects or names (``_harden_tests``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ import sys
 if __name__ == "__main__" and sys.path and sys.path[0] == __file__.rpartition("/")[0]:
     del sys.path[0]
 
+import ast  # noqa: E402
+import builtins  # noqa: E402
+import collections  # noqa: E402
 import ctypes  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -55,6 +62,8 @@ import select  # noqa: E402
 import signal  # noqa: E402
 import struct  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -277,6 +286,229 @@ def _reliability_guard() -> None:
         sys.modules[mod] = None  # type: ignore[assignment]
 
 
+# ---- the tests' values: plain data, compared by the tests' own code with trusted names
+#
+# The tests' statements are compiled with three changes (``_harden_tests``), so that what their
+# comparisons mean does not depend on objects or names the program controls:
+# 1. every call of a function that is not the tests' own (``candidate(x)``, ``f(1)``, a method)
+#    becomes ``PLAIN(call)``: the result is copied into fresh objects of exact built-in types
+#    (int, float, complex, str, bytes, bool, None, list, tuple, set, frozenset, dict) and anything
+#    else (an int subclass, an object with its own ``__eq__``) raises TypeError, which fails the
+#    run; ``==``/``<``/``abs`` then run on built-in types only, whose methods cannot be changed;
+# 2. a program name passed as a value (``check(entry_point)``) becomes ``GUARD(name)``: a function
+#    is wrapped so that each of its results goes through ``PLAIN``, anything else is ``PLAIN``'d;
+# 3. builtins (``abs``, ``isinstance``, ``len`` ...) and the names the tests import (``math``,
+#    ``math.isclose``, ``from random import randint``) are the objects captured before the program
+#    ran, loaded as constants (a placeholder string, swapped in the compiled code's constants), so
+#    no global, builtins entry or module attribute the program rebinds is consulted.
+# The one exception to 3: in a top-level ``assert NAME(<literals>) == ...`` the NAME is the function
+# under test (the program's, even if it is called like a builtin); its result goes through PLAIN.
+#
+# The checking functions use no globals, closures or defaults: every reference they use is in the
+# tuple bound to them with ``types.MethodType`` (immutable); the audit hook refuses to replace their
+# ``__code__``. Copies are built inside C calls, so no frame local ever holds one half-built.
+
+def _plain_impl(c, value):
+    """A fresh copy of ``value`` made only of exact built-in types; TypeError for any other type.
+
+    ``c``: (this function, type, int, float, complex, str, bytes, bool, NoneType, list, tuple, set,
+    frozenset, dict, dict.items, Counter, OrderedDict, defaultdict, map, itertools.repeat, TypeError).
+    A Counter/OrderedDict/defaultdict is read through ``dict.items`` and copied into a dict.
+    """
+    t = c[1](value)
+    if t is c[2] or t is c[3] or t is c[4] or t is c[5] or t is c[6] or t is c[7] or t is c[8]:
+        return value
+    if t is c[9] or t is c[10] or t is c[11] or t is c[12]:
+        return t(c[18](c[0], c[19](c), value))
+    if t is c[13] or t is c[15] or t is c[16] or t is c[17]:
+        return c[13](c[18](c[0], c[19](c), c[14](value)))
+    raise c[20]("the tests compare only values of plain built-in types (int, float, str, list, tuple, dict, set, ...)")
+
+
+def _call_impl(c, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its result through :func:`_plain_impl` (``c``: its tuple)."""
+    return c[0](c, fn(*args, **kwargs))
+
+
+def _guard_impl(g, value):
+    """A callable wrapped so its results are plain data; any other value made plain.
+
+    ``g``: (callable, types.MethodType, the bound call checker, the bound plain copier)."""
+    if g[0](value):
+        return g[1](g[2], value)
+    return g[3](value)
+
+
+_TRUSTED_FUNCTIONS = (_plain_impl, _call_impl, _guard_impl)
+
+
+def _checkers() -> tuple:
+    """(PLAIN, GUARD): the bound checking functions, from references captured now."""
+    c = (_plain_impl, type, int, float, complex, str, bytes, bool, type(None), list, tuple, set, frozenset,
+         dict, dict.items, collections.Counter, collections.OrderedDict, collections.defaultdict, map,
+         itertools.repeat, TypeError)
+    plain = types.MethodType(_plain_impl, c)
+    call = types.MethodType(_call_impl, c)
+    return plain, types.MethodType(_guard_impl, (callable, types.MethodType, call, plain))
+
+
+def _bound_names(stmts: list) -> tuple[set, set, dict]:
+    """Names the tests bind: (all of them, those bound by def/class, those bound by imports only,
+    mapped to the imported object, resolved now)."""
+    bound: set = set()
+    defs: set = set()
+    imported: dict = {}
+    for node in (n for s in stmts for n in ast.walk(s)):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.partition(".")[0]
+                module = sys.modules.get(a.name if a.asname else top)
+                imported[a.asname or top] = module
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            module = sys.modules.get(node.module)
+            for a in node.names:
+                imported[a.asname or a.name] = getattr(module, a.name, None) if module is not None else None
+    imported = {k: v for k, v in imported.items() if v is not None and k not in bound and k not in defs}
+    return bound | defs, defs, imported
+
+
+def _is_literal(node) -> bool:
+    """A literal built from constants only (no name lookup when it runs)."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return all(_is_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(k is not None and _is_literal(k) for k in node.keys) and all(_is_literal(v) for v in node.values)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return isinstance(node.operand, ast.Constant)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+        return all(isinstance(x, ast.Constant) or _is_literal(x) and isinstance(x, ast.UnaryOp) for x in (node.left, node.right))
+    return False
+
+
+def _functions_under_test(stmts: list) -> set:
+    """ids of the NAME nodes of top-level ``assert NAME(<literals>) <op> ...`` (the program's function)."""
+    out = set()
+    for s in stmts:
+        if isinstance(s, ast.Assert) and isinstance(s.test, ast.Compare):
+            for side in (s.test.left, *s.test.comparators):
+                if (isinstance(side, ast.Call) and isinstance(side.func, ast.Name)
+                        and all(_is_literal(a) for a in side.args) and all(_is_literal(k.value) for k in side.keywords)):
+                    out.add(id(side.func))
+    return out
+
+
+class _Harden(ast.NodeTransformer):
+    """Rewrites the tests' expressions (see the comment above :func:`_plain_impl`)."""
+
+    def __init__(self, trusted: list, prefix: str, stmts: list) -> None:
+        self.trusted, self.prefix = trusted, prefix
+        self.bound, self.defs, imported = _bound_names(stmts)
+        self.names = {k: v for k, v in vars(builtins).items() if k not in self.bound and not k.startswith("_")}
+        self.names.update(imported)
+        self.under_test = _functions_under_test(stmts)
+        self.plain, self.guard = _checkers()
+        self.parents: dict = {}
+        self.originals = [n for s in stmts for n in ast.walk(s)]  # alive, so no new node reuses an id
+        for s in stmts:
+            for node in ast.walk(s):
+                for child in ast.iter_child_nodes(node):
+                    self.parents[id(child)] = node
+
+    def const(self, obj, like):
+        self.trusted.append(obj)
+        return ast.copy_location(ast.Constant(f"{self.prefix}{len(self.trusted) - 1}"), like)
+
+    def wrap(self, checker, node):
+        return ast.copy_location(ast.Call(self.const(checker, node), [node], []), node)
+
+    def resolve(self, node):
+        """The trusted object a Name/Attribute chain stands for, or None."""
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and id(node) not in self.under_test:
+            return self.names.get(node.id)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            base = self.resolve(node.value)
+            return getattr(base, node.attr, None) if base is not None else None
+        return None
+
+    def folded(self, node) -> bool:
+        # an operand of a constant-folded operation: a placeholder there would be folded away
+        return isinstance(self.parents.get(id(node)), (ast.BinOp, ast.UnaryOp, ast.Subscript))
+
+    def visit_Name(self, node):
+        obj = self.resolve(node)
+        if obj is not None and not self.folded(node):
+            return self.const(obj, node)
+        if isinstance(node.ctx, ast.Load) and node.id not in self.bound and node.id not in self.names:
+            return self.wrap(self.guard, node)  # a program name used as a value
+        return node
+
+    def visit_Attribute(self, node):
+        obj = self.resolve(node)
+        if obj is not None and not self.folded(node):
+            return self.const(obj, node)
+        return self.generic_visit(node)
+
+    def visit_Call(self, node, receiver: bool = False):
+        """A call; its result checked unless it is the tests' own function, a trusted one, or the
+        receiver of a method call (``Solution().f(1)``: the method's result is checked)."""
+        func = node.func
+        own = isinstance(func, ast.Name) and func.id in self.defs
+        program = isinstance(func, ast.Name) and (id(func) in self.under_test or not own and self.resolve(func) is None)
+        if program or isinstance(func, ast.Attribute) and self.resolve(func) is None:
+            if isinstance(func, ast.Attribute):  # a method: its receiver may be any object of the program's
+                recv = func.value
+                if isinstance(recv, ast.Call):
+                    func.value = self.visit_Call(recv, receiver=True)
+                elif not (isinstance(recv, ast.Name) and recv.id not in self.bound and recv.id not in self.names):
+                    func.value = self.visit(recv)
+            node.args = [self.visit(a) for a in node.args]
+            node.keywords = [self.visit(k) for k in node.keywords]
+        else:
+            node = self.generic_visit(node)
+        trusted = isinstance(node.func, ast.Constant) and id(func) not in self.under_test
+        return node if own or trusted or receiver else self.wrap(self.plain, node)
+
+
+def _harden_tests(stmts: list, trusted: list, prefix: str) -> None:
+    """Rewrite the tests' statements in place (``trusted``: the objects of the placeholders)."""
+    harden = _Harden(trusted, prefix, stmts)
+    for i, s in enumerate(stmts):
+        stmts[i] = ast.fix_missing_locations(harden.visit(s))
+
+
+def _substitute(code, prefix: str, objects: list):
+    """``code`` with each placeholder constant (also inside constant tuples/frozensets and nested
+    code objects) replaced by its trusted object."""
+    if not objects:
+        return code
+
+    def sub(c):
+        if type(c) is str and c.startswith(prefix):
+            return objects[int(c[len(prefix):])]
+        if type(c) is tuple:
+            return tuple(sub(x) for x in c)
+        if type(c) is frozenset:
+            return frozenset(sub(x) for x in c)
+        if type(c) is types.CodeType:
+            return _substitute(c, prefix, objects)
+        return c
+
+    return code.replace(co_consts=tuple(sub(c) for c in code.co_consts))
+
+
+
 def _report_exception(exc: BaseException) -> None:
     """A short report on stderr: the exception and the program's line numbers (frames are off limits)."""
     try:
@@ -302,17 +534,20 @@ def _flush_stdout() -> None:
         pass
 
 
-def _audit_hook(judge_ident: int, get_ident):
+def _audit_hook(judge_ident: int, get_ident, trusted: tuple):
     """The hook that keeps the program away from the token and the tests' control flow.
 
     Installed before the program runs; CPython offers no way to remove or list it, and it denies
-    adding another. It holds no reference the program could use, and nothing stores it.
+    adding another. It holds no reference the program could use, and nothing stores it. It also
+    refuses to replace the code or defaults of the ``trusted`` functions (the tests' value checks).
     """
     denied, frame_attrs = _DENIED_EVENTS, _FRAME_ATTRS
 
     def hook(event: str, args: tuple) -> None:
         if event in denied or event.startswith("ctypes."):
             raise RuntimeError(f"the sandbox does not allow {event}")
+        if event == "object.__setattr__" and any(args[0] is f for f in trusted):
+            raise RuntimeError("the sandbox does not allow changing its value checks")
         if event == "object.__getattr__" and args[1] in frame_attrs:
             raise RuntimeError(f"the sandbox does not allow reading {args[1]}")
         if event == "sys._getframe" and get_ident() == judge_ident:
@@ -378,10 +613,20 @@ def _start_judge(token_fd: int, program, last_line: int, status_fd: int) -> tupl
     return ident, done, glob
 
 
-def _compile_program(code: str):
-    """The program with its end-marker line appended, and that line's number; None if it does not compile."""
+def _compile_program(code: str, n_tests: int = 0):
+    """The program with its end-marker line appended, and that line's number; None if it does not
+    compile. Its last ``n_tests`` top-level statements (the tests) are compiled hardened
+    (:func:`_harden_tests`)."""
     try:
-        program = compile(code + "\n" + _END_NAME + "()\n", "program.py", "exec", dont_inherit=True)
+        tree = ast.parse(code + "\n" + _END_NAME + "()\n", "program.py")
+        trusted: list = []
+        prefix = f"\x00umm-trusted-{os.urandom(8).hex()}-"
+        if n_tests > 0:
+            _harden_tests(tree.body[max(0, len(tree.body) - 1 - n_tests):-1], trusted, prefix)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a trusted object called through its placeholder string
+            program = compile(tree, "program.py", "exec", dont_inherit=True)
+        program = _substitute(program, prefix, trusted)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
         _report_exception(exc)
         return None, 0
@@ -432,13 +677,13 @@ def _child(cfg: dict, code: str, status_fd: int, applied: dict) -> None:
         os.environ.clear()
         os.environ.update(cfg["env"])
         os.write(status_fd, (json.dumps(applied) + "\n").encode())
-        program, last_line = _compile_program(code)
+        program, last_line = _compile_program(code, int(cfg.get("tests") or 0))
         if program is None:
             os._exit(1)
         import _thread
 
         judge, done, glob = _start_judge(cfg["token_fd"], program, last_line, status_fd)
-        sys.addaudithook(_audit_hook(judge, _thread.get_ident))
+        sys.addaudithook(_audit_hook(judge, _thread.get_ident, _TRUSTED_FUNCTIONS))
         if cfg.get("guard", True):
             _reliability_guard()
     except BaseException as exc:  # noqa: BLE001 - set-up failed: never run the program unconfined

@@ -8,6 +8,11 @@ table in ``umm/eval/README.md``):
   (``secrets.token_hex(16)``, handed over through a pipe) on the status pipe; with ``tests``, the
   tests must also be the program's last top-level statements, unchanged (:func:`ends_with_tests`,
   checked here before the run). Writing ``PASS`` anywhere and exiting early is a failure.
+- **the tests' values** (here + child): with ``tests``, the parent passes how many statements
+  they are; the child compiles them rewritten so their comparisons run on fresh copies of exact
+  built-in types and use builtins and imported names captured before the program ran (see
+  ``_harden_tests`` in ``_sandbox_child.py``): a result with a lying ``__eq__``, a shadowed ``abs``
+  or a patched ``math.isclose`` does not pass.
 - **process** (here): a fresh interpreter per program (``python -I -B -S``), new session
   (``start_new_session=True``), stdin closed, stdout/stderr to size-capped files, environment
   replaced by ``PATH``, ``HOME`` = ``TMPDIR`` = the scratch dir and ``LANG`` (nothing inherited),
@@ -142,6 +147,14 @@ def ends_with_tests(code: str, tests: str) -> bool:
     return n <= len(body) and all(ast.dump(a) == ast.dump(b) for a, b in zip(body[len(body) - n:], own))
 
 
+def _count_statements(tests: str | None) -> int:
+    """How many top-level statements ``tests`` has (0: none, or they do not parse on their own)."""
+    try:
+        return len(ast.parse(tests).body) if tests is not None else 0
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0
+
+
 def run_program(code: str, limits: SandboxLimits | None = None, tests: str | None = None) -> ExecResult:
     """Run ``code`` (a complete Python program) in the sandbox and report how it ended.
 
@@ -175,6 +188,7 @@ def run_program(code: str, limits: SandboxLimits | None = None, tests: str | Non
             "namespaces": lim.namespaces,
             "landlock": lim.landlock,
             "seccomp": lim.seccomp,
+            "tests": _count_statements(tests),  # the last statements: compiled with plain-value checks
             "env": {"PATH": "/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch), "LANG": "C.UTF-8"},
             "limits": {
                 "timeout_seconds": lim.timeout_seconds,
