@@ -164,8 +164,9 @@ def test_a_round_fetches_past_slow_providers_into_quarantine_and_admission_promo
     hashes = {name: slow.register_folder(f) for name, f in folders.items()}
     honest.register_folder(folders["math"])
     slow_address, honest_address = serve(slow, request), serve(honest, request)
+    # Both experts announce one address: lift the per-address Sybil cap so the round fetches both.
     config = parse_config({"data_dir": str(tmp_path / "coord"), "fetch_timeout": 0.5, "fetch_min_rate": 4096,
-                           "fetch_concurrency": 2, "fetch_retries": 1})
+                           "fetch_concurrency": 2, "fetch_retries": 1, "max_new_experts_per_address": 2})
     db = StateDB(tmp_path / "coord" / "state.db")
     request.addfinalizer(db.close)
     for name, h in hashes.items():  # both announce the slow address; math is also served honestly
