@@ -131,34 +131,28 @@ class SuiteRecipe:
 
 
 def _full() -> SuiteRecipe:
-    llama = dict(family="llama", tokenizer="bytelevel", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352)
+    llama = dict(family="llama", tokenizer="bytelevel", hidden_size=160, num_layers=4, num_heads=4, intermediate_size=432)
     return SuiteRecipe(
         variant="full",
-        description="Llama base (~0.9M params, prebuilt: 2000 pretraining steps) + gentle math/code fine-tunes, "
-        "GPT-NeoX list expert; ~5 min on 2 cores",
+        description="Llama base (~1.4M params) + math/code experts, GPT-NeoX list expert; ~10 min on 2 cores",
         tokenizers={
             "bytelevel": TokenizerRecipe("bytelevel", vocab_size=512, corpus_per_domain=1500),
             "metaspace": TokenizerRecipe("metaspace", vocab_size=320, corpus_per_domain=1500),
         },
         models=(
-            # Pretrained long on the primitives of math and code (equations, questions without
-            # answers, functions without descriptions, copying) plus ~4% real pairs, loss on every
-            # token: partial skill in both domains, the basin the experts' task vectors stay in.
+            # A weak base: little code and list, few steps, so merges have room above both sources.
             ModelRecipe(
-                name="base", role="base", loss="text", prebuilt="base-full",
-                documents={"equations": 5200, "math-questions": 3000, "code-descriptions": 3000, "code-defs": 3800,
-                           "repeat": 5000},
-                mixture={"math": 450, "code": 450},
-                train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=50, seed=1), init_seed=1, **llama,
+                name="base", role="base", mixture={"math": 1500, "code": 500, "list": 200},
+                train=TrainConfig(steps=120, batch_size=32, lr=3e-3, warmup=20, seed=1), init_seed=1, **llama,
             ),
-            # Short, gentle fine-tunes with one recipe for both (unequal recipes merge worse).
+            # Experts replay ~5% of the other domain: task vectors that add a skill without erasing the other.
             ModelRecipe(
-                name="math", role="expert", mixture={"math": 4000}, init_from="base",
-                train=TrainConfig(steps=300, batch_size=32, lr=3e-4, warmup=20, seed=2), **llama,
+                name="math", role="expert", mixture={"math": 4000, "code": 200}, experts_of=("math",), init_from="base",
+                train=TrainConfig(steps=300, batch_size=32, lr=1.5e-3, warmup=20, seed=2), **llama,
             ),
             ModelRecipe(
-                name="code", role="expert", mixture={"code": 4000}, init_from="base",
-                train=TrainConfig(steps=300, batch_size=32, lr=3e-4, warmup=20, seed=3), **llama,
+                name="code", role="expert", mixture={"code": 3000, "math": 150}, experts_of=("code",), init_from="base",
+                train=TrainConfig(steps=160, batch_size=32, lr=1e-3, warmup=20, seed=3), **llama,
             ),
             ModelRecipe(
                 name="list", role="expert", family="gptneox", tokenizer="metaspace", mixture={"list": 4000},
