@@ -11,6 +11,23 @@ os.environ.setdefault("UMM_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402  (after the environment above; nearly every test needs it)
+
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Each test starts with torch's default CPU threads: CLI commands run in-process set the thread
+    count for their process (umm.cli.common.set_threads), and the exact-equality checks of later
+    tests (whole-tensor reductions) depend on it."""
+    import torch
+
+    default = _TORCH_DEFAULT_THREADS
+    if torch.get_num_threads() != default:
+        torch.set_num_threads(default)
+    yield
+
 
 @pytest.fixture
 def one_thread():
