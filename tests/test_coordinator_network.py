@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from subprocs import ctrl_c_default
 
 from coordinator.app import STATE_DB, Coordinator
 from coordinator.config import parse_config
@@ -300,7 +302,8 @@ def test_ctrl_c_to_the_coordinators_group_withdraws_its_provider_record(net):
     config_path.write_text(yaml.safe_dump({**SETTINGS, "data_dir": str(data_dir), "key_path": str(net["coord_key"]),
                                            "initial_peers": net["initial_peers"], "merge": True}))
     cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config_path), "--rounds", "1", "--linger"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=ctrl_c_default)
     try:
         lines = []
         for line in proc.stdout:  # the round finds nothing new to merge, then the coordinator lingers

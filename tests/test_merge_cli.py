@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from subprocs import ctrl_c_default
 import torch
 from typer.testing import CliRunner
 
@@ -149,7 +150,7 @@ def test_a_killed_merge_leaves_no_partial_folder(ties_recipe, tmp_path, sig, sta
 
     out = tmp_path / "merged"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_MERGE, "merge", str(ties_recipe), str(out), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     try:
         deadline = time.monotonic() + 120  # start-up imports torch: slow on a loaded machine
         while not _partials(out) and proc.poll() is None and time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from subprocs import ctrl_c_default
 from safetensors.torch import load_file, save_file
 
 from node.cli import main
@@ -88,7 +89,7 @@ def test_join_prints_bootstrap_addresses_and_ctrl_c_withdraws_and_exits_cleanly(
            "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "60"]
     # its own process group, like a shell job: Ctrl-C in a terminal reaches the whole group
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True, preexec_fn=ctrl_c_default)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
     seen: list[str] = []
