@@ -156,6 +156,17 @@ def _left_pad(batch: list[list[int]], pad_id: int, dev: Any) -> tuple[Any, Any]:
     return ids.to(dev), mask.to(dev)
 
 
+def _cache_argument(model) -> str:
+    """The name under which ``model.forward`` takes and returns its KV cache.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    deprecation warning on every run); earlier versions know only ``past_key_values``.
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev, temperature=0.0,
                    sampler=None) -> list[str]:
     import torch
@@ -169,10 +180,11 @@ def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_id
     window = max((len(s.encode("utf-8")) for s in stop if s), default=0) + 2
     eos_t = torch.tensor(sorted(eos_ids), device=dev) if eos_ids else None
     past = None
+    cache_arg = _cache_argument(model)
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :]
         if temperature > 0:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
