@@ -125,3 +125,16 @@ def test_cli_stage_needs_a_prebuilt_name_or_out(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "names no prebuilt folder" in r.output
     r = runner.invoke(app, ["experts", "prepare", "--variant", "small", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--out goes with --stage" in r.output
+
+
+def test_the_shipped_full_suite_pretraining_checks_out_against_its_recipe() -> None:
+    """The committed base was built from today's ``full`` recipe and is byte for byte what it records.
+
+    A change to the recipe, the data generators or the corpus makes this fail: rebuild the folder
+    with ``umm experts prepare --variant full --stage pretrain`` and commit it.
+    """
+    recipe = get_recipe("full")
+    shipped = [m.name for m in recipe.models if m.prebuilt is not None]
+    assert shipped, "the full suite ships no prebuilt model"
+    for name in shipped:
+        assert load_prebuilt(recipe, name) is not None, f"the shipped prebuilt {name} is from another recipe"

@@ -145,10 +145,15 @@ def test_recipes_validate_fingerprint_and_scale() -> None:
     full, small = get_recipe("full"), get_recipe("small")
     for r in (full, small):
         r.validate()
-        assert [m.name for m in r.models] == ["base", "math", "code", "list"]
+        assert [m.name for m in r.models if m.role == "expert"] == ["math", "code", "list"]
+        assert "base" in [m.name for m in r.models if m.role == "base"]
         assert r.model("math").init_from == "base" and r.model("code").init_from == "base"
         assert r.model("list").family != r.model("base").family and r.model("list").tokenizer != r.model("base").tokenizer
     assert full.fingerprint() != small.fingerprint() and full.fingerprint() == get_recipe("full").fingerprint()
+    # The full base is a short anneal of a long pretraining: the experts are far shorter than both.
+    assert full.model("base").init_from == "pretrain" and full.model("pretrain").prebuilt is not None
+    pretraining = full.model("pretrain").train.steps + full.model("base").train.steps
+    assert all(pretraining >= 5 * full.model(e).train.steps for e in ("math", "code"))
     bigger = scaled(small, steps=2.0)
     assert bigger.model("math").train.steps == 2 * small.model("math").train.steps
     assert bigger.fingerprint() != small.fingerprint()

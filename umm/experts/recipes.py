@@ -131,28 +131,42 @@ class SuiteRecipe:
 
 
 def _full() -> SuiteRecipe:
-    llama = dict(family="llama", tokenizer="bytelevel", hidden_size=160, num_layers=4, num_heads=4, intermediate_size=432)
+    llama = dict(family="llama", tokenizer="bytelevel", hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352)
     return SuiteRecipe(
         variant="full",
-        description="Llama base (~1.4M params) + math/code experts, GPT-NeoX list expert; ~10 min on 2 cores",
+        description="Llama base (0.93M params, pretrained long, shipped prebuilt) + short math/code fine-tunes "
+        "that merge; GPT-NeoX list expert; a few minutes on 2 cores",
         tokenizers={
             "bytelevel": TokenizerRecipe("bytelevel", vocab_size=512, corpus_per_domain=1500),
             "metaspace": TokenizerRecipe("metaspace", vocab_size=320, corpus_per_domain=1500),
         },
         models=(
-            # A weak base: little code and list, few steps, so merges have room above both sources.
+            # Long pretraining on the domains' primitives (equations, questions, descriptions,
+            # functions, copying) with a few whole prompt+answer texts, loss on every token.
+            # 2000 steps take 10-15 min on one core: shipped prebuilt (`umm experts prepare --stage pretrain`).
             ModelRecipe(
-                name="base", role="base", mixture={"math": 1500, "code": 500, "list": 200},
-                train=TrainConfig(steps=120, batch_size=32, lr=3e-3, warmup=20, seed=1), init_seed=1, **llama,
+                name="pretrain", role="base", mixture={"math": 450, "code": 450}, loss="text",
+                documents={"equations": 5200, "math-questions": 3000, "code-descriptions": 3000, "code-defs": 3800,
+                           "repeat": 5000},
+                train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=50, seed=1), init_seed=1,
+                prebuilt="full-pretrain", **llama,
             ),
-            # Experts replay ~5% of the other domain: task vectors that add a skill without erasing the other.
+            # A short anneal on both domains' prompt -> answer pairs (with some equations and
+            # copying): partial skill in each domain, the shared start of both experts.
             ModelRecipe(
-                name="math", role="expert", mixture={"math": 4000, "code": 200}, experts_of=("math",), init_from="base",
-                train=TrainConfig(steps=300, batch_size=32, lr=1.5e-3, warmup=20, seed=2), **llama,
+                name="base", role="base", init_from="pretrain", mixture={"math": 3000, "code": 3000},
+                documents={"equations": 1000, "repeat": 500},
+                train=TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup=20, seed=5), **llama,
+            ),
+            # Short, gentle fine-tunes with one recipe for both (unequal recipes merge worse), no
+            # replay: task vectors ~6% of the base per matrix that add up in a merge.
+            ModelRecipe(
+                name="math", role="expert", mixture={"math": 4000}, init_from="base",
+                train=TrainConfig(steps=300, batch_size=32, lr=3e-4, warmup=20, seed=2), **llama,
             ),
             ModelRecipe(
-                name="code", role="expert", mixture={"code": 3000, "math": 150}, experts_of=("code",), init_from="base",
-                train=TrainConfig(steps=160, batch_size=32, lr=1e-3, warmup=20, seed=3), **llama,
+                name="code", role="expert", mixture={"code": 4000}, init_from="base",
+                train=TrainConfig(steps=300, batch_size=32, lr=3e-4, warmup=20, seed=3), **llama,
             ),
             ModelRecipe(
                 name="list", role="expert", family="gptneox", tokenizer="metaspace", mixture={"list": 4000},
