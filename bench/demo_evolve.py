@@ -49,7 +49,7 @@ SETTINGS: dict[str, Any] = {
     "sigma0": 0.5,
     "seed": 0,
     "budget": {"evaluations": 81, "seconds": None},
-    "batch_size": 32,
+    "batch_size": 16,
     "dtype": "float32",
     "device": "cpu",
     "write_model": True,
