@@ -4,12 +4,14 @@ A :class:`SuiteRecipe` fully determines a suite (with the code of :mod:`umm.expe
 :mod:`umm.experts.train`): building it twice gives the same weights. Its :meth:`~SuiteRecipe.fingerprint`
 is stored in ``suite.json`` so a cached suite built from another recipe is rebuilt, not reused.
 
-Design (see the issue): a Llama-family ``base`` sees a little of every domain, few steps, so it is
-weak on all (merges need room above their sources); the ``math`` and ``code`` experts are
-fine-tuned from it at a moderate learning rate, replaying ~5% of the other domain so each keeps
-some of the other's skill (task vectors that merge well);
+Design of ``full`` (merges must beat their sources): a Llama ``pretrain`` trained long on the
+domains' primitives (:mod:`umm.experts.corpus`; shipped prebuilt, see :mod:`umm.experts.prebuilt`),
+then a short anneal into ``base`` on both domains' prompt -> answer pairs, so the base holds
+partial skill in each; the ``math`` and ``code`` experts are short, low-learning-rate fine-tunes
+of it with one recipe (small task vectors in the base's basin, which add up in a merge);
 the ``list`` expert is a GPT-NeoX model with its own metaspace tokenizer, trained from scratch on a
 domain the Llama models are weak at (the heterogeneous source for distribution fusion).
+``small`` keeps the old single-stage layout at toy size, for tests.
 """
 
 from __future__ import annotations
