@@ -10,7 +10,6 @@ until they expire, since they describe the network, not this process.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coordinator.config import CoordinatorConfig
-from coordinator.db import StateDB
+from coordinator.db import RoundRow, StateDB
 from coordinator.round import RoundContext, RoundRunner
 
 logger = logging.getLogger(__name__)
@@ -85,23 +84,20 @@ class Coordinator:
 
     def _republish(self) -> None:
         """After a restart, keep the latest scores and merged records alive (re-stored every period)."""
-        from umm.net.records import MergedRecord, ScoresRecord, parse_record
+        from umm.net.records import MergedRecord
 
-        row = self.db._one("SELECT result FROM steps WHERE name='rank' AND status='done' ORDER BY round DESC LIMIT 1")
-        if row is not None:
-            raw = json.loads(row["result"])
-            if "record" in raw:
-                scores = parse_record(ScoresRecord, raw["record"])
-                self.refresher.add("scores", lambda ttl: self.records.publish_scores(scores, ttl=ttl))
-        last = self.db.last_published_round() if self.db else None
+        rank = self.db.latest_done_step("rank")
+        if rank is not None:
+            scores = rank.result.scores_record()
+            self.refresher.add("scores", lambda ttl: self.records.publish_scores(scores, ttl=ttl))
+        last = self.db.last_published_round()
         if last is None:
             return
-        step = self.db.step(int(last["number"]), "publish")
-        raw = (step or {}).get("result") or {}
-        if "record" not in raw or not self.store.has(last["merged_hash"]):
+        step = self.db.step(last.number, "publish")
+        published = step.result.merged_record() if step is not None and step.result is not None else None
+        if published is None or not self.store.has(last.merged_hash):
             return
-        record = parse_record(MergedRecord, raw["record"])
-        record = MergedRecord(**{**record.dict(), "address": self.address})
+        record = MergedRecord(**{**published.dict(), "address": self.address})
         self.refresher.add("merged", lambda ttl: self.records.publish_merged(record, ttl=ttl))
         h = record.manifest_hash
         self.refresher.add("provider", lambda ttl: self.records.announce_provider(h, self.address, ttl=ttl),
@@ -154,7 +150,7 @@ class Coordinator:
                             address=self.address, refresher=self.refresher, stop=self.stop_event,
                             on_step=self.on_step)
 
-    def run_round(self) -> dict[str, Any]:
+    def run_round(self) -> RoundRow:
         """Resume the unfinished round or run a new one; returns the round's row."""
         return RoundRunner(self.context()).run()
 
@@ -164,7 +160,7 @@ class Coordinator:
         while not self.stop_event.is_set():
             row = self.run_round()
             done += 1
-            logger.info("round %d: %s %s", row["number"], row["state"], row["reason"])
+            logger.info("round %d: %s %s", row.number, row.state, row.reason)
             if rounds is not None and done >= rounds:
                 return
             self.stop_event.wait(self.config.round_interval)

@@ -1,22 +1,35 @@
 """The coordinator's configuration: a frozen pydantic model read from a commented YAML file.
 
-``umm-coordinator init`` writes :data:`CONFIG_TEMPLATE` (every key with its default and what it
-does) plus a key pair; ``umm-coordinator run --config FILE`` reads it with :func:`load_config`.
-Unknown keys are an error that lists the valid ones. Relative paths resolve against the file.
+Every key has one owner, its field here: its default and its description. ``umm-coordinator
+init`` writes :func:`config_template` (generated from those fields: each key with its default
+and what it does) plus a key pair; ``umm-coordinator run --config FILE`` reads it with
+:func:`load_config`. Unknown keys are an error that lists the valid ones. Relative paths resolve
+against the file.
+
+The ``evolve`` and ``fusion`` sections are the library's own settings: :data:`EvolveSettings`
+(the fields of :class:`umm.evolve.config.EvolveConfig` that a round does not decide) and
+:class:`umm.fusion.settings.TrainingSettings`; a round's job nests them unchanged
+(:mod:`coordinator.jobspec`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import textwrap
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import to_jsonable_python
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
+from umm.evolve.config import Budget, EvolveConfig, TaskSpec
+from umm.fusion.settings import TrainingSettings
 from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
 from umm.net.addresses import AddressPolicy
 
@@ -30,65 +43,174 @@ class CoordinatorConfigError(UmmError):
     """The coordinator config is missing, unreadable or invalid."""
 
 
-class CoordinatorConfig(BaseModel):
-    """Everything a coordinator needs; see :data:`CONFIG_TEMPLATE` for each key's meaning."""
-
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    network: str = Field(default="umm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    data_dir: Path = Path("data")
-    key_path: Path = Path(KEY_NAME)
-    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    announce_maddrs: list[str] = Field(default_factory=list)
-    initial_peers: list[str] = Field(default_factory=list)
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = Field(default=0, ge=0, le=65535)
-    status_port: int = Field(default=0, ge=0, le=65535)
-    #: host:port written into records (what peers dial); empty: grpc_host and the bound port
-    public_address: str = ""
-    tasks: list[str] = Field(default_factory=lambda: ["synth-math", "synth-code"], min_length=1)
-    eval_limit: int | None = Field(default=64, ge=1)
-    test_limit: int | None = Field(default=64, ge=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
-    eval_batch_size: int = Field(default=16, ge=1)
-    eval_seed: int = 0
-    device: str = "cpu"
-    max_model_bytes: int = Field(default=64 * 10**9, ge=1)
-    fetch_retries: int = Field(default=3, ge=1)
-    fetch_timeout: float = Field(default=30.0, gt=0)
-    fetch_min_rate: float = Field(default=64 * 1024, gt=0)
-    fetch_concurrency: int = Field(default=4, ge=1, le=64)
-    allowed_networks: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
-    denied_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_DENIED))
-    max_new_experts_per_round: int = Field(default=8, ge=1)
-    max_new_experts_per_owner: int = Field(default=1, ge=1)
-    max_new_experts_per_address: int = Field(default=1, ge=1)
-    max_new_experts_per_host: int | None = Field(default=None, ge=1)
-    fetch_backoff: float = Field(default=600.0, ge=0)
-    fetch_backoff_max: float = Field(default=86400.0, ge=0)
-    max_published_verdicts: int = Field(default=2000, ge=1)
-    dht_timeout: float = Field(default=30.0, gt=0)
-    round_interval: float = Field(default=600.0, ge=0)
-    refresh_period: float = Field(default=60.0, gt=0)
-    merge: bool = True
-    evolve_method: str = "linear"
-    evolve_evaluations: int = Field(default=40, ge=1)
-    evolve_population: int | None = Field(default=None, ge=2)
-    fusion_data: Path | None = None
-    fusion_max_steps: int | None = Field(default=None, ge=1)
-    job_timeout: float = Field(default=6 * 3600.0, gt=0)
-    #: what an expert's config.json may ask for (layers, sizes, positions, vocabulary, parameters, buffers)
-    model_budget: ModelBudget = Field(default_factory=ModelBudget)
-    #: address-space limit (bytes) of the worker that admits or evaluates one expert; null: see expert_memory_bytes
-    expert_memory_limit: int | None = Field(default=None, ge=256 * 2**20)
-    admission_timeout: float = Field(default=1800.0, gt=0)
-    evaluation_timeout: float = Field(default=7200.0, gt=0)
+
+#: the fields of :class:`EvolveConfig` that each round decides, not the ``evolve`` section: the
+#: experts, the coordinator's tasks, device and seed, no comparison table (the coordinator tests
+#: the result itself), and the merged model always written
+ROUND_DECIDES = frozenset({"models", "base_model", "start", "tasks", "device", "seed", "compare", "write_model",
+                           "baselines"})
+
+
+class _EvolveSection(_Strict):
+    """The search of an ``evolve`` round (CMA-ES over merge recipes of compatible experts)."""
+
+    @model_validator(mode="after")
+    def _a_valid_search(self) -> _EvolveSection:
+        """Check the section as :class:`EvolveConfig` would (e.g. ``bounds``), at load, not at the round's job."""
+        try:
+            self.evolve_config(models=["model"], tasks=["task"], search_size=None, test_size=None, device="cpu",
+                               seed=0)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        return self
+
+    def evolve_config(self, *, models: Sequence[str | os.PathLike[str]], tasks: Sequence[str],
+                      search_size: int | None, test_size: int | None, device: str, seed: int) -> EvolveConfig:
+        """The search over ``models`` with these settings: one equally weighted fitness term per task
+        of ``tasks`` (``search_size`` items of its search split, ``test_size`` of test), the merged
+        model written, no comparison table."""
+        return EvolveConfig.model_validate({
+            **self.model_dump(), "models": [str(m) for m in models], "device": device, "seed": seed,
+            "tasks": [TaskSpec(name=t, search_size=search_size, test_size=test_size) for t in tasks],
+            "compare": False, "write_model": True,
+        })
+
+
+#: The ``evolve`` section: :class:`EvolveConfig`'s own fields, less :data:`ROUND_DECIDES`, with
+#: the coordinator's defaults for ``method`` and ``budget``.
+EvolveSettings: type[_EvolveSection] = create_model(  # type: ignore[call-overload]
+    "EvolveSettings",
+    __base__=_EvolveSection,
+    __doc__=_EvolveSection.__doc__,
+    **{name: (f.annotation, f) for name, f in EvolveConfig.model_fields.items() if name not in ROUND_DECIDES}
+    | {"method": (str, Field("linear", description="Merge method searched by CMA-ES (linear needs no base model).")),
+       "budget": (Budget, Field(default_factory=lambda: Budget(evaluations=40),
+                                description="Candidates (evaluations) and wall time (seconds) of one search."))},
+)
+
+
+class FusionSettings(_Strict):
+    """A ``fusion`` round: the pivot (best expert of the hardest domain) trained on the others' token
+    distributions (:func:`umm.fusion.train.train_pivot`)."""
+
+    data: Path | None = Field(None, description=(
+        "Instruction-response JSONL for fusion when the best experts have different architectures "
+        "(null: such rounds only verify and rank)."))
+    max_length: int = Field(512, ge=2, description="Longest training sequence (prompt + response) in tokens.")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description=(
+        "How the pivot is optimised (as the training section of `umm fuse`'s config); "
+        "max_steps bounds the pivot's training."))
+
+
+def _section(title: str) -> dict[str, Any]:
+    """Marks the first field of a group of keys: the template writes ``# --- title ---`` above it."""
+    return {"section": title}
+
+
+class CoordinatorConfig(_Strict):
+    """Everything a coordinator needs; each field's description says what it does."""
+
+    network: str = Field("umm", pattern=r"^[A-Za-z0-9_-]{1,64}$", description=(
+        "Name of the network (letters, digits, '-', '_'). Nodes join with the same name."))
+    data_dir: Path = Field(Path("data"), description=(
+        "Everything the coordinator writes: model store, partial downloads, state.db, job runs, logs."))
+    key_path: Path = Field(Path(KEY_NAME), description=(
+        "RSA key: the coordinator's libp2p identity and the key that signs scores and merged records. "
+        "Nodes must be given its public key (printed by `init`)."))
+    host_maddrs: list[str] = Field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], description=(
+        "Listen addresses; use /ip4/0.0.0.0/tcp/31337 to accept peers from other machines."),
+        json_schema_extra=_section("DHT (hivemind / libp2p)"))
+    announce_maddrs: list[str] = Field(default_factory=list, description=(
+        "Addresses announced to peers (empty: the listen addresses)."))
+    initial_peers: list[str] = Field(default_factory=list, description=(
+        "Multiaddrs of running peers to join (empty: this coordinator starts the network)."))
+    grpc_host: str = Field("127.0.0.1", description=(
+        "Host of the checkpoint service (serves merged models) and the status service."),
+        json_schema_extra=_section("gRPC"))
+    grpc_port: int = Field(0, ge=0, le=65535, description="Port of the checkpoint service (0: a free port).")
+    status_port: int = Field(0, ge=0, le=65535, description="Port of the status service (0: a free port).")
+    public_address: str = Field("", description=(
+        "host:port that peers dial for the checkpoint service, written into records "
+        "(empty: grpc_host and the bound port)."))
+    tasks: list[str] = Field(default_factory=lambda: ["synth-math", "synth-code"], min_length=1, description=(
+        "Evaluator task names (`umm eval --list`); each task's domain groups the leaderboard."),
+        json_schema_extra=_section("verification: the coordinator's own benchmark "
+                                   "(self-reported scores are never trusted)"))
+    eval_limit: int | None = Field(64, ge=1, description="Items per task on the `search` split, for experts.")
+    test_limit: int | None = Field(64, ge=1, description="Items per task on the `test` split, for merge results.")
+    max_new_tokens: int | None = Field(None, ge=1, description=(
+        "Override the tasks' generation length (null: each task's own)."))
+    eval_batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    eval_seed: int = Field(0, description="Seed of the evaluated subsets (and, plus the round number, of a search).")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, auto")
+    max_model_bytes: int = Field(64 * 10**9, ge=1, description=(
+        "Models larger than this many bytes are rejected before download."),
+        json_schema_extra=_section("admission"))
+    fetch_retries: int = Field(3, ge=1, description="Attempts per provider and file.")
+    fetch_timeout: float = Field(30.0, gt=0, description=(
+        "Seconds without data before a stream is abandoned (and resumed later or elsewhere); also the "
+        "window over which a provider must keep fetch_min_rate bytes/s, else it is dropped. Each file "
+        "must arrive within fetch_timeout + size / fetch_min_rate seconds."))
+    fetch_min_rate: float = Field(64 * 1024, gt=0, description="Bytes/s a provider must keep (see fetch_timeout).")
+    fetch_concurrency: int = Field(4, ge=1, le=64, description=(
+        "Experts fetched at once in a round (each from its own providers)."))
+    allowed_networks: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"], description=(
+        "Provider addresses (host:port over TCP) are dialled only inside allowed_networks and outside "
+        "denied_networks (CIDR)."))
+    denied_networks: list[str] = Field(default_factory=lambda: list(_DEFAULT_DENIED), description=(
+        "The default denies link-local (cloud metadata 169.254.169.254), multicast, unspecified and "
+        "reserved ranges; loopback, private and public addresses are allowed."))
+    model_budget: ModelBudget = Field(default_factory=ModelBudget, description=(
+        "What an expert's config.json may ask for, checked before anything is built from it; over any "
+        "bound, the expert is rejected with the key and the bound named. The defaults admit every public "
+        "model we know of (e.g. 126 layers, hidden 16384, 10M positions, a 256k vocabulary)."))
+    expert_memory_limit: int | None = Field(None, ge=256 * 2**20, description=(
+        "Admission and evaluation of each expert run in a worker process. On device cpu its address "
+        "space is limited to expert_memory_limit bytes (null: 2 x max_model_bytes + 4 GiB); a worker "
+        "that runs out of memory, is killed or exceeds its timeout (seconds) rejects that expert only."))
+    admission_timeout: float = Field(1800.0, gt=0, description="Seconds one expert's admission may take.")
+    evaluation_timeout: float = Field(7200.0, gt=0, description="Seconds one model's evaluation may take.")
+    max_new_experts_per_round: int = Field(8, ge=1, description=(
+        "Work per round is bounded, whatever is announced: at most this many experts without a verdict "
+        "are fetched (then admitted and evaluated) per round, at most max_new_experts_per_owner per "
+        "contributor key and max_new_experts_per_address per announced host:port. Order: fewest failed "
+        "fetches, then highest self-reported score, then newest. The others wait for later rounds."))
+    max_new_experts_per_owner: int = Field(1, ge=1, description="See max_new_experts_per_round.")
+    max_new_experts_per_address: int = Field(1, ge=1, description="See max_new_experts_per_round.")
+    max_new_experts_per_host: int | None = Field(None, ge=1, description=(
+        "Also at most this many per announced host (IP or name; any port). null: no cap, as on a local "
+        "network where every node is 127.0.0.1. On a public network, 1-2 stops one machine that "
+        "announces many experts on many ports from filling the budget."))
+    fetch_backoff: float = Field(600.0, ge=0, description=(
+        "An expert whose fetch failed is retried at the next round once, then only after "
+        "fetch_backoff * (2^(failures-1) - 1) seconds (600, 1800, 4200, ...), at most fetch_backoff_max."))
+    fetch_backoff_max: float = Field(86400.0, ge=0, description="See fetch_backoff.")
+    max_published_verdicts: int = Field(2000, ge=1, description=(
+        "Verdicts in the published scores record (ranked experts first). It is paged in the DHT: at "
+        "most 128 pages of 32 KiB; verdicts that do not fit are left out."))
+    dht_timeout: float = Field(30.0, gt=0, description=(
+        "Seconds a DHT read or write may take before it fails (the round goes on or fails cleanly)."))
+    round_interval: float = Field(600.0, ge=0, description=(
+        "Seconds between the end of one round and the start of the next."),
+        json_schema_extra=_section("rounds"))
+    refresh_period: float = Field(60.0, gt=0, description=(
+        "DHT records are re-stored every refresh_period seconds and expire after twice that."))
+    merge: bool = Field(True, description=(
+        "Plan and run a merge (evolve) or fusion job each round; false: only verify and rank."))
+    evolve: EvolveSettings = Field(default_factory=EvolveSettings, description=(  # type: ignore[valid-type]
+        "The merge search for compatible experts: the keys of `umm evolve`'s config (examples/evolve.yaml) "
+        "that a round does not decide itself (models, tasks, device, seed are the round's)."))
+    fusion: FusionSettings = Field(default_factory=FusionSettings, description=(
+        "Fusion into a pivot when the best experts have different architectures."))
+    job_timeout: float = Field(6 * 3600.0, gt=0, description=(
+        "A job running longer than this many seconds is stopped and recorded as failed."))
 
     @field_validator("allowed_networks", "denied_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
         for net in v:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -119,9 +241,9 @@ class CoordinatorConfig(BaseModel):
             p = Path(os.path.expanduser(str(p)))
             return p if p.is_absolute() else (base_dir / p).resolve()
 
-        update = {"data_dir": fix(self.data_dir), "key_path": fix(self.key_path)}
-        if self.fusion_data is not None:
-            update["fusion_data"] = fix(self.fusion_data)
+        update: dict[str, Any] = {"data_dir": fix(self.data_dir), "key_path": fix(self.key_path)}
+        if self.fusion.data is not None:
+            update["fusion"] = self.fusion.model_copy(update={"data": fix(self.fusion.data)})
         return self.model_copy(update=update)
 
     def expert_memory_bytes(self) -> int:
@@ -141,8 +263,26 @@ class CoordinatorConfig(BaseModel):
         return out
 
 
-def _valid_keys() -> str:
-    return ", ".join(CoordinatorConfig.model_fields)
+def _fields_at(loc: Sequence[str | int]) -> str:
+    """The valid keys of the section at ``loc`` (a pydantic error location, without its last key)."""
+    model: Any = CoordinatorConfig
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return ", ".join(model.model_fields)
+
+
+def _explain(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid coordinator config:"]
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; valid keys here: {_fields_at(err['loc'][:-1])}")
+        else:
+            lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> CoordinatorConfig:
@@ -154,16 +294,12 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
     unknown = sorted(set(data) - set(CoordinatorConfig.model_fields))
     if unknown:
         raise CoordinatorConfigError(
-            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {_valid_keys()}"
+            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {_fields_at(())}"
         )
     try:
         config = CoordinatorConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source}: invalid coordinator config:"]
-        for err in e.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "(top)"
-            lines.append(f"  {where}: {err['msg']}")
-        raise CoordinatorConfigError("\n".join(lines)) from None
+        raise CoordinatorConfigError(_explain(e, source)) from None
     return config.resolved(base_dir) if base_dir is not None else config
 
 
@@ -183,127 +319,43 @@ def load_config(path: str | os.PathLike[str]) -> CoordinatorConfig:
     return parse_config(data, source=str(path), base_dir=path.resolve().parent)
 
 
-CONFIG_TEMPLATE = """\
+_TEMPLATE_HEADER = """\
 # umm coordinator configuration (written by `umm-coordinator init`).
-# Relative paths are relative to this file. Unknown keys are an error.
+# Relative paths are relative to this file. Unknown keys are an error."""
 
-# Name of the network (letters, digits, '-', '_'). Nodes join with the same name.
-network: {network}
-# Everything the coordinator writes: model store, partial downloads, state.db, job runs, logs.
-data_dir: data
-# RSA key: the coordinator's libp2p identity and the key that signs scores and merged records.
-# Nodes must be given its public key (printed by `init`).
-key_path: {key_name}
 
-# --- DHT (hivemind / libp2p) ---
-# Listen addresses; use /ip4/0.0.0.0/tcp/31337 to accept peers from other machines.
-host_maddrs: ["/ip4/127.0.0.1/tcp/0"]
-# Addresses announced to peers (empty: the listen addresses).
-announce_maddrs: []
-# Multiaddrs of running peers to join (empty: this coordinator starts the network).
-initial_peers: []
+def config_template(config: CoordinatorConfig | None = None) -> str:
+    """``config`` (default: every default) as commented YAML: each key with its value under its
+    field's description, nested sections indented. It loads back into ``config``."""
+    return "\n".join([_TEMPLATE_HEADER, *_template_lines(config or CoordinatorConfig(), "")]) + "\n"
 
-# --- gRPC ---
-# Checkpoint service (serves merged models) and status service; port 0 picks a free port.
-grpc_host: 127.0.0.1
-grpc_port: 0
-status_port: 0
-# host:port that peers dial for the checkpoint service (empty: grpc_host and the bound port).
-public_address: ""
 
-# --- verification: the coordinator's own benchmark (self-reported scores are never trusted) ---
-# Evaluator task names (`umm eval --list`); each task's domain groups the leaderboard.
-tasks: [synth-math, synth-code]
-# Items per task on the `search` split for experts, and on the `test` split for merge results.
-eval_limit: 64
-test_limit: 64
-# Override the tasks' generation length (null: each task's own).
-max_new_tokens: null
-eval_batch_size: 16
-eval_seed: 0
-# cpu, cuda, cuda:1, auto
-device: cpu
+def _template_lines(model: BaseModel, indent: str) -> Iterator[str]:
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if not indent and (extra.get("section") or name == next(iter(type(model).model_fields))):
+            yield ""
+            if extra.get("section"):
+                yield f"# --- {extra['section']} ---"
+        for line in textwrap.wrap(field.description or "", width=100 - len(indent)):
+            yield f"{indent}# {line}"
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield f"{indent}{name}:"
+            yield from _template_lines(value, indent + "  ")
+        else:
+            yield f"{indent}{name}: {_yaml_value(value)}"
 
-# --- admission ---
-# Models larger than this many bytes are rejected before download.
-max_model_bytes: 64000000000
-fetch_retries: 3
-# Seconds without data before a stream is abandoned (and resumed later or elsewhere); also the
-# window over which a provider must keep fetch_min_rate bytes/s, else it is dropped. Each file
-# must arrive within fetch_timeout + size / fetch_min_rate seconds.
-fetch_timeout: 30.0
-fetch_min_rate: 65536
-# Experts fetched at once in a round (each from its own providers).
-fetch_concurrency: 4
-# Provider addresses (host:port over TCP) are dialled only inside allowed_networks and outside
-# denied_networks (CIDR). The default denies link-local (cloud metadata 169.254.169.254),
-# multicast, unspecified and reserved ranges; loopback, private and public addresses are allowed.
-allowed_networks: ["0.0.0.0/0", "::/0"]
-denied_networks: [0.0.0.0/8, 169.254.0.0/16, 224.0.0.0/4, 240.0.0.0/4, 100.100.100.200/32, "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128"]
-# What an expert's config.json may ask for, checked before anything is built from it; over any
-# bound, the expert is rejected with the key and the bound named. The defaults admit every public
-# model we know of (e.g. 126 layers, hidden 16384, 10M positions, a 256k vocabulary).
-model_budget:
-  max_layers: 1024
-  max_hidden_size: 65536          # also bounds head_dim and the embedding width
-  max_intermediate_size: 1048576
-  max_attention_heads: 4096       # attention and key/value heads
-  max_positions: 16777216         # max_position_embeddings, n_positions, n_ctx
-  max_vocab_size: 2097152
-  max_experts: 4096               # MoE experts per layer
-  max_parameters: 2000000000000   # parameters stored in the safetensors files
-  # Bytes of buffers the built model allocates but never stores (e.g. GPT-Neo's
-  # max_position_embeddings^2 attention mask per layer), measured on the meta device.
-  max_buffer_bytes: 536870912
-# Admission and evaluation of each expert run in a worker process. On device cpu its address
-# space is limited to expert_memory_limit bytes (null: 2 x max_model_bytes + 4 GiB); a worker
-# that runs out of memory, is killed or exceeds its timeout (seconds) rejects that expert only.
-expert_memory_limit: null
-admission_timeout: 1800.0
-evaluation_timeout: 7200.0
-# Work per round is bounded, whatever is announced: at most this many experts without a verdict
-# are fetched (then admitted and evaluated) per round, at most max_new_experts_per_owner per
-# contributor key and max_new_experts_per_address per announced host:port. Order: fewest failed
-# fetches, then highest self-reported score, then newest. The others wait for later rounds.
-max_new_experts_per_round: 8
-max_new_experts_per_owner: 1
-max_new_experts_per_address: 1
-# Also at most this many per announced host (IP or name; any port). null: no cap, as on a local
-# network where every node is 127.0.0.1. On a public network, 1-2 stops one machine that
-# announces many experts on many ports from filling the budget.
-max_new_experts_per_host: null
-# An expert whose fetch failed is retried at the next round once, then only after
-# fetch_backoff * (2^(failures-1) - 1) seconds (600, 1800, 4200, ...), at most fetch_backoff_max.
-fetch_backoff: 600.0
-fetch_backoff_max: 86400.0
-# Verdicts in the published scores record (ranked experts first). It is paged in the DHT: at
-# most 128 pages of 32 KiB; verdicts that do not fit are left out.
-max_published_verdicts: 2000
-# Seconds a DHT read or write may take before it fails (the round goes on or fails cleanly).
-dht_timeout: 30.0
 
-# --- rounds ---
-# Seconds between the end of one round and the start of the next.
-round_interval: 600.0
-# DHT records are re-stored every refresh_period seconds and expire after twice that.
-refresh_period: 60.0
-# Plan and run a merge (evolve) or fusion job each round; false: only verify and rank.
-merge: true
-# Merge method searched by CMA-ES for compatible experts (linear needs no base model).
-evolve_method: linear
-evolve_evaluations: 40
-evolve_population: null
-# Instruction-response JSONL for fusion when the best experts have different architectures
-# (null: such rounds only verify and rank). fusion_max_steps bounds the pivot's training.
-fusion_data: null
-fusion_max_steps: null
-# A job running longer than this many seconds is stopped and recorded as failed.
-job_timeout: 21600.0
-"""
+def _yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML (flow style)."""
+    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=10**6, sort_keys=False)
+    return text.removesuffix("\n").removesuffix("\n...")
 
 
 def write_config(folder: str | os.PathLike[str], *, network: str = "umm", overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``coordinator.yaml`` and a fresh key pair into ``folder``; returns (config, key) paths."""
+    """Write ``coordinator.yaml`` (:func:`config_template` with ``network``) and a fresh key pair
+    into ``folder``; returns (config, key) paths."""
     from umm.net.keys import generate_key, save_key
 
     folder = Path(folder)
@@ -315,8 +367,7 @@ def write_config(folder: str | os.PathLike[str], *, network: str = "umm", overwr
             f"{config_path if config_path.exists() else key_path} already exists; "
             "pass --force to overwrite (a new key changes the coordinator's identity)"
         )
-    parse_config({"network": network})  # validate the name before writing anything
-    text = CONFIG_TEMPLATE.format(network=network, key_name=KEY_NAME)
+    text = config_template(parse_config({"network": network}))  # validates the name before writing anything
     tmp = config_path.with_name(f".{CONFIG_NAME}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, config_path)

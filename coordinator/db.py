@@ -1,11 +1,13 @@
 """The coordinator's state in SQLite (stdlib ``sqlite3``, WAL): experts, fetches, verdicts,
 evaluations, rounds, steps and jobs.
 
-Every step of a round is a row in ``steps`` with its status; a restarted coordinator reads them
-and skips what is ``done``. Per-expert work (fetch, verdict, evaluation) is keyed by manifest
+Every step of a round is a row in ``steps`` with its status and typed result
+(:mod:`coordinator.steps`); a restarted coordinator reads them and skips what is ``done``. Per-expert work (fetch, verdict, evaluation) is keyed by manifest
 hash, so it is never redone for the same bytes. One :class:`StateDB` per thread or process
 (connections are not shared); writes are short transactions, so the worker process can write
-job progress while the coordinator reads it.
+job progress while the coordinator reads it. Every read returns a frozen row type
+(:class:`ExpertRow`, :class:`RoundRow`, ...) with its JSON columns decoded; no other module
+issues SQL.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Json, ValidationError
+
+from coordinator.jobspec import JOB_SPEC, RESULTS, JobResult, JobSpec
+from coordinator.steps import STEPS, RoundState, StepResult
 from umm.errors import UmmError
 
 SCHEMA_VERSION = 1
@@ -111,15 +117,142 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class StateError(UmmError):
-    """The state database cannot be used (newer schema, corrupt file)."""
+    """The state database cannot be used (newer schema, corrupt file, a row this version cannot read)."""
 
 
-def _loads(text: str) -> Any:
-    return json.loads(text) if text else None
+class _Row(BaseModel):
+    model_config = ConfigDict(frozen=True)
 
+
+class ExpertRow(_Row):
+    """An announced expert; ``record`` is its announcement as read from the DHT (self-reported)."""
+
+    manifest_hash: str
+    owner: str
+    name: str
+    domains: Json[list[str]]
+    address: str
+    record: Json[dict[str, Any]]
+    first_seen: float
+    last_seen: float
+
+
+class FetchRow(_Row):
+    """The last fetch of an expert: ``attempts`` counts every try."""
+
+    manifest_hash: str
+    status: Literal["done", "failed", "rejected"]
+    attempts: int
+    error: str
+    updated_at: float
+
+
+class VerdictRow(_Row):
+    """Admitted or rejected (``reason``), with the identity admission found in the files."""
+
+    manifest_hash: str
+    admitted: bool
+    reason: str
+    architecture: str
+    tokenizer: str
+    num_parameters: int
+    decided_at: float
+
+
+class EvaluationRow(_Row):
+    """Scores per task of one model under one benchmark key (:func:`coordinator.round.benchmark_key`)."""
+
+    manifest_hash: str
+    benchmark: str
+    split: str
+    scores: Json[dict[str, float]]
+    seconds: float
+    evaluated_at: float
+
+
+class RankRow(_Row):
+    round: int
+    domain: str
+    rank: int
+    manifest_hash: str
+    score: float
+
+
+class RoundRow(_Row):
+    """A round: its state and current phase (step), and what its merge made."""
+
+    number: int
+    state: RoundState
+    phase: str
+    started_at: float
+    finished_at: float
+    method: str
+    sources: Json[list[str]]
+    merged_hash: str
+    recipe_hash: str
+    scores: Json[dict[str, float]]
+    objective: float
+    previous_objective: float
+    published: bool
+    reason: str
+
+
+class StepRow(_Row):
+    """A step of a round; ``result`` is set once it is ``done``."""
+
+    round: int
+    name: str
+    status: Literal["running", "done", "failed"]
+    result: StepResult | None
+    started_at: float
+    finished_at: float
+    attempts: int
+
+
+class JobRow(_Row):
+    """A job for a worker process; ``result`` (the type of its kind) is set once it is ``done``."""
+
+    id: int
+    round: int
+    kind: str
+    spec: JobSpec
+    status: Literal["pending", "running", "done", "failed"]
+    progress: float
+    message: str
+    result: JobResult | None
+    pid: int
+    created_at: float
+    updated_at: float
+
+
+R = TypeVar("R", bound=_Row)
+
+#: columns a caller may set on a round or a job, with the JSON-encoded ones
+_ROUND_FIELDS = frozenset(RoundRow.model_fields) - {"number", "started_at"}
+_JOB_FIELDS = frozenset({"status", "progress", "message", "pid"})
+
+
+def _row(cls: type[R], row: sqlite3.Row | None, **decoders: Callable[[str], Any]) -> R | None:
+    """``row`` as ``cls``, the columns named in ``decoders`` decoded by them first (the others as
+    ``cls`` declares); :class:`StateError` when it does not fit."""
+    if row is None:
+        return None
+    data = dict(row)
+    try:
+        for column, decode in decoders.items():
+            data[column] = decode(data[column])
+        return cls.model_validate(data)
+    except (ValidationError, KeyError, ValueError) as e:
+        raise StateError(f"a row of {cls.__name__} in the state database cannot be read: {e}") from None
+
+
+def _result(cls: type[BaseModel], text: str) -> Any:
+    """A JSON result column: None before the result is written."""
+    value = json.loads(text) if text else None
+    return None if not value else cls.model_validate(value)
 
 class StateDB:
-    """Typed access to ``state.db``. Rows come back as dicts with JSON columns decoded."""
+    """Typed access to ``state.db``: every read returns frozen rows (see module docstring)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -166,12 +299,11 @@ class StateDB:
             c.close()
             self._local.conn = None
 
-    def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.conn.execute(sql, args).fetchall()]
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, args).fetchall()
 
-    def _one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
-        r = self.conn.execute(sql, args).fetchone()
-        return dict(r) if r is not None else None
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, args).fetchone()
 
     # experts ------------------------------------------------------------------------------
     def upsert_expert(self, manifest_hash: str, owner: str, name: str, domains: list[str], address: str,
@@ -185,19 +317,11 @@ class StateDB:
                 (manifest_hash, owner, name, json.dumps(domains), address, json.dumps(record), now, now),
             )
 
-    def expert(self, manifest_hash: str) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM experts WHERE manifest_hash=?", (manifest_hash,))
-        if row:
-            row["domains"] = _loads(row["domains"])
-            row["record"] = _loads(row["record"])
-        return row
+    def expert(self, manifest_hash: str) -> ExpertRow | None:
+        return _row(ExpertRow, self._one("SELECT * FROM experts WHERE manifest_hash=?", (manifest_hash,)))
 
-    def experts(self) -> list[dict[str, Any]]:
-        rows = self._all("SELECT * FROM experts ORDER BY first_seen")
-        for row in rows:
-            row["domains"] = _loads(row["domains"])
-            row["record"] = _loads(row["record"])
-        return rows
+    def experts(self) -> list[ExpertRow]:
+        return [_row(ExpertRow, r) for r in self._all("SELECT * FROM experts ORDER BY first_seen")]
 
     # fetches -------------------------------------------------------------------------------
     def record_fetch(self, manifest_hash: str, status: str, error: str = "") -> None:
@@ -208,8 +332,8 @@ class StateDB:
                 (manifest_hash, status, error, time.time()),
             )
 
-    def fetch(self, manifest_hash: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM fetches WHERE manifest_hash=?", (manifest_hash,))
+    def fetch(self, manifest_hash: str) -> FetchRow | None:
+        return _row(FetchRow, self._one("SELECT * FROM fetches WHERE manifest_hash=?", (manifest_hash,)))
 
     # verdicts ------------------------------------------------------------------------------
     def record_verdict(self, manifest_hash: str, admitted: bool, reason: str, *, architecture: str = "",
@@ -220,17 +344,12 @@ class StateDB:
                 (manifest_hash, int(admitted), reason, architecture, tokenizer, num_parameters, time.time()),
             )
 
-    def verdict(self, manifest_hash: str) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM verdicts WHERE manifest_hash=?", (manifest_hash,))
-        if row:
-            row["admitted"] = bool(row["admitted"])
-        return row
+    def verdict(self, manifest_hash: str) -> VerdictRow | None:
+        return _row(VerdictRow, self._one("SELECT * FROM verdicts WHERE manifest_hash=?", (manifest_hash,)))
 
-    def verdicts(self) -> dict[str, dict[str, Any]]:
-        rows = self._all("SELECT * FROM verdicts")
-        for r in rows:
-            r["admitted"] = bool(r["admitted"])
-        return {r["manifest_hash"]: r for r in rows}
+    def verdicts(self) -> dict[str, VerdictRow]:
+        rows = [_row(VerdictRow, r) for r in self._all("SELECT * FROM verdicts")]
+        return {r.manifest_hash: r for r in rows}
 
     # evaluations ---------------------------------------------------------------------------
     def record_evaluation(self, manifest_hash: str, benchmark: str, split: str, scores: dict[str, float],
@@ -241,17 +360,17 @@ class StateDB:
                 (manifest_hash, benchmark, split, json.dumps(scores), seconds, time.time()),
             )
 
-    def evaluation(self, manifest_hash: str, benchmark: str) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM evaluations WHERE manifest_hash=? AND benchmark=?", (manifest_hash, benchmark))
-        if row:
-            row["scores"] = _loads(row["scores"])
-        return row
+    def evaluation(self, manifest_hash: str, benchmark: str) -> EvaluationRow | None:
+        return _row(EvaluationRow, self._one("SELECT * FROM evaluations WHERE manifest_hash=? AND benchmark=?",
+                                             (manifest_hash, benchmark)))
 
-    def evaluations(self, benchmark: str) -> dict[str, dict[str, Any]]:
-        rows = self._all("SELECT * FROM evaluations WHERE benchmark=?", (benchmark,))
-        for r in rows:
-            r["scores"] = _loads(r["scores"])
-        return {r["manifest_hash"]: r for r in rows}
+    def evaluations(self, benchmark: str) -> dict[str, EvaluationRow]:
+        rows = [_row(EvaluationRow, r) for r in self._all("SELECT * FROM evaluations WHERE benchmark=?", (benchmark,))]
+        return {r.manifest_hash: r for r in rows}
+
+    def all_evaluations(self) -> list[EvaluationRow]:
+        """Every evaluation, of every benchmark, in the order they were recorded."""
+        return [_row(EvaluationRow, r) for r in self._all("SELECT * FROM evaluations ORDER BY evaluated_at")]
 
     # ranks -----------------------------------------------------------------------------------
     def record_ranks(self, round_: int, ranks: list[tuple[str, int, str, float]]) -> None:
@@ -259,12 +378,10 @@ class StateDB:
             c.execute("DELETE FROM ranks WHERE round=?", (round_,))
             c.executemany("INSERT INTO ranks VALUES (?,?,?,?,?)", [(round_, *r) for r in ranks])
 
-    def latest_ranks(self) -> list[dict[str, Any]]:
+    def latest_ranks(self) -> list[RankRow]:
         """Ranks of the latest round that has any, best first per domain."""
-        row = self._one("SELECT MAX(round) AS r FROM ranks")
-        if not row or row["r"] is None:
-            return []
-        return self._all("SELECT * FROM ranks WHERE round=? ORDER BY domain, rank", (row["r"],))
+        rows = self._all("SELECT * FROM ranks WHERE round=(SELECT MAX(round) FROM ranks) ORDER BY domain, rank")
+        return [_row(RankRow, r) for r in rows]
 
     # rounds ------------------------------------------------------------------------------------
     def start_round(self) -> int:
@@ -280,49 +397,43 @@ class StateDB:
         return int(row["number"]) if row else None
 
     def update_round(self, number: int, **fields: Any) -> None:
+        """Set columns of round ``number`` (any of :class:`RoundRow`'s but its key and start)."""
         if not fields:
             return
+        unknown = set(fields) - _ROUND_FIELDS
+        if unknown:
+            raise StateError(f"rounds have no settable column {', '.join(sorted(unknown))}")
         enc = {k: json.dumps(v) if k in ("sources", "scores") else v for k, v in fields.items()}
         cols = ", ".join(f"{k}=?" for k in enc)
         with self.tx() as c:
             c.execute(f"UPDATE rounds SET {cols} WHERE number=?", (*enc.values(), number))
 
-    def round(self, number: int) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM rounds WHERE number=?", (number,))
-        return self._decode_round(row) if row else None
+    def round(self, number: int) -> RoundRow | None:
+        return _row(RoundRow, self._one("SELECT * FROM rounds WHERE number=?", (number,)))
 
-    def rounds(self, limit: int = 0) -> list[dict[str, Any]]:
+    def rounds(self, limit: int = 0) -> list[RoundRow]:
         sql = "SELECT * FROM rounds ORDER BY number DESC" + (f" LIMIT {int(limit)}" if limit else "")
-        return [self._decode_round(r) for r in self._all(sql)]
+        return [_row(RoundRow, r) for r in self._all(sql)]
 
-    def last_published_round(self, before: int | None = None) -> dict[str, Any] | None:
+    def last_published_round(self, before: int | None = None) -> RoundRow | None:
         sql = "SELECT * FROM rounds WHERE published=1"
         args: tuple = ()
         if before is not None:
             sql += " AND number<?"
             args = (before,)
-        row = self._one(sql + " ORDER BY number DESC LIMIT 1", args)
-        return self._decode_round(row) if row else None
-
-    @staticmethod
-    def _decode_round(row: dict[str, Any]) -> dict[str, Any]:
-        row["sources"] = _loads(row["sources"]) or []
-        row["scores"] = _loads(row["scores"]) or {}
-        row["published"] = bool(row["published"])
-        return row
+        return _row(RoundRow, self._one(sql + " ORDER BY number DESC LIMIT 1", args))
 
     # steps -------------------------------------------------------------------------------------
-    def step(self, round_: int, name: str) -> dict[str, Any] | None:
-        row = self._one("SELECT * FROM steps WHERE round=? AND name=?", (round_, name))
-        if row:
-            row["result"] = _loads(row["result"])
-        return row
+    def step(self, round_: int, name: str) -> StepRow | None:
+        return _step(self._one("SELECT * FROM steps WHERE round=? AND name=?", (round_, name)))
 
-    def steps(self, round_: int) -> list[dict[str, Any]]:
-        rows = self._all("SELECT * FROM steps WHERE round=? ORDER BY started_at", (round_,))
-        for r in rows:
-            r["result"] = _loads(r["result"])
-        return rows
+    def steps(self, round_: int) -> list[StepRow]:
+        return [_step(r) for r in self._all("SELECT * FROM steps WHERE round=? ORDER BY started_at", (round_,))]
+
+    def latest_done_step(self, name: str) -> StepRow | None:
+        """The finished step ``name`` of the latest round that has one."""
+        return _step(self._one("SELECT * FROM steps WHERE name=? AND status='done' ORDER BY round DESC LIMIT 1",
+                               (name,)))
 
     def begin_step(self, round_: int, name: str) -> None:
         with self.tx() as c:
@@ -333,39 +444,48 @@ class StateDB:
             )
             c.execute("UPDATE rounds SET phase=? WHERE number=?", (name, round_))
 
-    def finish_step(self, round_: int, name: str, result: Any, status: str = "done") -> None:
+    def finish_step(self, round_: int, name: str, result: StepResult, status: str = "done") -> None:
+        if not isinstance(result, STEPS[name]):
+            raise TypeError(f"step {name} gives a {STEPS[name].__name__}, not a {type(result).__name__}")
         with self.tx() as c:
             c.execute("UPDATE steps SET status=?, result=?, finished_at=? WHERE round=? AND name=?",
-                      (status, json.dumps(result), time.time(), round_, name))
+                      (status, result.model_dump_json(), time.time(), round_, name))
 
     # jobs ----------------------------------------------------------------------------------------
-    def create_job(self, round_: int, kind: str, spec: dict[str, Any]) -> int:
+    def create_job(self, round_: int, spec: JobSpec) -> int:
         now = time.time()
         with self.tx() as c:
             cur = c.execute(
                 "INSERT INTO jobs (round, kind, spec, status, created_at, updated_at) VALUES (?,?,?,'pending',?,?)",
-                (round_, kind, json.dumps(spec), now, now),
+                (round_, spec.kind, spec.model_dump_json(), now, now),
             )
             return int(cur.lastrowid)
 
-    def job(self, job_id: int) -> dict[str, Any] | None:
+    def job(self, job_id: int) -> JobRow | None:
         row = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
-        if row:
-            row["spec"] = _loads(row["spec"])
-            row["result"] = _loads(row["result"])
-        return row
+        return _row(JobRow, row, spec=JOB_SPEC.validate_json,
+                    result=lambda text: _result(RESULTS[row["kind"]], text))
 
-    def round_job(self, round_: int) -> dict[str, Any] | None:
+    def round_job(self, round_: int) -> JobRow | None:
         row = self._one("SELECT id FROM jobs WHERE round=? ORDER BY id DESC LIMIT 1", (round_,))
         return self.job(int(row["id"])) if row else None
 
-    def current_job(self) -> dict[str, Any] | None:
+    def current_job(self) -> JobRow | None:
         row = self._one("SELECT id FROM jobs WHERE status IN ('pending','running') ORDER BY id DESC LIMIT 1")
         return self.job(int(row["id"])) if row else None
 
-    def update_job(self, job_id: int, **fields: Any) -> None:
-        enc = {k: json.dumps(v) if k in ("spec", "result") else v for k, v in fields.items()}
-        enc["updated_at"] = time.time()
-        cols = ", ".join(f"{k}=?" for k in enc)
+    def update_job(self, job_id: int, *, result: JobResult | None = None, **fields: Any) -> None:
+        """Set ``status``, ``progress``, ``message``, ``pid`` and, when done, ``result`` of job ``job_id``."""
+        unknown = set(fields) - _JOB_FIELDS
+        if unknown:
+            raise StateError(f"jobs have no settable column {', '.join(sorted(unknown))}")
+        if result is not None:
+            fields["result"] = result.model_dump_json()
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
         with self.tx() as c:
-            c.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*enc.values(), job_id))
+            c.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+
+
+def _step(row: sqlite3.Row | None) -> StepRow | None:
+    return _row(StepRow, row, result=lambda text: _result(STEPS[row["name"]], text)) if row is not None else None

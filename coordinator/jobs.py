@@ -16,9 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from coordinator.db import StateDB
+from coordinator.db import JobRow, StateDB
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +58,17 @@ def start_worker(db: StateDB, job_id: int, log_dir: Path) -> subprocess.Popen:
 
 
 def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: float = 0.5,
-            stop: threading.Event | None = None) -> dict[str, Any]:
+            stop: threading.Event | None = None) -> JobRow:
     """Run (or keep waiting for) job ``job_id`` until it is done or failed; returns its row."""
     job = db.job(job_id)
     if job is None:
         raise KeyError(f"no job {job_id}")
-    if job["status"] in ("done", "failed"):
+    if job.status in ("done", "failed"):
         return job
     proc: subprocess.Popen | None = None
-    if job["status"] == "running" and _alive(int(job["pid"])):
-        logger.info("job %d: worker %d still running, waiting for it", job_id, job["pid"])
-        pid = int(job["pid"])
+    if job.status == "running" and _alive(job.pid):
+        logger.info("job %d: worker %d still running, waiting for it", job_id, job.pid)
+        pid = job.pid
     else:
         proc = start_worker(db, job_id, log_dir)
         pid = proc.pid
@@ -83,7 +81,7 @@ def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: fl
             code, alive = None, _alive(pid)
         job = db.job(job_id)
         assert job is not None
-        if job["status"] in ("done", "failed"):
+        if job.status in ("done", "failed"):
             if proc is not None:
                 proc.wait()
             return job
@@ -91,7 +89,7 @@ def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: fl
             why = (f"worker process exited with code {code}" if code is not None and code >= 0
                    else f"worker process killed by signal {-code}" if code is not None
                    else "worker process died")
-            db.update_job(job_id, status="failed", message=f"{why}; last progress: {job['message']}"[:2000])
+            db.update_job(job_id, status="failed", message=f"{why}; last progress: {job.message}"[:2000])
             return db.job(job_id)  # type: ignore[return-value]
         if time.monotonic() > deadline or (stop is not None and stop.is_set()):
             if stop is not None and stop.is_set():

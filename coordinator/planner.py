@@ -18,7 +18,10 @@ better score.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True)
@@ -37,19 +40,22 @@ class Candidate:
         return (self.architecture, self.tokenizer)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """``kind``: ``evolve``, ``fusion`` or ``none`` (then ``reason`` says why)."""
+class Plan(BaseModel):
+    """``kind``: ``evolve`` (merge ``sources``), ``fusion`` (train ``pivot`` on ``sources``) or
+    ``none`` (then ``reason`` says why)."""
 
-    kind: str
-    sources: list[str] = field(default_factory=list)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["evolve", "fusion", "none"]
+    sources: list[str] = Field(default_factory=list)
     pivot: str = ""
-    best_per_domain: dict[str, str] = field(default_factory=dict)
+    best_per_domain: dict[str, str] = Field(default_factory=dict)
     reason: str = ""
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "sources": list(self.sources), "pivot": self.pivot,
-                "best_per_domain": dict(self.best_per_domain), "reason": self.reason}
+    @property
+    def models(self) -> list[str]:
+        """Every model the plan uses: its sources, then its pivot if it has one."""
+        return [*self.sources, *([self.pivot] if self.pivot else [])]
 
 
 def score_order(score: float, manifest_hash: str, declared: bool = False) -> tuple[float, bool, str]:
@@ -91,7 +97,7 @@ def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
 def plan_round(candidates: list[Candidate]) -> Plan:
     """The job for this round's admitted experts (see module docstring)."""
     if len(candidates) < 2:
-        return Plan("none", reason=f"{len(candidates)} admitted expert(s): nothing to merge")
+        return Plan(kind="none", reason=f"{len(candidates)} admitted expert(s): nothing to merge")
     best = best_per_domain(candidates)
     chosen = list(dict.fromkeys(best.values()))
     by_hash = {c.manifest_hash: c for c in candidates}
@@ -105,13 +111,13 @@ def plan_round(candidates: list[Candidate]) -> Plan:
                 key=lambda c: score_order(sum(c.domain_scores.values()), c.manifest_hash),
             )
             if not others:
-                return Plan("none", best_per_domain=best,
+                return Plan(kind="none", best_per_domain=best,
                             reason="one expert is best on every domain and has no compatible partner")
             chosen.append(others[0].manifest_hash)
-        return Plan("evolve", sources=chosen, best_per_domain=best)
+        return Plan(kind="evolve", sources=chosen, best_per_domain=best)
     from umm.fusion.pivot import hardest_domain
 
     # the pivot: the best model of the hardest domain, i.e. that domain's rank-1 expert (same tie rule)
     pivot = best[hardest_domain({h: dict(by_hash[h].domain_scores) for h in chosen})]
     sources = [h for h in chosen if h != pivot]
-    return Plan("fusion", sources=sources, pivot=pivot, best_per_domain=best)
+    return Plan(kind="fusion", sources=sources, pivot=pivot, best_per_domain=best)

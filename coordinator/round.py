@@ -2,9 +2,10 @@
 
 Steps (DESIGN.md "A round"): ``discover`` → ``fetch`` → ``admit`` → ``evaluate`` → ``rank``
 (and publish scores) → ``plan`` → ``job`` → ``evaluate_result`` → ``publish``. Each step is a row
-in the ``steps`` table; :meth:`RoundRunner.run` skips steps already ``done`` (their recorded
-result is reused) and per-expert work inside a step is keyed by manifest hash, so a coordinator
-killed at any point resumes its round without redoing finished work. Experts are untrusted: a
+in the ``steps`` table with its typed result (:mod:`coordinator.steps`); :meth:`RoundRunner.run`
+skips steps already ``done`` (their recorded result is reused) and per-expert work inside a step
+is keyed by manifest hash, so a coordinator killed at any point resumes its round without redoing
+finished work. Experts are untrusted: a
 failed fetch of corrupt bytes, a pickle-only or NaN model, one over the size limit, a record that
 lies about its fingerprint: each becomes a rejected verdict with its reason, and the round goes on.
 """
@@ -25,17 +26,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coordinator.config import CoordinatorConfig
-from coordinator.db import StateDB
-from coordinator.planner import Candidate, plan_round, rank_per_domain
+from coordinator.db import RoundRow, StateDB, VerdictRow
+from coordinator.jobspec import AdmitJob, EvaluateJob, EvolveJob, FusionJob, JobResult, MergeJob
+from coordinator.planner import Candidate, Plan, plan_round, rank_per_domain
+from coordinator.steps import (
+    STEPS,
+    AdmitStep,
+    DiscoverStep,
+    Ending,
+    EvaluateResultStep,
+    EvaluateStep,
+    FetchStep,
+    JobStep,
+    PlanStep,
+    PublishStep,
+    RankStep,
+    RoundResults,
+)
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
 
 class Interrupted(Exception):
     """The coordinator is stopping: the current step stays unfinished and resumes on restart."""
-
-
-STEPS = ("discover", "fetch", "admit", "evaluate", "rank", "plan", "job", "evaluate_result", "publish")
 
 
 def benchmark_key(config: CoordinatorConfig, split: str) -> str:
@@ -75,9 +88,9 @@ class ExpertWorkerError(UmmError):
     """The worker handling one expert crashed, ran out of memory or time: that expert's rejection."""
 
 
-def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], timeout: float,
-                  stop: threading.Event | None = None) -> dict[str, Any]:
-    """Run job ``kind`` (``admit`` | ``evaluate``, see :mod:`coordinator.worker`) in a worker process,
+def run_in_worker(config: CoordinatorConfig, spec: AdmitJob | EvaluateJob, timeout: float,
+                  stop: threading.Event | None = None) -> JobResult:
+    """Run ``spec`` (an admission or an evaluation, see :mod:`coordinator.worker`) in a worker process,
     with the expert memory limit (address space, on device cpu: CUDA reserves more than it uses) and
     ``timeout``; return its result. :class:`ExpertWorkerError` when it fails; :class:`Interrupted`
     when the coordinator stops, after killing the worker (a stranger's model never outlives the
@@ -86,36 +99,36 @@ def run_in_worker(config: CoordinatorConfig, kind: str, spec: dict[str, Any], ti
     from coordinator.jobs import run_job
 
     if config.device == "cpu":
-        spec = {**spec, "memory_limit": config.expert_memory_bytes()}
+        spec = spec.model_copy(update={"memory_limit": config.expert_memory_bytes()})
     db = StateDB(config.data_dir / EXPERTS_DB)
     try:
         job = db.current_job()
-        if job is not None and job["kind"] == kind and job["spec"] == spec:
-            job_id = int(job["id"])
+        if job is not None and job.spec == spec:
+            job_id = job.id
         else:
-            job_id = db.create_job(0, kind, spec)
+            job_id = db.create_job(0, spec)
         row = run_job(db, job_id, log_dir=config.data_dir / "logs" / "experts", timeout=timeout, stop=stop)
-        if row["status"] not in ("done", "failed"):
-            if int(row["pid"]) > 0:  # (killpg(0) would be our own group)
+        if row.status not in ("done", "failed"):
+            if row.pid > 0:  # (killpg(0) would be our own group)
                 with contextlib.suppress(ProcessLookupError):  # it leads its own process group
-                    os.killpg(int(row["pid"]), signal.SIGKILL)
+                    os.killpg(row.pid, signal.SIGKILL)
             db.update_job(job_id, status="failed", message="stopped with the coordinator")
             raise Interrupted()
     finally:
         db.close()
-    if row["status"] == "done":
-        return row["result"]
-    message = row["message"]
+    if row.status == "done" and row.result is not None:
+        return row.result
+    message = row.message
     if any(m in message for m in _OUT_OF_MEMORY):
         message = f"ran out of its memory limit of {config.expert_memory_bytes()} bytes ({message})"
-    raise ExpertWorkerError(f"{kind} worker failed: {message}"[:1000])
+    raise ExpertWorkerError(f"{spec.kind} worker failed: {message}"[:1000])
 
 
-def evaluate_spec(config: CoordinatorConfig, path: Path, split: str) -> dict[str, Any]:
+def evaluate_spec(config: CoordinatorConfig, path: Path, split: str) -> EvaluateJob:
     """What :func:`evaluate_here` needs to score ``path`` on the coordinator's tasks."""
-    return {"path": str(path), "split": split, "tasks": list(config.tasks), "seed": config.eval_seed,
-            "limit": config.eval_limit if split == "search" else config.test_limit,
-            "batch_size": config.eval_batch_size, "max_new_tokens": config.max_new_tokens, "device": config.device}
+    return EvaluateJob(path=path, split=split, tasks=list(config.tasks), seed=config.eval_seed,
+                       limit=config.eval_limit if split == "search" else config.test_limit,
+                       batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, device=config.device)
 
 
 def evaluate_here(spec: dict[str, Any]) -> dict[str, float]:
@@ -144,8 +157,8 @@ def evaluate_folder(config: CoordinatorConfig, path: Path, split: str,
                     stop: threading.Event | None = None) -> dict[str, float]:
     """Scores of the model in ``path`` on the coordinator's tasks (``split``: search or test),
     computed in a worker process (:func:`run_in_worker`, ``evaluation_timeout``)."""
-    result = run_in_worker(config, "evaluate", evaluate_spec(config, path, split), config.evaluation_timeout, stop)
-    return {str(k): float(v) for k, v in result["scores"].items()}
+    result = run_in_worker(config, evaluate_spec(config, path, split), config.evaluation_timeout, stop)
+    return dict(result.scores)
 
 
 def classify_transfer_error(e: Exception) -> tuple[str, str]:
@@ -255,7 +268,7 @@ class RoundRunner:
         self.db = ctx.db
 
     # driver -------------------------------------------------------------------------------
-    def run(self, number: int | None = None) -> dict[str, Any]:
+    def run(self, number: int | None = None) -> RoundRow:
         """Resume the unfinished round (or ``number``), else start a new one; returns its row."""
         db = self.db
         if number is None:
@@ -265,35 +278,35 @@ class RoundRunner:
             logger.info("round %d started", number)
         else:
             logger.info("round %d resumed", number)
-        results: dict[str, Any] = {}
+        results = RoundResults()
         try:
             for name in STEPS:
                 if self.ctx.stop is not None and self.ctx.stop.is_set():
                     return db.round(number)  # type: ignore[return-value]
                 step = db.step(number, name)
-                if step is not None and step["status"] == "done":
-                    results[name] = step["result"]
+                if step is not None and step.status == "done":
+                    setattr(results, name, step.result)
                     continue
                 db.begin_step(number, name)
                 result = getattr(self, f"step_{name}")(number, results)
                 db.finish_step(number, name, result)
-                results[name] = result
+                setattr(results, name, result)
                 if self.ctx.on_step is not None:
                     self.ctx.on_step(number, name)
-                if isinstance(result, dict) and result.get("end_round"):
-                    db.update_round(number, state=result["state"], reason=result.get("reason", ""),
-                                    phase="idle", finished_at=time.time())
+                if isinstance(result, Ending) and result.end_round:
+                    db.update_round(number, state=result.state, reason=result.reason, phase="idle",
+                                    finished_at=time.time())
                     break
         except Interrupted:
             logger.info("round %d interrupted; it resumes on the next start", number)
         except Exception as e:
-            logger.exception("round %d failed in step %s", number, db.round(number)["phase"])
+            logger.exception("round %d failed in step %s", number, db.round(number).phase)
             db.update_round(number, state="failed", reason=f"{type(e).__name__}: {e}"[:2000], phase="idle",
                             finished_at=time.time())
         return db.round(number)  # type: ignore[return-value]
 
     # steps --------------------------------------------------------------------------------
-    def step_discover(self, number: int, results: dict) -> dict:
+    def step_discover(self, number: int, results: RoundResults) -> DiscoverStep:
         seen = []
         for owner, entry in self.ctx.records.experts().items():
             rec = entry.record
@@ -302,28 +315,28 @@ class RoundRunner:
             seen.append(rec.manifest_hash)
         seen = sorted(set(seen))
         logger.info("round %d: %d expert(s) announced", number, len(seen))
-        return {"experts": seen}
+        return DiscoverStep(experts=seen)
 
-    def _todo(self, results: dict) -> list[str]:
+    def _todo(self, results: RoundResults) -> list[str]:
         """This round's fetch set: announced experts without a verdict, bounded by :func:`select_fetches`."""
         candidates = []
-        for h in results["discover"]["experts"]:
+        for h in results.discover.experts:
             if self.db.verdict(h) is not None:
                 continue
-            e = self.db.expert(h) or {}
-            f = self.db.fetch(h) or {}
-            failed = f.get("status") == "failed"
+            e = self.db.expert(h)
+            f = self.db.fetch(h)
+            failed = f is not None and f.status == "failed"
             candidates.append(FetchCandidate(
-                h, e.get("owner", ""), e.get("address", ""), _mean_self_score(e.get("record") or {}),
-                float(e.get("first_seen", 0.0)), int(f.get("attempts", 0)) if failed else 0,
-                float(f.get("updated_at", 0.0)) if failed else 0.0, self.ctx.store.has(h)))
+                h, e.owner if e else "", e.address if e else "", _mean_self_score(e.record if e else {}),
+                e.first_seen if e else 0.0, f.attempts if failed else 0, f.updated_at if failed else 0.0,
+                self.ctx.store.has(h)))
         chosen = select_fetches(self.config, candidates, time.time())
         if len(chosen) < len(candidates):
             logger.info("fetching %d of %d expert(s) without a verdict; the rest wait (budget or back-off)",
                         len(chosen), len(candidates))
         return chosen
 
-    def step_fetch(self, number: int, results: dict) -> dict:
+    def step_fetch(self, number: int, results: RoundResults) -> FetchStep:
         """Download the new experts into the store's quarantine, ``fetch_concurrency`` at a time.
 
         Each download is bounded (minimum rate, per-file deadline, address policy: see
@@ -360,14 +373,14 @@ class RoundRunner:
                 logger.warning("fetch of %s %s: %s", h[:12], status, reason)
         if self.ctx.stop is not None and self.ctx.stop.is_set():
             raise Interrupted()
-        order = {h: i for i, h in enumerate(results["discover"]["experts"])}
-        return {name: sorted(hs, key=order.__getitem__) for name, hs in
-                (("fetched", fetched), ("failed", failed), ("rejected", rejected))}
+        order = {h: i for i, h in enumerate(results.discover.experts)}
+        return FetchStep(**{name: sorted(hs, key=order.__getitem__) for name, hs in
+                            (("fetched", fetched), ("failed", failed), ("rejected", rejected))})
 
     def _providers(self, manifest_hash: str) -> list[str]:
         """The announced address of an expert, then the peers that say they serve it."""
         expert = self.db.expert(manifest_hash)
-        providers = [expert["address"]] if expert else []
+        providers = [expert.address] if expert else []
         try:
             providers += [e.record.address for e in self.ctx.records.providers(manifest_hash).values()]
         except Exception as e:  # noqa: BLE001 - the DHT may not answer; the announced address is enough
@@ -382,9 +395,9 @@ class RoundRunner:
                  timeout=cfg.fetch_timeout, min_rate=cfg.fetch_min_rate, progress=False, cancel=self.ctx.stop,
                  policy=cfg.address_policy(), quarantine=True)
 
-    def step_admit(self, number: int, results: dict) -> dict:
+    def step_admit(self, number: int, results: RoundResults) -> AdmitStep:
         admitted, rejected = [], []
-        for h in results["fetch"]["fetched"]:
+        for h in results.fetch.fetched:
             if self.db.verdict(h) is None:
                 try:
                     self._admit_one(h)
@@ -393,24 +406,24 @@ class RoundRunner:
                 except Exception as e:  # noqa: BLE001 - whatever one expert causes is its rejection
                     logger.exception("round %d: admission of %s failed", number, h[:12])
                     self._reject(h, f"admission failed: {type(e).__name__}: {e}".splitlines()[0][:1000])
-            (admitted if self.db.verdict(h)["admitted"] else rejected).append(h)
-        return {"admitted": admitted, "rejected": rejected}
+            (admitted if self.db.verdict(h).admitted else rejected).append(h)
+        return AdmitStep(admitted=admitted, rejected=rejected)
 
     def _admit_one(self, h: str) -> None:
         """Admit or reject expert ``h`` in a worker process; its record must match its files."""
-        spec = {"path": str(self.ctx.store.candidate_path(h)), "max_total_bytes": self.config.max_model_bytes,
-                "budget": self.config.model_budget.model_dump()}
+        spec = AdmitJob(path=self.ctx.store.candidate_path(h), max_total_bytes=self.config.max_model_bytes,
+                        budget=self.config.model_budget)
         try:
-            out = run_in_worker(self.config, "admit", spec, self.config.admission_timeout, self.ctx.stop)
+            out = run_in_worker(self.config, spec, self.config.admission_timeout, self.ctx.stop)
         except ExpertWorkerError as e:
             self._reject(h, f"admission failed: {e}")
             return
-        if not out["admitted"]:
-            self._reject(h, out["reason"])
+        if not out.admitted:
+            self._reject(h, out.reason)
             return
-        claimed = (self.db.expert(h) or {"record": {}})["record"]
-        found = {"architecture": out["architecture"], "tokenizer": out["tokenizer"],
-                 "num_parameters": out["num_parameters"]}
+        expert = self.db.expert(h)
+        claimed = expert.record if expert else {}
+        found = {"architecture": out.architecture, "tokenizer": out.tokenizer, "num_parameters": out.num_parameters}
         lies = [f"{key} {str(claimed[key])[:16]} (files: {str(value)[:16]})" for key, value in found.items()
                 if claimed.get(key) not in (None, value)]
         if lies:
@@ -424,13 +437,13 @@ class RoundRunner:
         self.db.record_verdict(manifest_hash, False, reason, **fingerprint)
         self.ctx.store.remove(manifest_hash)
 
-    def step_evaluate(self, number: int, results: dict) -> dict:
+    def step_evaluate(self, number: int, results: RoundResults) -> EvaluateStep:
         bench = benchmark_key(self.config, "search")
         verdicts = self.db.verdicts()
         evaluated, failed = [], []
-        for h in results["discover"]["experts"]:
+        for h in results.discover.experts:
             v = verdicts.get(h)
-            if v is None or not v["admitted"]:
+            if v is None or not v.admitted:
                 continue
             if self.db.evaluation(h, bench) is None:
                 t0 = time.perf_counter()
@@ -440,23 +453,23 @@ class RoundRunner:
                     raise
                 except Exception as e:  # noqa: BLE001 - an expert that cannot be evaluated is rejected
                     self._reject(h, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
-                                 architecture=v["architecture"], tokenizer=v["tokenizer"],
-                                 num_parameters=v["num_parameters"])
+                                 architecture=v.architecture, tokenizer=v.tokenizer,
+                                 num_parameters=v.num_parameters)
                     failed.append(h)
                     continue
                 self.db.record_evaluation(h, bench, "search", scores, time.perf_counter() - t0)
                 logger.info("round %d: evaluated %s: %s", number, h[:12], scores)
             evaluated.append(h)
-        return {"evaluated": evaluated, "failed": failed}
+        return EvaluateStep(evaluated=evaluated, failed=failed)
 
-    def step_rank(self, number: int, results: dict) -> dict:
+    def step_rank(self, number: int, results: RoundResults) -> RankStep:
         from umm.net.records import ExpertVerdict, ScoresRecord
 
         bench = benchmark_key(self.config, "search")
         evals = self.db.evaluations(bench)
         verdicts = self.db.verdicts()
-        admitted = {h: domain_scores(self.config, evals[h]["scores"]) for h in results["evaluate"]["evaluated"]
-                    if h in evals and verdicts.get(h, {}).get("admitted")}
+        admitted = {h: domain_scores(self.config, evals[h].scores) for h in results.evaluate.evaluated
+                    if h in evals and h in verdicts and verdicts[h].admitted}
         rows, ranks = [], {}
         for d, items in rank_per_domain(admitted, {h: self._declared(h) for h in admitted}).items():
             for i, (h, s) in enumerate(items, start=1):
@@ -464,26 +477,27 @@ class RoundRunner:
                 ranks.setdefault(h, {})[d] = i
         self.db.record_ranks(number, rows)
         experts = {}
-        for h in self._published_verdicts(results["discover"]["experts"], verdicts, ranks):
+        for h in self._published_verdicts(results.discover.experts, verdicts, ranks):
             v = verdicts.get(h)
             if v is None:
                 f = self.db.fetch(h)
-                experts[h] = ExpertVerdict(admitted=False, reason=f"not fetched yet: {f['error']}"[:1024],
+                experts[h] = ExpertVerdict(admitted=False, reason=f"not fetched yet: {f.error}"[:1024],
                                            scores={}, ranks={})
                 continue
-            scores = evals[h]["scores"] if h in evals and v["admitted"] else {}
-            experts[h] = ExpertVerdict(admitted=bool(v["admitted"]), reason=v["reason"][:1024],
+            scores = evals[h].scores if h in evals and v.admitted else {}
+            experts[h] = ExpertVerdict(admitted=v.admitted, reason=v.reason[:1024],
                                        scores={k: float(x) for k, x in scores.items()}, ranks=ranks.get(h, {}))
         record = ScoresRecord(round=number, updated_at=time.time(), experts=experts)
         published = self._publish("scores", lambda ttl: self.ctx.records.publish_scores(record, ttl=ttl))
-        return {"ranks": [list(r) for r in rows], "published": published, "record": record.dict()}
+        return RankStep(ranks=rows, published=published, record=record.dict())
 
-    def _published_verdicts(self, announced: list[str], verdicts: dict, ranks: dict) -> list[str]:
+    def _published_verdicts(self, announced: list[str], verdicts: dict[str, VerdictRow],
+                            ranks: dict[str, dict[str, int]]) -> list[str]:
         """Announced experts with a verdict or a fetch attempt, ranked ones first (best rank first),
         then admitted, then the others; at most ``max_published_verdicts`` (the scores record's size)."""
         known = [h for h in announced if h in verdicts or self.db.fetch(h) is not None]
         known.sort(key=lambda h: (min(ranks[h].values()) if ranks.get(h) else math.inf,
-                                  not verdicts.get(h, {}).get("admitted", False), h))
+                                  not (h in verdicts and verdicts[h].admitted), h))
         return known[: self.config.max_published_verdicts]
 
     def _publish(self, name: str, fn: Callable[[float], bool], withdraw: Callable[[float], bool] | None = None) -> bool:
@@ -492,135 +506,127 @@ class RoundRunner:
             return self.ctx.refresher.add(name, fn, withdraw=withdraw)
         return bool(fn(2 * self.config.refresh_period))
 
-    def _candidates(self, results: dict) -> list[Candidate]:
+    def _candidates(self, results: RoundResults) -> list[Candidate]:
         bench = benchmark_key(self.config, "search")
         evals = self.db.evaluations(bench)
         verdicts = self.db.verdicts()
         out = []
-        for h in results["evaluate"]["evaluated"]:
+        for h in results.evaluate.evaluated:
             v = verdicts.get(h)
-            if v and v["admitted"] and h in evals:
-                out.append(Candidate(h, v["architecture"], v["tokenizer"],
-                                     domain_scores(self.config, evals[h]["scores"]), self._declared(h)))
+            if v and v.admitted and h in evals:
+                out.append(Candidate(h, v.architecture, v.tokenizer, domain_scores(self.config, evals[h].scores),
+                                     self._declared(h)))
         return out
 
     def _declared(self, manifest_hash: str) -> frozenset[str]:
         """The domains the expert's record declares (they break score ties only)."""
-        return frozenset((self.db.expert(manifest_hash) or {}).get("domains") or ())
+        expert = self.db.expert(manifest_hash)
+        return frozenset(expert.domains if expert else ())
 
-    def step_plan(self, number: int, results: dict) -> dict:
+    def step_plan(self, number: int, results: RoundResults) -> PlanStep:
         if not self.config.merge:
-            return {"kind": "none", "reason": "merging is off (merge: false)", "end_round": True,
-                    "state": "verified"}
+            return PlanStep(kind="none", reason="merging is off (merge: false)", end_round=True, state="verified")
         plan = plan_round(self._candidates(results))
-        out = plan.to_dict()
-        if plan.kind == "fusion" and self.config.fusion_data is None:
-            out.update(kind="none", reason="experts span several architectures: fusion needs fusion_data in the config")
-        if out["kind"] != "none":
-            same = self._same_merge_as(number, sorted(plan.sources + ([plan.pivot] if plan.pivot else [])))
-            if same is not None:
-                out.update(kind="none", reason=f"same experts as round {same}'s merge: nothing new to merge")
-        if out["kind"] == "none":
-            out.update(end_round=True, state="verified")
-        else:
-            self.db.update_round(number, method=self.config.evolve_method if plan.kind == "evolve" else "fusion",
-                                 sources=plan.sources + ([plan.pivot] if plan.pivot else []))
-        return out
+        why_not = self._why_not_run(number, plan) if plan.kind != "none" else ""
+        if why_not:
+            plan = plan.model_copy(update={"kind": "none", "reason": why_not})
+        if plan.kind == "none":
+            return PlanStep(**plan.model_dump(), end_round=True, state="verified")
+        self.db.update_round(number, method=self.config.evolve.method if plan.kind == "evolve" else "fusion",
+                             sources=plan.models)
+        return PlanStep(**plan.model_dump())
+
+    def _why_not_run(self, number: int, plan: Plan) -> str:
+        """Why this round does not run ``plan``'s job ("" if it does)."""
+        if plan.kind == "fusion" and self.config.fusion.data is None:
+            return "experts span several architectures: fusion needs fusion.data in the config"
+        same = self._same_merge_as(number, sorted(plan.models))
+        return f"same experts as round {same}'s merge: nothing new to merge" if same is not None else ""
 
     def _same_merge_as(self, number: int, sources: list[str]) -> int | None:
         """The latest earlier round whose finished job merged exactly ``sources`` (same settings)."""
         for r in self.db.rounds():
-            if r["number"] < number and r["state"] in ("published", "not_better") and sorted(r["sources"]) == sources:
-                return int(r["number"])
+            if r.number < number and r.state in ("published", "not_better") and sorted(r.sources) == sources:
+                return r.number
         return None
 
-    def step_job(self, number: int, results: dict) -> dict:
+    def step_job(self, number: int, results: RoundResults) -> JobStep:
         from coordinator.jobs import run_job
 
-        plan = results["plan"]
+        plan = results.plan
         job = self.db.round_job(number)
-        if job is None:
-            job_id = self.db.create_job(number, plan["kind"], self._job_spec(number, plan))
-        else:
-            job_id = int(job["id"])
+        job_id = job.id if job is not None else self.db.create_job(number, self._job_spec(number, plan))
         job = run_job(self.db, job_id, log_dir=self.config.data_dir / "logs", timeout=self.config.job_timeout,
                       stop=self.ctx.stop)
-        if job["status"] == "failed":
-            return {"job": job_id, "end_round": True, "state": "failed",
-                    "reason": f"{plan['kind']} job {job_id} failed: {job['message']}"}
-        if job["status"] != "done":
+        if job.status == "failed":
+            return JobStep(job=job_id, end_round=True, state="failed",
+                           reason=f"{plan.kind} job {job_id} failed: {job.message}")
+        if job.status != "done":
             raise Interrupted()
-        return {"job": job_id, **job["result"]}
+        return JobStep(job=job_id, output=job.result)
 
-    def _job_spec(self, number: int, plan: dict) -> dict:
+    def _job_spec(self, number: int, plan: Plan) -> MergeJob:
+        """The job of ``plan``: its models from the store, the coordinator's tasks, device and settings."""
         cfg = self.config
         run_dir = cfg.data_dir / "jobs" / f"round-{number}"
-        paths = {h: str(self.ctx.store.path(h)) for h in plan["sources"] + ([plan["pivot"]] if plan["pivot"] else [])}
-        if plan["kind"] == "evolve":
-            return {"models": [paths[h] for h in plan["sources"]], "method": cfg.evolve_method,
-                    "tasks": list(cfg.tasks), "search_size": cfg.eval_limit, "test_size": cfg.test_limit,
-                    "evaluations": cfg.evolve_evaluations, "population": cfg.evolve_population,
-                    "device": cfg.device, "seed": cfg.eval_seed + number, "run_dir": str(run_dir)}
-        return {"pivot": paths[plan["pivot"]], "sources": [paths[h] for h in plan["sources"]],
-                "data": str(cfg.fusion_data), "output": str(run_dir / "model"), "work_dir": str(run_dir / "work"),
-                "device": cfg.device, "max_steps": cfg.fusion_max_steps}
+        path = self.ctx.store.path
+        if plan.kind == "evolve":
+            return EvolveJob(models=[path(h) for h in plan.sources], tasks=list(cfg.tasks),
+                             search_size=cfg.eval_limit, test_size=cfg.test_limit, device=cfg.device,
+                             seed=cfg.eval_seed + number, run_dir=run_dir, settings=cfg.evolve)
+        return FusionJob(pivot=path(plan.pivot), sources=[path(h) for h in plan.sources], data=cfg.fusion.data,
+                         output=run_dir / "model", work_dir=run_dir / "work", device=cfg.device,
+                         max_length=cfg.fusion.max_length, training=cfg.fusion.training)
 
-    def step_evaluate_result(self, number: int, results: dict) -> dict:
+    def _test_scores(self, manifest_hash: str, folder: Path) -> dict[str, float]:
+        """``manifest_hash``'s scores on the test split: recorded, else evaluated from ``folder`` now."""
         bench = benchmark_key(self.config, "test")
-        model_dir = Path(results["job"]["model_dir"])
-        from umm.checkpoints.manifest import build_manifest
-
-        manifest_hash = build_manifest(model_dir).hash
         if self.db.evaluation(manifest_hash, bench) is None:
             t0 = time.perf_counter()
-            self.db.record_evaluation(manifest_hash, bench, "test", evaluate_folder(self.config, model_dir, "test"),
+            self.db.record_evaluation(manifest_hash, bench, "test", evaluate_folder(self.config, folder, "test"),
                                       time.perf_counter() - t0)
-        plan = results["plan"]
-        sources = plan["sources"] + ([plan["pivot"]] if plan["pivot"] else [])
-        source_scores = {}
-        for h in sources:
-            if self.db.evaluation(h, bench) is None:
-                t0 = time.perf_counter()
-                self.db.record_evaluation(h, bench, "test", evaluate_folder(self.config, self.ctx.store.path(h), "test"),
-                                          time.perf_counter() - t0)
-            source_scores[h] = self.db.evaluation(h, bench)["scores"]
-        scores = self.db.evaluation(manifest_hash, bench)["scores"]
+        return self.db.evaluation(manifest_hash, bench).scores
+
+    def step_evaluate_result(self, number: int, results: RoundResults) -> EvaluateResultStep:
+        from umm.checkpoints.manifest import build_manifest
+
+        output = results.job.output
+        manifest_hash = build_manifest(output.model_dir).hash
+        scores = self._test_scores(manifest_hash, output.model_dir)
+        source_scores = {h: self._test_scores(h, self.ctx.store.path(h)) for h in results.plan.models}
         obj = objective(self.config, scores)
         self.db.update_round(number, scores=scores, objective=obj, merged_hash=manifest_hash,
-                             recipe_hash=results["job"]["recipe_hash"])
-        return {"manifest_hash": manifest_hash, "scores": scores, "objective": obj, "source_scores": source_scores,
-                "source_objectives": {h: objective(self.config, s) for h, s in source_scores.items()}}
+                             recipe_hash=output.recipe_hash)
+        return EvaluateResultStep(manifest_hash=manifest_hash, scores=scores, objective=obj,
+                                  source_scores=source_scores,
+                                  source_objectives={h: objective(self.config, s) for h, s in source_scores.items()})
 
-    def step_publish(self, number: int, results: dict) -> dict:
+    def step_publish(self, number: int, results: RoundResults) -> PublishStep:
         from umm.net.records import MergedRecord
 
-        ev = results["evaluate_result"]
+        ev, output = results.evaluate_result, results.job.output
         previous = self.db.last_published_round(before=number)
-        prev_obj = float(previous["objective"]) if previous else -math.inf
+        prev_obj = previous.objective if previous else -math.inf
         self.db.update_round(number, previous_objective=prev_obj if previous else 0.0)
-        if not ev["objective"] > prev_obj:
-            return {"end_round": True, "state": "not_better",
-                    "reason": f"objective {ev['objective']:.4f} does not beat round {previous['number']}'s "
-                              f"{prev_obj:.4f}"}
-        h = ev["manifest_hash"]
+        if not ev.objective > prev_obj:
+            return PublishStep(end_round=True, state="not_better",
+                               reason=f"objective {ev.objective:.4f} does not beat round {previous.number}'s "
+                                      f"{prev_obj:.4f}")
+        h = ev.manifest_hash
         if not self.ctx.store.has(h):
-            self.ctx.store.add_folder(results["job"]["model_dir"])
+            self.ctx.store.add_folder(output.model_dir)
         manifest = self.ctx.store.manifest(h)
-        plan = results["plan"]
         record = MergedRecord(
             round=number, name=f"{self.config.network}-round-{number}", manifest_hash=h,
-            total_bytes=manifest.total_bytes, address=self.ctx.address,
-            sources=plan["sources"] + ([plan["pivot"]] if plan["pivot"] else []),
-            method=results["job"].get("method", plan["kind"]), recipe_hash=results["job"]["recipe_hash"],
-            scores={k: float(v) for k, v in ev["scores"].items()},
-            source_scores={k: {t: float(x) for t, x in s.items()} for k, s in ev["source_scores"].items()},
-            published_at=time.time(),
+            total_bytes=manifest.total_bytes, address=self.ctx.address, sources=results.plan.models,
+            method=output.method, recipe_hash=output.recipe_hash, scores=dict(ev.scores),
+            source_scores={k: dict(s) for k, s in ev.source_scores.items()}, published_at=time.time(),
         )
         published = self._publish("merged", lambda ttl: self.ctx.records.publish_merged(record, ttl=ttl))
         self._publish("provider", lambda ttl: self.ctx.records.announce_provider(h, self.ctx.address, ttl=ttl),
                       withdraw=lambda ttl: self.ctx.records.withdraw_provider(h, ttl=ttl))
         self.db.update_round(number, published=1)
-        why = (f"objective {ev['objective']:.4f} beats round {previous['number']}'s {prev_obj:.4f}" if previous
-               else f"first merged model, objective {ev['objective']:.4f}")
-        return {"end_round": True, "state": "published", "reason": why, "dht_stored": published,
-                "record": record.dict()}
+        why = (f"objective {ev.objective:.4f} beats round {previous.number}'s {prev_obj:.4f}" if previous
+               else f"first merged model, objective {ev.objective:.4f}")
+        return PublishStep(end_round=True, state="published", reason=why, dht_stored=published,
+                           record=record.dict())

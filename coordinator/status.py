@@ -31,51 +31,51 @@ def _phase_text(db: StateDB) -> tuple[int, str]:
     if not rounds:
         return 0, "idle"
     r = rounds[0]
-    phase = r["phase"] if r["state"] == "running" else "idle"
+    phase = r.phase if r.state == "running" else "idle"
     job = db.current_job()
-    if job is not None and r["state"] == "running" and phase == "job":
-        phase = f"job {job['id']} ({job['kind']}): {job['progress'] * 100:.0f}% {job['message']}".strip()
-    return int(r["number"]), phase
+    if job is not None and r.state == "running" and phase == "job":
+        phase = f"job {job.id} ({job.kind}): {job.progress * 100:.0f}% {job.message}".strip()
+    return r.number, phase
 
 
 def leaderboard_entries(db: StateDB, domain: str = "", limit: int = 0) -> list[dict[str, Any]]:
     """Ranked experts per domain (coordinator's scores on ``search``), then rejected experts (domain
     ``rejected``, the reason in ``name``), the latest published merged model (``merged``, its test
     objective) and experts whose fetch failed and is retried (``pending``)."""
-    experts = {e["manifest_hash"]: e for e in db.experts()}
+    experts = {e.manifest_hash: e for e in db.experts()}
     out: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     for r in db.latest_ranks():
-        if domain and r["domain"] != domain:
+        if domain and r.domain != domain:
             continue
-        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
-        if limit and counts[r["domain"]] > limit:
+        counts[r.domain] = counts.get(r.domain, 0) + 1
+        if limit and counts[r.domain] > limit:
             continue
-        e = experts.get(r["manifest_hash"], {})
-        out.append({"domain": r["domain"], "rank": r["rank"], "manifest_hash": r["manifest_hash"],
-                    "name": e.get("name", ""), "score": r["score"], "owner": e.get("owner", ""), "merged": False})
+        e = experts.get(r.manifest_hash)
+        out.append({"domain": r.domain, "rank": r.rank, "manifest_hash": r.manifest_hash,
+                    "name": e.name if e else "", "score": r.score, "owner": e.owner if e else "", "merged": False})
+    verdicts = db.verdicts()
     if not domain or domain == REJECTED_DOMAIN:
-        for h, v in sorted(db.verdicts().items()):
-            if v["admitted"]:
+        for h, v in sorted(verdicts.items()):
+            if v.admitted:
                 continue
-            e = experts.get(h, {})
+            e = experts.get(h)
             out.append({"domain": REJECTED_DOMAIN, "rank": 0, "manifest_hash": h,
-                        "name": f"{e.get('name', '?')}: {v['reason']}", "score": 0.0, "owner": e.get("owner", ""),
+                        "name": f"{e.name if e else '?'}: {v.reason}", "score": 0.0, "owner": e.owner if e else "",
                         "merged": False})
     published = db.last_published_round()
     if published is not None and (not domain or domain == MERGED_DOMAIN):
-        out.append({"domain": MERGED_DOMAIN, "rank": 0, "manifest_hash": published["merged_hash"],
-                    "name": f"round {published['number']} ({published['method']}), objective on test",
-                    "score": float(published["objective"]), "owner": "", "merged": True})
+        out.append({"domain": MERGED_DOMAIN, "rank": 0, "manifest_hash": published.merged_hash,
+                    "name": f"round {published.number} ({published.method}), objective on test",
+                    "score": published.objective, "owner": "", "merged": True})
     if not domain or domain == PENDING_DOMAIN:
-        verdicts = db.verdicts()
         for h, e in sorted(experts.items()):
             f = db.fetch(h)
-            if h in verdicts or f is None or f["status"] != "failed":
+            if h in verdicts or f is None or f.status != "failed":
                 continue
             out.append({"domain": PENDING_DOMAIN, "rank": 0, "manifest_hash": h,
-                        "name": f"{e['name']}: fetch failed {f['attempts']}x, retried next round: {f['error']}",
-                        "score": 0.0, "owner": e["owner"], "merged": False})
+                        "name": f"{e.name}: fetch failed {f.attempts}x, retried next round: {f.error}",
+                        "score": 0.0, "owner": e.owner, "merged": False})
     return out
 
 
@@ -102,8 +102,8 @@ class StatusServicer(pb_grpc.CoordinatorStatusServicer):
         return pb.StatusResponse(
             network=info["network"], coordinator_public_key=info["public_key"],
             software_version=info["version"], current_round=number, phase=phase,
-            experts_known=len(db.experts()), experts_admitted=sum(1 for v in verdicts.values() if v["admitted"]),
-            merged_manifest_hash=published["merged_hash"] if published else "",
+            experts_known=len(db.experts()), experts_admitted=sum(1 for v in verdicts.values() if v.admitted),
+            merged_manifest_hash=published.merged_hash if published else "",
             checkpoint_address=info["address"], updated_at=time.time(),
         )
 
@@ -115,11 +115,11 @@ class StatusServicer(pb_grpc.CoordinatorStatusServicer):
         out = []
         for r in self.db.rounds(limit=int(request.limit)):
             out.append(pb.Round(
-                number=r["number"], state=r["state"], phase=r["phase"], started_at=r["started_at"],
-                finished_at=r["finished_at"], method=r["method"], source_manifest_hashes=r["sources"],
-                merged_manifest_hash=r["merged_hash"], recipe_hash=r["recipe_hash"],
-                scores={k: float(v) for k, v in r["scores"].items()}, objective=r["objective"],
-                previous_objective=r["previous_objective"], published=r["published"], reason=r["reason"],
+                number=r.number, state=r.state, phase=r.phase, started_at=r.started_at,
+                finished_at=r.finished_at, method=r.method, source_manifest_hashes=r.sources,
+                merged_manifest_hash=r.merged_hash, recipe_hash=r.recipe_hash, scores=r.scores,
+                objective=r.objective, previous_objective=r.previous_objective, published=r.published,
+                reason=r.reason,
             ))
         return pb.RoundList(rounds=out)
 

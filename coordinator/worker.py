@@ -3,7 +3,7 @@
 Reads the job's spec from the state database, runs it (``evolve``: a CMA-ES merge search with
 :func:`umm.evolve.run.run_evolve`, resumable in its run folder; ``fusion``: pivot training with
 :mod:`umm.fusion.train`, resumable from its checkpoints), writes progress into the job row and,
-at the end, ``status='done'`` with ``result={"model_dir": ..., "recipe_hash": ...}``. An error is
+at the end, ``status='done'`` with its :class:`~coordinator.jobspec.MergeOutput`. An error is
 written as ``status='failed'`` with its message; a crash is noticed by :mod:`coordinator.jobs`.
 
 The round also runs the admission (``admit``) and evaluation (``evaluate``) of each stranger's
@@ -18,94 +18,89 @@ import hashlib
 import logging
 import os
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from coordinator.db import StateDB
+from coordinator.db import StateDB, StateError
+from coordinator.jobspec import (
+    Admission,
+    AdmitJob,
+    EvaluateJob,
+    EvolveJob,
+    FusionJob,
+    JobResult,
+    MergeOutput,
+    Scores,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _sha256_text(text: str) -> str:
+def _recipe_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def run_evolve_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
-    from umm.evolve.config import parse_config
+def run_evolve_job(db: StateDB, job_id: int, spec: EvolveJob) -> MergeOutput:
     from umm.evolve.run import run_evolve
 
-    run_dir = Path(spec["run_dir"])
-    config = parse_config(
-        {
-            "models": spec["models"],
-            "method": spec.get("method", "linear"),
-            "tasks": [{"name": t, "search_size": spec.get("search_size"), "test_size": spec.get("test_size")}
-                      for t in spec["tasks"]],
-            "budget": {"evaluations": int(spec.get("evaluations", 40))},
-            "population": spec.get("population"),
-            "device": spec.get("device", "cpu"),
-            "seed": int(spec.get("seed", 0)),
-            "compare": False,
-            "write_model": True,
-        },
-        source=f"job {job_id}",
-    )
+    config = spec.settings.evolve_config(models=spec.models, tasks=spec.tasks, search_size=spec.search_size,
+                                         test_size=spec.test_size, device=spec.device, seed=spec.seed)
 
     def on_generation(state: Any, generation: Any, total: int) -> None:
         done = len(state.generations)
         db.update_job(job_id, progress=min(1.0, done / max(total, 1)),
                       message=f"evolve: generation {done}/{total}, {state.evaluations} candidates")
 
-    resume = (run_dir / "search_state.json").exists()
-    result = run_evolve(config, run_dir, resume=resume, on_generation=on_generation)
+    resume = (spec.run_dir / "search_state.json").exists()
+    result = run_evolve(config, spec.run_dir, resume=resume, on_generation=on_generation)
     if result.model_dir is None:
         raise RuntimeError("the search wrote no model")
-    return {"model_dir": str(result.model_dir), "recipe_hash": _sha256_text(result.best_recipe.read_text()),
-            "method": config.method}
+    return MergeOutput(model_dir=result.model_dir, recipe_hash=_recipe_hash(result.best_recipe.read_text()),
+                       method=config.method)
 
 
-def run_fusion_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
+def run_fusion_job(db: StateDB, job_id: int, spec: FusionJob) -> MergeOutput:
+    """The recipe of a fusion is its spec: its hash is the recipe hash."""
     from umm.fusion.train import FusionTrainConfig, train_pivot
 
-    out = Path(spec["output"])
-    if (out / "config.json").is_file():  # finished before a crash of the coordinator
-        return {"model_dir": str(out), "recipe_hash": _sha256_text(repr(sorted(spec.items()))), "method": "fusion"}
+    recipe_hash = _recipe_hash(spec.model_dump_json())
+    if (spec.output / "config.json").is_file():  # finished before a crash of the coordinator
+        return MergeOutput(model_dir=spec.output, recipe_hash=recipe_hash, method="fusion")
     config = FusionTrainConfig(
-        pivot=Path(spec["pivot"]), sources=[Path(s) for s in spec["sources"]], data=Path(spec["data"]),
-        output=out, work_dir=Path(spec["work_dir"]), device=spec.get("device", "cpu"),
-        max_steps=spec.get("max_steps"), max_length=int(spec.get("max_length", 512)), resume=True,
-        teacher_cache=Path(spec["work_dir"]) / "teachers",
+        **spec.training.model_dump(), pivot=spec.pivot, sources=spec.sources, data=spec.data, output=spec.output,
+        work_dir=spec.work_dir, device=spec.device, max_length=spec.max_length, resume=True,
+        teacher_cache=spec.work_dir / "teachers",
     )
     db.update_job(job_id, progress=0.05, message="fusion: teacher passes and training")
     model_dir = train_pivot(config, show_progress=False)
-    return {"model_dir": str(model_dir), "recipe_hash": _sha256_text(repr(sorted(spec.items()))), "method": "fusion"}
+    return MergeOutput(model_dir=model_dir, recipe_hash=recipe_hash, method="fusion")
 
 
-def run_admit_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Admission of one stranger's folder: ``{"admitted": False, "reason"}`` for a typed refusal,
-    else its identity. Anything else (a crash, running out of memory) fails the job."""
+def run_admit_job(db: StateDB, job_id: int, spec: AdmitJob) -> Admission:
+    """Admission of one stranger's folder: refused with the reason for a typed refusal, else its
+    identity. Anything else (a crash, running out of memory) fails the job."""
     from umm.checkpoints.admission import AdmissionLimits, admit
-    from umm.checkpoints.budget import ModelBudget
     from umm.errors import UmmError
 
-    limits = AdmissionLimits(max_total_bytes=int(spec["max_total_bytes"]), budget=ModelBudget(**spec["budget"]))
+    limits = AdmissionLimits(max_total_bytes=spec.max_total_bytes, budget=spec.budget)
     try:
-        report = admit(spec["path"], limits)
+        report = admit(spec.path, limits)
     except UmmError as e:
-        return {"admitted": False, "reason": str(e).splitlines()[0][:1000]}
+        return Admission(admitted=False, reason=str(e).splitlines()[0][:1000])
     fp = report.fingerprint
-    return {"admitted": True, "architecture": fp.architecture, "tokenizer": fp.tokenizer or "",
-            "num_parameters": report.num_parameters}
+    return Admission(admitted=True, architecture=fp.architecture, tokenizer=fp.tokenizer or "",
+                     num_parameters=report.num_parameters)
 
 
-def run_evaluate_job(db: StateDB, job_id: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """The coordinator's benchmark on one model folder: ``{"scores": {task: score}}``."""
+def run_evaluate_job(db: StateDB, job_id: int, spec: EvaluateJob) -> Scores:
+    """The coordinator's benchmark on one model folder."""
     from coordinator.round import evaluate_here
 
-    return {"scores": evaluate_here(spec)}
+    return Scores(scores=evaluate_here(spec.model_dump()))
 
 
-RUNNERS = {"evolve": run_evolve_job, "fusion": run_fusion_job, "admit": run_admit_job, "evaluate": run_evaluate_job}
+RUNNERS: dict[str, Callable[[StateDB, int, Any], JobResult]] = {
+    "evolve": run_evolve_job, "fusion": run_fusion_job, "admit": run_admit_job, "evaluate": run_evaluate_job}
 
 
 def limit_memory(limit: int | None) -> None:
@@ -122,22 +117,23 @@ def limit_memory(limit: int | None) -> None:
 
 def run(db_path: str, job_id: int) -> int:
     db = StateDB(db_path)
-    job = db.job(job_id)
+    try:
+        job = db.job(job_id)
+    except StateError as e:  # e.g. a spec this version cannot read
+        db.update_job(job_id, status="failed", pid=os.getpid(), message=str(e)[:2000])
+        return 1
     if job is None:
         logger.error("no job %d in %s", job_id, db_path)
         return 2
-    db.update_job(job_id, status="running", pid=os.getpid(), message=f"{job['kind']}: starting")
+    db.update_job(job_id, status="running", pid=os.getpid(), message=f"{job.kind}: starting")
     try:
-        if job["kind"] not in RUNNERS:
-            raise ValueError(f"unknown job kind {job['kind']!r} (known: {', '.join(RUNNERS)})")
-        runner = RUNNERS[job["kind"]]
-        limit_memory(job["spec"].get("memory_limit"))
-        result = runner(db, job_id, job["spec"])
+        limit_memory(job.spec.memory_limit)
+        result = RUNNERS[job.spec.kind](db, job_id, job.spec)
     except Exception as e:  # recorded for the coordinator; the process still exits non-zero
         logger.exception("job %d failed", job_id)
         db.update_job(job_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
         return 1
-    db.update_job(job_id, status="done", progress=1.0, result=result, message=f"{job['kind']}: done")
+    db.update_job(job_id, status="done", progress=1.0, result=result, message=f"{job.kind}: done")
     return 0
 
 

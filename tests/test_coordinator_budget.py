@@ -74,8 +74,8 @@ def runner(tmp_path, records, **settings) -> RoundRunner:
 
 
 def attempted(run: RoundRunner, number: int) -> set[str]:
-    result = run.db.step(number, "fetch")["result"]
-    return set(result["fetched"]) | set(result["failed"]) | set(result["rejected"])
+    result = run.db.step(number, "fetch").result
+    return set(result.fetched) | set(result.failed) | set(result.rejected)
 
 
 def test_a_flood_of_300_forged_records_is_fetched_within_the_budget_and_the_round_completes(tmp_path):
@@ -84,24 +84,24 @@ def test_a_flood_of_300_forged_records_is_fetched_within_the_budget_and_the_roun
     run = runner(tmp_path, records, max_new_experts_per_round=8, max_new_experts_per_address=1)
 
     row = run.run()
-    assert row["state"] == "verified", row["reason"]
+    assert row.state == "verified", row.reason
     first = attempted(run, 1)
     # one per address: the three flooded addresses cost one fetch each, and the honest expert,
     # announced at its own address, is fetched in the first round despite its lower self-report
     assert len(first) == 4 and h("honest") in first
-    assert len({run.db.expert(x)["address"] for x in first}) == 4
-    assert len(run.db.step(1, "discover")["result"]["experts"]) == 301
+    assert len({run.db.expert(x).address for x in first}) == 4
+    assert len(run.db.step(1, "discover").result.experts) == 301
     published = records.published[-1]
     assert published.round == 1 and set(published.experts) == first  # verdicts only for what was tried
 
     row = run.run()  # round 2: the first failures are retried once, other records wait their turn
-    assert row["state"] == "verified" and row["number"] == 2
+    assert row.state == "verified" and row.number == 2
     assert len(attempted(run, 2)) == 4
 
     # with a wider per-address cap the per-round budget is what bounds the round
     wide = runner(tmp_path / "wide", FloodedRecords(300, ports, honest_port), max_new_experts_per_round=8,
                   max_new_experts_per_address=300)
-    assert wide.run()["state"] == "verified" and len(attempted(wide, 1)) == 8
+    assert wide.run().state == "verified" and len(attempted(wide, 1)) == 8
 
 
 def candidate(i: int, *, owner: str | None = None, address: str | None = None, score: float = 0.5,

@@ -7,10 +7,21 @@ import sqlite3
 
 import pytest
 
-from coordinator.config import CONFIG_NAME, KEY_NAME, CoordinatorConfigError, load_config, parse_config
+import yaml
+
+from coordinator.cli import main
+from coordinator.config import (
+    CONFIG_NAME,
+    KEY_NAME,
+    CoordinatorConfig,
+    CoordinatorConfigError,
+    config_template,
+    load_config,
+    parse_config,
+)
 from coordinator.db import StateDB, StateError
 from coordinator.planner import Candidate, plan_round
-from coordinator.cli import main
+from coordinator.steps import DiscoverStep
 
 
 def cli(*args: str) -> int:
@@ -51,6 +62,48 @@ def test_config_errors_name_the_key_and_list_valid_ones(tmp_path):
         cfg.network = "x"  # type: ignore[misc]
     with pytest.raises(CoordinatorConfigError, match="umm-coordinator init"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(CoordinatorConfigError, match=r"evolve.methd: unknown key; valid keys here: method, "):
+        parse_config({"evolve": {"methd": "ties"}})
+    with pytest.raises(CoordinatorConfigError, match=r"fusion.training.rate: unknown key; valid keys here: lr, "):
+        parse_config({"fusion": {"training": {"lr": 1e-4, "rate": 1}}})
+    with pytest.raises(CoordinatorConfigError, match="evolve.*bounds.weight must be"):  # EvolveConfig's own check
+        parse_config({"evolve": {"bounds": {"weight": [1.0, 0.0]}}})
+    with pytest.raises(CoordinatorConfigError, match="evolve.models"):  # the round decides which models
+        parse_config({"evolve": {"models": ["a", "b"]}})
+
+
+def test_the_template_is_generated_from_the_defaults_and_loads_back_into_them():
+    text = config_template()
+    assert parse_config(yaml.safe_load(text)) == CoordinatorConfig()
+    for name, field in CoordinatorConfig.model_fields.items():  # every key, documented by its field
+        assert f"\n{name}: " in text or f"\n{name}:\n" in text, name
+        assert field.description and field.description.split()[0] in text, name
+    assert "\n  method: linear\n" in text and "\n    evaluations: 40\n" in text  # nested sections, indented
+    custom = parse_config({"network": "other", "evolve": {"population": 4}})
+    assert parse_config(yaml.safe_load(config_template(custom))) == custom
+
+
+def test_evolve_and_fusion_sections_nest_the_librarys_settings(tmp_path):
+    """The sections are the library's types: a round's job gets them unchanged."""
+    from umm.evolve.config import EvolveConfig
+    from umm.fusion.settings import TrainingSettings
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "tasks": ["synth-math"],
+        "evolve": {"method": "ties", "budget": {"evaluations": 7}, "population": 3, "layer_granularity": 2},
+        "fusion": {"data": "data.jsonl", "max_length": 64, "training": {"max_steps": 5, "lr": 2e-5}},
+    }))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.fusion.data == (tmp_path / "data.jsonl").resolve()  # relative to the file
+    assert cfg.fusion.training == TrainingSettings(max_steps=5, lr=2e-5) and cfg.fusion.max_length == 64
+    search = cfg.evolve.evolve_config(models=["a", "b"], tasks=["synth-math"], search_size=8, test_size=None,
+                                      device="cpu", seed=3)
+    assert isinstance(search, EvolveConfig) and search.method == "ties" and search.budget.evaluations == 7
+    assert (search.population, search.layer_granularity, search.seed) == (3, 2, 3)
+    assert not search.compare and search.write_model and search.tasks[0].search_size == 8
+    defaults = CoordinatorConfig()  # the coordinator's own defaults where they differ from `umm evolve`'s
+    assert defaults.evolve.method == "linear" and defaults.evolve.budget.evaluations == 40
+    assert defaults.fusion.data is None and defaults.fusion.training == TrainingSettings()
 
 
 def test_state_db_records_and_versions(tmp_path):
@@ -59,17 +112,24 @@ def test_state_db_records_and_versions(tmp_path):
     n = db.start_round()
     assert n == 1 and db.unfinished_round() == 1
     db.begin_step(n, "discover")
-    db.finish_step(n, "discover", {"experts": ["a"]})
+    db.finish_step(n, "discover", DiscoverStep(experts=["a"]))
+    with pytest.raises(TypeError, match="DiscoverStep"):  # each step has its result type
+        db.finish_step(n, "fetch", DiscoverStep(experts=["a"]))
     db.begin_step(n, "fetch")
-    # another connection (a restarted process) sees exactly what is finished
+    # another connection (a restarted process) sees exactly what is finished, typed
     db2 = StateDB(tmp_path / "state.db")
-    assert db2.step(n, "discover")["status"] == "done" and db2.step(n, "discover")["result"] == {"experts": ["a"]}
-    assert db2.step(n, "fetch")["status"] == "running" and db2.round(n)["phase"] == "fetch"
+    assert db2.step(n, "discover").status == "done" and db2.step(n, "discover").result == DiscoverStep(experts=["a"])
+    assert db2.step(n, "fetch").status == "running" and db2.step(n, "fetch").result is None
+    assert db2.round(n).phase == "fetch" and db2.latest_done_step("discover").round == n
     db2.record_fetch("h", "failed", "down")
     db2.record_fetch("h", "done")
-    assert db2.fetch("h")["attempts"] == 2
+    assert db2.fetch("h").attempts == 2 and db2.fetch("h").status == "done"
     db2.update_round(n, state="published", published=1, objective=0.5, scores={"t": 0.5}, sources=["x"])
-    assert db.last_published_round()["scores"] == {"t": 0.5} and db.unfinished_round() is None
+    last = db.last_published_round()
+    assert last.scores == {"t": 0.5} and last.sources == ["x"] and last.published is True
+    assert db.unfinished_round() is None
+    with pytest.raises(StateError, match="no settable column"):
+        db.update_round(n, started_at=7.0)
     with sqlite3.connect(tmp_path / "state.db") as c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     with pytest.raises(StateError, match="newer"):

@@ -40,7 +40,7 @@ MAX_BYTES = 1_000_000  # the tiny models are ~0.6 MB; the oversize one ~1.9 MB
 SETTINGS = {
     "network": NET, "tasks": ["synth-math"], "eval_limit": 2, "test_limit": 2, "max_new_tokens": 4,
     "eval_batch_size": 4, "max_model_bytes": MAX_BYTES, "fetch_retries": 1, "fetch_timeout": 5.0,
-    "round_interval": 0.0, "refresh_period": 30.0, "evolve_evaluations": 3, "evolve_population": 2,
+    "round_interval": 0.0, "refresh_period": 30.0, "evolve": {"budget": {"evaluations": 3}, "population": 2},
 }
 
 
@@ -178,28 +178,28 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
     cfg = _config(net, net["root"] / "coord-data", merge=False)
     with Coordinator(cfg) as coord:
         row = coord.run_round()
-        assert row["state"] == "verified" and row["number"] == 1
+        assert row.state == "verified" and row.number == 1
         db = coord.db
         v = {name: db.verdict(c.manifest.hash) for name, c in peers.items()}
-        assert v["math"]["admitted"] and v["math"]["reason"] == "admitted"
-        assert v["code"] is None and db.fetch(peers["code"].manifest.hash)["status"] == "failed"
-        assert not v["pickle"]["admitted"] and "safetensors" in v["pickle"]["reason"]
-        assert not v["nan"]["admitted"] and "NaN" in v["nan"]["reason"]
-        assert "model.layers" in v["nan"]["reason"]  # names the tensor
-        assert not v["huge"]["admitted"] and v["huge"]["reason"].startswith("too large")
-        assert not v["corrupt"]["admitted"] and "do not match the manifest" in v["corrupt"]["reason"]
+        assert v["math"].admitted and v["math"].reason == "admitted"
+        assert v["code"] is None and db.fetch(peers["code"].manifest.hash).status == "failed"
+        assert not v["pickle"].admitted and "safetensors" in v["pickle"].reason
+        assert not v["nan"].admitted and "NaN" in v["nan"].reason
+        assert "model.layers" in v["nan"].reason  # names the tensor
+        assert not v["huge"].admitted and v["huge"].reason.startswith("too large")
+        assert not v["corrupt"].admitted and "do not match the manifest" in v["corrupt"].reason
         # nothing unverified enters the store, and rejected bytes are dropped (the store is served)
         assert coord.store.list() == [peers["math"].manifest.hash]
 
         # self-reported 0.99 is shown to nobody as a score: ranks use the coordinator's evaluation
         math_hash = peers["math"].manifest.hash
-        own = db.evaluations(next(iter({e["benchmark"] for e in db._all("SELECT benchmark FROM evaluations")})))
-        assert set(own) == {math_hash} and set(own[math_hash]["scores"]) == {"synth-math"}
+        own = db.evaluations(next(iter({e.benchmark for e in db.all_evaluations()})))
+        assert set(own) == {math_hash} and set(own[math_hash].scores) == {"synth-math"}
         scores = peers["code"].records.scores()  # a contributor reads the coordinator's signed record
         assert scores is not None and scores.record.round == 1
         verdicts = scores.record.experts
         assert verdicts[math_hash].admitted and verdicts[math_hash].ranks == {"math": 1}
-        assert verdicts[math_hash].scores == own[math_hash]["scores"]
+        assert verdicts[math_hash].scores == own[math_hash].scores
         assert not verdicts[peers["nan"].manifest.hash].admitted
         assert "not fetched yet" in verdicts[peers["code"].manifest.hash].reason
 
@@ -233,25 +233,25 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     peers["code"].ensure_serving()
     data_dir = net["root"] / "coord-data"
     before = StateDB(data_dir / STATE_DB)
-    math_eval = before._all("SELECT * FROM evaluations")
+    math_eval = before.all_evaluations()
     cfg = _config(net, data_dir, merge=True)
     with Coordinator(cfg) as coord:
         row = coord.run_round()
-        assert row["number"] == 2 and row["state"] == "published", row["reason"]
+        assert row.number == 2 and row.state == "published", row.reason
         db = coord.db
-        assert db._all("SELECT * FROM evaluations WHERE manifest_hash=? AND split='search'",
-                       (peers["math"].manifest.hash,)) == math_eval  # not re-evaluated
-        assert db.verdict(peers["code"].manifest.hash)["admitted"]
+        assert [e for e in db.all_evaluations() if e.manifest_hash == peers["math"].manifest.hash
+                and e.split == "search"] == math_eval  # not re-evaluated
+        assert db.verdict(peers["code"].manifest.hash).admitted
         job = db.round_job(2)
-        assert job["status"] == "done" and job["kind"] == "evolve" and job["pid"] != os.getpid()
-        assert sorted(row["sources"]) == sorted([peers["math"].manifest.hash, peers["code"].manifest.hash])
-        merged = row["merged_hash"]
-        assert coord.store.has(merged) and set(row["scores"]) == {"synth-math"}
+        assert job.status == "done" and job.kind == "evolve" and job.pid != os.getpid()
+        assert sorted(row.sources) == sorted([peers["math"].manifest.hash, peers["code"].manifest.hash])
+        merged = row.merged_hash
+        assert coord.store.has(merged) and set(row.scores) == {"synth-math"}
 
         record = peers["math"].records.merged()  # signed by the coordinator, read by a node
         assert record is not None and record.record.manifest_hash == merged
         assert record.record.address == coord.address and record.record.round == 2
-        assert set(record.record.source_scores) == set(row["sources"])
+        assert set(record.record.source_scores) == set(row.sources)
         providers = peers["math"].records.providers(merged)
         assert [e.record.address for e in providers.values()] == [coord.address]
         # a node fetches it from the coordinator, hash-checked
@@ -265,9 +265,9 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
-        assert row3["state"] == "verified" and "same experts as round 2" in row3["reason"]
+        assert row3.state == "verified" and "same experts as round 2" in row3.reason
         assert db.round_job(3) is None and peers["math"].records.merged().record.round == 2
-        ranks = {(r["domain"], r["rank"]) for r in db.latest_ranks()}
+        ranks = {(r.domain, r.rank) for r in db.latest_ranks()}
         assert ranks == {("math", 1), ("math", 2)}
     # a stopped coordinator no longer serves the model: its provider record is withdrawn
     assert peers["math"].records.providers(merged) == {}
@@ -297,7 +297,7 @@ def test_ctrl_c_to_the_coordinators_group_withdraws_its_provider_record(net):
     """A restarted coordinator serves round 2's model again; Ctrl-C (SIGINT to its process group,
     as a terminal sends it) withdraws that provider record at once, and leaves no DHT process."""
     peers, data_dir = net["peers"], net["root"] / "coord-data"
-    merged = StateDB(data_dir / STATE_DB).last_published_round()["merged_hash"]
+    merged = StateDB(data_dir / STATE_DB).last_published_round().merged_hash
     config_path = net["root"] / "coord-ctrl-c.yaml"
     config_path.write_text(yaml.safe_dump({**SETTINGS, "data_dir": str(data_dir), "key_path": str(net["coord_key"]),
                                            "initial_peers": net["initial_peers"], "merge": True}))
@@ -375,8 +375,8 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
         if proc.poll() is None:
             proc.kill()
     db = StateDB(db_path)
-    assert db.round(1)["state"] == "running" and db.step(1, "evaluate")["status"] == "running"
-    before = {s["name"]: s for s in db.steps(1)}
+    assert db.round(1).state == "running" and db.step(1, "evaluate").status == "running"
+    before = {s.name: s for s in db.steps(1)}
 
     # its DHT process and p2p daemon (recorded beside the state) follow it: none is left running
     # under its identity, or the restart would find the identity taken
@@ -388,12 +388,12 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
         end_orphaned_dht(tmp_path / "data" / DHT_PIDS)
     assert done.returncode == 0, done.stderr[-3000:]
     r = db.round(1)
-    assert r["state"] == "verified" and db.unfinished_round() is None and len(db.rounds()) == 1
-    after = {s["name"]: s for s in db.steps(1)}
+    assert r.state == "verified" and db.unfinished_round() is None and len(db.rounds()) == 1
+    after = {s.name: s for s in db.steps(1)}
     for name in ("discover", "fetch", "admit"):  # finished before the kill: not run again
-        assert after[name]["attempts"] == 1 and after[name]["finished_at"] == before[name]["finished_at"]
-    assert after["evaluate"]["attempts"] == 2 and after["rank"]["status"] == "done"
-    evals = {h: t for h, t, *_ in [(e["manifest_hash"], e["evaluated_at"]) for e in db._all("SELECT * FROM evaluations")]}
+        assert after[name].attempts == 1 and after[name].finished_at == before[name].finished_at
+    assert after["evaluate"].attempts == 2 and after["rank"].status == "done"
+    evals = {e.manifest_hash: e.evaluated_at for e in db.all_evaluations()}
     assert len(evals) == 2 and evals[first[0][0]] == first[0][1]  # the first expert was not re-evaluated
-    rejected = [v for v in db.verdicts().values() if not v["admitted"]]
+    rejected = [v for v in db.verdicts().values() if not v.admitted]
     assert len(rejected) == 4

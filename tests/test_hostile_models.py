@@ -246,15 +246,15 @@ def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[st
     runner, db, store, hashes, records = _round(tmp_path, folders, expert_memory_limit=6 * 2**30,
                                                 model_budget={"max_buffer_bytes": 32 * 2**30})
     row = runner.run()
-    assert row["state"] == "verified", row["reason"]
+    assert row.state == "verified", row.reason
     honest = db.verdict(hashes["honest"])
-    assert honest["admitted"] and honest["reason"] == "admitted", honest["reason"]
+    assert honest.admitted and honest.reason == "admitted", honest.reason
     for name in names:
         v = db.verdict(hashes[name])
-        assert not v["admitted"] and ATTACKS[name][2] in v["reason"], (name, v["reason"])
+        assert not v.admitted and ATTACKS[name][2] in v.reason, (name, v.reason)
     neo = db.verdict(hashes["neo"])
-    assert not neo["admitted"] and "evaluation failed" in neo["reason"], neo["reason"]
-    assert "ran out of its memory limit of 6442450944 bytes" in neo["reason"], neo["reason"]
+    assert not neo.admitted and "evaluation failed" in neo.reason, neo.reason
+    assert "ran out of its memory limit of 6442450944 bytes" in neo.reason, neo.reason
     assert store.list() == [hashes["honest"]]  # rejected bytes are dropped from the served store
     published = records.scores[-1].experts
     assert published[hashes["honest"]].ranks == {"math": 1}
@@ -262,7 +262,7 @@ def test_hostile_experts_are_rejected_and_the_round_goes_on(tiny_models: dict[st
     assert not published[hashes["zero_heads"]].admitted
 
     again = runner.run()  # verdicts are kept: nothing fails the next round either
-    assert again["number"] == row["number"] + 1 and again["state"] == "verified", again["reason"]
+    assert again.number == row.number + 1 and again.state == "verified", again.reason
 
 
 def test_a_worker_past_its_timeout_or_memory_is_the_experts_rejection(tiny_models: dict[str, Path],
@@ -276,21 +276,23 @@ def test_a_worker_past_its_timeout_or_memory_is_the_experts_rejection(tiny_model
 
     from coordinator.config import parse_config
     from coordinator.db import StateDB
+    from coordinator.jobspec import AdmitJob
     from coordinator.round import EXPERTS_DB, ExpertWorkerError, Interrupted, run_in_worker
+    from umm.checkpoints.budget import ModelBudget
 
     cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math"]})
-    spec = {"path": str(tiny_models["base"]), "max_total_bytes": 10**9, "budget": {}}
+    spec = AdmitJob(path=tiny_models["base"], max_total_bytes=10**9, budget=ModelBudget())
     with pytest.raises(ExpertWorkerError, match="admit worker failed: stopped after the job timeout of 0 s"):
-        run_in_worker(cfg, "admit", spec, timeout=0.2)
+        run_in_worker(cfg, spec, timeout=0.2)
     low = parse_config({"data_dir": str(tmp_path / "low"), "tasks": ["synth-math"],
                         "expert_memory_limit": 256 * 2**20})  # torch alone needs more address space
     with pytest.raises(ExpertWorkerError, match="ran out of its memory limit of 268435456 bytes"):
-        run_in_worker(low, "admit", spec, timeout=300)
+        run_in_worker(low, spec, timeout=300)
     stop = threading.Event()
     threading.Timer(1.0, stop.set).start()
     with pytest.raises(Interrupted):
-        run_in_worker(cfg, "admit", spec, timeout=300, stop=stop)
+        run_in_worker(cfg, spec, timeout=300, stop=stop)
     job = StateDB(cfg.data_dir / EXPERTS_DB).job(2)
-    assert job["kind"] == "admit" and job["status"] == "failed" and job["message"] == "stopped with the coordinator"
+    assert job.kind == "admit" and job.status == "failed" and job.message == "stopped with the coordinator"
     with contextlib.suppress(psutil.NoSuchProcess):  # killed (SIGKILL), not left running
-        assert psutil.Process(job["pid"]).wait(timeout=60) == -signal.SIGKILL
+        assert psutil.Process(job.pid).wait(timeout=60) == -signal.SIGKILL

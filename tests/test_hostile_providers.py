@@ -155,6 +155,7 @@ class _Providers:
 def test_a_round_fetches_past_slow_providers_into_quarantine_and_admission_promotes(tiny_models, tmp_path, request):
     from coordinator.db import StateDB
     from coordinator.round import RoundContext, RoundRunner
+    from coordinator.steps import DiscoverStep, RoundResults
 
     folders = {}
     for name in ("math", "code"):
@@ -174,13 +175,13 @@ def test_a_round_fetches_past_slow_providers_into_quarantine_and_admission_promo
     store = ModelStore(config.data_dir)
     runner = RoundRunner(RoundContext(config=config, db=db, store=store,
                                       records=_Providers({hashes["math"]: [honest_address]}), address=""))
-    results = {"discover": {"experts": sorted(hashes.values())}}
-    results["fetch"] = runner.step_fetch(1, results)
-    assert results["fetch"]["fetched"] == [hashes["math"]] and results["fetch"]["failed"] == [hashes["code"]]
-    assert "too slow" in db.fetch(hashes["code"])["error"]  # recorded; retried next round
+    results = RoundResults(discover=DiscoverStep(experts=sorted(hashes.values())))
+    results.fetch = runner.step_fetch(1, results)
+    assert results.fetch.fetched == [hashes["math"]] and results.fetch.failed == [hashes["code"]]
+    assert "too slow" in db.fetch(hashes["code"]).error  # recorded; retried next round
     assert store.quarantined(hashes["math"]) and store.list() == []  # not served before admission
     admitted = runner.step_admit(1, results)
-    assert admitted["admitted"] == [hashes["math"]] and store.list() == [hashes["math"]]
+    assert admitted.admitted == [hashes["math"]] and store.list() == [hashes["math"]]
     assert not store.quarantined(hashes["math"])
 
 
