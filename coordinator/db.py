@@ -227,7 +227,7 @@ class JobRow(_Row):
 
 R = TypeVar("R", bound=_Row)
 
-#: columns a caller may set on a round or a job, with the JSON-encoded ones
+#: the columns a caller may set on a round (``sources`` and ``scores`` are stored as JSON) or a job
 _ROUND_FIELDS = frozenset(RoundRow.model_fields) - {"number", "started_at"}
 _JOB_FIELDS = frozenset({"status", "progress", "message", "pid"})
 
@@ -250,6 +250,7 @@ def _result(cls: type[BaseModel], text: str) -> Any:
     """A JSON result column: None before the result is written."""
     value = json.loads(text) if text else None
     return None if not value else cls.model_validate(value)
+
 
 class StateDB:
     """Typed access to ``state.db``: every read returns frozen rows (see module docstring)."""
