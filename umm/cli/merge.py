@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
 from umm.cli.common import user_errors
+from umm.speedups import import_frozen, tune_allocator
 
 
 def register(app: typer.Typer) -> None:
@@ -33,29 +33,6 @@ def merge_command(
         _merge(recipe, out_dir, device, threads, shard_size, overwrite, seed, dry_run)
 
 
-def _import_quietly() -> None:
-    """Import torch and the merge modules without cyclic-GC passes, then freeze what they made.
-
-    Importing torch creates about a million objects that live until exit; the collector's
-    passes over them during the import and again at interpreter shutdown cost about as much CPU
-    as a small merge. ``gc.freeze`` moves them out of its sight (the pattern the ``gc`` docs give
-    for long-lived start-up objects). Done only when this process has not imported torch yet.
-    """
-    import gc
-
-    if "torch" in sys.modules:
-        return
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import umm.merge.executor  # noqa: F401 - torch, the methods, the checkpoint reader/writer
-        import umm.merge.recipe  # noqa: F401
-    finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-
 def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: str, overwrite: bool,
            seed: int | None, dry_run: bool) -> None:
     from umm.errors import UmmError
@@ -67,7 +44,8 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         raise UmmError("--threads must be >= 0")
     if not recipe.is_file():
         raise UmmError(f"recipe file not found: {recipe}")
-    _import_quietly()
+    # torch, the methods, the checkpoint reader/writer: see umm.speedups.import_frozen
+    import_frozen("umm.merge.executor", "umm.merge.recipe")
     from umm.merge.recipe import MergeRecipe
 
     rec = MergeRecipe.load(recipe)
@@ -76,7 +54,7 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         _dry_run(rec, out_dir, overwrite, shard_size)
         return
 
-    from umm.merge.executor import merge, tune_allocator
+    from umm.merge.executor import merge
 
     tune_allocator()
     s = merge(

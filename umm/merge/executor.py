@@ -82,30 +82,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def tune_allocator() -> bool:
-    """Make glibc keep freed blocks of up to 32 MiB for reuse instead of returning them to the OS.
-
-    A merge allocates and frees the same few buffer sizes thousands of times; with glibc's
-    defaults each large buffer is a fresh ``mmap`` whose pages fault in (and are zeroed) again,
-    which doubled the system time of a merge. Process-wide, so only the CLI calls it. Returns
-    whether the settings were applied (False off glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1
-        ok &= libc.mallopt(m_trim_threshold, 256 * 2**20) == 1
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (bytes)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
