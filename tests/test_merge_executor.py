@@ -21,7 +21,9 @@ from umm.checkpoints.errors import (
 from umm.checkpoints.writer import CheckpointWriteError, OutputExistsError
 from umm.errors import UmmError
 from umm.merge import MergeRecipe, get_method, tensor_generator
-from umm.merge.executor import merge, merge_state_dict, open_inputs
+from umm.merge.disk import merge
+from umm.merge.inputs import open_inputs
+from umm.merge.run import merge_state_dict
 
 # Per-method recipe parameters (per model, global), chosen so every code path does real work.
 METHOD_PARAMS: dict[str, tuple[dict, dict]] = {
@@ -366,7 +368,7 @@ def _quantised_expert(base: Path, dst: Path, seed: int) -> Path:
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_sparsified_methods_are_merged_in_prepared_row_blocks_exactly(method, tiny_models, tmp_path):
-    from umm.merge.executor import plan_jobs
+    from umm.merge.plan import plan_jobs
 
     experts = [_quantised_expert(tiny_models["base"], tmp_path / f"q{i}", seed=i) for i in range(2)]
     recipe = recipe_for(method, tiny_models["base"], experts, parameters={"rescale": True})

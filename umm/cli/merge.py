@@ -45,7 +45,7 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
     if not recipe.is_file():
         raise UmmError(f"recipe file not found: {recipe}")
     # torch, the methods, the checkpoint reader/writer: see umm.speedups.import_frozen
-    import_frozen("umm.merge.executor", "umm.merge.recipe")
+    import_frozen("umm.merge.disk", "umm.merge.recipe")
     from umm.merge.recipe import MergeRecipe
 
     rec = MergeRecipe.load(recipe)
@@ -54,7 +54,7 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         _dry_run(rec, out_dir, overwrite, shard_size)
         return
 
-    from umm.merge.executor import merge
+    from umm.merge.disk import merge
 
     tune_allocator()
     s = merge(
@@ -77,7 +77,7 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
 
 def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:
     from umm.checkpoints.writer import TensorSpec, check_output_dir, parse_size, plan_shards
-    from umm.merge.executor import open_inputs
+    from umm.merge.inputs import open_inputs
     from umm.ui import console, human_bytes, table
 
     check_output_dir(out_dir, overwrite)

@@ -6,7 +6,10 @@
   resolution for one tensor, with mergekit's precedence.
 - :mod:`umm.merge.recipe`: the recipe YAML (mergekit's schema).
 - :mod:`umm.merge.genome`: the typed layer-group × model × parameter set the CMA-ES search writes.
-- :mod:`umm.merge.executor`: the streaming executor (``umm merge``).
+- the streaming executor (``umm merge``), one module per concern: :mod:`umm.merge.dtypes`,
+  :mod:`umm.merge.inputs` (open and check the models), :mod:`umm.merge.plan` (jobs and their
+  memory), :mod:`umm.merge.schedule` (the thread pool), :mod:`umm.merge.run` (jobs into a sink;
+  in memory) and :mod:`umm.merge.disk` (to a model folder).
 """
 
 from umm.merge.genome import Genome
