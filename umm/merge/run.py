@@ -112,6 +112,40 @@ def _select(jobs: list[Job], inputs: MergeInputs, names: Iterable[str] | None) -
     return [j for j in jobs if j.name in wanted]
 
 
+class _Runner:
+    """Runs the jobs of one :func:`merge_tensors` call (from worker threads): a prepare job
+    publishes its tensor's state, the tensor's block jobs wait for it; once ``stop`` is set
+    (an error elsewhere) jobs not yet begun do nothing."""
+
+    def __init__(self, inputs: MergeInputs, jobs: list[Job], sink: Sink, device: torch.device,
+                 seed: int, check_finite: bool) -> None:
+        self.inputs, self.sink, self.device = inputs, sink, device
+        self.seed, self.check_finite = seed, check_finite
+        self.stop = threading.Event()
+        # prepared state of each tensor split after a prepare job (set by it, read by its blocks)
+        self.states: dict[str, Future] = {j.name: Future() for j in jobs if j.kind == "prepare"}
+
+    def __call__(self, job: Job) -> None:
+        """Run ``job``: publish a tensor's state, or merge a block into the sink."""
+        if job.kind == "prepare":
+            self._prepare(job)
+        elif not self.stop.is_set():
+            state = self.states[job.name].result() if job.uses_state else None
+            block = _run_merge(self.inputs, job, self.device, self.seed, self.check_finite, state)
+            self.sink(job.name, job.start or 0, block)
+
+    def _prepare(self, job: Job) -> None:
+        """Compute and publish the tensor's state; its block jobs get the error if it fails."""
+        fut = self.states[job.name]
+        try:
+            if self.stop.is_set():
+                raise UmmError("merge stopped before this tensor was prepared")
+            fut.set_result(_run_prepare(self.inputs, job, self.device))
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+
+
 def merge_tensors(
     inputs: MergeInputs,
     sink: Sink,
@@ -136,27 +170,7 @@ def merge_tensors(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UmmError("--device cuda asked for but CUDA is not available; use --device cpu")
     jobs = _select(plan_jobs(inputs, chunk_bytes), inputs, names)
-    stop = threading.Event()
-    # prepared state of each tensor split after a prepare job (set by that job, read by its blocks)
-    states: dict[str, Future] = {j.name: Future() for j in jobs if j.kind == "prepare"}
-
-    def prepare(job: Job) -> None:
-        fut = states[job.name]
-        try:
-            if stop.is_set():
-                raise UmmError("merge stopped before this tensor was prepared")
-            fut.set_result(_run_prepare(inputs, job, dev))
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-
-    def work(job: Job) -> None:
-        if job.kind == "prepare":
-            prepare(job)
-        elif not stop.is_set():
-            state = states[job.name].result() if job.uses_state else None
-            sink(job.name, job.start or 0, _run_merge(inputs, job, dev, seed, check_finite, state))
-
+    runner = _Runner(inputs, jobs, sink, dev, seed, check_finite)
     done: set[str] = set()
 
     def finished(job: Job) -> None:
@@ -164,7 +178,7 @@ def merge_tensors(
         if on_progress is not None:
             on_progress(job.out_bytes)
 
-    run_jobs(jobs, work, workers=default_workers(threads), stop=stop, on_done=finished,
+    run_jobs(jobs, runner, workers=default_workers(threads), stop=runner.stop, on_done=finished,
              memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
     return len(done)
 

@@ -17,14 +17,14 @@ from typing import Protocol, TypeVar
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
 
 
-class Sized(Protocol):
+class Estimated(Protocol):
     """What the scheduler needs of a job: its estimated peak working memory."""
 
     @property
     def est_bytes(self) -> int: ...
 
 
-J = TypeVar("J", bound=Sized)
+J = TypeVar("J", bound=Estimated)
 
 
 class _Budget:
