@@ -11,6 +11,7 @@ umm's modules are byte-compiled first, as mergekit's were when pip installed the
     python bench/bench_merge.py                      # both methods, 1 run each
     python bench/bench_merge.py --repeat 3           # best and spread of 3 runs
     python bench/bench_merge.py --mergekit-yaml /tmp/mergekit-venv/bin/mergekit-yaml
+    UMM_SPEEDUPS=0 python bench/bench_merge.py       # umm without its speed tricks (umm.speedups)
 
 mergekit is skipped with a message when its executable is missing (create it with
 ``python3 -m venv /tmp/mergekit-venv && /tmp/mergekit-venv/bin/pip install torch==2.13.0 &&

@@ -13,20 +13,20 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("code, status, err", [("3", 3, ""), ("None", 0, ""), ("'bad thing'", 1, "bad thing")])
-def test_exit_quickly_runs_atexit_flushes_and_keeps_the_status(code, status, err):
-    proc = _run("import atexit, sys; from umm.cli import exit_quickly; "
+def test_fast_exit_runs_atexit_flushes_and_keeps_the_status(code, status, err):
+    proc = _run("import atexit, sys; from umm.speedups import fast_exit; "
                 "atexit.register(lambda: print('atexit ran')); "
-                f"sys.stdout.write('buffered '); exit_quickly({code})")
+                f"sys.stdout.write('buffered '); fast_exit({code})")
     assert proc.returncode == status
     assert proc.stdout == "buffered atexit ran\n"
     assert err in proc.stderr
 
 
-def test_exit_quickly_waits_for_running_non_daemon_threads(tmp_path):
+def test_fast_exit_waits_for_running_non_daemon_threads(tmp_path):
     marker = tmp_path / "done"
-    proc = _run("import threading, time; from umm.cli import exit_quickly; "
+    proc = _run("import threading, time; from umm.speedups import fast_exit; "
                 f"t = threading.Thread(target=lambda: (time.sleep(0.5), open({str(marker)!r}, 'w').close())); "
-                "t.start(); exit_quickly(0)")
+                "t.start(); fast_exit(0)")
     assert proc.returncode == 0 and marker.exists()
 
 

@@ -21,7 +21,9 @@ from umm.checkpoints.errors import (
 from umm.checkpoints.writer import CheckpointWriteError, OutputExistsError
 from umm.errors import UmmError
 from umm.merge import MergeRecipe, get_method, tensor_generator
-from umm.merge.executor import merge, merge_state_dict, open_inputs
+from umm.merge.disk import merge
+from umm.merge.inputs import open_inputs
+from umm.merge.run import merge_state_dict
 
 # Per-method recipe parameters (per model, global), chosen so every code path does real work.
 METHOD_PARAMS: dict[str, tuple[dict, dict]] = {
@@ -101,7 +103,7 @@ def test_every_method_matches_whole_tensor_merge_and_loads(method, tiny_models, 
     recipe = recipe_for(method, tiny_models["base"], [tiny_models["math"], tiny_models["code"]])
     out = tmp_path / "merged"
     # tiny blocks and two threads: element-wise methods are merged in many row blocks out of order
-    s = merge(recipe, out, threads=2, chunk_bytes=1024, show_progress=False, seed=3)
+    s = merge(recipe, out, threads=2, chunk_bytes=1024, seed=3)
     got, want = _load(out), reference_merge(recipe, seed=3)
     assert set(got) == set(want) and s.num_tensors == len(want)
     for name in want:
@@ -116,7 +118,7 @@ def test_output_folder_contents_shards_index_and_dtype(tiny_models, tmp_path):
     recipe = recipe_for("ties", tiny_models["base"], [tiny_models["math"], tiny_models["code"]],
                         out_dtype="bfloat16")
     out = tmp_path / "merged"
-    s = merge(recipe, out, shard_size="40KB", show_progress=False)
+    s = merge(recipe, out, shard_size="40KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert s.shards == len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -153,7 +155,7 @@ def test_linear_with_base_listed_and_in_memory_merge_equal_disk(tiny_models, tmp
                    {"model": str(tiny_models["code"]), "parameters": {"weight": 0.2}}],
         "parameters": {"weight": 0.5},
     })
-    merge(recipe, tmp_path / "m", show_progress=False, chunk_bytes=2048)
+    merge(recipe, tmp_path / "m", chunk_bytes=2048)
     got = _load(tmp_path / "m")
     mem = merge_state_dict(recipe, threads=2)
     models = [_load(tiny_models[k]) for k in ("math", "code", "base")]
@@ -185,10 +187,10 @@ def test_missing_and_truncated_shard_refused_before_any_output(tiny_models, tmp_
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) - 100])
     with pytest.raises(CorruptCheckpointError, match=shards[1].name):
-        merge(recipe, tmp_path / "out", show_progress=False)
+        merge(recipe, tmp_path / "out")
     shards[1].unlink()
     with pytest.raises(CheckpointError, match=shards[1].name):
-        merge(recipe, tmp_path / "out", show_progress=False)
+        merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -198,7 +200,7 @@ def test_shape_mismatch_names_tensor_and_both_models(tiny_models, tmp_path):
     wide = make_random_llama(tmp_path / "wide", seed=4, vocab_size=400)  # same tokenizer, bigger embedding
     recipe = recipe_for("task_arithmetic", tiny_models["base"], [tiny_models["math"], wide])
     with pytest.raises(IncompatibleCheckpointsError) as exc:
-        merge(recipe, tmp_path / "out", show_progress=False)
+        merge(recipe, tmp_path / "out")
     msg = str(exc.value)
     assert ("embed_tokens" in msg or "lm_head" in msg) and "(400, 64)" in msg and "(384, 64)" in msg
     assert str(tiny_models["base"]) in msg and str(wide) in msg
@@ -214,10 +216,10 @@ def test_different_tokenizers_point_to_fusion(tiny_models, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     recipe = recipe_for("ties", tiny_models["base"], [tiny_models["math"], other])
     with pytest.raises(IncompatibleCheckpointsError, match="fuse"):
-        merge(recipe, tmp_path / "out", show_progress=False)
+        merge(recipe, tmp_path / "out")
     union = recipe_for("ties", tiny_models["base"], [tiny_models["math"], tiny_models["code"]],
                        tokenizer_source="union")
-    merge(union, tmp_path / "union", show_progress=False)  # identical tokenizers: union is fine
+    merge(union, tmp_path / "union")  # identical tokenizers: union is fine
     assert (tmp_path / "union" / "tokenizer.json").is_file()
 
 
@@ -235,7 +237,7 @@ def test_nan_input_refused_naming_tensor_and_model(tiny_models, tmp_path):
     bad = _nan_model(tiny_models["code"], tmp_path / "nan-model", name)
     recipe = recipe_for("linear", tiny_models["base"], [tiny_models["math"], bad])
     with pytest.raises(NonFiniteTensorError) as exc:
-        merge(recipe, tmp_path / "out", show_progress=False, chunk_bytes=1024)
+        merge(recipe, tmp_path / "out", chunk_bytes=1024)
     assert name in str(exc.value) and str(bad) in str(exc.value)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
@@ -250,7 +252,7 @@ def test_nonfinite_input_refused_by_result_and_input_screens(method, value, tiny
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     recipe = recipe_for(method, tiny_models["base"], [tiny_models["math"], bad])
     with pytest.raises(NonFiniteTensorError) as exc:
-        merge(recipe, tmp_path / "out", show_progress=False, chunk_bytes=1024)
+        merge(recipe, tmp_path / "out", chunk_bytes=1024)
     assert name in str(exc.value) and str(bad) in str(exc.value)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
@@ -266,7 +268,7 @@ def test_finite_inputs_whose_block_sum_overflows_are_merged(tiny_models, tmp_pat
         save_file(tensors, m / "model.safetensors", metadata={"format": "pt"})
         models.append(m)
     recipe = recipe_for("linear", tiny_models["base"], models)
-    merge(recipe, tmp_path / "out", show_progress=False)
+    merge(recipe, tmp_path / "out")
     got = _load(tmp_path / "out")[name]
     assert torch.equal(got, reference_merge(recipe)[name]) and torch.isfinite(got).all()
 
@@ -275,12 +277,12 @@ def test_unknown_method_and_parameter_list_valid_ones(tiny_models, tmp_path):
     base, math = str(tiny_models["base"]), str(tiny_models["math"])
     with pytest.raises(UmmError, match="ties") as exc:
         merge(MergeRecipe.from_dict({"merge_method": "tise", "base_model": base, "models": [{"model": math}]}),
-              tmp_path / "out", show_progress=False)
+              tmp_path / "out")
     assert "linear" in str(exc.value)
     bad_param = MergeRecipe.from_dict({"merge_method": "ties", "base_model": base,
                                        "models": [{"model": math, "parameters": {"weight": 1, "densty": 0.5}}]})
     with pytest.raises(UmmError, match="densty") as exc:
-        merge(bad_param, tmp_path / "out", show_progress=False)
+        merge(bad_param, tmp_path / "out")
     assert "density" in str(exc.value)
     assert not (tmp_path / "out").exists()
 
@@ -291,16 +293,16 @@ def test_existing_output_refused_unless_overwrite(tiny_models, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        merge(recipe, out, show_progress=False)
+        merge(recipe, out)
     assert (out / "keep.txt").read_text() == "mine"
-    merge(recipe, out, overwrite=True, show_progress=False)
+    merge(recipe, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_disk_write_failure_leaves_no_output_and_overwrite_keeps_old(tiny_models, tmp_path, monkeypatch):
     recipe = recipe_for("linear", tiny_models["base"], [tiny_models["math"], tiny_models["code"]])
     old = tmp_path / "old"
-    merge(recipe, old, show_progress=False)
+    merge(recipe, old)
     before = (old / "model.safetensors").read_bytes()
 
     real, calls = os.pwrite, {"n": 0}
@@ -313,18 +315,18 @@ def test_disk_write_failure_leaves_no_output_and_overwrite_keeps_old(tiny_models
 
     monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(CheckpointWriteError, match="No space left"):
-        merge(recipe, tmp_path / "new", show_progress=False, chunk_bytes=1024)
+        merge(recipe, tmp_path / "new", chunk_bytes=1024)
     assert not (tmp_path / "new").exists()
     calls["n"] = 0
     with pytest.raises(CheckpointWriteError):
-        merge(recipe, old, overwrite=True, show_progress=False, chunk_bytes=1024)
+        merge(recipe, old, overwrite=True, chunk_bytes=1024)
     monkeypatch.undo()
     assert (old / "model.safetensors").read_bytes() == before
     # a failed overwrite for another reason (NaN input) keeps the old output too
     bad = _nan_model(tiny_models["code"], tmp_path / "nan-model", "model.norm.weight")
     with pytest.raises(NonFiniteTensorError):
         merge(recipe_for("linear", tiny_models["base"], [tiny_models["math"], bad]), old,
-              overwrite=True, show_progress=False)
+              overwrite=True)
     assert (old / "model.safetensors").read_bytes() == before
     assert _leftovers(tmp_path) == []
 
@@ -332,11 +334,11 @@ def test_disk_write_failure_leaves_no_output_and_overwrite_keeps_old(tiny_models
 def test_missing_model_folder_and_cuda_without_gpu(tiny_models, tmp_path):
     recipe = recipe_for("linear", tiny_models["base"], [tmp_path / "nowhere"])
     with pytest.raises(UmmError, match="nowhere"):
-        merge(recipe, tmp_path / "out", show_progress=False)
+        merge(recipe, tmp_path / "out")
     if not torch.cuda.is_available():
         ok = recipe_for("linear", tiny_models["base"], [tiny_models["math"]])
         with pytest.raises(UmmError, match="CUDA"):
-            merge(ok, tmp_path / "out", device="cuda", show_progress=False)
+            merge(ok, tmp_path / "out", device="cuda")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -366,7 +368,7 @@ def _quantised_expert(base: Path, dst: Path, seed: int) -> Path:
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_sparsified_methods_are_merged_in_prepared_row_blocks_exactly(method, tiny_models, tmp_path):
-    from umm.merge.executor import plan_jobs
+    from umm.merge.plan import plan_jobs
 
     experts = [_quantised_expert(tiny_models["base"], tmp_path / f"q{i}", seed=i) for i in range(2)]
     recipe = recipe_for(method, tiny_models["base"], experts, parameters={"rescale": True})
@@ -379,7 +381,7 @@ def test_sparsified_methods_are_merged_in_prepared_row_blocks_exactly(method, ti
     assert embed[0].kind == "prepare" and len(embed) > 3  # a prepare job, then its row blocks
     assert all(j.uses_state and j.kind == "merge" for j in embed[1:])
     # blocks of 16 rows (1024 entries): ties at each model's cut straddle block boundaries
-    s = merge(recipe, tmp_path / "out", threads=2, chunk_bytes=4096, show_progress=False)
+    s = merge(recipe, tmp_path / "out", threads=2, chunk_bytes=4096)
     got, want = _load(tmp_path / "out"), reference_merge(recipe)
     assert s.num_tensors == len(want)
     for name in want:

@@ -7,15 +7,13 @@ transformers, hivemind) inside its command functions, so ``umm --help`` stays fa
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
-import threading
 from typing import NoReturn
 
 import typer
 
 from umm.errors import UmmError
+from umm.speedups import fast_exit
 from umm.ui import err_console, setup_logging
 
 app = typer.Typer(
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def console_main() -> NoReturn:
-    """Entry point of the ``umm`` console script: :func:`main`, then :func:`exit_quickly`.
+    """Entry point of the ``umm`` console script: :func:`main`, then :func:`umm.speedups.fast_exit`.
 
     SIGTERM is handled as Ctrl-C (:func:`umm.cli.common.sigterm_as_interrupt`: partial outputs
     are removed); the exit status is then 143 (128 + SIGTERM), as a shell reports a killed job.
@@ -73,35 +71,4 @@ def console_main() -> NoReturn:
             code = exc.code
     if received:
         code = 128 + received[0]
-    exit_quickly(code)
-
-
-def exit_quickly(code: int | str | None) -> NoReturn:
-    """End the process as ``sys.exit(code)`` would, without tearing down the interpreter.
-
-    Once torch is imported, Python's own teardown (destroying every module and the objects
-    they hold) takes 0.1-0.2 s, as long as a small merge's disk writes. Everything a program
-    may rely on at exit still happens: ``atexit`` handlers run (logging's flush,
-    multiprocessing's and temporary folders' clean-up) and stdout/stderr are flushed. Falls back
-    to ``sys.exit`` while a non-daemon thread runs (Python would wait for it). Not for use
-    inside a process that goes on running code (tests, notebooks).
-    """
-    main_thread = threading.main_thread()
-    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
-        sys.exit(code)
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:  # sys.exit("message") prints the message and exits with 1
-        print(code, file=sys.stderr)
-        status = 1
-    try:
-        atexit._run_exitfuncs()  # logging registers its flush here too
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(status & 0xFF)
+    fast_exit(code)

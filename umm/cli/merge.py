@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from umm.cli.common import user_errors
+from umm.speedups import import_frozen, tune_allocator
 
 
 def register(app: typer.Typer) -> None:
@@ -33,29 +36,6 @@ def merge_command(
         _merge(recipe, out_dir, device, threads, shard_size, overwrite, seed, dry_run)
 
 
-def _import_quietly() -> None:
-    """Import torch and the merge modules without cyclic-GC passes, then freeze what they made.
-
-    Importing torch creates about a million objects that live until exit; the collector's
-    passes over them during the import and again at interpreter shutdown cost about as much CPU
-    as a small merge. ``gc.freeze`` moves them out of its sight (the pattern the ``gc`` docs give
-    for long-lived start-up objects). Done only when this process has not imported torch yet.
-    """
-    import gc
-
-    if "torch" in sys.modules:
-        return
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import umm.merge.executor  # noqa: F401 - torch, the methods, the checkpoint reader/writer
-        import umm.merge.recipe  # noqa: F401
-    finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
-
-
 def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: str, overwrite: bool,
            seed: int | None, dry_run: bool) -> None:
     from umm.errors import UmmError
@@ -67,7 +47,8 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         raise UmmError("--threads must be >= 0")
     if not recipe.is_file():
         raise UmmError(f"recipe file not found: {recipe}")
-    _import_quietly()
+    # torch, the methods, the checkpoint reader/writer: see umm.speedups.import_frozen
+    import_frozen("umm.merge.disk", "umm.merge.recipe")
     from umm.merge.recipe import MergeRecipe
 
     rec = MergeRecipe.load(recipe)
@@ -76,13 +57,14 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         _dry_run(rec, out_dir, overwrite, shard_size)
         return
 
-    from umm.merge.executor import merge, tune_allocator
+    from umm.merge.disk import merge
 
     tune_allocator()
-    s = merge(
-        rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
-        overwrite=overwrite, show_progress=True, seed=seed,
-    )
+    with _progress_bar(f"merge ({rec.merge_method})") as on_progress:
+        s = merge(
+            rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
+            overwrite=overwrite, on_progress=on_progress, seed=seed,
+        )
     rows = [
         ("output", str(s.out_dir)),
         ("method", s.method),
@@ -97,9 +79,29 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
     console.print(table("umm merge", ["", ""], rows))
 
 
+@contextmanager
+def _progress_bar(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A bytes progress bar on stderr, fed by the merge's ``on_progress``; opened at the first
+    block (when the total is known), closed on leaving."""
+    from umm.ui import progress
+
+    bars: list[Any] = []
+
+    def advance(n: int, total: int) -> None:
+        if not bars:
+            bars.append(progress(total=total, desc=desc, unit="B", unit_scale=True))
+        bars[0].update(n)
+
+    try:
+        yield advance
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:
     from umm.checkpoints.writer import TensorSpec, check_output_dir, parse_size, plan_shards
-    from umm.merge.executor import open_inputs
+    from umm.merge.inputs import open_inputs
     from umm.ui import console, human_bytes, table
 
     check_output_dir(out_dir, overwrite)

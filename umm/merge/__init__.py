@@ -1,12 +1,16 @@
 """Model merging: pure tensor methods, mergekit-compatible recipes, layer-wise parameters, genome.
 
-- :mod:`umm.merge.methods`: one module per method (linear, task_arithmetic, ties, dare_linear,
-  dare_ties, slerp, breadcrumbs, breadcrumbs_ties, della, della_linear) and the registry.
+- :mod:`umm.merge.methods`: linear, slerp, the task-arithmetic family (task_arithmetic, ties,
+  dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear: one table of
+  variants over one engine) and the registry.
 - :mod:`umm.merge.params`: parameter values (scalars, gradients, filter rules) and their
   resolution for one tensor, with mergekit's precedence.
 - :mod:`umm.merge.recipe`: the recipe YAML (mergekit's schema).
 - :mod:`umm.merge.genome`: the typed layer-group × model × parameter set the CMA-ES search writes.
-- :mod:`umm.merge.executor`: the streaming executor (``umm merge``).
+- the streaming executor (``umm merge``), one module per concern: :mod:`umm.merge.dtypes`,
+  :mod:`umm.merge.inputs` (open and check the models), :mod:`umm.merge.plan` (jobs and their
+  memory), :mod:`umm.merge.schedule` (the thread pool), :mod:`umm.merge.run` (jobs into a sink;
+  in memory) and :mod:`umm.merge.disk` (to a model folder).
 """
 
 from umm.merge.genome import Genome

@@ -1,4 +1,8 @@
-"""Merge methods: pure functions over tensors, one module each (see :mod:`.registry`)."""
+"""Merge methods: pure functions over tensors (see :mod:`.registry`).
+
+``linear`` and ``slerp`` have a module each; the task-arithmetic family is one table of variants
+(:mod:`.variants`) over one engine (:mod:`.gta`).
+"""
 
 from umm.merge.methods.registry import (
     METHODS,

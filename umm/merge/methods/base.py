@@ -74,6 +74,12 @@ class MergeMethod:
     propagates_nonfinite: bool = False
     summary: str = ""
     reference_url: str = ""
+    #: The method's formula and defaults; also its ``__doc__``, so ``help`` tools show it.
+    doc: str = field(default="", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.doc:
+            object.__setattr__(self, "__doc__", self.doc)
 
     @property
     def param_names(self) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Generalised task arithmetic: the engine behind task_arithmetic, TIES, DARE, breadcrumbs, DELLA.
+"""Generalised task arithmetic: the engine behind the family in :mod:`.variants` (TIES, DARE, ...).
 
 Formula (mergekit's ``GeneralizedTaskArithmeticMerge``), for base θ₀ and models θ₁..θₙ with
 per-model ``weight`` wᵢ and ``density``::

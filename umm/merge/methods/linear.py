@@ -70,4 +70,5 @@ LINEAR = MergeMethod(
     propagates_nonfinite=True,
     summary="weighted average of the models",
     reference_url="https://arxiv.org/abs/2203.05482",
+    doc=__doc__ or "",
 )

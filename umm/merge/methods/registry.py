@@ -1,7 +1,9 @@
 """All merge methods by name, and the per-tensor random generator.
 
-``METHODS`` maps mergekit's method names to :class:`MergeMethod` records; :func:`get_method`
-raises a :class:`~umm.errors.UmmError` listing the valid names for an unknown one.
+``METHODS`` maps mergekit's method names to :class:`MergeMethod` records: ``linear``, the
+task-arithmetic family (one table, :mod:`.variants`) and ``slerp``; each record's ``__doc__`` is
+its formula. :func:`get_method` raises a :class:`~umm.errors.UmmError` listing the valid names
+for an unknown one.
 """
 
 from __future__ import annotations
@@ -11,33 +13,13 @@ from types import MappingProxyType
 
 from umm.errors import UmmError
 from umm.merge.methods.base import MergeMethod, MergeParameterError, tensor_generator
-from umm.merge.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
-from umm.merge.methods.dare import DARE_LINEAR, DARE_TIES
-from umm.merge.methods.della import DELLA, DELLA_LINEAR
 from umm.merge.methods.linear import LINEAR
 from umm.merge.methods.slerp import SLERP
-from umm.merge.methods.task_arithmetic import TASK_ARITHMETIC
-from umm.merge.methods.ties import TIES
+from umm.merge.methods.variants import FAMILY
 
 __all__ = ["METHODS", "MergeMethod", "MergeParameterError", "UnknownMethodError", "get_method", "tensor_generator"]
 
-METHODS: Mapping[str, MergeMethod] = MappingProxyType(
-    {
-        m.name: m
-        for m in (
-            LINEAR,
-            TASK_ARITHMETIC,
-            TIES,
-            DARE_LINEAR,
-            DARE_TIES,
-            SLERP,
-            BREADCRUMBS,
-            BREADCRUMBS_TIES,
-            DELLA,
-            DELLA_LINEAR,
-        )
-    }
-)
+METHODS: Mapping[str, MergeMethod] = MappingProxyType({m.name: m for m in (LINEAR, *FAMILY, SLERP)})
 
 
 class UnknownMethodError(UmmError):

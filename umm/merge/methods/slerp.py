@@ -72,4 +72,5 @@ SLERP = MergeMethod(
     fn=_slerp,
     summary="spherical interpolation between the base (t=0) and one model (t=1)",
     reference_url="https://en.wikipedia.org/wiki/Slerp",
+    doc=__doc__ or "",
 )
