@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
 from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
@@ -317,9 +318,7 @@ def write_config(folder: str | os.PathLike[str], *, network: str = "umm", overwr
         )
     parse_config({"network": network})  # validate the name before writing anything
     text = CONFIG_TEMPLATE.format(network=network, key_name=KEY_NAME)
-    tmp = config_path.with_name(f".{CONFIG_NAME}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, config_path)
+    write_text_atomic(config_path, text)
     if key_path.exists():
         key_path.chmod(0o600)
     save_key(generate_key(), key_path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -18,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from umm.atomic import write_json_atomic, write_text_atomic
 from umm.eval.sandbox import SandboxLimits
 from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
 from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
@@ -78,24 +77,11 @@ class EvalResult:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_json_atomic(path, self.to_dict(), indent=2, trailing_newline=True)
 
     def write_samples(self, path: str | Path) -> Path:
         lines = [json.dumps({"task": t, **asdict(r)}) for t, recs in self.samples.items() for r in recs]
-        return _atomic_write(Path(path), "".join(line + "\n" for line in lines))
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _aggregate(task: Task, split: str, per_item: dict[str, list[bool]], seconds: float,

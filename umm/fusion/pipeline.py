@@ -22,10 +22,7 @@ template, and stage 3 warns when ``auto`` gives the models different layouts.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 from umm.fusion.settings import TrainingSettings
 
@@ -365,17 +363,6 @@ def output_is_complete(output: Path) -> bool:
     return (output / RECIPE_NAME).is_file() and (output / "config.json").is_file()
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_fuse(
     cfg: FuseConfig,
     *,
@@ -450,7 +437,7 @@ def run_fuse(
             ms = ModelScores(path.name, str(path), role, scorer(path, cfg.eval.tasks, "test", cfg.eval.test_limit))
             result.test.append(ms)
         echo(results_table(result, cfg.eval.tasks))
-    _atomic_json(cfg.output / REPORT_NAME, result.to_dict())
+    write_json_atomic(cfg.output / REPORT_NAME, result.to_dict(), indent=1)
     return result
 
 
