@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from umm import configfile
 from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
@@ -169,19 +169,9 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
 
 
 def load_config(path: str | os.PathLike[str]) -> CoordinatorConfig:
-    """Read and validate a coordinator YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CoordinatorConfigError(
-            f"cannot read coordinator config {path}: {e.strerror}; create one with `umm-coordinator init`"
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CoordinatorConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
+    """Read and validate a coordinator YAML file (relative paths: against its folder)."""
+    return configfile.load_config(path, parse_config, CoordinatorConfigError,
+                                  missing_hint="; create one with `umm-coordinator init`")
 
 
 CONFIG_TEMPLATE = """\
