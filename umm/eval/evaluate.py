@@ -204,6 +204,49 @@ def evaluate(
     return result
 
 
+def evaluate_folder(
+    path: str | Path,
+    tasks: Sequence[Task | str],
+    *,
+    split: EvalSplit = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_new_tokens: int | None = None,
+    chat_template: bool | None = None,
+    sandbox_workers: int = 2,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
+
+    ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
+    checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
+    returning. ``result.meta["model"]`` is ``path``.
+    """
+    import torch
+
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+
+    dev = resolve_device(device)
+    model = load_causal_lm(path, device=dev, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    try:
+        result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
+                          device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
+                          sandbox_workers=sandbox_workers, num_samples=num_samples, temperature=temperature,
+                          show_progress=show_progress)
+    finally:
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    result.meta["model"] = str(path)
+    return result
+
+
 def score_completions(
     task: Task | str,
     completions: Iterable[dict[str, Any]],

@@ -202,25 +202,14 @@ Echo = Callable[..., None]
 
 
 def make_scorer(settings: EvalSettings, device: str, *, show_progress: bool = True) -> Scorer:
-    """The default scorer: load the folder (safetensors, no remote code) and run :func:`umm.eval.evaluate`."""
+    """The default scorer: :func:`umm.eval.evaluate_folder` with ``settings`` on ``device``."""
 
     def score(path: Path, tasks: Sequence[str], split: str, limit: int | None) -> dict[str, tuple[float, float, float, int]]:
-        import torch
+        from umm.eval import evaluate_folder
 
-        from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
-        from umm.eval import evaluate
-
-        dev = resolve_device(device)
-        model = load_causal_lm(path, device=dev)
-        tokenizer = load_tokenizer(path)
-        try:
-            res = evaluate(model, tokenizer, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
-                           batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                           show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
-        finally:
-            del model
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+        res = evaluate_folder(path, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
+                              batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                              device=device, show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
         return {t: (s.score, s.ci_low, s.ci_high, s.n) for t, s in res.scores.items()}
 
     return score
