@@ -67,7 +67,7 @@ def eval_command(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: per task, when the tokenizer has one)."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Completions per item (needs --temperature > 0); gives pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
-    workers: int = typer.Option(2, "--workers", help="Sandboxed programs run in parallel (code tasks)."),
+    workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
@@ -79,9 +79,15 @@ def eval_command(
         _run(EvalOptions(
             model=model, tasks=tuple(t.strip() for t in task.split(",") if t.strip()), split=split, limit=limit,
             seed=seed, data=data, output=output, samples=samples, completions=completions, device=device,
-            dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, workers=workers,
+            dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, workers=_workers(workers),
             threads=threads, num_samples=num_samples, temperature=temperature,
         ))
+
+
+def _workers(workers: int | None) -> int:
+    from umm.eval.sandbox import DEFAULT_WORKERS
+
+    return DEFAULT_WORKERS if workers is None else workers
 
 
 def _list_tasks() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from umm.atomic import write_json_atomic, write_text_atomic
-from umm.eval.sandbox import SandboxLimits
+from umm.eval.sandbox import DEFAULT_WORKERS, SandboxLimits
 from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
 from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
 from umm.ui import progress
@@ -134,7 +134,7 @@ def evaluate(
     device: Any = None,
     max_new_tokens: int | None = None,
     show_progress: bool = True,
-    sandbox_workers: int = 2,
+    sandbox_workers: int = DEFAULT_WORKERS,
     chat_template: bool | None = None,
     num_threads: int | None = None,
     sandbox_limits: SandboxLimits | None = None,
@@ -216,7 +216,7 @@ def evaluate_folder(
     dtype: str | None = None,
     max_new_tokens: int | None = None,
     chat_template: bool | None = None,
-    sandbox_workers: int = 2,
+    sandbox_workers: int = DEFAULT_WORKERS,
     num_samples: int = 1,
     temperature: float = 0.0,
     show_progress: bool = True,
@@ -252,7 +252,7 @@ def score_completions(
     completions: Iterable[dict[str, Any]],
     *,
     split: EvalSplit | None = None,
-    sandbox_workers: int = 2,
+    sandbox_workers: int = DEFAULT_WORKERS,
     ks: Sequence[int] = (1, 10, 100),
     show_progress: bool = True,
     sandbox_limits: SandboxLimits | None = None,

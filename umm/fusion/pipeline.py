@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from umm import configfile
 from umm.atomic import write_json_atomic
 from umm.errors import UmmError
+from umm.eval.sandbox import DEFAULT_WORKERS
 from umm.fusion.settings import TrainingSettings
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class EvalSettings(_Strict):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     max_new_tokens: int | None = Field(None, ge=1)
-    sandbox_workers: int = Field(2, ge=1)
+    sandbox_workers: int = Field(DEFAULT_WORKERS, ge=1)
 
 
 class FuseConfig(_Strict):
