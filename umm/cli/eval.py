@@ -67,7 +67,7 @@ def eval_command(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: per task, when the tokenizer has one)."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Completions per item (needs --temperature > 0); gives pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
-    workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's)."),
+    workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's default)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
