@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic_core import to_jsonable_python
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
+from umm import configfile
+from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
 from umm.evolve.config import Budget, EvolveConfig, TaskSpec
@@ -304,19 +306,9 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
 
 
 def load_config(path: str | os.PathLike[str]) -> CoordinatorConfig:
-    """Read and validate a coordinator YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CoordinatorConfigError(
-            f"cannot read coordinator config {path}: {e.strerror}; create one with `umm-coordinator init`"
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CoordinatorConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
+    """Read and validate a coordinator YAML file (relative paths: against its folder)."""
+    return configfile.load_config(path, parse_config, CoordinatorConfigError,
+                                  missing_hint="; create one with `umm-coordinator init`")
 
 
 _TEMPLATE_HEADER = """\
@@ -368,9 +360,7 @@ def write_config(folder: str | os.PathLike[str], *, network: str = "umm", overwr
             "pass --force to overwrite (a new key changes the coordinator's identity)"
         )
     text = config_template(parse_config({"network": network}))  # validates the name before writing anything
-    tmp = config_path.with_name(f".{CONFIG_NAME}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, config_path)
+    write_text_atomic(config_path, text)
     if key_path.exists():
         key_path.chmod(0o600)
     save_key(generate_key(), key_path)

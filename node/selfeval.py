@@ -35,15 +35,12 @@ def self_evaluate(
     show_progress: bool = True,
 ) -> dict[str, float]:
     """Score of ``model_dir`` per task on the ``test`` split (``limit`` items each)."""
-    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
-    from umm.eval import evaluate
+    from umm.eval import evaluate_folder
 
     if not tasks:
         return {}
-    model = load_causal_lm(model_dir, device=device)
-    tokenizer = load_tokenizer(model_dir)
-    result = evaluate(model, tokenizer, list(tasks), split="test", limit=limit, seed=seed, device=device,
-                      show_progress=show_progress)
+    result = evaluate_folder(model_dir, list(tasks), split="test", limit=limit, seed=seed, device=device,
+                             show_progress=show_progress)
     scores = {name: float(s.score) for name, s in result.scores.items()}
     logger.info("self-evaluation of %s: %s", model_dir, scores)
     return scores

@@ -103,3 +103,20 @@ def test_default_threads_leave_the_sandbox_workers_their_cores(tiny_models: dict
         assert r.exit_code == 2 and "--threads" in r.output
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluate_folder_is_what_the_cli_and_the_node_score(tiny_models: dict[str, Path]) -> None:
+    """One "load a folder and evaluate it": the same scores as loading by hand, and the node's hint."""
+    from node.selfeval import self_evaluate
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+    from umm.eval import evaluate, evaluate_folder
+
+    folder = tiny_models["base"]
+    got = evaluate_folder(folder, ["synth-math"], split="test", limit=2, device="cpu", show_progress=False)
+    by_hand = evaluate(load_causal_lm(folder, device="cpu"), load_tokenizer(folder), ["synth-math"], split="test",
+                       limit=2, show_progress=False)
+    assert got.meta["model"] == str(folder) and got.meta["split"] == "test"
+    assert [r.output for r in got.samples["synth-math"]] == [r.output for r in by_hand.samples["synth-math"]]
+    assert got.score("synth-math") == by_hand.score("synth-math")
+    assert self_evaluate(folder, ["synth-math"], limit=2, device="cpu", show_progress=False) == {
+        "synth-math": got.score("synth-math")}

@@ -78,7 +78,9 @@ def test_config_file_resolves_relative_models_and_overrides(tmp_path) -> None:  
     (tmp_path / "m1").mkdir()
     (tmp_path / "cfg.yaml").write_text("models: [m1, elsewhere]\ntasks: [synth-math]\n")
     cfg = load_config(tmp_path / "cfg.yaml", optimizer="random")
-    assert cfg.models == [str((tmp_path / "m1").resolve()), "elsewhere"] and cfg.optimizer == "random"
+    # one path rule: relative to the config's folder, whether or not the folder exists yet
+    assert cfg.models == [str((tmp_path / "m1").resolve()), str((tmp_path / "elsewhere").resolve())]
+    assert cfg.optimizer == "random"
     (tmp_path / "bad.yaml").write_text("models: [a\n")
     with pytest.raises(EvolveConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from umm.atomic import fsync_dir, fsync_file
 from umm.errors import UmmError
 from umm.partials import partial_path, remove_stale_partials
 
@@ -243,19 +244,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _reserve(fd: int, size: int) -> None:
     """Give the file its final size; allocate the blocks when the filesystem can, so a full disk
     fails now rather than in the middle of the merge."""
@@ -456,12 +444,8 @@ class CheckpointWriter:
             self._close_fds()
             for p in self.tmp_dir.iterdir():
                 if p.is_file() and p.suffix != ".safetensors":
-                    fd = os.open(p, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            _fsync_dir(self.tmp_dir)
+                    fsync_file(p)
+            fsync_dir(self.tmp_dir)
             self._publish()
         except OSError as exc:
             raise CheckpointWriteError(f"finishing the output {self.out_dir} failed: {exc}") from exc
@@ -482,7 +466,7 @@ class CheckpointWriter:
             if old is not None:
                 os.rename(old, self.out_dir)
             raise
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         if old is not None:
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)

@@ -156,13 +156,12 @@ def config_overrides(
     """
     import copy
 
-    import yaml
-
+    from umm.configfile import read_yaml
     from umm.errors import UmmError
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = read_yaml(Path(path), UmmError)
+    except UmmError:
         data = None
     if not isinstance(data, dict):
         if sets or suite:

@@ -8,13 +8,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from umm.cli.common import user_errors
 
+if TYPE_CHECKING:  # the CLI imports the library lazily, so `umm --help` stays fast
+    from umm.eval.evaluate import EvalResult
+    from umm.eval.task import Task
 
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``umm eval`` was asked to do (its arguments and flags, as typed values)."""
+
+    model: Path | None
+    tasks: tuple[str, ...]
+    split: str | None
+    limit: int | None
+    seed: int
+    data: Path | None
+    output: Path | None
+    samples: Path | None
+    completions: Path | None
+    device: str
+    dtype: str
+    batch_size: int
+    max_new_tokens: int | None
+    chat: bool | None
+    workers: int
+    threads: int | None
+    num_samples: int
+    temperature: float
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +67,7 @@ def eval_command(
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: per task, when the tokenizer has one)."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Completions per item (needs --temperature > 0); gives pass@k."),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
-    workers: int = typer.Option(2, "--workers", help="Sandboxed programs run in parallel (code tasks)."),
+    workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's default)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
@@ -48,8 +76,18 @@ def eval_command(
         if list_:
             _list_tasks()
             return
-        _run(model, task, split, limit, seed, data, output, samples, completions, device, dtype, batch_size,
-             max_new_tokens, chat, workers, threads, num_samples, temperature)
+        _run(EvalOptions(
+            model=model, tasks=tuple(t.strip() for t in task.split(",") if t.strip()), split=split, limit=limit,
+            seed=seed, data=data, output=output, samples=samples, completions=completions, device=device,
+            dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, workers=_workers(workers),
+            threads=threads, num_samples=num_samples, temperature=temperature,
+        ))
+
+
+def _workers(workers: int | None) -> int:
+    from umm.eval.sandbox import DEFAULT_WORKERS
+
+    return DEFAULT_WORKERS if workers is None else workers
 
 
 def _list_tasks() -> None:
@@ -69,60 +107,68 @@ def _list_tasks() -> None:
     console.print(table("umm eval tasks", ["task", "domain", "kind", "search", "test", "description"], rows))
 
 
-def _run(model, task, split, limit, seed, data, output, samples, completions, device, dtype, batch_size,
-         max_new_tokens, chat, workers, threads, num_samples, temperature) -> None:
-    from umm.errors import UmmError
-    from umm.eval.task import get_task, read_jsonl
+def _run(o: EvalOptions) -> None:
+    from umm.eval.task import get_task
 
-    names = [t.strip() for t in task.split(",") if t.strip()]
-    if not names:
-        raise UmmError("give at least one task with --task (see umm eval --list)")
-    if split is not None and split not in ("search", "test"):
-        raise UmmError(f"unknown --split {split!r}; use search or test")
-    if limit is not None and limit < 1:
-        raise UmmError("--limit must be >= 1")
-    if batch_size < 1:
-        raise UmmError("--batch-size must be >= 1")
-    if num_samples < 1 or temperature < 0:
-        raise UmmError("--num-samples must be >= 1 and --temperature >= 0")
-    if num_samples > 1 and temperature == 0:
-        raise UmmError("--num-samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
-    if data is not None and len(names) > 1:
-        raise UmmError("--data applies to one task; evaluate tasks with their own data files one at a time")
-    tasks = [get_task(n, data) for n in names]
+    _check(o)
+    tasks = [get_task(n, o.data) for n in o.tasks]
     for t in tasks:
         t.all_samples()  # bad data fails now, before a model is loaded
-
-    if completions is not None:
-        if model is not None:
-            raise UmmError("give either MODEL or --completions, not both")
-        if len(tasks) != 1:
-            raise UmmError("--completions scores one task at a time")
-        if limit is not None:
-            raise UmmError("--limit does not apply to --completions (every completion given is scored)")
-        from umm.eval.evaluate import score_completions
-
-        recs = read_jsonl(completions, ("task_id", "completion"))
-        result = score_completions(tasks[0], recs, split=split, sandbox_workers=workers)
-    else:
-        if model is None:
-            raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
-        from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
-        from umm.cli.common import set_threads
-        from umm.eval.evaluate import evaluate
-
-        set_threads(threads, sandbox_workers=workers)
-        dev = resolve_device(device)
-        lm = load_causal_lm(model, device=dev, dtype=dtype)
-        tok = load_tokenizer(model)
-        result = evaluate(lm, tok, tasks, split=split or "test", limit=limit, seed=seed, batch_size=batch_size, device=dev,
-                          max_new_tokens=max_new_tokens, chat_template=chat, sandbox_workers=workers,
-                          num_samples=num_samples, temperature=temperature)
-        result.meta["model"] = str(model)
-    _report(result, output, samples)
+    result = _score_completions(o, tasks) if o.completions is not None else _score_model(o, tasks)
+    _report(result, o.output, o.samples)
 
 
-def _report(result, output: Path | None, samples: Path | None) -> None:
+def _check(o: EvalOptions) -> None:
+    """The flags' own errors, before any data or model is read."""
+    from umm.errors import UmmError
+
+    if not o.tasks:
+        raise UmmError("give at least one task with --task (see umm eval --list)")
+    if o.split is not None and o.split not in ("search", "test"):
+        raise UmmError(f"unknown --split {o.split!r}; use search or test")
+    if o.limit is not None and o.limit < 1:
+        raise UmmError("--limit must be >= 1")
+    if o.batch_size < 1:
+        raise UmmError("--batch-size must be >= 1")
+    if o.num_samples < 1 or o.temperature < 0:
+        raise UmmError("--num-samples must be >= 1 and --temperature >= 0")
+    if o.num_samples > 1 and o.temperature == 0:
+        raise UmmError("--num-samples > 1 needs --temperature > 0 (greedy decoding repeats itself)")
+    if o.data is not None and len(o.tasks) > 1:
+        raise UmmError("--data applies to one task; evaluate tasks with their own data files one at a time")
+
+
+def _score_completions(o: EvalOptions, tasks: list[Task]) -> EvalResult:
+    from umm.errors import UmmError
+    from umm.eval.evaluate import score_completions
+    from umm.eval.task import read_jsonl
+
+    assert o.completions is not None
+    if o.model is not None:
+        raise UmmError("give either MODEL or --completions, not both")
+    if len(tasks) != 1:
+        raise UmmError("--completions scores one task at a time")
+    if o.limit is not None:
+        raise UmmError("--limit does not apply to --completions (every completion given is scored)")
+    recs = read_jsonl(o.completions, ("task_id", "completion"))
+    return score_completions(tasks[0], recs, split=o.split, sandbox_workers=o.workers)  # type: ignore[arg-type]
+
+
+def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
+    from umm.cli.common import set_threads
+    from umm.errors import UmmError
+    from umm.eval.evaluate import evaluate_folder
+
+    if o.model is None:
+        raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
+    set_threads(o.threads, sandbox_workers=o.workers)
+    return evaluate_folder(o.model, tasks, split=o.split or "test", limit=o.limit, seed=o.seed,  # type: ignore[arg-type]
+                           batch_size=o.batch_size, device=o.device, dtype=o.dtype, max_new_tokens=o.max_new_tokens,
+                           chat_template=o.chat, sandbox_workers=o.workers, num_samples=o.num_samples,
+                           temperature=o.temperature)
+
+
+def _report(result: EvalResult, output: Path | None, samples: Path | None) -> None:
     from umm.ui import console, table
 
     rows = []

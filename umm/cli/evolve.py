@@ -9,10 +9,6 @@ import typer
 
 from umm.cli.common import user_errors
 
-#: sandboxed programs run in parallel when a code task is scored (``umm.eval.evaluate``'s default)
-EVAL_SANDBOX_WORKERS = 2
-
-
 def register(app: typer.Typer) -> None:
     """Add ``umm evolve`` to the ``umm`` app."""
 
@@ -26,7 +22,7 @@ def register(app: typer.Typer) -> None:
         layer_granularity: Optional[int] = typer.Option(None, "--layer-granularity", help="Layers per gene group: overrides the config."),
         suite: Optional[str] = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
         set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: budget.evaluations=9): overrides the config. Repeatable."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the 2 sandbox workers, at least 1)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
         with user_errors():
@@ -35,6 +31,7 @@ def register(app: typer.Typer) -> None:
 
 def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads) -> None:  # noqa: ANN001
     from umm.cli.common import config_overrides, set_threads
+    from umm.eval.sandbox import DEFAULT_WORKERS
     from umm.evolve.config import load_config
     from umm.evolve.run import default_run_dir, run_evolve
     from umm.ui import console
@@ -43,7 +40,7 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity))
                  if v is not None})
     cfg = load_config(config, **over)
-    n_threads = set_threads(threads, sandbox_workers=EVAL_SANDBOX_WORKERS)
+    n_threads = set_threads(threads, sandbox_workers=DEFAULT_WORKERS)  # what scoring a code task runs
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
                   f"{n_threads} torch thread(s)", highlight=False)

@@ -5,10 +5,11 @@ Public API::
 
     get_task(name, data=None) -> Task          list_tasks() -> list[str]
     evaluate(model, tokenizer, tasks, *, split="search", limit=None, seed=0, batch_size=16, ...)
+    evaluate_folder(path, tasks, *, split="test", device=None, dtype=None, ...) -> EvalResult
     score_completions(task, completions) -> EvalResult
 """
 
-from umm.eval.evaluate import EvalResult, SampleRecord, TaskScore, evaluate, score_completions
+from umm.eval.evaluate import EvalResult, SampleRecord, TaskScore, evaluate, evaluate_folder, score_completions
 from umm.eval.task import EvalError, Sample, Task, get_task, list_tasks, register_task
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "Task",
     "TaskScore",
     "evaluate",
+    "evaluate_folder",
     "get_task",
     "list_tasks",
     "register_task",

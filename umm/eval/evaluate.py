@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -18,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from umm.eval.sandbox import SandboxLimits
+from umm.atomic import write_json_atomic, write_text_atomic
+from umm.eval.sandbox import DEFAULT_WORKERS, SandboxLimits
 from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
 from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
 from umm.ui import progress
@@ -78,24 +77,11 @@ class EvalResult:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        return _atomic_write(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_json_atomic(path, self.to_dict(), indent=2, trailing_newline=True)
 
     def write_samples(self, path: str | Path) -> Path:
         lines = [json.dumps({"task": t, **asdict(r)}) for t, recs in self.samples.items() for r in recs]
-        return _atomic_write(Path(path), "".join(line + "\n" for line in lines))
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _aggregate(task: Task, split: str, per_item: dict[str, list[bool]], seconds: float,
@@ -148,7 +134,7 @@ def evaluate(
     device: Any = None,
     max_new_tokens: int | None = None,
     show_progress: bool = True,
-    sandbox_workers: int = 2,
+    sandbox_workers: int = DEFAULT_WORKERS,
     chat_template: bool | None = None,
     num_threads: int | None = None,
     sandbox_limits: SandboxLimits | None = None,
@@ -218,12 +204,55 @@ def evaluate(
     return result
 
 
+def evaluate_folder(
+    path: str | Path,
+    tasks: Sequence[Task | str],
+    *,
+    split: EvalSplit = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_new_tokens: int | None = None,
+    chat_template: bool | None = None,
+    sandbox_workers: int = DEFAULT_WORKERS,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
+
+    ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
+    checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
+    returning. ``result.meta["model"]`` is ``path``.
+    """
+    import torch
+
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+
+    dev = resolve_device(device)
+    model = load_causal_lm(path, device=dev, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    try:
+        result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
+                          device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
+                          sandbox_workers=sandbox_workers, num_samples=num_samples, temperature=temperature,
+                          show_progress=show_progress)
+    finally:
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    result.meta["model"] = str(path)
+    return result
+
+
 def score_completions(
     task: Task | str,
     completions: Iterable[dict[str, Any]],
     *,
     split: EvalSplit | None = None,
-    sandbox_workers: int = 2,
+    sandbox_workers: int = DEFAULT_WORKERS,
     ks: Sequence[int] = (1, 10, 100),
     show_progress: bool = True,
     sandbox_limits: SandboxLimits | None = None,

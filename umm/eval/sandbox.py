@@ -65,6 +65,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
+#: sandboxed programs run in parallel by default (the one owner of this default: evaluation,
+#: ``umm eval --workers``, the thread count the CLIs leave them, fuse's ``eval.sandbox_workers``)
+DEFAULT_WORKERS = 2
 _TAIL = 2000
 
 
@@ -249,7 +252,7 @@ def run_program(code: str, limits: SandboxLimits | None = None, tests: str | Non
 def run_programs(
     programs: Sequence[str],
     limits: SandboxLimits | None = None,
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     on_done: Callable[[int, ExecResult], None] | None = None,
     tests: Sequence[str | None] | None = None,
 ) -> list[ExecResult]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from umm.errors import UmmError
-from umm.eval.sandbox import ExecResult, SandboxLimits, run_programs
+from umm.eval.sandbox import DEFAULT_WORKERS, ExecResult, SandboxLimits, run_programs
 from umm.eval.splits import eval_split_of
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Task(ABC):
         samples: Sequence[Sample],
         outputs: Sequence[str],
         *,
-        sandbox_workers: int = 2,
+        sandbox_workers: int = DEFAULT_WORKERS,
         limits: SandboxLimits | None = None,
         on_done: Callable[[int], None] | None = None,
     ) -> list[tuple[str | None, bool]]:

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from umm import configfile
 from umm.errors import UmmError
 
 #: Default search bounds per method parameter (``weight`` may exceed 1 only if widened here).
@@ -157,67 +157,28 @@ class EvolveConfig(_Frozen):
         return 4 + int(3 * math.log(max(dimension, 1)))
 
 
-def _valid_keys(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields)
-
-
 _SECTIONS: dict[str, type[BaseModel]] = {"": EvolveConfig, "budget": Budget, "tasks": TaskSpec}
-
-
-def _explain(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid evolve config {source}:"]
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        where = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            section = next((p for p in reversed(loc[:-1]) if p in _SECTIONS), "")
-            lines.append(
-                f"  unknown key '{where}'; valid keys here: {_valid_keys(_SECTIONS[section])}"
-            )
-        else:
-            lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
+#: the keys that hold paths (read by the path rule of :mod:`umm.configfile`)
+_PATH_KEYS = ("models", "base_model")
 
 
 def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> EvolveConfig:
-    """Validate a mapping into an :class:`EvolveConfig`; relative model paths are resolved against
-    ``base_dir`` when they exist there. Raises :class:`EvolveConfigError` with every problem listed."""
+    """Validate a mapping into an :class:`EvolveConfig`; relative paths (models, base model, start
+    recipe) are relative to ``base_dir``, the config file's folder. Raises :class:`EvolveConfigError`
+    with every problem listed."""
     if not isinstance(data, dict):
         raise EvolveConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
-    data = dict(data)
+    data = configfile.resolve_paths(data, _PATH_KEYS, base_dir)
     if "tasks" in data and isinstance(data["tasks"], list):
         data["tasks"] = [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]
-
-    def _resolve(p: Any) -> Any:
-        if not isinstance(p, str):
-            return p
-        if p.startswith("~"):
-            return str(Path(p).expanduser())
-        if base_dir is not None and not Path(p).is_absolute() and (base_dir / p).exists():
-            return str((base_dir / p).resolve())
-        return p
-
-    if isinstance(data.get("models"), list):
-        data["models"] = [_resolve(m) for m in data["models"]]
-    if "base_model" in data:
-        data["base_model"] = _resolve(data["base_model"])
     if isinstance(data.get("start"), str) and data["start"] != "uniform":
-        data["start"] = _resolve(data["start"])
+        data["start"] = configfile.resolve_path(data["start"], base_dir)
     try:
         return EvolveConfig.model_validate(data)
     except ValidationError as exc:
-        raise EvolveConfigError(_explain(exc, source)) from None
+        raise EvolveConfigError(configfile.explain(exc, f"invalid evolve config {source}:", _SECTIONS)) from None
 
 
 def load_config(path: str | Path, **overrides: Any) -> EvolveConfig:
     """Read a YAML config; ``overrides`` (e.g. ``optimizer="random"``) replace top-level keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise EvolveConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise EvolveConfigError(f"{p}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        data.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_config(data, source=str(p), base_dir=p.parent.resolve())
+    return configfile.load_config(path, parse_config, EvolveConfigError, overrides=overrides)

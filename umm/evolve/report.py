@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -27,8 +26,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from umm.atomic import atomic_path, write_json_atomic, write_text_atomic
 from umm.eval.stats import PairedDifference, weighted_mean
-from umm.evolve.state import SearchState, write_json_atomic
+from umm.evolve.state import SearchState, json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +47,22 @@ def objective(scores: dict[str, float], weights: dict[str, float]) -> float:
     return weighted_mean(scores, weights)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_history(run_dir: Path, state: SearchState, gene_names: Sequence[str]) -> Path:
     """Rewrite ``history.jsonl`` from ``state`` (atomic rename)."""
-    path = Path(run_dir) / HISTORY_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for gen in state.generations:
-            for c in gen.candidates:
-                row = {
-                    "generation": c.generation,
-                    "candidate": c.index,
-                    "genome": {n: v for n, v in zip(gene_names, c.x)},
-                    "scores": c.scores,
-                    "fitness": c.fitness if math.isfinite(c.fitness) else None,
-                    "seconds": round(c.seconds, 4),
-                    "apply_seconds": round(c.apply_seconds, 4),
-                }
-                fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return path
+    rows = [
+        {
+            "generation": c.generation,
+            "candidate": c.index,
+            "genome": {n: v for n, v in zip(gene_names, c.x)},
+            "scores": c.scores,
+            "fitness": c.fitness if math.isfinite(c.fitness) else None,
+            "seconds": round(c.seconds, 4),
+            "apply_seconds": round(c.apply_seconds, 4),
+        }
+        for gen in state.generations
+        for c in gen.candidates
+    ]
+    return write_text_atomic(Path(run_dir) / HISTORY_FILE, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def fitness_curves(state: SearchState) -> dict[str, list[float]]:
@@ -90,9 +80,8 @@ def fitness_curves(state: SearchState) -> dict[str, list[float]]:
 
 
 def _save_figure(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")
 
 
 def plot_fitness(
@@ -200,7 +189,7 @@ def load_references(run_dir: Path) -> dict[str, Reference]:
 
 def save_references(run_dir: Path, rows: Sequence[Reference]) -> Path:
     path = Path(run_dir) / REFERENCES_FILE
-    write_json_atomic(path, References(rows=list(rows)).model_dump(mode="json"))
+    write_json_atomic(path, json_safe(References(rows=list(rows)).model_dump(mode="json")))
     return path
 
 
@@ -266,5 +255,5 @@ def write_comparison(run_dir: Path, comparison: Comparison) -> str:
     if commands:
         text += f"\nThe evolved row's scores again:\n\n{commands}"
     write_text_atomic(Path(run_dir) / COMPARISON_MD, text)
-    write_json_atomic(Path(run_dir) / COMPARISON_JSON, comparison.model_dump(mode="json"))
+    write_json_atomic(Path(run_dir) / COMPARISON_JSON, json_safe(comparison.model_dump(mode="json")))
     return md

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from umm.atomic import write_json_atomic, write_text_atomic
 from umm.errors import UmmError
 from umm.eval.stats import PairedDifference, paired_bootstrap_difference
 from umm.evolve.config import EvolveConfig
@@ -46,7 +47,6 @@ from umm.evolve.report import (
     save_references,
     write_comparison,
     write_history,
-    write_text_atomic,
 )
 from umm.evolve.search import Scored, generations_for, run_search
 from umm.evolve.state import (
@@ -54,9 +54,9 @@ from umm.evolve.state import (
     Generation,
     ResumeError,
     SearchState,
+    json_safe,
     load_state,
     save_state,
-    write_json_atomic,
 )
 from umm.evolve.transform import BoxTransform
 
@@ -331,7 +331,7 @@ def prepare_run_dir(run_dir: Path, config: EvolveConfig, resume: bool) -> Search
             f"{run_dir} already holds a search; continue it with --resume or choose another --run-dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / CONFIG_FILE, _config_record(config))
+    write_json_atomic(run_dir / CONFIG_FILE, json_safe(_config_record(config)))
     return None
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
@@ -127,31 +127,21 @@ class SearchState:
             raise ResumeError(f"search state is malformed: {exc}") from None
 
 
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN/Inf; a failed candidate's fitness is stored as null."""
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN/Inf as None: JSON has none; a failed candidate's fitness is stored as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_clean(data), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_state(run_dir: Path, state: SearchState) -> Path:
     """Persist the state (atomically) into ``run_dir``."""
     path = Path(run_dir) / STATE_FILE
-    write_json_atomic(path, state.to_json())
+    write_json_atomic(path, json_safe(state.to_json()))
     logger.debug("saved search state: %d generations, %d evaluations", len(state.generations), state.evaluations)
     return path
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from umm.atomic import write_text_atomic
 from umm.experts.suites import split_records, suite_for_domain
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,7 @@ def instruction_records(mixture: Mapping[str, int], seed: int = 0) -> list[dict[
 def write_instruction_data(path: str | Path, mixture: Mapping[str, int], seed: int = 0) -> Path:
     """Write :func:`instruction_records` as JSONL to ``path`` (via a temporary file and rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     records = instruction_records(mixture, seed)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     logger.info("wrote %d instruction-response records to %s", len(records), path)
     return path

@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from umm.errors import UmmError
+from umm.partials import partial_path, remove_stale_partials
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,9 @@ def write_prebuilt(folder: Path, recipe: Any, name: str, model: Any, tokenizer: 
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    prefix = f".{folder.name}.tmp-"
+    remove_stale_partials(folder.parent, prefix)  # of saves killed outright (SIGKILL) while writing
+    tmp = partial_path(folder.parent, prefix)
     try:
         with transformers_bars_off():
             model.save_pretrained(tmp)

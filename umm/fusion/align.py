@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from umm.atomic import atomic_path
 from umm.errors import UmmError
 from umm.fusion.sparse import SparseDist, merge_duplicates, renormalise
 
@@ -289,11 +290,9 @@ class VocabMap:
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({"src_to_pivot": self.src_to_pivot.astype(np.int64), "how": self.how},
-                  str(tmp), metadata={"method": self.method, "fallback_id": str(self.fallback_id)})
-        tmp.replace(p)
+        with atomic_path(path) as tmp:
+            save_file({"src_to_pivot": self.src_to_pivot.astype(np.int64), "how": self.how},
+                      str(tmp), metadata={"method": self.method, "fallback_id": str(self.fallback_id)})
 
     @classmethod
     def load(cls, path: str | Path) -> VocabMap:

@@ -22,19 +22,18 @@ template, and stage 3 warns when ``auto`` gives the models different layouts.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from umm import configfile
+from umm.atomic import write_json_atomic
 from umm.errors import UmmError
+from umm.eval.sandbox import DEFAULT_WORKERS
 from umm.fusion.settings import TrainingSettings
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class EvalSettings(_Strict):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     max_new_tokens: int | None = Field(None, ge=1)
-    sandbox_workers: int = Field(2, ge=1)
+    sandbox_workers: int = Field(DEFAULT_WORKERS, ge=1)
 
 
 class FuseConfig(_Strict):
@@ -105,56 +104,30 @@ def _same(a: Path, b: Path) -> bool:
         return a == b
 
 
-def _explain(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid fuse config {source}:"]
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        where = ".".join(loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            section = next((p for p in reversed(loc[:-1]) if p in _SECTIONS), "")
-            lines.append(f"  unknown key '{where}'; valid keys here: {', '.join(_SECTIONS[section].model_fields)}")
-        else:
-            lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> FuseConfig:
     """Validate a mapping into a :class:`FuseConfig`.
 
-    Relative paths of models and data are read from ``base_dir`` (the config file's folder) when
-    they exist there, else from the current directory; ``output`` and ``teacher_cache`` are
-    relative to the current directory (outputs never land beside the config, e.g. in the
-    checkout's ``examples/``). Raises :class:`FuseConfigError` listing every problem.
+    Relative paths of models and data are relative to ``base_dir`` (the config file's folder, the
+    path rule of :mod:`umm.configfile`); ``output`` and ``teacher_cache`` are relative to the
+    current directory (outputs never land beside the config, e.g. in the checkout's
+    ``examples/``). Raises :class:`FuseConfigError` listing every problem.
     """
     if not isinstance(data, dict):
         raise FuseConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
-    data = dict(data)
-
-    def existing(p: Any) -> Any:
-        if not isinstance(p, str):
-            return p
-        q = Path(p).expanduser()
-        if base_dir is not None and not q.is_absolute() and (base_dir / q).exists():
-            return str((base_dir / q).resolve())
-        return str(q)
+    if isinstance(data.get("sources"), str):
+        data = {**data, "sources": [data["sources"]]}
+    data = configfile.resolve_paths(data, ("pivot", "sources", "data"), base_dir)
 
     def target(p: Any) -> Any:  # an output: relative to the current directory, never the config's
         return str(Path(p).expanduser().absolute()) if isinstance(p, str) else p
 
-    for key in ("pivot", "data"):
-        if key in data:
-            data[key] = existing(data[key])
-    if isinstance(data.get("sources"), list):
-        data["sources"] = [existing(s) for s in data["sources"]]
-    elif isinstance(data.get("sources"), str):
-        data["sources"] = [existing(data["sources"])]
     for key in ("output", "teacher_cache"):
         if key in data:
             data[key] = target(data[key])
     try:
         cfg = FuseConfig.model_validate(data)
     except ValidationError as exc:
-        raise FuseConfigError(_explain(exc, source)) from None
+        raise FuseConfigError(configfile.explain(exc, f"invalid fuse config {source}:", _SECTIONS)) from None
     n = len(cfg.candidates())
     if cfg.pivot is None and n < 2:
         raise FuseConfigError(f"{source}: with pivot: null, list at least two models under sources "
@@ -166,19 +139,11 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
 
 def load_config(path: str | Path, **overrides: Any) -> FuseConfig:
     """Read a YAML config; ``overrides`` (e.g. ``device="cpu"``, ``output=...``) replace top-level
-    keys when not ``None``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FuseConfigError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise FuseConfigError(f"{p}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        for key, value in overrides.items():
-            if value is not None:
-                data[key] = str(Path(value).resolve()) if key == "output" else value
-    return parse_config(data, source=str(p), base_dir=p.parent.resolve())
+    keys when not ``None`` (an ``output`` given on the command line is relative to the current
+    directory)."""
+    if overrides.get("output") is not None:
+        overrides["output"] = str(Path(overrides["output"]).resolve())
+    return configfile.load_config(path, parse_config, FuseConfigError, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- results
@@ -238,25 +203,14 @@ Echo = Callable[..., None]
 
 
 def make_scorer(settings: EvalSettings, device: str, *, show_progress: bool = True) -> Scorer:
-    """The default scorer: load the folder (safetensors, no remote code) and run :func:`umm.eval.evaluate`."""
+    """The default scorer: :func:`umm.eval.evaluate_folder` with ``settings`` on ``device``."""
 
     def score(path: Path, tasks: Sequence[str], split: str, limit: int | None) -> dict[str, tuple[float, float, float, int]]:
-        import torch
+        from umm.eval import evaluate_folder
 
-        from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
-        from umm.eval import evaluate
-
-        dev = resolve_device(device)
-        model = load_causal_lm(path, device=dev)
-        tokenizer = load_tokenizer(path)
-        try:
-            res = evaluate(model, tokenizer, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
-                           batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                           show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
-        finally:
-            del model
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+        res = evaluate_folder(path, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
+                              batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                              device=device, show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
         return {t: (s.score, s.ci_low, s.ci_high, s.n) for t, s in res.scores.items()}
 
     return score
@@ -365,17 +319,6 @@ def output_is_complete(output: Path) -> bool:
     return (output / RECIPE_NAME).is_file() and (output / "config.json").is_file()
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_fuse(
     cfg: FuseConfig,
     *,
@@ -450,7 +393,7 @@ def run_fuse(
             ms = ModelScores(path.name, str(path), role, scorer(path, cfg.eval.tasks, "test", cfg.eval.test_limit))
             result.test.append(ms)
         echo(results_table(result, cfg.eval.tasks))
-    _atomic_json(cfg.output / REPORT_NAME, result.to_dict())
+    write_json_atomic(cfg.output / REPORT_NAME, result.to_dict(), indent=1)
     return result
 
 

@@ -22,7 +22,6 @@ import bisect
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from umm.atomic import atomic_path, remove_stale_temps, write_json_atomic
 from umm.errors import UmmError
 from umm.fusion.data import InstructionData, TokenizedExample, resolve_layout, tokenize_data
 from umm.ui import human_bytes, progress
@@ -69,12 +69,6 @@ def cache_key(model_manifest: str, data_sha256: str, k: int, max_length: int, la
 
 def _safe_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", path.resolve().name)[:48] or "model"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -220,8 +214,7 @@ def teacher_pass(
         except TeacherCacheError:
             pass  # unfinished: resume below
     target.mkdir(parents=True, exist_ok=True)
-    for stale in target.glob(".*.tmp"):
-        stale.unlink()
+    remove_stale_temps(target)  # of passes killed mid-write; a live concurrent pass keeps its own
 
     tokenized = tokenize_data(tokenizer, data, max_length, resolved)
     index = _resume_index(target, key) or {
@@ -259,10 +252,10 @@ def teacher_pass(
             index["shards"].append(info)
             index["n_tokens"] += info["n_tokens"]
             index["compute_seconds"] += seconds
-            _atomic_write_text(index_path, json.dumps(index, indent=1))
+            write_json_atomic(index_path, index, indent=1)
     bar.close()
     index["complete"] = True
-    _atomic_write_text(index_path, json.dumps(index, indent=1))
+    write_json_atomic(index_path, index, indent=1)
     result = TeacherOutputs(target)
     logger.info(
         "teacher %s: %d response tokens, %s on disk, %.1f bytes/token (a dense fp16 target would be "
@@ -324,8 +317,7 @@ def _write_shard(target: Path, start: int, stop: int,
         "ce": torch.tensor(ces, dtype=torch.float32),
     }
     name = f"shard-{start:08d}-{stop:08d}.safetensors"
-    tmp = target / f".{name}.tmp"
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": str(FORMAT_VERSION)})
-    os.replace(tmp, target / name)
+    with atomic_path(target / name) as tmp:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": str(FORMAT_VERSION)})
     return {"file": name, "start": start, "stop": stop, "n_tokens": offsets[-1],
             "bytes": (target / name).stat().st_size, "sha256": _sha256(target / name)}

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from umm.atomic import write_json_atomic
 from umm.net.errors import NetError
 from umm.net.keys import load_or_create_key
 from umm.net.records import DEFAULT_DHT_TIMEOUT, call_dht, check_network, make_validators
@@ -259,9 +260,7 @@ def record_dht_processes(dht, path: str | os.PathLike[str]) -> None:
     except (psutil.Error, ValueError) as e:
         logger.warning("cannot record the DHT's processes: %s", e)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
+    write_json_atomic(path, entries)
 
 
 def end_orphaned_dht(path: str | os.PathLike[str]) -> int:

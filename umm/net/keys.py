@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
+from umm.atomic import write_bytes_atomic
 from umm.net.errors import KeyFileError
 
 logger = logging.getLogger(__name__)
@@ -42,21 +42,8 @@ def save_key(key, path: str | os.PathLike[str]) -> Path:
     """Write ``key`` to ``path`` as a libp2p identity file (mode 0400), atomically. Returns the path."""
     from hivemind.proto import crypto_pb2
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=".key-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o400)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, blob, mode=0o400)
 
 
 def load_key(path: str | os.PathLike[str]):  # -> RSAPrivateKey

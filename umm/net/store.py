@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from umm.atomic import atomic_path, fsync_dir, fsync_file, write_bytes_atomic
 from umm.checkpoints.errors import CheckpointError
 from umm.checkpoints.manifest import Manifest, build_manifest, list_files, verify_folder
 from umm.net.errors import ModelNotFoundError, StoreError
@@ -53,14 +54,6 @@ def check_hash(manifest_hash: str) -> str:
     return manifest_hash
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tree_usage(folder: Path) -> tuple[float, int]:
     """(latest mtime, total bytes) of the files under ``folder``, links not followed."""
     latest, total = folder.lstat().st_mtime, 0
@@ -71,14 +64,6 @@ def _tree_usage(folder: Path) -> tuple[float, int]:
                 latest = max(latest, st.st_mtime)
                 total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return latest, total
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -156,8 +141,8 @@ class ModelStore:
         if target.exists():  # leftover without a manifest (e.g. a crashed removal): replace it
             shutil.rmtree(target)
         os.rename(src, target)
-        _fsync_dir(self.models_dir)
-        _fsync_dir(self.quarantine_dir)
+        fsync_dir(self.models_dir)
+        fsync_dir(self.quarantine_dir)
         logger.info("model %s admitted into the store", manifest_hash[:12])
         return target
 
@@ -227,9 +212,7 @@ class ModelStore:
         target = folder / MANIFEST_NAME
         raw = manifest.canonical_json()
         if not target.is_file() or target.read_bytes() != raw:
-            tmp = folder / f".{MANIFEST_NAME}.tmp"
-            tmp.write_bytes(raw)
-            os.replace(tmp, target)
+            write_bytes_atomic(target, raw)
         return folder
 
     def commit(self, manifest: Manifest, *, verify: bool = True, quarantine: bool = False) -> Path:
@@ -267,12 +250,12 @@ class ModelStore:
         except CheckpointError as e:
             raise StoreError(f"cannot commit model {h[:12]}: {e}") from e
         for e in manifest.files:
-            _fsync_file(folder / e.path)
+            fsync_file(folder / e.path)
         if target.exists():  # leftover without a manifest (e.g. a crashed removal): replace it
             shutil.rmtree(target)
         os.rename(folder, target)
-        _fsync_dir(area)
-        _fsync_dir(self.partial_dir)
+        fsync_dir(area)
+        fsync_dir(self.partial_dir)
         logger.info("model %s entered %s (%d files, %d bytes)", h[:12], area, len(manifest.files), manifest.total_bytes)
         return target
 
@@ -294,9 +277,8 @@ class ModelStore:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 if out.is_file() and out.stat().st_size == e.size:
                     continue  # from an interrupted earlier import; verified below
-                tmp = out.with_name(f".{out.name}.tmp")
-                shutil.copyfile(src / e.path, tmp)
-                os.replace(tmp, out)
+                with atomic_path(out) as tmp:
+                    shutil.copyfile(src / e.path, tmp)
             try:
                 self.commit(manifest, verify=True)
             except StoreError:
