@@ -6,8 +6,9 @@ and what it does) plus a key pair; ``umm-coordinator run --config FILE`` reads i
 :func:`load_config`. Unknown keys are an error that lists the valid ones. Relative paths resolve
 against the file.
 
-The ``evolve`` and ``fusion`` sections are the library's own settings: :data:`EvolveSettings`
-(the fields of :class:`umm.evolve.config.EvolveConfig` that a round does not decide) and
+The ``evolve`` and ``fusion`` sections are the library's own settings: :class:`EvolveSettings`
+(:class:`umm.evolve.config.EvolveSettings` with the coordinator's defaults; the round decides the
+experts, tasks, device and seed) and
 :class:`umm.fusion.settings.TrainingSettings`; a round's job nests them unchanged
 (:mod:`coordinator.jobspec`).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
 from umm import configfile
@@ -31,6 +32,7 @@ from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
 from umm.evolve.config import Budget, EvolveConfig, TaskSpec
+from umm.evolve.config import EvolveSettings as LibraryEvolveSettings
 from umm.fusion.settings import TrainingSettings
 from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
 from umm.net.addresses import AddressPolicy
@@ -49,25 +51,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-#: the fields of :class:`EvolveConfig` that each round decides, not the ``evolve`` section: the
-#: experts, the coordinator's tasks, device and seed, no comparison table (the coordinator tests
-#: the result itself), and the merged model always written
-ROUND_DECIDES = frozenset({"models", "base_model", "start", "tasks", "device", "seed", "compare", "write_model",
-                           "baselines"})
+class EvolveSettings(LibraryEvolveSettings):
+    """The search of an ``evolve`` round (CMA-ES over merge recipes of compatible experts): the
+    library's :class:`umm.evolve.config.EvolveSettings`, with the coordinator's defaults for
+    ``method`` and ``budget``. The round decides the rest (experts, tasks, device, seed)."""
 
-
-class _EvolveSection(_Strict):
-    """The search of an ``evolve`` round (CMA-ES over merge recipes of compatible experts)."""
-
-    @model_validator(mode="after")
-    def _a_valid_search(self) -> _EvolveSection:
-        """Check the section as :class:`EvolveConfig` would (e.g. ``bounds``), at load, not at the round's job."""
-        try:
-            self.evolve_config(models=["model"], tasks=["task"], search_size=None, test_size=None, device="cpu",
-                               seed=0)
-        except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
-        return self
+    method: str = Field("linear", description="Merge method searched by CMA-ES (linear needs no base model).")
+    budget: Budget = Field(default_factory=lambda: Budget(evaluations=40),
+                           description="Candidates (evaluations) and wall time (seconds) of one search.")
 
     def evolve_config(self, *, models: Sequence[str | os.PathLike[str]], tasks: Sequence[str],
                       search_size: int | None, test_size: int | None, device: str, seed: int) -> EvolveConfig:
@@ -79,19 +70,6 @@ class _EvolveSection(_Strict):
             "tasks": [TaskSpec(name=t, search_size=search_size, test_size=test_size) for t in tasks],
             "compare": False, "write_model": True,
         })
-
-
-#: The ``evolve`` section: :class:`EvolveConfig`'s own fields, less :data:`ROUND_DECIDES`, with
-#: the coordinator's defaults for ``method`` and ``budget``.
-EvolveSettings: type[_EvolveSection] = create_model(  # type: ignore[call-overload]
-    "EvolveSettings",
-    __base__=_EvolveSection,
-    __doc__=_EvolveSection.__doc__,
-    **{name: (f.annotation, f) for name, f in EvolveConfig.model_fields.items() if name not in ROUND_DECIDES}
-    | {"method": (str, Field("linear", description="Merge method searched by CMA-ES (linear needs no base model).")),
-       "budget": (Budget, Field(default_factory=lambda: Budget(evaluations=40),
-                                description="Candidates (evaluations) and wall time (seconds) of one search."))},
-)
 
 
 class FusionSettings(_Strict):
@@ -202,7 +180,7 @@ class CoordinatorConfig(_Strict):
         "DHT records are re-stored every refresh_period seconds and expire after twice that."))
     merge: bool = Field(True, description=(
         "Plan and run a merge (evolve) or fusion job each round; false: only verify and rank."))
-    evolve: EvolveSettings = Field(default_factory=EvolveSettings, description=(  # type: ignore[valid-type]
+    evolve: EvolveSettings = Field(default_factory=EvolveSettings, description=(
         "The merge search for compatible experts: the keys of `umm evolve`'s config (examples/evolve.yaml) "
         "that a round does not decide itself (models, tasks, device, seed are the round's)."))
     fusion: FusionSettings = Field(default_factory=FusionSettings, description=(

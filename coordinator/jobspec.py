@@ -40,7 +40,7 @@ class EvolveJob(_Job):
     device: str
     seed: int
     run_dir: Path
-    settings: EvolveSettings  # type: ignore[valid-type]
+    settings: EvolveSettings
 
 
 class FusionJob(_Job):

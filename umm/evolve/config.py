@@ -78,11 +78,11 @@ class Budget(_Frozen):
 Baseline = Literal["task_arithmetic", "ties", "random"]
 
 
-class EvolveConfig(_Frozen):
-    """Everything a search needs; paths are resolved relative to the config file."""
+class EvolveSettings(_Frozen):
+    """How a search runs, whatever it merges and scores: the method, its genes and bounds, the
+    optimizer and its budget, dtypes. A coordinator's ``evolve`` section is this type; a config
+    file adds what to merge and how to score (:class:`EvolveConfig`)."""
 
-    models: list[str] = Field(min_length=1)
-    base_model: str | None = None
     method: str = "task_arithmetic"
     #: parameters of the method that are searched (default: every per-tensor parameter of the method)
     search_params: list[str] | None = None
@@ -93,30 +93,17 @@ class EvolveConfig(_Frozen):
     #: optional name filters with their own genes (e.g. ``[self_attn, mlp]``)
     filters: list[str] = Field(default_factory=list)
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    #: starting point: ``uniform`` or the path of a recipe YAML
-    start: str = "uniform"
-    tasks: list[TaskSpec] = Field(min_length=1)
     budget: Budget = Field(default_factory=Budget)
     optimizer: Literal["cma", "random"] = "cma"
     #: candidates per generation (``None``: CMA-ES's default 4 + 3 ln(n))
     population: int | None = Field(default=None, ge=2)
     #: initial step size in the unbounded search space (logit units)
     sigma0: float = Field(default=0.7, gt=0)
-    seed: int = 0
-    device: str = "auto"
     #: dtype of the live model and of the precomputed tensors (``float32`` or ``bfloat16``...)
     dtype: str = "float32"
     batch_size: int = Field(default=16, ge=1)
     #: dtype of the written merged model
     out_dtype: str | None = None
-    #: write the merged model of the best recipe into the run folder
-    write_model: bool = True
-    #: score the sources and the baselines on ``test`` for the final table
-    compare: bool = True
-    #: baselines of the final table: untuned task arithmetic (every weight 1), TIES at the
-    #: method's default density (1, as mergekit's), random search with the same budget and seed
-    #: (run only with ``compare``: its result is a row of the final table)
-    baselines: list[Baseline] = Field(default_factory=lambda: ["task_arithmetic", "ties", "random"])
 
     @field_validator("bounds")
     @classmethod
@@ -125,6 +112,27 @@ class EvolveConfig(_Frozen):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ValueError(f"bounds.{name} must be [low, high] with low < high (got [{lo}, {hi}])")
         return v
+
+
+class EvolveConfig(EvolveSettings):
+    """Everything a search needs: its :class:`EvolveSettings`, the models, the tasks of the
+    fitness, and what the run writes; paths are resolved relative to the config file."""
+
+    models: list[str] = Field(min_length=1)
+    base_model: str | None = None
+    #: starting point: ``uniform`` or the path of a recipe YAML
+    start: str = "uniform"
+    tasks: list[TaskSpec] = Field(min_length=1)
+    seed: int = 0
+    device: str = "auto"
+    #: write the merged model of the best recipe into the run folder
+    write_model: bool = True
+    #: score the sources and the baselines on ``test`` for the final table
+    compare: bool = True
+    #: baselines of the final table: untuned task arithmetic (every weight 1), TIES at the
+    #: method's default density (1, as mergekit's), random search with the same budget and seed
+    #: (run only with ``compare``: its result is a row of the final table)
+    baselines: list[Baseline] = Field(default_factory=lambda: ["task_arithmetic", "ties", "random"])
 
     @field_validator("baselines")
     @classmethod
