@@ -131,25 +131,18 @@ def evaluate_spec(config: CoordinatorConfig, path: Path, split: str) -> Evaluate
                        batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, device=config.device)
 
 
-def evaluate_here(spec: dict[str, Any]) -> dict[str, float]:
-    """Scores of the model in ``spec["path"]`` on ``spec["tasks"]``, in this process."""
-    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
-    from umm.eval import evaluate
+def evaluate_here(spec: EvaluateJob) -> dict[str, float]:
+    """Scores of the model folder ``spec.path`` on ``spec.tasks``, in this process; a non-finite
+    score is an error (a hostile model must not poison the ranking)."""
+    from umm.eval import evaluate_folder as score_folder
 
-    path = Path(spec["path"])
-    model = load_causal_lm(path, device=spec["device"])
-    tokenizer = load_tokenizer(path)
-    try:
-        result = evaluate(
-            model, tokenizer, list(spec["tasks"]), split=spec["split"], limit=spec["limit"], seed=spec["seed"],
-            batch_size=spec["batch_size"], max_new_tokens=spec["max_new_tokens"], show_progress=False,
-        )
-    finally:
-        del model
+    result = score_folder(spec.path, list(spec.tasks), split=spec.split, limit=spec.limit,  # type: ignore[arg-type]
+                          seed=spec.seed, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+                          device=spec.device, show_progress=False)
     scores = {name: float(s.score) for name, s in result.scores.items()}
     bad = [n for n, v in scores.items() if not math.isfinite(v)]
     if bad:
-        raise UmmError(f"evaluation of {path} gave non-finite scores on {', '.join(bad)}")
+        raise UmmError(f"evaluation of {spec.path} gave non-finite scores on {', '.join(bad)}")
     return scores
 
 

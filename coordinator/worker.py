@@ -96,7 +96,7 @@ def run_evaluate_job(db: StateDB, job_id: int, spec: EvaluateJob) -> Scores:
     """The coordinator's benchmark on one model folder."""
     from coordinator.round import evaluate_here
 
-    return Scores(scores=evaluate_here(spec.model_dump()))
+    return Scores(scores=evaluate_here(spec))
 
 
 RUNNERS: dict[str, Callable[[StateDB, int, Any], JobResult]] = {
