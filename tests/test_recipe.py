@@ -151,7 +151,7 @@ def test_unknown_keys_list_the_valid_ones():
 def test_bad_yaml_names_the_line(tmp_path: Path):
     bad = tmp_path / "r.yaml"
     bad.write_text("merge_method: ties\nmodels:\n  - model: a\n   parameters: {weight: 1}\n")
-    with pytest.raises(UmmError, match=r"r.yaml line 4"):
+    with pytest.raises(UmmError, match=r"r.yaml, line 4, column \d+: not valid YAML"):
         MergeRecipe.load(bad)
     with pytest.raises(UmmError, match="cannot read recipe"):
         MergeRecipe.load(tmp_path / "missing.yaml")

@@ -43,16 +43,24 @@ def read_yaml(path: Path, error: type[UmmError], *, missing_hint: str = "") -> A
     if not path.is_file():
         raise error(f"config file not found: {path}{missing_hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not valid YAML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_yaml(text, str(path), error)
+
+
+def parse_yaml(text: str, source: str, error: type[UmmError]) -> Any:
+    """The parsed YAML ``text`` (safe loader: plain data only); ``error`` naming ``source`` and the
+    line and column of a syntax error."""
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise error(_yaml_problem(path, exc)) from None
+        raise error(_yaml_problem(source, exc)) from None
 
 
-def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+def _yaml_problem(path: Path | str, exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     if mark is None:

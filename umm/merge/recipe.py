@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from umm import configfile
 from umm.errors import UmmError
 from umm.merge.params import FilterRule, ParamValue, ParameterError, evaluate
 
@@ -102,12 +103,7 @@ class MergeRecipe(BaseModel):
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> MergeRecipe:
         """Parse YAML text; errors name the key path (and the YAML line for syntax errors)."""
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise RecipeError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data = configfile.parse_yaml(text, source, RecipeError)
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'merge_method' and 'models'")
         return cls.from_dict(data, source)
