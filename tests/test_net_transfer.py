@@ -310,37 +310,6 @@ def test_cancel_stops_a_download_and_keeps_its_partial_files(model, manifest, tm
     assert dest.list() == [] and (dest.partial_path(h) / BIG).stat().st_size == 2 * CHUNK
 
 
-def test_chunks_are_parsed_like_protobuf_without_copying_and_malformed_ones_are_bad_data():
-    from umm.net.transfer import _BadData, _parse_chunk
-
-    for offset, data in [(0, b""), (5, b"abc"), (2**63 + 7, bytes(range(256)) * 300)]:
-        raw = pb.FileChunk(offset=offset, data=data).SerializeToString()
-        got_offset, got = _parse_chunk(raw)
-        assert (got_offset, bytes(got)) == (offset, data)
-        assert isinstance(got, memoryview) and (not data or got.obj is raw)  # a view of the received bytes
-    # unknown fields of every wire type are skipped, as protobuf does
-    unknown = bytes([3 << 3 | 0, 0x96, 0x01, 4 << 3 | 1]) + bytes(8) + bytes([5 << 3 | 5]) + bytes(4) + \
-        bytes([6 << 3 | 2, 2]) + b"zz"
-    raw = unknown + pb.FileChunk(offset=9, data=b"xyz").SerializeToString()
-    assert pb.FileChunk.FromString(raw).data == b"xyz"
-    assert (lambda o, d: (o, bytes(d)))(*_parse_chunk(raw)) == (9, b"xyz")
-    good = pb.FileChunk(offset=300, data=b"hello").SerializeToString()
-    for bad in (good[:-1], good[:1], bytes([1 << 3 | 0]) + b"\xff" * 11, bytes([7 << 3 | 3])):
-        with pytest.raises(_BadData):
-            _parse_chunk(bad)
-
-
-def test_raw_chunks_are_the_bytes_protobuf_would_send():
-    from umm.net.server import RawChunk, _serialize_chunk
-
-    for offset, data in [(0, b""), (7, b""), (0, b"a"), (300, b"x" * 200), (2**63 + 7, bytes(range(256)) * 300)]:
-        chunk = RawChunk(offset, data)
-        assert _serialize_chunk(chunk) == pb.FileChunk(offset=offset, data=data).SerializeToString()
-        assert (chunk.offset, bytes(chunk.data)) == (offset, data)
-    plain = pb.FileChunk(offset=3, data=b"abc")  # what a subclass's ReadFile may yield instead
-    assert _serialize_chunk(plain) == plain.SerializeToString()
-
-
 def test_download_syncs_files_in_the_background_while_streaming(model, manifest, tmp_path, request, monkeypatch):
     """Once ``DEFAULT_SYNC_EVERY`` bytes of a file arrived, an ``fdatasync`` of that file starts in a
     background thread (the stream goes on); the downloaded files are complete and correct.
