@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -147,6 +148,14 @@ class Coordinator:
     @property
     def status_address(self) -> str:
         return self.status_server.address
+
+    def ready(self, maddrs: list[str] | None = None) -> Any:
+        """The :class:`umm.net.ready.Ready` of this started coordinator (``maddrs``: :attr:`maddrs`, if known)."""
+        from umm.net.ready import Ready
+
+        return Ready(role="coordinator", network=self.config.network, peer_id=str(self.dht.peer_id), pid=os.getpid(),
+                     initial_peers=self.maddrs if maddrs is None else maddrs, checkpoint_address=self.address,
+                     status_address=self.status_address)
 
     # rounds --------------------------------------------------------------------------------------
     def context(self) -> RoundContext:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from umm.cli import run_app
 from umm.cli.common import freeze_for_exit
+from umm.net.ready import Ready, clear_ready, write_ready
 from umm.ui import console, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ def _coordinator_key(value: str | None) -> bytes | None:
     return parse_public_key(text)
 
 
+def _write_ready(path: Path, network: str, info: Any) -> None:
+    """The ready-file of a started node (``info``: its :class:`node.app.NodeInfo`)."""
+    write_ready(path, Ready(role="node", network=network, peer_id=info.peer_id, pid=os.getpid(),
+                            initial_peers=info.dht_maddrs, checkpoint_address=info.grpc_address))
+
+
 def _add_log_file(data_dir: Path) -> None:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -108,6 +116,10 @@ def join(
     self_eval_limit: int = typer.Option(50, "--self-eval-limit", help="Items per self-evaluated task."),
     device: Optional[str] = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
+    ready_file: Optional[Path] = typer.Option(
+        None, "--ready-file", help="Once serving, write this node's peer id and addresses here as JSON "
+        "(umm.net.ready.Ready, for programs that start nodes); removed when the node leaves."
+    ),
 ) -> None:
     """Check the model, announce it, serve it, and fetch each new merged model. Ctrl-C leaves."""
     from node.app import Node, check_model
@@ -160,8 +172,11 @@ def join(
             console.print("no --coordinator-key: merged models will not be fetched", highlight=False)
         console.print(f"data dir {info.data_dir}; Ctrl-C to leave", highlight=False)
         sys.stdout.flush()
+        if ready_file is not None:
+            _write_ready(ready_file, network, info)
         node.run_forever()
     finally:
+        clear_ready(ready_file)  # first: the node stops serving now
         node.stop()  # bounded (node.app): withdraw, stop serving, leave the DHT
         freeze_for_exit()
     console.print("left the network", highlight=False)

@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,7 +100,6 @@ def _write_pickle_only(src: Path, dst: Path) -> Path:
 
 
 def _write_nan(src: Path, dst: Path) -> Path:
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -172,7 +170,7 @@ def _config(net, data_dir: Path, **over):
 
 def test_round_admits_ranks_and_rejects_with_reasons(net):
     """Round 1 verifies only (merge off); the offline expert is retried, not rejected."""
-    from coordinator.status import fetch_status
+    from umm.net.status import fetch_status
 
     peers = net["peers"]
     cfg = _config(net, net["root"] / "coord-data", merge=False)
@@ -205,15 +203,16 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
         # the status service shows the leaderboard with the rejections and their reasons
         data = fetch_status(coord.status_address)
-        assert data["status"]["experts_known"] == 6 and data["status"]["experts_admitted"] == 1
-        ranked = [e for e in data["leaderboard"] if e["domain"] not in ("rejected", "pending")]
-        assert {(e["domain"], e["rank"], e["name"]) for e in ranked} == {("math", 1, "math")}
-        rejected = {e["manifest_hash"]: e["name"] for e in data["leaderboard"] if e["domain"] == "rejected"}
+        assert data.status.experts_known == 6 and data.status.experts_admitted == 1
+        ranked = [e for e in data.leaderboard if e.domain not in ("rejected", "pending")]
+        assert {(e.domain, e.rank, e.name) for e in ranked} == {("math", 1, "math")}
+        assert data.expert_names() == {math_hash: "math"}
+        rejected = {e.manifest_hash: e.name for e in data.leaderboard if e.domain == "rejected"}
         assert len(rejected) == 4 and "too large" in rejected[peers["huge"].manifest.hash]
-        assert data["rounds"][0]["state"] == "verified"
-        pending = [e for e in data["leaderboard"] if e["domain"] == "pending"]
-        assert [e["manifest_hash"] for e in pending] == [peers["code"].manifest.hash]
-        assert "retried next round" in pending[0]["name"]
+        assert data.rounds[0].state == "verified" and not data.rounds[0].HasField("comparison")  # nothing merged
+        pending = [e for e in data.leaderboard if e.domain == "pending"]
+        assert [e.manifest_hash for e in pending] == [peers["code"].manifest.hash]
+        assert "retried next round" in pending[0].name
 
         config_path = net["root"] / "coord.yaml"  # `status --config` finds the running coordinator's address
         config_path.write_text(yaml.safe_dump({"network": NET, "data_dir": str(cfg.data_dir)}))
@@ -225,7 +224,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
 def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     """Round 2 (same state): the offline expert came back; finished work is not redone."""
-    from coordinator.status import fetch_status
+    from umm.net.status import fetch_status
     from umm.net.store import ModelStore
     from umm.net.transfer import download
 
@@ -259,9 +258,15 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
                         progress=False)
         assert build_manifest(path).hash == merged
 
-        board = fetch_status(coord.status_address)["leaderboard"]
-        assert [(e["manifest_hash"], e["merged"]) for e in board if e["domain"] == "merged"] == [(merged, True)]
-        assert not [e for e in board if e["domain"] == "pending"]
+        view = fetch_status(coord.status_address)
+        board = view.leaderboard
+        assert [(e.manifest_hash, e.merged) for e in board if e.domain == "merged"] == [(merged, True)]
+        assert not [e for e in board if e.domain == "pending"]
+        # the status service carries the round's comparison: the merged model's test scores beside its sources'
+        comp = view.round(2).comparison
+        assert comp.merged.manifest_hash == merged and dict(comp.merged.scores) == row["scores"]
+        assert sorted(s.manifest_hash for s in comp.sources) == sorted(row["sources"])
+        assert comp.merged.objective == row["objective"]
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()

@@ -70,7 +70,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     from umm.cli.net import run_and_report
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
     from umm.experts.recipes import get_recipe
-    from umm.netlocal import LocalNetConfig
+    from umm.net.local import LocalNetConfig
     from umm.ui import console
 
     t_start = time.monotonic()

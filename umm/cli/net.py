@@ -53,7 +53,7 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
            eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
            round_timeout: float) -> int:
     from umm import paths
-    from umm.netlocal import LocalNetConfig
+    from umm.net.local import LocalNetConfig
 
     cfg = LocalNetConfig(
         workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
@@ -64,12 +64,12 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
 
 
 def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
-    """Run :func:`umm.netlocal.run_local_network` with progress on the console, print its result.
+    """Run :func:`umm.net.local.run_local_network` with progress on the console, print its result.
 
     Returns ``(exit code, LocalNetResult)``: 0 when every check passed, 1 otherwise (the problems
     are printed). ``suite``: an already prepared expert suite (default: ``cfg.variant``'s, built if missing).
     """
-    from umm.netlocal import run_local_network
+    from umm.net.local import run_local_network
     from umm.ui import console
 
     result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
@@ -84,37 +84,41 @@ def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
     return 1, result
 
 
-def _names(result: Any) -> dict[str, str]:
-    out = {}
-    for e in result.leaderboard:
-        if e["domain"] not in ("rejected", "pending", "merged") and e["name"]:
-            out[e["manifest_hash"]] = e["name"]
-    return out
+def leaderboard_table(entries: list[Any]) -> Any:
+    """The coordinator's leaderboard (``pb.LeaderboardEntry`` rows) as a rich table."""
+    from umm.ui import table
+
+    rows = [[e.domain, str(e.rank) if e.rank else "-", e.manifest_hash[:12], e.name,
+             f"{e.score:.3f}" if e.rank or e.merged else ""] for e in entries]
+    return table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows)
+
+
+def comparison_table(comp: Any, names: dict[str, str]) -> Any:
+    """A round's ``pb.RoundComparison``: the merged model's test scores beside its sources'."""
+    from umm.ui import table
+
+    tasks = sorted(comp.merged.scores)
+    rows = []
+    for label, m in [("merged", comp.merged), *((f"source {names.get(s.manifest_hash, '')}".strip(), s)
+                                                for s in comp.sources)]:
+        rows.append([label, m.manifest_hash[:12], *[f"{m.scores.get(t, float('nan')):.3f}" for t in tasks],
+                     f"{m.objective:.3f}"])
+    return table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows)
 
 
 def print_result(result: Any) -> None:
     """The leaderboard, the rounds, merged vs sources on the test split, and the nodes' check."""
     from umm.ui import console, table
 
-    if result.leaderboard:
-        rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
-                 f"{e['score']:.3f}" if e["rank"] or e["merged"] else ""] for e in result.leaderboard]
-        console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
-    if result.rounds:
-        rows = [[str(r["number"]), r["state"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
-                 f"{r['objective']:.3f}", r["reason"]] for r in sorted(result.rounds, key=lambda r: r["number"])]
+    view = result.view
+    if view is not None and view.leaderboard:
+        console.print(leaderboard_table(view.leaderboard))
+    if view is not None and view.rounds:
+        rows = [[str(r.number), r.state, r.method or "-", (r.merged_manifest_hash or "-")[:12],
+                 f"{r.objective:.3f}", r.reason] for r in sorted(view.rounds, key=lambda r: r.number)]
         console.print(table("Rounds", ["round", "state", "method", "merged", "objective", "reason"], rows))
-    comp = result.comparison
-    if comp:
-        names = _names(result)
-        tasks = sorted(comp["scores"])
-        rows = [["merged", comp["manifest_hash"][:12], *[f"{comp['scores'][t]:.3f}" for t in tasks],
-                 f"{comp['objective']:.3f}"]]
-        for h, scores in comp["source_scores"].items():
-            rows.append([f"source {names.get(h, '')}".strip(), h[:12],
-                         *[f"{scores.get(t, float('nan')):.3f}" for t in tasks],
-                         f"{comp['source_objectives'][h]:.3f}"])
-        console.print(table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows))
+    if result.comparison is not None:
+        console.print(comparison_table(result.comparison, view.expert_names()))
     if result.nodes:
         rows = [[n.name, n.expert, "yes" if n.holds_merged else "no", n.problem] for n in result.nodes]
         console.print(table("Nodes", ["node", "serves", "holds verified merged model", "problem"], rows))
