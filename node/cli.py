@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any, List, Optional
 import typer
 
 from umm.cli import run_app
+from node.config import NodeConfig
 from umm.cli.common import freeze_for_exit
 from umm.net.ready import Ready, clear_ready, write_ready
 from umm.ui import console, setup_logging
@@ -40,7 +42,12 @@ def _root(
     setup_logging(verbose)
 
 
-_NETWORK = typer.Option("umm", "--network", help="Network name: peers of different networks ignore each other.")
+def _default(name: str) -> Any:
+    """The default of :class:`NodeConfig`'s field ``name``: the config owns every default, flags show it."""
+    return {f.name: f.default for f in dataclasses.fields(NodeConfig)}[name]
+
+
+_NETWORK = typer.Option(_default("network"), "--network", help="Network name: peers of different networks ignore each other.")
 _PEERS = typer.Option(
     None, "--initial-peers", help="Multiaddr of a running peer (printed by `umm-node join`); repeat for several."
 )
@@ -99,17 +106,17 @@ def join(
         None, "--identity-path", help="Identity key file, created if missing; it fixes the peer id (default: <data dir>/identity.key)."
     ),
     host: str = typer.Option(
-        "127.0.0.1", "--host",
+        _default("host"), "--host",
         help="Listen address of gRPC and the DHT. 0.0.0.0 (with --announce-host, --port, --dht-port) accepts other machines.",
     ),
-    port: int = typer.Option(0, "--port", help="gRPC port (0: any free port)."),
-    dht_port: int = typer.Option(0, "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
+    port: int = typer.Option(_default("port"), "--port", help="gRPC port (0: any free port)."),
+    dht_port: int = typer.Option(_default("dht_port"), "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
     announce_host: Optional[str] = typer.Option(
         None, "--announce-host", help="Address other machines reach this one at (public IP or DNS name)."
     ),
-    refresh_period: float = typer.Option(60.0, "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
-    max_merged_bytes: int = typer.Option(64 * 10**9, "--max-merged-bytes", help="Largest merged model to download."),
-    max_model_bytes: int = typer.Option(64 * 10**9, "--max-model-bytes", help="Admission size limit for our own model."),
+    refresh_period: float = typer.Option(_default("refresh_period"), "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
+    max_merged_bytes: int = typer.Option(_default("max_merged_bytes"), "--max-merged-bytes", help="Largest merged model to download."),
+    max_model_bytes: int = typer.Option(_default("max_model_bytes"), "--max-model-bytes", help="Admission size limit for our own model."),
     self_eval: Optional[List[str]] = typer.Option(
         None, "--self-eval", help="TASK[,TASK]: evaluate the model on these tasks' test split and announce the scores."
     ),
@@ -123,7 +130,7 @@ def join(
 ) -> None:
     """Check the model, announce it, serve it, and fetch each new merged model. Ctrl-C leaves."""
     from node.app import Node, check_model
-    from node.config import NodeConfig, default_data_dir
+    from node.config import default_data_dir
     from node.selfeval import parse_tasks, self_evaluate
 
     cfg = NodeConfig(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from umm.net.local import LocalNetConfig
+
 net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True, add_completion=False)
+
+
+def default(name: str) -> Any:
+    """The default of :class:`LocalNetConfig`'s field ``name``: the config owns it, the flags show it."""
+    return {f.name: f.default for f in dataclasses.fields(LocalNetConfig)}[name]
 
 
 def register(app: typer.Typer) -> None:
@@ -17,25 +25,25 @@ def register(app: typer.Typer) -> None:
 
 @net_app.command("local")
 def local_command(
-    nodes: int = typer.Option(3, "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
-    rounds: int = typer.Option(1, "--rounds", help="Coordinator rounds to run."),
+    nodes: int = typer.Option(default("nodes"), "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
+    rounds: int = typer.Option(default("rounds"), "--rounds", help="Coordinator rounds to run."),
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="Folder for every process's data and logs, cleared at the start "
         "(default: <umm home>/net-local)."
     ),
-    variant: str = typer.Option("small", "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
+    variant: str = typer.Option(default("variant"), "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
     experts_dir: Optional[Path] = typer.Option(
         None, "--experts-dir", help="Where the expert suites live (default: <umm home>/experts)."
     ),
-    device: str = typer.Option("cpu", "--device", help="Device of the coordinator's evaluation and jobs."),
-    eval_limit: int = typer.Option(8, "--eval-limit", help="Items per task when ranking experts and searching merges."),
-    test_limit: int = typer.Option(8, "--test-limit", help="Items per task when comparing the merged model to its sources."),
+    device: str = typer.Option(default("device"), "--device", help="Device of the coordinator's evaluation and jobs."),
+    eval_limit: int = typer.Option(default("eval_limit"), "--eval-limit", help="Items per task when ranking experts and searching merges."),
+    test_limit: int = typer.Option(default("test_limit"), "--test-limit", help="Items per task when comparing the merged model to its sources."),
     max_new_tokens: Optional[int] = typer.Option(
-        None, "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
+        default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
     ),
-    evolve_evaluations: int = typer.Option(4, "--evolve-evaluations", help="CMA-ES candidates per merge search."),
-    fusion_max_steps: int = typer.Option(4, "--fusion-max-steps", help="Training steps of a fusion round."),
-    round_timeout: float = typer.Option(1800.0, "--round-timeout", help="Seconds to wait for all the rounds."),
+    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help="Training steps of a fusion round."),
+    round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help="Seconds to wait for all the rounds."),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
@@ -53,7 +61,6 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
            eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
            round_timeout: float) -> int:
     from umm import paths
-    from umm.net.local import LocalNetConfig
 
     cfg = LocalNetConfig(
         workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
