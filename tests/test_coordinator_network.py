@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from subprocs import ctrl_c_default
 from coordinator.app import STATE_DB, Coordinator
 from coordinator.config import parse_config
 from coordinator.db import StateDB
+from coordinator.round import benchmark_key
 from umm.checkpoints.manifest import build_manifest
 from umm.net import keys
 from umm.net.dht import DHT_PIDS, end_orphaned_dht, start_dht, visible_maddrs
@@ -191,7 +191,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
         # self-reported 0.99 is shown to nobody as a score: ranks use the coordinator's evaluation
         math_hash = peers["math"].manifest.hash
-        own = db.evaluations(next(iter({e["benchmark"] for e in db._all("SELECT benchmark FROM evaluations")})))
+        own = db.evaluations(benchmark_key(cfg, "search"))
         assert set(own) == {math_hash} and set(own[math_hash]["scores"]) == {"synth-math"}
         scores = peers["code"].records.scores()  # a contributor reads the coordinator's signed record
         assert scores is not None and scores.record.round == 1
@@ -232,14 +232,14 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     peers["code"].ensure_serving()
     data_dir = net["root"] / "coord-data"
     before = StateDB(data_dir / STATE_DB)
-    math_eval = before._all("SELECT * FROM evaluations")
     cfg = _config(net, data_dir, merge=True)
+    math_eval = before.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search"))
+    assert math_eval is not None
     with Coordinator(cfg) as coord:
         row = coord.run_round()
         assert row["number"] == 2 and row["state"] == "published", row["reason"]
         db = coord.db
-        assert db._all("SELECT * FROM evaluations WHERE manifest_hash=? AND split='search'",
-                       (peers["math"].manifest.hash,)) == math_eval  # not re-evaluated
+        assert db.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search")) == math_eval  # not re-evaluated
         assert db.verdict(peers["code"].manifest.hash)["admitted"]
         job = db.round_job(2)
         assert job["status"] == "done" and job["kind"] == "evolve" and job["pid"] != os.getpid()
@@ -356,23 +356,23 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     config_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config_path), "--rounds", "1"]
     db_path = tmp_path / "data" / STATE_DB
+    bench = benchmark_key(parse_config(cfg), "search")
     log = tmp_path / "first-run.log"  # a file, not a pipe nobody reads while it runs
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
     try:
         deadline = time.monotonic() + 400  # fetching and evaluating take minutes on a loaded machine
-        first = None
+        first, watch = None, None
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if not db_path.exists():
-                    raise sqlite3.OperationalError("no database yet")
-                with sqlite3.connect(db_path) as c:
-                    first = c.execute("SELECT manifest_hash, evaluated_at FROM evaluations").fetchall()
-            except sqlite3.Error:  # not created yet
-                first = None
+            if watch is None and db_path.exists():  # the coordinator created it
+                watch = StateDB(db_path)
+            if watch is not None:
+                first = [(h, e["evaluated_at"]) for h, e in watch.evaluations(bench).items()]
             if first:
                 break
             time.sleep(0.1)
+        if watch is not None:
+            watch.close()
         assert first and len(first) == 1, log.read_text()[-5000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -398,7 +398,7 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     for name in ("discover", "fetch", "admit"):  # finished before the kill: not run again
         assert after[name]["attempts"] == 1 and after[name]["finished_at"] == before[name]["finished_at"]
     assert after["evaluate"]["attempts"] == 2 and after["rank"]["status"] == "done"
-    evals = {h: t for h, t, *_ in [(e["manifest_hash"], e["evaluated_at"]) for e in db._all("SELECT * FROM evaluations")]}
+    evals = {h: e["evaluated_at"] for h, e in db.evaluations(bench).items()}
     assert len(evals) == 2 and evals[first[0][0]] == first[0][1]  # the first expert was not re-evaluated
     rejected = [v for v in db.verdicts().values() if not v["admitted"]]
     assert len(rejected) == 4
