@@ -16,11 +16,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import StateDB
 from coordinator.round import RoundContext, RoundRunner
+
+if TYPE_CHECKING:
+    from umm.net.ready import Ready
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ class Coordinator:
     def status_address(self) -> str:
         return self.status_server.address
 
-    def ready(self, maddrs: list[str] | None = None) -> Any:
+    def ready(self, maddrs: list[str] | None = None) -> Ready:
         """The :class:`umm.net.ready.Ready` of this started coordinator (``maddrs``: :attr:`maddrs`, if known)."""
         from umm.net.ready import Ready
 

@@ -106,6 +106,7 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     assert "ok: 3 node(s) hold the verified merged model" in out
     assert merged.group(1) not in hashes.values()  # a new model, not one of the sources
     assert not _umm_processes_under(workdir), "processes of the local network were left running"
+    assert list((workdir / "ready").iterdir()) == []  # each process removed its ready-file as it left
 
 
 def test_options_that_cannot_work_are_refused_before_anything_starts(tmp_path):
