@@ -10,7 +10,7 @@ Each node checks its model (admission), hashes it, starts its DHT peer and gRPC 
 announces a signed expert record. Printed:
 
 - time from starting the processes until the reader has 1, N/2 and N expert records, and until
-  every node printed that it is ready;
+  every node wrote its ready-file;
 - per node: RSS of the node process, and RSS/PSS of its process group (the node, hivemind's DHT
   process, the libp2p daemon; PSS splits shared pages, so its sum is honest);
 - DHT get latency of the experts key (all N records) from the reader: median / p90 / max;
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -34,9 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from umm.netlocal import MARKER, Proc, _env, node_experts, node_join_command
-
-_READY = re.compile(r"Ctrl-C to leave")
+from umm.net.local import MARKER, Proc, child_env, node_experts, node_join_command
 
 
 def group_memory(pid: int) -> tuple[int, int, int]:
@@ -88,16 +85,17 @@ def main() -> int:
     records = NetworkRecords(reader_dht, network, load_or_create_key(work / "reader.key"), public_key_bytes(coord_key))
     bootstrap = visible_maddrs(reader_dht)
     load_before = os.getloadavg()
-    env = _env()
+    env = child_env()
     procs: list[Proc] = []
     try:
         t0 = time.monotonic()
         for i, expert in enumerate(experts):
             name = f"node-{i}-{expert}"
+            ready_file = work / "ready" / f"{name}.json"
             cmd = node_join_command(suite, expert, name=name, network=network, data_dir=work / f"node-{i}",
                                     coordinator_key=work / "coordinator.pub", refresh_period=60,
-                                    initial_peers=bootstrap)
-            procs.append(Proc(name, cmd, work / "logs" / f"{name}.log", env))
+                                    initial_peers=bootstrap, ready_file=ready_file)
+            procs.append(Proc(name, cmd, work / "logs" / f"{name}.log", env, ready_file=ready_file))
         t_spawned = time.monotonic() - t0
 
         milestones: dict[int, float] = {}
@@ -106,7 +104,7 @@ def main() -> int:
         while seen < ns.nodes:
             now = time.monotonic() - t0
             for p in procs:
-                if p.name not in ready and _READY.search(p.output()):
+                if p.name not in ready and p.ready() is not None:
                     ready[p.name] = now
                 if not p.alive():
                     raise SystemExit(f"{p.name} exited with code {p.popen.returncode}:\n{p.tail()}")
@@ -121,7 +119,7 @@ def main() -> int:
         load_at_all = os.getloadavg()
         while len(ready) < ns.nodes and time.monotonic() - t0 < ns.timeout:
             for p in procs:
-                if p.name not in ready and _READY.search(p.output()):
+                if p.name not in ready and p.ready() is not None:
                     ready[p.name] = time.monotonic() - t0
             time.sleep(0.25)
 
@@ -151,7 +149,7 @@ def main() -> int:
         for m, t in sorted(milestones.items()):
             print(f"  reader sees {m:2d} expert record(s) after       {t:6.1f} s")
         if ready:
-            print(f"  nodes ready (printed their addresses): first {min(ready.values()):.1f} s, "
+            print(f"  nodes ready (wrote their ready-files): first {min(ready.values()):.1f} s, "
                   f"median {statistics.median(ready.values()):.1f} s, last {max(ready.values()):.1f} s "
                   f"({len(ready)} of {ns.nodes})")
         print(f"  DHT get of the experts key ({ns.nodes} records), {ns.gets} gets: median "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from umm.netlocal import _env
+from umm.net.local import child_env
 
 _NODE_CMD = "from node.cli import main; main()"
 
@@ -46,7 +46,7 @@ class Child:
     def __init__(self, name: str, cmd: list[str], log: Path):
         self.name, self.log = name, log
         with open(log, "wb") as fh:
-            self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+            self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
 
     def wait_for(self, pattern: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -11,14 +11,17 @@ until they expire, since they describe the network, not this process.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import RoundRow, StateDB
 from coordinator.round import RoundContext, RoundRunner
+
+if TYPE_CHECKING:
+    from umm.net.ready import Ready
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,14 @@ class Coordinator:
     @property
     def status_address(self) -> str:
         return self.status_server.address
+
+    def ready(self, maddrs: list[str] | None = None) -> Ready:
+        """The :class:`umm.net.ready.Ready` of this started coordinator (``maddrs``: :attr:`maddrs`, if known)."""
+        from umm.net.ready import Ready
+
+        return Ready(role="coordinator", network=self.config.network, peer_id=str(self.dht.peer_id), pid=os.getpid(),
+                     initial_peers=self.maddrs if maddrs is None else maddrs, checkpoint_address=self.address,
+                     status_address=self.status_address)
 
     # rounds --------------------------------------------------------------------------------------
     def context(self) -> RoundContext:

@@ -50,11 +50,16 @@ def run(
         False, "--linger", help="After the last of --rounds, keep serving files, status and records until interrupted."
     ),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
+    ready_file: Path = typer.Option(
+        None, "--ready-file", help="Once serving, write the coordinator's peer id and addresses here as JSON "
+        "(umm.net.ready.Ready, for programs that start coordinators); removed when it stops."
+    ),
 ) -> None:
     """Run rounds: discover, fetch, admit, evaluate, rank, publish scores, merge, publish if better."""
     from coordinator.app import Coordinator
     from coordinator.config import load_config
     from umm.cli.common import freeze_for_exit, sigterm_as_interrupt
+    from umm.net.ready import clear_ready, write_ready
     from umm.ui import console, setup_logging
 
     setup_logging(verbose)
@@ -65,11 +70,14 @@ def run(
     with sigterm_as_interrupt():
         try:
             coordinator.start()
+            maddrs = coordinator.maddrs
             console.print(f"coordinator of network [bold]{cfg.network}[/]", highlight=False)
-            console.print(f"  DHT peers join with: {' '.join(coordinator.maddrs)}", soft_wrap=True, highlight=False)
+            console.print(f"  DHT peers join with: {' '.join(maddrs)}", soft_wrap=True, highlight=False)
             console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
             console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
             console.print(f"  status service: {coordinator.status_address}", highlight=False)
+            if ready_file is not None:
+                write_ready(ready_file, coordinator.ready(maddrs))
             coordinator.run(rounds=rounds or None)
             if linger and not coordinator.stop_event.is_set():
                 console.print("rounds done; serving until interrupted", highlight=False)
@@ -78,6 +86,7 @@ def run(
         except KeyboardInterrupt:
             console.print("interrupted; the round resumes on the next start")
         finally:
+            clear_ready(ready_file)  # first: the coordinator stops serving now
             coordinator.stop()  # bounded (coordinator.app): withdraw, stop serving, leave the DHT
             freeze_for_exit()
 
@@ -91,7 +100,8 @@ def status(
 ) -> None:
     """Print the leaderboard (with rejections and reasons), the rounds and the current job's progress."""
     from coordinator.config import CoordinatorConfigError, load_config
-    from coordinator.status import fetch_status, print_status
+    from coordinator.status import print_status
+    from umm.net.status import fetch_status
 
     if not address:
         if config is None:

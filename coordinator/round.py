@@ -154,22 +154,17 @@ def evaluate_folder(config: CoordinatorConfig, path: Path, split: str,
     return dict(result.scores)
 
 
-def classify_transfer_error(e: Exception) -> tuple[str, str]:
-    """(``rejected`` | ``failed``, reason): rejection for bytes that contradict the manifest or
-    a size over the limit; ``failed`` (retried next round) for unreachable or interrupted providers."""
-    from umm.net.errors import ManifestHashError, SizeLimitError
+def classify_transfer_error(e: BaseException) -> tuple[str, str]:
+    """(``rejected`` | ``failed``, reason) of a failed download, by the error's type only:
+    ``rejected`` when the model itself is at fault (:attr:`TransferError.permanent`: too large, a
+    wrong or invalid manifest, bytes that do not match it); ``failed`` (retried next round) for
+    unreachable, slow or interrupted providers and any other error. The message is only shown."""
+    from umm.net.errors import TransferError
 
-    text = str(e)
-    if isinstance(e, SizeLimitError):
-        return "rejected", f"too large: {text.splitlines()[0]}"
-    if isinstance(e, ManifestHashError):
-        return "rejected", f"manifest does not match its hash: {text.splitlines()[0]}"
-    if "every provider was dropped" in text and "do not match the manifest" in text:
-        return "rejected", "served bytes do not match the manifest: " + " | ".join(
-            line.strip() for line in text.splitlines()[1:3])
-    if "invalid manifest" in text or "not in canonical form" in text:
-        return "rejected", text.splitlines()[0]
-    return "failed", " | ".join(line.strip() for line in text.splitlines()[:3])
+    shown = " | ".join(line.strip() for line in str(e).splitlines()[:3])
+    if isinstance(e, TransferError) and e.permanent:
+        return "rejected", f"{e.what}: {shown}"
+    return "failed", shown
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""The ``CoordinatorStatus`` gRPC service (read-only view of the state DB) and its client.
+"""The ``CoordinatorStatus`` gRPC service: a read-only view of the state DB.
 
 Served by the running coordinator on ``status_port``; ``umm-coordinator status --address``
-calls it and prints the leaderboard (with rejected experts and their reasons), the rounds and
-the current job's progress.
+calls it through the one client, :func:`umm.net.status.fetch_status`, and prints the leaderboard
+(with rejected experts and their reasons), the rounds and the current job's progress.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from typing import Any
 import grpc
 
 from coordinator.db import StateDB
+from coordinator.steps import EvaluateResultStep
 from umm.net.proto import umm_coordinator_pb2 as pb
 from umm.net.proto import umm_coordinator_pb2_grpc as pb_grpc
+from umm.net.status import MERGED_DOMAIN, PENDING_DOMAIN, REJECTED_DOMAIN, CoordinatorView
 
 logger = logging.getLogger(__name__)
-
-REJECTED_DOMAIN = "rejected"
-PENDING_DOMAIN = "pending"
-MERGED_DOMAIN = "merged"
 
 
 def _phase_text(db: StateDB) -> tuple[int, str]:
@@ -79,6 +77,20 @@ def leaderboard_entries(db: StateDB, domain: str = "", limit: int = 0) -> list[d
     return out
 
 
+def round_comparison(db: StateDB, number: int) -> pb.RoundComparison | None:
+    """The merged model's test scores beside its sources' (the round's finished ``evaluate_result``
+    step), or None before the round got there."""
+    step = db.step(number, "evaluate_result")
+    if step is None or step.status != "done" or not isinstance(step.result, EvaluateResultStep):
+        return None
+    r = step.result
+    return pb.RoundComparison(
+        merged=pb.ModelScores(manifest_hash=r.manifest_hash, scores=r.scores, objective=r.objective),
+        sources=[pb.ModelScores(manifest_hash=h, scores=scores, objective=r.source_objectives[h])
+                 for h, scores in r.source_scores.items()],
+    )
+
+
 class StatusServicer(pb_grpc.CoordinatorStatusServicer):
     """Answers from the state DB; ``info()`` gives the live network/key/address fields."""
 
@@ -119,7 +131,7 @@ class StatusServicer(pb_grpc.CoordinatorStatusServicer):
                 finished_at=r.finished_at, method=r.method, source_manifest_hashes=r.sources,
                 merged_manifest_hash=r.merged_hash, recipe_hash=r.recipe_hash, scores=r.scores,
                 objective=r.objective, previous_objective=r.previous_objective, published=r.published,
-                reason=r.reason,
+                reason=r.reason, comparison=round_comparison(self.db, r.number),
             ))
         return pb.RoundList(rounds=out)
 
@@ -142,41 +154,18 @@ class StatusServer:
         self.server.stop(grace)
 
 
-def fetch_status(address: str, *, timeout: float = 10.0, limit: int = 20) -> dict[str, Any]:
-    """Status, leaderboard and rounds from a running coordinator's status service."""
-    from google.protobuf.json_format import MessageToDict
-
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStatusStub(channel)
-        try:
-            status = stub.GetStatus(pb.StatusRequest(), timeout=timeout)
-            board = stub.GetLeaderboard(pb.LeaderboardRequest(), timeout=timeout)
-            rounds = stub.ListRounds(pb.ListRoundsRequest(limit=limit), timeout=timeout)
-        except grpc.RpcError as e:
-            from umm.net.errors import NetError
-
-            raise NetError(
-                f"cannot reach the coordinator status service at {address}: {e.code().name}: {e.details()}; "
-                "check the address (printed by `umm-coordinator run`) and that the coordinator is running"
-            ) from None
-    kw = {"preserving_proto_field_name": True, "always_print_fields_with_no_presence": True}
-    return {"status": MessageToDict(status, **kw), "leaderboard": MessageToDict(board, **kw).get("entries", []),
-            "rounds": MessageToDict(rounds, **kw).get("rounds", [])}
-
-
-def print_status(data: dict[str, Any]) -> None:
-    """Render :func:`fetch_status`'s result with rich tables."""
+def print_status(view: CoordinatorView) -> None:
+    """Render :func:`umm.net.status.fetch_status`'s result with rich tables."""
+    from umm.cli.net import leaderboard_table
     from umm.ui import console, table
 
-    s = data["status"]
+    s = view.status
     console.print(
-        f"network [bold]{s['network']}[/]  round {s['current_round']}  phase: {s['phase']}  "
-        f"experts: {s['experts_known']} known, {s['experts_admitted']} admitted  "
-        f"merged: {(s['merged_manifest_hash'] or '-')[:12]}  files at {s['checkpoint_address']}"
+        f"network [bold]{s.network}[/]  round {s.current_round}  phase: {s.phase}  "
+        f"experts: {s.experts_known} known, {s.experts_admitted} admitted  "
+        f"merged: {(s.merged_manifest_hash or '-')[:12]}  files at {s.checkpoint_address}"
     )
-    rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
-             f"{e['score']:.3f}" if e["rank"] or e["merged"] else ""] for e in data["leaderboard"]]
-    console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
-    rrows = [[str(r["number"]), r["state"], r["phase"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
-              f"{r['objective']:.3f}", r["reason"]] for r in data["rounds"]]
+    console.print(leaderboard_table(view.leaderboard))
+    rrows = [[str(r.number), r.state, r.phase, r.method or "-", (r.merged_manifest_hash or "-")[:12],
+              f"{r.objective:.3f}", r.reason] for r in view.rounds]
     console.print(table("Rounds", ["round", "state", "phase", "method", "merged", "objective", "reason"], rrows))

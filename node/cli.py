@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from umm.cli import run_app
+from node.config import NodeConfig
 from umm.cli.common import freeze_for_exit
+from umm.net.ready import Ready, clear_ready, write_ready
 from umm.ui import console, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -38,7 +42,12 @@ def _root(
     setup_logging(verbose)
 
 
-_NETWORK = typer.Option("umm", "--network", help="Network name: peers of different networks ignore each other.")
+def _default(name: str) -> Any:
+    """The default of :class:`NodeConfig`'s field ``name``: the config owns every default, flags show it."""
+    return {f.name: f.default for f in dataclasses.fields(NodeConfig)}[name]
+
+
+_NETWORK = typer.Option(_default("network"), "--network", help="Network name: peers of different networks ignore each other.")
 _PEERS = typer.Option(
     None, "--initial-peers", help="Multiaddr of a running peer (printed by `umm-node join`); repeat for several."
 )
@@ -61,6 +70,12 @@ def _coordinator_key(value: str | None) -> bytes | None:
             raise typer.BadParameter(f"{value!r} is neither an 'ssh-rsa AAAA...' key nor a file", param_hint="--coordinator-key")
         text = path.read_text(encoding="ascii", errors="replace").strip()
     return parse_public_key(text)
+
+
+def _write_ready(path: Path, network: str, info: Any) -> None:
+    """The ready-file of a started node (``info``: its :class:`node.app.NodeInfo`)."""
+    write_ready(path, Ready(role="node", network=network, peer_id=info.peer_id, pid=os.getpid(),
+                            initial_peers=info.dht_maddrs, checkpoint_address=info.grpc_address))
 
 
 def _add_log_file(data_dir: Path) -> None:
@@ -91,27 +106,31 @@ def join(
         None, "--identity-path", help="Identity key file, created if missing; it fixes the peer id (default: <data dir>/identity.key)."
     ),
     host: str = typer.Option(
-        "127.0.0.1", "--host",
+        _default("host"), "--host",
         help="Listen address of gRPC and the DHT. 0.0.0.0 (with --announce-host, --port, --dht-port) accepts other machines.",
     ),
-    port: int = typer.Option(0, "--port", help="gRPC port (0: any free port)."),
-    dht_port: int = typer.Option(0, "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
+    port: int = typer.Option(_default("port"), "--port", help="gRPC port (0: any free port)."),
+    dht_port: int = typer.Option(_default("dht_port"), "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
     announce_host: Optional[str] = typer.Option(
         None, "--announce-host", help="Address other machines reach this one at (public IP or DNS name)."
     ),
-    refresh_period: float = typer.Option(60.0, "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
-    max_merged_bytes: int = typer.Option(64 * 10**9, "--max-merged-bytes", help="Largest merged model to download."),
-    max_model_bytes: int = typer.Option(64 * 10**9, "--max-model-bytes", help="Admission size limit for our own model."),
+    refresh_period: float = typer.Option(_default("refresh_period"), "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
+    max_merged_bytes: int = typer.Option(_default("max_merged_bytes"), "--max-merged-bytes", help="Largest merged model to download."),
+    max_model_bytes: int = typer.Option(_default("max_model_bytes"), "--max-model-bytes", help="Admission size limit for our own model."),
     self_eval: Optional[List[str]] = typer.Option(
         None, "--self-eval", help="TASK[,TASK]: evaluate the model on these tasks' test split and announce the scores."
     ),
     self_eval_limit: int = typer.Option(50, "--self-eval-limit", help="Items per self-evaluated task."),
     device: Optional[str] = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
+    ready_file: Optional[Path] = typer.Option(
+        None, "--ready-file", help="Once serving, write this node's peer id and addresses here as JSON "
+        "(umm.net.ready.Ready, for programs that start nodes); removed when the node leaves."
+    ),
 ) -> None:
     """Check the model, announce it, serve it, and fetch each new merged model. Ctrl-C leaves."""
     from node.app import Node, check_model
-    from node.config import NodeConfig, default_data_dir
+    from node.config import default_data_dir
     from node.selfeval import parse_tasks, self_evaluate
 
     cfg = NodeConfig(
@@ -160,8 +179,11 @@ def join(
             console.print("no --coordinator-key: merged models will not be fetched", highlight=False)
         console.print(f"data dir {info.data_dir}; Ctrl-C to leave", highlight=False)
         sys.stdout.flush()
+        if ready_file is not None:
+            _write_ready(ready_file, network, info)
         node.run_forever()
     finally:
+        clear_ready(ready_file)  # first: the node stops serving now
         node.stop()  # bounded (node.app): withdraw, stop serving, leave the DHT
         freeze_for_exit()
     console.print("left the network", highlight=False)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 from umm.ui import human_bytes
 
@@ -83,15 +83,9 @@ class HighWaterMark:
         self._marks[key] = {"round": int(round_), "manifest_hash": manifest_hash}
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self._marks, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, self._marks)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             logger.warning("could not save the merged-round high-water mark to %s: %s", self.path, e)
 
 

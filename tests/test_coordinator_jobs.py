@@ -7,13 +7,12 @@ import signal
 import threading
 import time
 
-import pytest
 
 from coordinator.config import EvolveSettings, parse_config
 from coordinator.db import StateDB
 from coordinator.jobs import run_job
 from coordinator.jobspec import EvolveJob, MergeOutput
-from coordinator.round import RoundContext, RoundRunner, classify_transfer_error
+from coordinator.round import RoundContext, RoundRunner
 from coordinator.steps import EvaluateResultStep, JobStep, PlanStep, RoundResults
 
 
@@ -90,18 +89,6 @@ def test_publish_only_if_better_than_the_previous_round(tiny_models, tmp_path):
     out = runner.step_publish(r2, worse)
     assert out.state == "not_better" and "0.5000 does not beat round 1's 0.5000" in out.reason
     assert out.record is None and len(records.merged) == 1 and db.round(r2).previous_objective == 0.5
-
-
-@pytest.mark.parametrize("message,kind", [
-    ("download of model x failed: file a: every provider was dropped\n  provider p: a: bytes do not match the manifest sha256", "rejected"),
-    ("download of model x failed: could not get the manifest\n  provider p: UNAVAILABLE", "failed"),
-    ("download of model x failed: file a: 3 failed attempts per provider\n  provider p: stream ended", "failed"),
-])
-def test_transfer_errors_reject_bad_bytes_and_retry_unreachable_providers(message, kind):
-    from umm.net.errors import SizeLimitError, TransferError
-
-    assert classify_transfer_error(TransferError(message))[0] == kind
-    assert classify_transfer_error(SizeLimitError("model x is 2 MB, over the limit"))[1].startswith("too large")
 
 
 def test_fusion_job_trains_the_pivot_in_a_worker(tiny_models, tmp_path):

@@ -13,10 +13,8 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from subprocs import ctrl_c_default
 from coordinator.app import STATE_DB, Coordinator
 from coordinator.config import parse_config
 from coordinator.db import StateDB
+from coordinator.round import benchmark_key
 from umm.checkpoints.manifest import build_manifest
 from umm.net import keys
 from umm.net.dht import DHT_PIDS, end_orphaned_dht, start_dht, visible_maddrs
@@ -101,7 +100,6 @@ def _write_pickle_only(src: Path, dst: Path) -> Path:
 
 
 def _write_nan(src: Path, dst: Path) -> Path:
-    import torch
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
@@ -172,7 +170,7 @@ def _config(net, data_dir: Path, **over):
 
 def test_round_admits_ranks_and_rejects_with_reasons(net):
     """Round 1 verifies only (merge off); the offline expert is retried, not rejected."""
-    from coordinator.status import fetch_status
+    from umm.net.status import fetch_status
 
     peers = net["peers"]
     cfg = _config(net, net["root"] / "coord-data", merge=False)
@@ -205,15 +203,16 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
         # the status service shows the leaderboard with the rejections and their reasons
         data = fetch_status(coord.status_address)
-        assert data["status"]["experts_known"] == 6 and data["status"]["experts_admitted"] == 1
-        ranked = [e for e in data["leaderboard"] if e["domain"] not in ("rejected", "pending")]
-        assert {(e["domain"], e["rank"], e["name"]) for e in ranked} == {("math", 1, "math")}
-        rejected = {e["manifest_hash"]: e["name"] for e in data["leaderboard"] if e["domain"] == "rejected"}
+        assert data.status.experts_known == 6 and data.status.experts_admitted == 1
+        ranked = [e for e in data.leaderboard if e.domain not in ("rejected", "pending")]
+        assert {(e.domain, e.rank, e.name) for e in ranked} == {("math", 1, "math")}
+        assert data.expert_names() == {math_hash: "math"}
+        rejected = {e.manifest_hash: e.name for e in data.leaderboard if e.domain == "rejected"}
         assert len(rejected) == 4 and "too large" in rejected[peers["huge"].manifest.hash]
-        assert data["rounds"][0]["state"] == "verified"
-        pending = [e for e in data["leaderboard"] if e["domain"] == "pending"]
-        assert [e["manifest_hash"] for e in pending] == [peers["code"].manifest.hash]
-        assert "retried next round" in pending[0]["name"]
+        assert data.rounds[0].state == "verified" and not data.rounds[0].HasField("comparison")  # nothing merged
+        pending = [e for e in data.leaderboard if e.domain == "pending"]
+        assert [e.manifest_hash for e in pending] == [peers["code"].manifest.hash]
+        assert "retried next round" in pending[0].name
 
         config_path = net["root"] / "coord.yaml"  # `status --config` finds the running coordinator's address
         config_path.write_text(yaml.safe_dump({"network": NET, "data_dir": str(cfg.data_dir)}))
@@ -225,7 +224,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
 def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     """Round 2 (same state): the offline expert came back; finished work is not redone."""
-    from coordinator.status import fetch_status
+    from umm.net.status import fetch_status
     from umm.net.store import ModelStore
     from umm.net.transfer import download
 
@@ -235,6 +234,8 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     before = StateDB(data_dir / STATE_DB)
     math_eval = before.all_evaluations()
     cfg = _config(net, data_dir, merge=True)
+    math_eval = before.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search"))
+    assert math_eval is not None
     with Coordinator(cfg) as coord:
         row = coord.run_round()
         assert row.number == 2 and row.state == "published", row.reason
@@ -259,9 +260,15 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
                         progress=False)
         assert build_manifest(path).hash == merged
 
-        board = fetch_status(coord.status_address)["leaderboard"]
-        assert [(e["manifest_hash"], e["merged"]) for e in board if e["domain"] == "merged"] == [(merged, True)]
-        assert not [e for e in board if e["domain"] == "pending"]
+        view = fetch_status(coord.status_address)
+        board = view.leaderboard
+        assert [(e.manifest_hash, e.merged) for e in board if e.domain == "merged"] == [(merged, True)]
+        assert not [e for e in board if e.domain == "pending"]
+        # the status service carries the round's comparison: the merged model's test scores beside its sources'
+        comp = view.round(2).comparison
+        assert comp.merged.manifest_hash == merged and dict(comp.merged.scores) == row["scores"]
+        assert sorted(s.manifest_hash for s in comp.sources) == sorted(row["sources"])
+        assert comp.merged.objective == row["objective"]
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
@@ -351,23 +358,23 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     config_path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config_path), "--rounds", "1"]
     db_path = tmp_path / "data" / STATE_DB
+    bench = benchmark_key(parse_config(cfg), "search")
     log = tmp_path / "first-run.log"  # a file, not a pipe nobody reads while it runs
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
     try:
         deadline = time.monotonic() + 400  # fetching and evaluating take minutes on a loaded machine
-        first = None
+        first, watch = None, None
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if not db_path.exists():
-                    raise sqlite3.OperationalError("no database yet")
-                with sqlite3.connect(db_path) as c:
-                    first = c.execute("SELECT manifest_hash, evaluated_at FROM evaluations").fetchall()
-            except sqlite3.Error:  # not created yet
-                first = None
+            if watch is None and db_path.exists():  # the coordinator created it
+                watch = StateDB(db_path)
+            if watch is not None:
+                first = [(h, e["evaluated_at"]) for h, e in watch.evaluations(bench).items()]
             if first:
                 break
             time.sleep(0.1)
+        if watch is not None:
+            watch.close()
         assert first and len(first) == 1, log.read_text()[-5000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -21,7 +21,13 @@ import umm.net.transfer as transfer
 from coordinator.config import CoordinatorConfigError, parse_config
 from umm.checkpoints.manifest import FileEntry, Manifest, build_manifest, sha256_file
 from umm.net.addresses import AddressPolicy, check_address, dial_target
-from umm.net.errors import AddressError, ModelNotFoundError, RecordError, TransferError
+from umm.net.errors import (
+    AddressError,
+    AllProvidersDropped,
+    ManifestUnavailable,
+    ModelNotFoundError,
+    RecordError,
+)
 from umm.net.proto import umm_checkpoint_pb2 as pb
 from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
 from umm.net.ratewatch import RateWatchdog
@@ -121,7 +127,7 @@ def test_a_download_whose_only_provider_trickles_fails_naming_it(model, tmp_path
     h = slow.register_folder(model)
     address = serve(slow, request)
     dest = ModelStore(tmp_path / "dest")
-    with pytest.raises(TransferError, match="too slow") as err:
+    with pytest.raises(AllProvidersDropped, match="too slow") as err:
         download(h, [address], dest, max_bytes=10**9, timeout=0.5, min_rate=4096, progress=False)
     assert address in str(err.value) and dest.list() == []
 
@@ -135,7 +141,7 @@ def test_each_file_has_a_deadline_from_its_size_and_the_minimum_rate(tmp_path, r
     h = slow.register_folder(folder)
     address = serve(slow, request)
     monkeypatch.setattr(RateWatchdog, "_judge", lambda self, w, now: None)  # windows never cut: only the deadline
-    with pytest.raises(TransferError, match=r"missed the file's deadline of 1 s") as err:
+    with pytest.raises(AllProvidersDropped, match=r"missed the file's deadline of 1 s") as err:
         download(h, [address], ModelStore(tmp_path / "dest"), max_bytes=10**9, timeout=0.5, min_rate=4096,
                  retries=1, progress=False)  # deadline 0.5 + 2048 / 4096 = 1 s
     assert address in str(err.value) and slow.streams == 1 and slow.completed == 0
@@ -307,7 +313,7 @@ def test_download_never_dials_a_forbidden_address(model, tmp_path, monkeypatch):
     monkeypatch.setattr(transfer.grpc, "insecure_channel",
                         lambda target, *a, **k: dialled.append(target) or real(target, *a, **k))
     try:
-        with pytest.raises(TransferError) as err:
+        with pytest.raises(ManifestUnavailable) as err:
             download(H, sorted(FORBIDDEN), ModelStore(tmp_path / "dest"), max_bytes=10**9, retries=1, timeout=1.0,
                      progress=False)
         with pytest.raises(socket.timeout):
@@ -333,7 +339,7 @@ def test_the_allowed_ranges_are_a_config_checked_again_right_before_dialling(mod
                         lambda target, *a, **k: dialled.append(target) or real(target, *a, **k))
     for policy, addr, why in [(only_private, address, "not in an allowed range"),
                               (no_loopback, f"localhost:{port}", "forbidden range 127.0.0.0/8")]:
-        with pytest.raises(TransferError, match=why):
+        with pytest.raises(ManifestUnavailable, match=why):
             download(h, [addr], ModelStore(tmp_path / "dest"), max_bytes=10**9, retries=1, policy=policy,
                      progress=False)
     assert dialled == []

@@ -9,13 +9,12 @@ process behind.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -37,10 +36,15 @@ def _umm_processes_under(workdir: Path) -> list[psutil.Process]:
 
 
 def _step(db: Path, name: str) -> dict:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
-        row = c.execute("SELECT result FROM steps WHERE round=1 AND name=? AND status='done'", (name,)).fetchone()
-    assert row is not None, f"round 1 has no finished {name} step"
-    return json.loads(row[0])
+    from coordinator.db import StateDB
+
+    state = StateDB(db)
+    try:
+        row = state.step(1, name)
+    finally:
+        state.close()
+    assert row is not None and row["status"] == "done", f"round 1 has no finished {name} step"
+    return row["result"]
 
 
 @pytest.mark.timeout(600)
@@ -102,10 +106,11 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     assert "ok: 3 node(s) hold the verified merged model" in out
     assert merged.group(1) not in hashes.values()  # a new model, not one of the sources
     assert not _umm_processes_under(workdir), "processes of the local network were left running"
+    assert list((workdir / "ready").iterdir()) == []  # each process removed its ready-file as it left
 
 
 def test_options_that_cannot_work_are_refused_before_anything_starts(tmp_path):
-    from umm.netlocal import LocalNetConfig, LocalNetError
+    from umm.net.local import LocalNetConfig, LocalNetError
 
     with pytest.raises(LocalNetError, match="--nodes"):
         LocalNetConfig(workdir=tmp_path, nodes=0)
@@ -114,7 +119,7 @@ def test_options_that_cannot_work_are_refused_before_anything_starts(tmp_path):
 
 
 def test_a_foreign_non_empty_workdir_is_refused(tmp_path):
-    from umm.netlocal import LocalNetError, prepare_workdir
+    from umm.net.local import LocalNetError, prepare_workdir
 
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(LocalNetError, match="not empty"):
@@ -126,3 +131,66 @@ def test_a_foreign_non_empty_workdir_is_refused(tmp_path):
     (ours / "node-0").mkdir()
     prepare_workdir(ours)  # a previous run's folder is cleared
     assert [p.name for p in ours.iterdir()] == [".umm-net-local"]
+
+
+def test_the_coordinator_config_it_writes_is_one_the_coordinator_loads(tmp_path):
+    """The settings are a plain dict on umm's side: the coordinator's strict config must accept every key."""
+    from coordinator.config import load_config
+    from umm.net.local import LocalNetConfig, coordinator_settings, write_coordinator_config
+
+    suite = SimpleNamespace(models={"m": {"domains": ["math"]}, "c": {"domains": ["code"]}, "l": {"domains": ["list"]}},
+                            info={"domains": {d: {"task": f"synth-{d}"} for d in ("math", "code", "list")}})
+    cfg = LocalNetConfig(workdir=tmp_path, eval_limit=3, test_limit=5, max_new_tokens=4, fusion_max_steps=2)
+    settings = coordinator_settings(cfg, suite, ["m", "c", "l", "m"], tmp_path / "fusion.jsonl")
+    path = tmp_path / "coordinator" / "coordinator.yaml"
+    path.parent.mkdir()
+    write_coordinator_config(path, {**settings, "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]})
+    loaded = load_config(path)
+    assert loaded.tasks == ["synth-math", "synth-code", "synth-list"] and loaded.network == cfg.network
+    assert (loaded.eval_limit, loaded.test_limit, loaded.max_new_tokens) == (3, 5, 4)
+    assert loaded.data_dir == path.parent / "data" and loaded.key_path == path.parent / "coordinator.key"
+    assert loaded.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
+    assert loaded.fusion_max_steps == 2 and loaded.fusion_data == tmp_path / "fusion.jsonl"
+
+
+def test_a_process_that_dies_before_it_is_ready_fails_clearly_with_its_last_output(tmp_path):
+    from umm.net.local import LocalNetError, Proc, child_env
+
+    cmd = [sys.executable, "-c", "print('loading the model'); print('no such model'); raise SystemExit(3)"]
+    proc = Proc("node-0-math", cmd, tmp_path / "logs" / "node.log", child_env(), ready_file=tmp_path / "ready.json")
+    with pytest.raises(LocalNetError, match=r"node-0-math exited with code 3 before it was ready") as err:
+        proc.wait_ready(timeout=120)
+    assert "no such model" in str(err.value)
+    assert proc.finish(5) == 3
+
+
+def test_a_ready_process_hands_over_its_ready_file(tmp_path):
+    from umm.net.local import Proc, child_env
+    from umm.net.ready import Ready, write_ready
+
+    ready = Ready(role="node", network="n", peer_id="QmP", pid=1, initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/QmP"],
+                  checkpoint_address="127.0.0.1:9")
+    write_ready(tmp_path / "ready.json", ready)  # as the process would once it serves
+    proc = Proc("node-0", [sys.executable, "-c", "pass"], tmp_path / "node.log", child_env(),
+                ready_file=tmp_path / "ready.json")
+    assert proc.wait_ready(timeout=120) == ready
+    proc.finish(30)
+
+
+def test_the_flags_default_to_the_local_network_configs_defaults():
+    """LocalNetConfig owns every default of `umm net local` (and of the demo's flags it shares)."""
+    import dataclasses
+    import inspect
+
+    from umm.cli.demo import demo_command
+    from umm.cli.net import local_command
+    from umm.net.local import LocalNetConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LocalNetConfig)}
+    for command, shared in [(local_command, ["nodes", "rounds", "variant", "device", "eval_limit", "test_limit",
+                                              "max_new_tokens", "evolve_evaluations", "fusion_max_steps",
+                                              "round_timeout"]),
+                            (demo_command, ["max_new_tokens", "evolve_evaluations"])]:
+        options = inspect.signature(command).parameters  # each default is a typer OptionInfo
+        for name in shared:
+            assert options[name].default.default == defaults[name], (command.__name__, name)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from node.cli import main
 from umm.net import keys
 from umm.net.dht import DHT_PIDS, end_orphaned_dht, start_dht
+from umm.net.ready import read_ready
 from umm.net.records import NetworkRecords
 
 NET = "clitest"
@@ -62,6 +63,20 @@ def test_self_eval_task_lists_are_split_and_checked():
         parse_tasks(["gsm8k,nope"])
 
 
+def test_join_flags_default_to_the_node_configs_defaults():
+    """NodeConfig owns every default; the flags of `umm-node join` show it, never a copy."""
+    import dataclasses
+    import inspect
+
+    from node.cli import join
+    from node.config import NodeConfig
+
+    options = inspect.signature(join).parameters  # each default is a typer OptionInfo
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    for name in ["network", "host", "port", "dht_port", "refresh_period", "max_merged_bytes", "max_model_bytes"]:
+        assert options[name].default.default == defaults[name], name
+
+
 def _reader(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
@@ -86,7 +101,8 @@ def _wait_line(lines: queue.Queue, needle: str, timeout: float, seen: list[str])
 def test_join_prints_bootstrap_addresses_and_ctrl_c_withdraws_and_exits_cleanly(tiny_models, tmp_path):
     env = {**os.environ, "UMM_HOME": str(tmp_path / "home"), "UMM_NO_PROGRESS": "1", "COLUMNS": "250"}
     cmd = [sys.executable, "-c", "from node.cli import main; main()", "join", "--model", str(tiny_models["math"]),
-           "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "60"]
+           "--domain", "math", "--name", "cli-expert", "--network", NET, "--refresh-period", "60",
+           "--ready-file", str(tmp_path / "ready.json")]
     # its own process group, like a shell job: Ctrl-C in a terminal reaches the whole group
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=Path(__file__).resolve().parents[1], start_new_session=True, preexec_fn=ctrl_c_default)
@@ -100,6 +116,10 @@ def test_join_prints_bootstrap_addresses_and_ctrl_c_withdraws_and_exits_cleanly(
             pytest.fail("join did not start:\n" + "".join(seen) + proc.stderr.read())
         peers = [line.split("--initial-peers", 1)[1].strip() for line in seen if "--initial-peers" in line]
         assert peers and all("/p2p/" in p and "127.0.0.1" in p for p in peers)
+        # the same, typed, for programs: the ready-file
+        ready = read_ready(tmp_path / "ready.json")
+        assert ready is not None and (ready.role, ready.network, ready.pid) == ("node", NET, proc.pid)
+        assert ready.initial_peers == peers and ready.peer_id in peers[0] and ready.checkpoint_address.startswith("127.0.0.1:")
         # the default data dir is <umm home>/node
         assert (tmp_path / "home" / "node" / "identity.key").is_file()
 
@@ -119,6 +139,7 @@ def test_join_prints_bootstrap_addresses_and_ctrl_c_withdraws_and_exits_cleanly(
         rc = proc.wait(timeout=30)  # generous on a loaded machine; a hang fails here
         assert rc == 0, proc.stderr.read()
         assert _wait_line(lines, "left the network", 5, seen)
+        assert read_ready(tmp_path / "ready.json") is None  # it no longer serves
         # withdrawn, not left to expire (the record's TTL is 2 x 60 s): the DHT outlived the Ctrl-C
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and any(e.record.name == "cli-expert" for e in records.experts().values()):

@@ -17,6 +17,8 @@ from typing import Optional
 
 import typer
 
+from umm.cli.net import default
+
 # Three nodes: both model families, so the round runs distribution fusion; 64 test items per task
 # so the merged-vs-sources table means something. Cost measured on 2 shared cores: ~575 CPU-s from
 # a cold cache (suite build ~390), ~180 CPU-s with the suite cached (4 min 47 s wall at load ~5).
@@ -46,9 +48,9 @@ def demo_command(
                                    "searching merges (search split)."),
     test_limit: int = typer.Option(DEMO_TEST_LIMIT, "--test-limit", help="Items per task when comparing the merged "
                                    "model with its sources (test split)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Cap on generated tokens per item "
+    max_new_tokens: Optional[int] = typer.Option(default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item "
                                                  "(default: each task's own)."),
-    evolve_evaluations: int = typer.Option(4, "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
     experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
 ) -> None:
@@ -70,7 +72,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     from umm.cli.net import run_and_report
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
     from umm.experts.recipes import get_recipe
-    from umm.netlocal import LocalNetConfig
+    from umm.net.local import LocalNetConfig
     from umm.ui import console
 
     t_start = time.monotonic()

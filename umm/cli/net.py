@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from umm.net.local import LocalNetConfig
+
 net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True, add_completion=False)
+
+
+def default(name: str) -> Any:
+    """The default of :class:`LocalNetConfig`'s field ``name``: the config owns it, the flags show it."""
+    return {f.name: f.default for f in dataclasses.fields(LocalNetConfig)}[name]
 
 
 def register(app: typer.Typer) -> None:
@@ -17,25 +25,25 @@ def register(app: typer.Typer) -> None:
 
 @net_app.command("local")
 def local_command(
-    nodes: int = typer.Option(3, "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
-    rounds: int = typer.Option(1, "--rounds", help="Coordinator rounds to run."),
+    nodes: int = typer.Option(default("nodes"), "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
+    rounds: int = typer.Option(default("rounds"), "--rounds", help="Coordinator rounds to run."),
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="Folder for every process's data and logs, cleared at the start "
         "(default: <umm home>/net-local)."
     ),
-    variant: str = typer.Option("small", "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
+    variant: str = typer.Option(default("variant"), "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
     experts_dir: Optional[Path] = typer.Option(
         None, "--experts-dir", help="Where the expert suites live (default: <umm home>/experts)."
     ),
-    device: str = typer.Option("cpu", "--device", help="Device of the coordinator's evaluation and jobs."),
-    eval_limit: int = typer.Option(8, "--eval-limit", help="Items per task when ranking experts and searching merges."),
-    test_limit: int = typer.Option(8, "--test-limit", help="Items per task when comparing the merged model to its sources."),
+    device: str = typer.Option(default("device"), "--device", help="Device of the coordinator's evaluation and jobs."),
+    eval_limit: int = typer.Option(default("eval_limit"), "--eval-limit", help="Items per task when ranking experts and searching merges."),
+    test_limit: int = typer.Option(default("test_limit"), "--test-limit", help="Items per task when comparing the merged model to its sources."),
     max_new_tokens: Optional[int] = typer.Option(
-        None, "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
+        default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
     ),
-    evolve_evaluations: int = typer.Option(4, "--evolve-evaluations", help="CMA-ES candidates per merge search."),
-    fusion_max_steps: int = typer.Option(4, "--fusion-max-steps", help="Training steps of a fusion round."),
-    round_timeout: float = typer.Option(1800.0, "--round-timeout", help="Seconds to wait for all the rounds."),
+    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help="Training steps of a fusion round."),
+    round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help="Seconds to wait for all the rounds."),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
@@ -53,7 +61,6 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
            eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
            round_timeout: float) -> int:
     from umm import paths
-    from umm.netlocal import LocalNetConfig
 
     cfg = LocalNetConfig(
         workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
@@ -64,12 +71,12 @@ def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_
 
 
 def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
-    """Run :func:`umm.netlocal.run_local_network` with progress on the console, print its result.
+    """Run :func:`umm.net.local.run_local_network` with progress on the console, print its result.
 
     Returns ``(exit code, LocalNetResult)``: 0 when every check passed, 1 otherwise (the problems
     are printed). ``suite``: an already prepared expert suite (default: ``cfg.variant``'s, built if missing).
     """
-    from umm.netlocal import run_local_network
+    from umm.net.local import run_local_network
     from umm.ui import console
 
     result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
@@ -84,37 +91,41 @@ def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
     return 1, result
 
 
-def _names(result: Any) -> dict[str, str]:
-    out = {}
-    for e in result.leaderboard:
-        if e["domain"] not in ("rejected", "pending", "merged") and e["name"]:
-            out[e["manifest_hash"]] = e["name"]
-    return out
+def leaderboard_table(entries: list[Any]) -> Any:
+    """The coordinator's leaderboard (``pb.LeaderboardEntry`` rows) as a rich table."""
+    from umm.ui import table
+
+    rows = [[e.domain, str(e.rank) if e.rank else "-", e.manifest_hash[:12], e.name,
+             f"{e.score:.3f}" if e.rank or e.merged else ""] for e in entries]
+    return table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows)
+
+
+def comparison_table(comp: Any, names: dict[str, str]) -> Any:
+    """A round's ``pb.RoundComparison``: the merged model's test scores beside its sources'."""
+    from umm.ui import table
+
+    tasks = sorted(comp.merged.scores)
+    rows = []
+    for label, m in [("merged", comp.merged), *((f"source {names.get(s.manifest_hash, '')}".strip(), s)
+                                                for s in comp.sources)]:
+        rows.append([label, m.manifest_hash[:12], *[f"{m.scores.get(t, float('nan')):.3f}" for t in tasks],
+                     f"{m.objective:.3f}"])
+    return table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows)
 
 
 def print_result(result: Any) -> None:
     """The leaderboard, the rounds, merged vs sources on the test split, and the nodes' check."""
     from umm.ui import console, table
 
-    if result.leaderboard:
-        rows = [[e["domain"], str(e["rank"]) if e["rank"] else "-", e["manifest_hash"][:12], e["name"],
-                 f"{e['score']:.3f}" if e["rank"] or e["merged"] else ""] for e in result.leaderboard]
-        console.print(table("Leaderboard (coordinator's own scores)", ["domain", "rank", "model", "name", "score"], rows))
-    if result.rounds:
-        rows = [[str(r["number"]), r["state"], r["method"] or "-", (r["merged_manifest_hash"] or "-")[:12],
-                 f"{r['objective']:.3f}", r["reason"]] for r in sorted(result.rounds, key=lambda r: r["number"])]
+    view = result.view
+    if view is not None and view.leaderboard:
+        console.print(leaderboard_table(view.leaderboard))
+    if view is not None and view.rounds:
+        rows = [[str(r.number), r.state, r.method or "-", (r.merged_manifest_hash or "-")[:12],
+                 f"{r.objective:.3f}", r.reason] for r in sorted(view.rounds, key=lambda r: r.number)]
         console.print(table("Rounds", ["round", "state", "method", "merged", "objective", "reason"], rows))
-    comp = result.comparison
-    if comp:
-        names = _names(result)
-        tasks = sorted(comp["scores"])
-        rows = [["merged", comp["manifest_hash"][:12], *[f"{comp['scores'][t]:.3f}" for t in tasks],
-                 f"{comp['objective']:.3f}"]]
-        for h, scores in comp["source_scores"].items():
-            rows.append([f"source {names.get(h, '')}".strip(), h[:12],
-                         *[f"{scores.get(t, float('nan')):.3f}" for t in tasks],
-                         f"{comp['source_objectives'][h]:.3f}"])
-        console.print(table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows))
+    if result.comparison is not None:
+        console.print(comparison_table(result.comparison, view.expert_names()))
     if result.nodes:
         rows = [[n.name, n.expert, "yes" if n.holds_merged else "no", n.problem] for n in result.nodes]
         console.print(table("Nodes", ["node", "serves", "holds verified merged model", "problem"], rows))

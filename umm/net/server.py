@@ -40,6 +40,7 @@ from umm.net.proto import umm_checkpoint_pb2 as pb
 from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
 from umm.net.ratewatch import RateWatchdog
 from umm.net.store import ModelStore
+from umm.net.wire import RawChunk
 
 logger = logging.getLogger(__name__)
 
@@ -111,34 +112,6 @@ class ServedModel:
     manifest_json: bytes
     entries: dict[str, FileEntry]
     identities: dict[str, Identity | None]  # each file as registered (see module docstring)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-class RawChunk:
-    """A ``FileChunk`` already serialized, as :meth:`CheckpointServicer.ReadFile` yields it.
-
-    Reads like a ``pb.FileChunk`` (``offset``, ``data``); building the wire bytes once from the
-    bytes read saves protobuf's copies of every byte sent (ReadFile may also yield ``pb.FileChunk``).
-    """
-
-    __slots__ = ("offset", "raw", "_start")
-
-    def __init__(self, offset: int, data: bytes):
-        # proto3 wire form, as SerializeToString writes it: fields 1 and 2, each only when not empty
-        head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
-        self.offset, self.raw, self._start = offset, head + data, len(head)
-
-    @property
-    def data(self) -> memoryview:
-        return memoryview(self.raw)[self._start :]
 
 
 def _serialize_chunk(chunk: RawChunk | pb.FileChunk) -> bytes:

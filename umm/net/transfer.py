@@ -15,8 +15,8 @@
 Files download in parallel; a broken connection or a stalled stream (no data for ``timeout``
 seconds) leaves the partial file in ``<data_dir>/partial/<hash>/`` and the next attempt resumes it
 from its size, with the same or another provider. Only a complete, verified model enters the
-store, by one rename; a failed download raises :class:`TransferError` and keeps its partial
-files for a later retry.
+store, by one rename; a failed download raises a typed :class:`TransferError` and keeps its
+partial files for a later retry.
 """
 
 from __future__ import annotations
@@ -37,12 +37,25 @@ from umm.checkpoints.errors import CheckpointError
 from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
 from umm.net.addresses import DEFAULT_POLICY, AddressPolicy, dial_target
-from umm.net.errors import AddressError, ManifestHashError, SizeLimitError, TransferError
+from umm.net.errors import (
+    AddressError,
+    AllProvidersDropped,
+    HashMismatch,
+    InvalidManifest,
+    ManifestHashError,
+    ManifestUnavailable,
+    NoProvider,
+    ProvidersExhausted,
+    SizeLimitError,
+    TransferCancelled,
+    TransferError,
+)
 from umm.net.proto import umm_checkpoint_pb2 as pb
 from umm.net.proto import umm_checkpoint_pb2_grpc as pb_grpc
 from umm.net.ratewatch import RateWatchdog
 from umm.net.server import MAX_MESSAGE_BYTES
 from umm.net.store import ModelStore, check_hash
+from umm.net.wire import parse_chunk
 from umm.ui import human_bytes
 from umm.ui import progress as progress_bar
 
@@ -75,6 +88,10 @@ class _TooSlow(_BadData):
     """The provider fell under the minimum rate or missed a file's deadline: drop it too."""
 
 
+class _WrongBytes(_BadData):
+    """A file's bytes do not hash to its manifest sha256: the model may be what is wrong."""
+
+
 class _Cancelled(Exception):
     """The caller cancelled the download."""
 
@@ -86,6 +103,7 @@ class _Provider:
     stub: pb_grpc.CheckpointServiceStub | None
     read_file: grpc.UnaryStreamMultiCallable | None  # ReadFile answering serialized FileChunks (see _parse_chunk)
     bad: str | None = None  # why it was dropped
+    wrong: type[TransferError] | None = None  # set when dropped for contradicting the model's hashes
     errors: list[str] = field(default_factory=list)
     stalls: int = 0  # streams of this download it left without data for ``timeout``
 
@@ -113,53 +131,13 @@ def _write_all(out, data: bytes | memoryview) -> None:
 _READ_FILE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['CheckpointService'].full_name}/ReadFile"
 
 
-def _varint(raw: bytes, i: int) -> tuple[int, int]:
-    """The varint at ``raw[i:]`` and the index after it; ValueError if truncated or too long."""
-    value = shift = 0
-    while True:
-        b = raw[i]  # IndexError past the end
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
 def _parse_chunk(raw: bytes) -> tuple[int, memoryview]:
-    """``(offset, data)`` of a serialized ``FileChunk``, ``data`` a view of ``raw`` (no copy).
-
-    Parsing the message ourselves instead of with protobuf saves one copy of every byte received
-    (about a third of the client's receive cost). Unknown fields are skipped as protobuf would;
-    malformed bytes raise :class:`_BadData`.
-    """
-    view = memoryview(raw)
-    offset, data, i, n = 0, view[:0], 0, len(raw)
+    """``(offset, data)`` of a serialized ``FileChunk`` (:func:`umm.net.wire.parse_chunk`, no copy);
+    malformed bytes raise :class:`_BadData`."""
     try:
-        while i < n:
-            tag, i = _varint(raw, i)
-            field, wire = tag >> 3, tag & 7
-            if wire == 0:
-                value, i = _varint(raw, i)
-                if field == 1:
-                    offset = value
-            elif wire == 2:
-                size, i = _varint(raw, i)
-                if i + size > n:
-                    raise ValueError("length-delimited field runs past the message")
-                if field == 2:
-                    data = view[i : i + size]
-                i += size
-            elif wire in (1, 5):
-                i += 8 if wire == 1 else 4
-            else:
-                raise ValueError(f"wire type {wire}")
-        if i != n:
-            raise ValueError("field runs past the message")
-    except (ValueError, IndexError) as e:
+        return parse_chunk(raw)
+    except ValueError as e:
         raise _BadData(f"sent a malformed FileChunk ({e})") from None
-    return offset, data
 
 
 def _rpc_error(e: grpc.RpcError) -> str:
@@ -184,22 +162,23 @@ def _fetch_manifest(manifest_hash: str, providers: list[_Provider], retries: int
             got = hashlib.sha256(raw).hexdigest()
             if got != manifest_hash:
                 p.bad = f"sent a manifest hashing to {got[:12]}, not {manifest_hash[:12]}"
+                p.wrong = ManifestHashError
                 p.errors.append(p.bad)
                 logger.warning("provider %s %s", p.address, p.bad)
                 continue
             try:
                 manifest = Manifest.from_json(raw)
             except CheckpointError as e:  # the hash matches, so the requested name itself is bad
-                raise TransferError(f"model {manifest_hash[:12]} has an invalid manifest: {e}") from e
+                raise InvalidManifest(f"model {manifest_hash[:12]} has an invalid manifest: {e}") from e
             if manifest.canonical_json() != raw:
-                raise TransferError(f"model {manifest_hash[:12]}: its manifest is not in canonical form")
+                raise InvalidManifest(f"model {manifest_hash[:12]}: its manifest is not in canonical form")
             return manifest
         if all(p.bad for p in providers):
             break
         time.sleep(min(0.5 * 2**attempt, 5.0))
-    if any(p.bad and "manifest hashing" in p.bad for p in providers) and all(p.bad for p in providers):
+    if any(p.wrong is ManifestHashError for p in providers) and all(p.bad for p in providers):
         raise ManifestHashError(_failure_message(manifest_hash, providers, "no provider sent the right manifest"))
-    raise TransferError(_failure_message(manifest_hash, providers, "could not get the manifest"))
+    raise ManifestUnavailable(_failure_message(manifest_hash, providers, "could not get the manifest"))
 
 
 def _failure_message(manifest_hash: str, providers: list[_Provider], what: str) -> str:
@@ -249,11 +228,7 @@ class _Download:
                 healthy = [p for p in self.providers if not p.bad]
             usable = [p for p in healthy if failures.get(p.address, 0) < self.retries]
             if not usable:
-                why = "every provider was dropped" if not healthy else f"{self.retries} failed attempts per provider"
-                raise TransferError(
-                    _failure_message(self.manifest.hash, self.providers, f"file {entry.path}: {why}")
-                    + f"\n  partial data kept in {self.folder}; retry later or with other providers"
-                )
+                raise self._exhausted(entry, dropped_all=not healthy)
             # spread files over providers, prefer the ones that failed this file least
             usable.sort(key=lambda p: (failures.get(p.address, 0), (self.providers.index(p) - index) % len(self.providers)))
             p = usable[0]
@@ -278,8 +253,21 @@ class _Download:
             except _BadData as e:
                 with self._lock:
                     p.bad = f"{entry.path}: {e}"
+                    p.wrong = HashMismatch if isinstance(e, _WrongBytes) else None
                     p.errors.append(p.bad)
                 logger.warning("dropping provider %s: %s: %s", p.address, entry.path, e)
+
+    def _exhausted(self, entry: FileEntry, *, dropped_all: bool) -> TransferError:
+        """The error of a file no provider may be asked for again (caller holds no lock)."""
+        with self._lock:
+            if not dropped_all:
+                kind, why = ProvidersExhausted, f"{self.retries} failed attempts per provider"
+            elif any(p.wrong is HashMismatch for p in self.providers):
+                kind, why = HashMismatch, "every provider was dropped"
+            else:
+                kind, why = AllProvidersDropped, "every provider was dropped"
+            message = _failure_message(self.manifest.hash, self.providers, f"file {entry.path}: {why}")
+        return kind(f"{message}\n  partial data kept in {self.folder}; retry later or with other providers")
 
     def deadline(self, remaining: int) -> float:
         """Seconds a stream of ``remaining`` bytes may take: ``timeout + remaining / min_rate``."""
@@ -348,7 +336,7 @@ class _Download:
             self.on_bytes(-pos)
             if resumed:  # the bad bytes may come from an earlier provider: start over, blame no one
                 raise _Retryable("sha256 mismatch after resuming; restarting the file")
-            raise _BadData(f"bytes do not match the manifest sha256 {entry.sha256[:12]}...")
+            raise _WrongBytes(f"bytes do not match the manifest sha256 {entry.sha256[:12]}...")
 
 
 def download(
@@ -380,15 +368,17 @@ def download(
     addresses that ``policy`` allows are dialled (checked right before dialling). With
     ``quarantine`` the model goes to the store's quarantine (see :meth:`ModelStore.promote`).
     Setting ``cancel`` (or Ctrl-C) stops the download within a fraction of a second, keeping its
-    partial files. Raises :class:`SizeLimitError`, :class:`ManifestHashError` or
-    :class:`TransferError` (naming each provider and what went wrong with it).
+    partial files. Raises a :class:`TransferError` naming each provider and what went wrong with
+    it; its subclass says what happened (:mod:`umm.net.errors`), and its ``permanent`` flag
+    whether the model itself is at fault (too large, a wrong or invalid manifest, bytes that do
+    not match the manifest) or a later try may succeed.
     """
     check_hash(manifest_hash)
     if store.has(manifest_hash) or (quarantine and store.quarantined(manifest_hash)):
         return store.candidate_path(manifest_hash)
     addresses = list(dict.fromkeys(a for a in providers if a))
     if not addresses:
-        raise TransferError(f"no provider for model {manifest_hash[:12]}: nobody announces it")
+        raise NoProvider(f"no provider for model {manifest_hash[:12]}: nobody announces it")
     if retries < 1 or parallel_files < 1 or timeout <= 0 or min_rate <= 0:
         raise ValueError("retries and parallel_files must be >= 1, timeout and min_rate > 0")
     provs = [_connect(a, policy) for a in addresses]
@@ -435,7 +425,7 @@ def download(
                 job.close()
                 bar.close()
             if cancel.is_set():
-                raise TransferError(
+                raise TransferCancelled(
                     f"download of model {manifest_hash[:12]} cancelled; partial data kept in {folder}"
                 )
             failed = [e for e in errors if e is not None]

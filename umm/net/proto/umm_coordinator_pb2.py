@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15umm_coordinator.proto\x12\numm.net.v1\"\x0f\n\rStatusRequest\"\x80\x02\n\x0eStatusResponse\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x15\n\rexperts_known\x18\x06 \x01(\r\x12\x18\n\x10\x65xperts_admitted\x18\x07 \x01(\r\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x1a\n\x12\x63heckpoint_address\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\x01\"3\n\x12LeaderboardRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x83\x01\n\x10LeaderboardEntry\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x15\n\rmanifest_hash\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06merged\x18\x07 \x01(\x08\"<\n\x0bLeaderboard\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.umm.net.v1.LeaderboardEntry\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xf1\x02\n\x05Round\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1e\n\x16source_manifest_hashes\x18\x07 \x03(\t\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x13\n\x0brecipe_hash\x18\t \x01(\t\x12-\n\x06scores\x18\n \x03(\x0b\x32\x1d.umm.net.v1.Round.ScoresEntry\x12\x11\n\tobjective\x18\x0b \x01(\x01\x12\x1a\n\x12previous_objective\x18\x0c \x01(\x01\x12\x11\n\tpublished\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\tRoundList\x12!\n\x06rounds\x18\x01 \x03(\x0b\x32\x11.umm.net.v1.Round2\xe6\x01\n\x11\x43oordinatorStatus\x12\x42\n\tGetStatus\x12\x19.umm.net.v1.StatusRequest\x1a\x1a.umm.net.v1.StatusResponse\x12I\n\x0eGetLeaderboard\x12\x1e.umm.net.v1.LeaderboardRequest\x1a\x17.umm.net.v1.Leaderboard\x12\x42\n\nListRounds\x12\x1d.umm.net.v1.ListRoundsRequest\x1a\x15.umm.net.v1.RoundListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15umm_coordinator.proto\x12\numm.net.v1\"\x0f\n\rStatusRequest\"\x80\x02\n\x0eStatusResponse\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x15\n\rexperts_known\x18\x06 \x01(\r\x12\x18\n\x10\x65xperts_admitted\x18\x07 \x01(\r\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x1a\n\x12\x63heckpoint_address\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\x01\"3\n\x12LeaderboardRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x83\x01\n\x10LeaderboardEntry\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x15\n\rmanifest_hash\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06merged\x18\x07 \x01(\x08\"<\n\x0bLeaderboard\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.umm.net.v1.LeaderboardEntry\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xa2\x03\n\x05Round\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1e\n\x16source_manifest_hashes\x18\x07 \x03(\t\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x13\n\x0brecipe_hash\x18\t \x01(\t\x12-\n\x06scores\x18\n \x03(\x0b\x32\x1d.umm.net.v1.Round.ScoresEntry\x12\x11\n\tobjective\x18\x0b \x01(\x01\x12\x1a\n\x12previous_objective\x18\x0c \x01(\x01\x12\x11\n\tpublished\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12/\n\ncomparison\x18\x0f \x01(\x0b\x32\x1b.umm.net.v1.RoundComparison\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9b\x01\n\x0bModelScores\x12\x15\n\rmanifest_hash\x18\x01 \x01(\t\x12\x33\n\x06scores\x18\x02 \x03(\x0b\x32#.umm.net.v1.ModelScores.ScoresEntry\x12\x11\n\tobjective\x18\x03 \x01(\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0fRoundComparison\x12\'\n\x06merged\x18\x01 \x01(\x0b\x32\x17.umm.net.v1.ModelScores\x12(\n\x07sources\x18\x02 \x03(\x0b\x32\x17.umm.net.v1.ModelScores\".\n\tRoundList\x12!\n\x06rounds\x18\x01 \x03(\x0b\x32\x11.umm.net.v1.Round2\xe6\x01\n\x11\x43oordinatorStatus\x12\x42\n\tGetStatus\x12\x19.umm.net.v1.StatusRequest\x1a\x1a.umm.net.v1.StatusResponse\x12I\n\x0eGetLeaderboard\x12\x1e.umm.net.v1.LeaderboardRequest\x1a\x17.umm.net.v1.Leaderboard\x12\x42\n\nListRounds\x12\x1d.umm.net.v1.ListRoundsRequest\x1a\x15.umm.net.v1.RoundListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ROUND_SCORESENTRY']._loaded_options = None
   _globals['_ROUND_SCORESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSCORES_SCORESENTRY']._loaded_options = None
+  _globals['_MODELSCORES_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=37
   _globals['_STATUSREQUEST']._serialized_end=52
   _globals['_STATUSRESPONSE']._serialized_start=55
@@ -46,11 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTROUNDSREQUEST']._serialized_start=562
   _globals['_LISTROUNDSREQUEST']._serialized_end=596
   _globals['_ROUND']._serialized_start=599
-  _globals['_ROUND']._serialized_end=968
-  _globals['_ROUND_SCORESENTRY']._serialized_start=923
-  _globals['_ROUND_SCORESENTRY']._serialized_end=968
-  _globals['_ROUNDLIST']._serialized_start=970
-  _globals['_ROUNDLIST']._serialized_end=1016
-  _globals['_COORDINATORSTATUS']._serialized_start=1019
-  _globals['_COORDINATORSTATUS']._serialized_end=1249
+  _globals['_ROUND']._serialized_end=1017
+  _globals['_ROUND_SCORESENTRY']._serialized_start=972
+  _globals['_ROUND_SCORESENTRY']._serialized_end=1017
+  _globals['_MODELSCORES']._serialized_start=1020
+  _globals['_MODELSCORES']._serialized_end=1175
+  _globals['_MODELSCORES_SCORESENTRY']._serialized_start=972
+  _globals['_MODELSCORES_SCORESENTRY']._serialized_end=1017
+  _globals['_ROUNDCOMPARISON']._serialized_start=1177
+  _globals['_ROUNDCOMPARISON']._serialized_end=1277
+  _globals['_ROUNDLIST']._serialized_start=1279
+  _globals['_ROUNDLIST']._serialized_end=1325
+  _globals['_COORDINATORSTATUS']._serialized_start=1328
+  _globals['_COORDINATORSTATUS']._serialized_end=1558
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,7 @@ class ListRoundsRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("number", "state", "phase", "started_at", "finished_at", "method", "source_manifest_hashes", "merged_manifest_hash", "recipe_hash", "scores", "objective", "previous_objective", "published", "reason")
+    __slots__ = ("number", "state", "phase", "started_at", "finished_at", "method", "source_manifest_hashes", "merged_manifest_hash", "recipe_hash", "scores", "objective", "previous_objective", "published", "reason", "comparison")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class Round(_message.Message):
     PREVIOUS_OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
     number: int
     state: str
     phase: str
@@ -109,7 +110,33 @@ class Round(_message.Message):
     previous_objective: float
     published: bool
     reason: str
-    def __init__(self, number: _Optional[int] = ..., state: _Optional[str] = ..., phase: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[str] = ..., source_manifest_hashes: _Optional[_Iterable[str]] = ..., merged_manifest_hash: _Optional[str] = ..., recipe_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ..., previous_objective: _Optional[float] = ..., published: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    comparison: RoundComparison
+    def __init__(self, number: _Optional[int] = ..., state: _Optional[str] = ..., phase: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[str] = ..., source_manifest_hashes: _Optional[_Iterable[str]] = ..., merged_manifest_hash: _Optional[str] = ..., recipe_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ..., previous_objective: _Optional[float] = ..., published: _Optional[bool] = ..., reason: _Optional[str] = ..., comparison: _Optional[_Union[RoundComparison, _Mapping]] = ...) -> None: ...
+
+class ModelScores(_message.Message):
+    __slots__ = ("manifest_hash", "scores", "objective")
+    class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    manifest_hash: str
+    scores: _containers.ScalarMap[str, float]
+    objective: float
+    def __init__(self, manifest_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ...) -> None: ...
+
+class RoundComparison(_message.Message):
+    __slots__ = ("merged", "sources")
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    merged: ModelScores
+    sources: _containers.RepeatedCompositeFieldContainer[ModelScores]
+    def __init__(self, merged: _Optional[_Union[ModelScores, _Mapping]] = ..., sources: _Optional[_Iterable[_Union[ModelScores, _Mapping]]] = ...) -> None: ...
 
 class RoundList(_message.Message):
     __slots__ = ("rounds",)

@@ -3,45 +3,51 @@
 :func:`run_local_network` starts ``N`` ``umm-node join`` processes serving the tiny experts
 (node ``i`` serves the expert of domain ``i mod (math, code, list)``: Llama experts that merge
 layer-wise, and a GPT-NeoX one that needs fusion), then ``umm-coordinator run --rounds R
---linger`` bootstrapped from the first node's printed DHT address. It watches the coordinator's
-status service (gRPC stubs of :mod:`umm.net.proto`), waits until every node's store holds the
-published merged model and verifies it against its manifest, then sends SIGTERM to every process
-(SIGKILL to the process groups of those that do not leave in time).
+--linger`` bootstrapped from the first node's DHT address. It watches the coordinator's status
+service (:func:`umm.net.status.fetch_status`), waits until every node's store holds the published
+merged model and verifies it against its manifest, then sends SIGTERM to every process (SIGKILL
+to the process groups of those that do not leave in time).
 
-``umm`` never imports ``node`` or ``coordinator``: they are driven by their command lines only.
-Layout of the work dir (each run starts it afresh)::
+``umm`` never imports ``node`` or ``coordinator``: they are driven through typed contracts only.
+Their command lines start them; each writes a ready-file (:mod:`umm.net.ready`) once it serves,
+which says where it is; the coordinator's config is a dict that its strict pydantic config checks
+when it loads the file (unknown keys are an error; ``tests/test_net_local.py`` loads it); round
+results come from its status service. Layout of the work dir (each run starts it afresh)::
 
     <workdir>/.umm-net-local        marker: the folder may be cleared by the next run
     <workdir>/coordinator/          coordinator.yaml, coordinator.key, coordinator.pub, data/
     <workdir>/node-<i>/             the node's data dir (identity, models/, logs/)
     <workdir>/fusion.jsonl          instruction-response data for fusion rounds
+    <workdir>/ready/<process>.json  each process's ready-file, while it serves
     <workdir>/logs/<process>.log    stdout + stderr of each process
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from umm.errors import UmmError
+from umm.net.errors import NetError
+
+if TYPE_CHECKING:  # the rest loads when a network starts: `umm` reads LocalNetConfig for its flags
+    from umm.net.proto import umm_coordinator_pb2 as pb
+    from umm.net.ready import Ready
+    from umm.net.status import CoordinatorView
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".umm-net-local"
 EXPERT_ORDER = ("math", "code", "list")
-_PEER_LINE = re.compile(r"--initial-peers\s+(\S+)")
 _NODE_CMD = "from node.cli import main; main()"
 
 
@@ -99,11 +105,9 @@ class NodeOutcome:
 class LocalNetResult:
     """What happened; ``ok`` only when every check passed (``problems`` says what did not)."""
 
-    status: dict[str, Any] = field(default_factory=dict)
-    leaderboard: list[dict[str, Any]] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    view: CoordinatorView | None = None  # the coordinator's status service, last read
     merged_hash: str = ""
-    comparison: dict[str, Any] = field(default_factory=dict)  # evaluate_result of the published round
+    comparison: pb.RoundComparison | None = None  # merged vs sources of the published round
     nodes: list[NodeOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -117,10 +121,12 @@ class LocalNetResult:
 
 class Proc:
     """A child process in its own session, output to a log. ``dht_pids``: the pid file of its DHT
-    (``<data dir>/dht.pids``), whose processes live in a process group of their own."""
+    (``<data dir>/dht.pids``), whose processes live in a process group of their own; ``ready_file``:
+    where it writes its :class:`~umm.net.ready.Ready` (its ``--ready-file``)."""
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str], dht_pids: Path | None = None):
-        self.name, self.cmd, self.log, self.dht_pids = name, cmd, log, dht_pids
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str], dht_pids: Path | None = None,
+                 ready_file: Path | None = None):
+        self.name, self.cmd, self.log, self.dht_pids, self.ready_file = name, cmd, log, dht_pids, ready_file
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as fh:
             self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -139,13 +145,24 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def wait_output(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """The first match of ``pattern`` in the output; :class:`LocalNetError` if it exits or times out."""
+    def ready(self) -> Ready | None:
+        """Its ready-file, once written (None before)."""
+        if self.ready_file is None:
+            raise ValueError(f"{self.name} was started without a ready-file")
+        from umm.net.ready import read_ready
+
+        try:
+            return read_ready(self.ready_file)
+        except NetError as e:
+            raise LocalNetError(f"{self.name}: {e}") from None
+
+    def wait_ready(self, timeout: float) -> Ready:
+        """Its ready-file, once written; :class:`LocalNetError` (with its last output) if it exits or times out."""
         deadline = time.monotonic() + timeout
         while True:
-            m = pattern.search(self.output())
-            if m:
-                return m
+            ready = self.ready()
+            if ready is not None:
+                return ready
             if not self.alive():
                 raise LocalNetError(f"{self.name} exited with code {self.popen.returncode} before it was ready; "
                                     f"its last output ({self.log}):\n{self.tail()}")
@@ -181,7 +198,8 @@ class Proc:
         return rc
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment of a process of the local network: no progress bars, unbuffered output, wide logs."""
     return {**os.environ, "UMM_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200",
             "PYTHONUNBUFFERED": "1"}
 
@@ -219,11 +237,11 @@ def node_experts(suite: Any, nodes: int) -> list[str]:
 
 
 def node_join_command(suite: Any, expert: str, *, name: str, network: str, data_dir: Path, coordinator_key: Path,
-                      refresh_period: float, initial_peers: list[str]) -> list[str]:
+                      refresh_period: float, initial_peers: list[str], ready_file: Path) -> list[str]:
     """The ``umm-node join`` command line of a local node serving ``expert`` of ``suite``."""
     cmd = [sys.executable, "-c", _NODE_CMD, "join", "--model", str(suite.path(expert)), "--name", name,
            "--network", network, "--data-dir", str(data_dir), "--coordinator-key", str(coordinator_key),
-           "--refresh-period", str(refresh_period)]
+           "--refresh-period", str(refresh_period), "--ready-file", str(ready_file)]
     for d in suite.models[expert]["domains"]:
         cmd += ["--domain", d]
     if suite.base_of(expert):
@@ -233,8 +251,17 @@ def node_join_command(suite: Any, expert: str, *, name: str, network: str, data_
     return cmd
 
 
+def coordinator_command(config: Path, *, rounds: int, ready_file: Path) -> list[str]:
+    """The ``umm-coordinator run`` command line of the local coordinator (it lingers after its rounds)."""
+    return [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config), "--rounds", str(rounds),
+            "--linger", "--ready-file", str(ready_file)]
+
+
 def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fusion_data: Path) -> dict[str, Any]:
-    """The coordinator.yaml content: the served domains' synthetic tasks, small limits, loopback only."""
+    """The coordinator.yaml content: the served domains' synthetic tasks, small limits, loopback only.
+
+    Only what differs from the coordinator's defaults, plus the file names this module reads;
+    the coordinator's strict config refuses any key it does not know when it loads the file."""
     tasks = []
     for name in dict.fromkeys(experts):
         for d in suite.models[name]["domains"]:
@@ -244,56 +271,14 @@ def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fu
     return {
         "network": cfg.network, "data_dir": "data", "key_path": "coordinator.key", "tasks": tasks,
         "eval_limit": cfg.eval_limit, "test_limit": cfg.test_limit, "max_new_tokens": cfg.max_new_tokens,
-        "eval_batch_size": max(cfg.eval_limit, cfg.test_limit), "device": cfg.device, "fetch_retries": 3,
+        "eval_batch_size": max(cfg.eval_limit, cfg.test_limit), "device": cfg.device,
         "round_interval": cfg.round_interval, "refresh_period": cfg.refresh_period,
-        "evolve_method": "linear", "evolve_evaluations": cfg.evolve_evaluations,
-        "evolve_population": cfg.evolve_population, "fusion_data": str(fusion_data),
-        "fusion_max_steps": cfg.fusion_max_steps,
+        "evolve": {"budget": {"evaluations": cfg.evolve_evaluations}, "population": cfg.evolve_population},
+        "fusion": {"data": str(fusion_data), "training": {"max_steps": cfg.fusion_max_steps}},
     }
 
 
 # ----------------------------------------------------------------------------- observing
-
-
-def read_status(address: str, timeout: float = 10.0) -> dict[str, Any]:
-    """``{"status", "leaderboard", "rounds"}`` from a coordinator's status service (plain dicts)."""
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from umm.net.proto import umm_coordinator_pb2 as pb
-    from umm.net.proto import umm_coordinator_pb2_grpc as pb_grpc
-
-    kw = {"preserving_proto_field_name": True, "always_print_fields_with_no_presence": True}
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStatusStub(channel)
-        try:
-            status = stub.GetStatus(pb.StatusRequest(), timeout=timeout)
-            board = stub.GetLeaderboard(pb.LeaderboardRequest(), timeout=timeout)
-            rounds = stub.ListRounds(pb.ListRoundsRequest(limit=1000), timeout=timeout)
-        except grpc.RpcError as e:
-            raise LocalNetError(f"the coordinator's status service at {address} does not answer: "
-                                f"{e.code().name}: {e.details()}") from None
-    out = {"status": MessageToDict(status, **kw), "leaderboard": MessageToDict(board, **kw).get("entries", []),
-           "rounds": MessageToDict(rounds, **kw).get("rounds", [])}
-    for r in out["rounds"]:
-        r["number"] = int(r["number"])  # uint64 comes back as a string
-    out["status"]["current_round"] = int(out["status"]["current_round"])
-    return out
-
-
-def round_comparison(db_path: Path, number: int) -> dict[str, Any]:
-    """The ``evaluate_result`` step of round ``number`` (merged vs source test scores), read-only."""
-    try:
-        con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-        try:
-            row = con.execute("SELECT result FROM steps WHERE round=? AND name='evaluate_result' AND status='done'",
-                              (number,)).fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        logger.warning("cannot read %s: %s", db_path, e)
-        return {}
-    return json.loads(row[0]) if row else {}
 
 
 def check_node_store(data_dir: Path, manifest_hash: str) -> None:
@@ -322,10 +307,6 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
     Never raises for a failed check: those are in ``result.problems``; raises
     :class:`LocalNetError` only for a set-up the caller must fix.
     """
-    from umm.experts.instruction_data import write_instruction_data
-    from umm.net.dht import DHT_PIDS
-    from umm.net.keys import load_or_create_key, public_key_text
-
     say = say or logger.info
     if suite is None:
         from umm.experts.build import ensure_suite
@@ -334,84 +315,124 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
         suite = ensure_suite(cfg.variant, cfg.experts_root, device=cfg.device)
     workdir = prepare_workdir(cfg.workdir)
     experts = node_experts(suite, cfg.nodes)
+    settings = _prepare_coordinator(cfg, suite, experts, workdir)
+    result = LocalNetResult()
+    procs: list[Proc] = []
+    try:
+        bootstrap = _start_nodes(cfg, suite, experts, workdir, result, procs, say)
+        coord_dir = workdir / "coordinator"
+        write_coordinator_config(coord_dir / "coordinator.yaml", {**settings, "initial_peers": bootstrap})
+        coord = _start(procs, "coordinator", coordinator_command(coord_dir / "coordinator.yaml", rounds=cfg.rounds,
+                                                                 ready_file=workdir / "ready" / "coordinator.json"),
+                       workdir, data_dir=coord_dir / "data")
+        address = coord.wait_ready(cfg.start_timeout).status_address
+        say(f"coordinator up (status at {address}); running {cfg.rounds} round(s) on {', '.join(settings['tasks'])}")
+        _wait_rounds(cfg, coord, address, result, say)
+        if not result.problems:
+            _check_nodes(cfg, result, procs, say)
+        result.comparison = _published_comparison(result)
+    except (LocalNetError, NetError) as e:
+        result.problems.append(str(e))
+    finally:
+        _stop_all(cfg, procs, result, say)
+    return result
+
+
+def _prepare_coordinator(cfg: LocalNetConfig, suite: Any, experts: list[str], workdir: Path) -> dict[str, Any]:
+    """The coordinator's key pair and fusion data in the work dir; its settings (without its initial peers)."""
+    from umm.experts.instruction_data import write_instruction_data
+    from umm.net.keys import load_or_create_key, public_key_text
+
     coord_dir = workdir / "coordinator"
     coord_dir.mkdir()
     key = load_or_create_key(coord_dir / "coordinator.key")
     (coord_dir / "coordinator.pub").write_text(public_key_text(key) + "\n")
     domains = [d for d in EXPERT_ORDER if d in suite.info["domains"]]
     fusion = write_instruction_data(workdir / "fusion.jsonl", {d: cfg.fusion_records for d in domains})
+    return coordinator_settings(cfg, suite, experts, fusion)
+
+
+def write_coordinator_config(path: Path, settings: dict[str, Any]) -> None:
+    """``settings`` as the coordinator's YAML config file."""
     import yaml
 
-    settings = coordinator_settings(cfg, suite, experts, fusion)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
-    result = LocalNetResult()
-    env = _env()
-    procs: list[Proc] = []
-    try:
-        bootstrap: list[str] = []
-        for i, expert in enumerate(experts):
-            name = f"node-{i}-{expert}"
-            data_dir = workdir / f"node-{i}"
-            result.nodes.append(NodeOutcome(name, expert, data_dir))
-            cmd = node_join_command(suite, expert, name=name, network=cfg.network, data_dir=data_dir,
-                                    coordinator_key=coord_dir / "coordinator.pub",
-                                    refresh_period=cfg.refresh_period, initial_peers=bootstrap)
-            procs.append(Proc(name, cmd, workdir / "logs" / f"{name}.log", env, dht_pids=data_dir / DHT_PIDS))
-            if i == 0:  # the others join through the first node
-                procs[0].wait_output(re.compile(r"Ctrl-C to leave"), cfg.start_timeout)
-                bootstrap = _PEER_LINE.findall(procs[0].output())
-                say(f"{name} serves {expert}; bootstrap peer {bootstrap[0] if bootstrap else '?'}")
-        for p in procs[1:]:
-            p.wait_output(re.compile(r"Ctrl-C to leave"), cfg.start_timeout)
-            say(f"{p.name} joined")
-        coord_cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(coord_dir / "coordinator.yaml"),
-                     "--rounds", str(cfg.rounds), "--linger"]
-        (coord_dir / "coordinator.yaml").write_text(yaml.safe_dump({**settings, "initial_peers": bootstrap},
-                                                                   sort_keys=False))
-        coord = Proc("coordinator", coord_cmd, workdir / "logs" / "coordinator.log", env,
-                     dht_pids=coord_dir / "data" / DHT_PIDS)
-        procs.append(coord)
-        coord.wait_output(re.compile(r"status service: (\S+)"), cfg.start_timeout)
-        address = (coord_dir / "data" / "status_address").read_text().strip()
-        say(f"coordinator up (status at {address}); running {cfg.rounds} round(s) on {', '.join(settings['tasks'])}")
-        _wait_rounds(cfg, coord, address, result, say)
-        if not result.problems:
-            _check_nodes(cfg, result, procs, say)
-        if result.merged_hash:
-            published = [r for r in result.rounds if r["merged_manifest_hash"] == result.merged_hash and r["published"]]
-            if published:
-                result.comparison = round_comparison(coord_dir / "data" / "state.db", published[0]["number"])
-    except LocalNetError as e:
-        result.problems.append(str(e))
-    finally:
-        say("stopping every process ...")
-        for p in procs:
-            p.terminate()
-        deadline = time.monotonic() + cfg.stop_timeout
-        for p in reversed(procs):
-            rc = p.finish(deadline - time.monotonic())
-            if rc not in (0, -signal.SIGTERM):
-                result.problems.append(f"{p.name} exited with code {rc}; see {p.log}")
-    return result
+
+def _start(procs: list[Proc], name: str, cmd: list[str], workdir: Path, *, data_dir: Path) -> Proc:
+    """Start ``cmd`` as process ``name`` (log and ready-file in the work dir, its data in ``data_dir``),
+    added to ``procs``."""
+    from umm.net.dht import DHT_PIDS
+
+    proc = Proc(name, cmd, workdir / "logs" / f"{name}.log", child_env(), dht_pids=data_dir / DHT_PIDS,
+                ready_file=workdir / "ready" / f"{name}.json")
+    procs.append(proc)
+    return proc
+
+
+def _start_nodes(cfg: LocalNetConfig, suite: Any, experts: list[str], workdir: Path, result: LocalNetResult,
+                 procs: list[Proc], say: Any) -> list[str]:
+    """Start a node per expert, the others bootstrapped from the first; wait until all serve.
+    Returns the first node's DHT addresses (the coordinator's initial peers)."""
+    bootstrap: list[str] = []
+    for i, expert in enumerate(experts):
+        name = f"node-{i}-{expert}"
+        data_dir = workdir / f"node-{i}"
+        result.nodes.append(NodeOutcome(name, expert, data_dir))
+        cmd = node_join_command(suite, expert, name=name, network=cfg.network, data_dir=data_dir,
+                                coordinator_key=workdir / "coordinator" / "coordinator.pub",
+                                refresh_period=cfg.refresh_period, initial_peers=bootstrap,
+                                ready_file=workdir / "ready" / f"{name}.json")
+        proc = _start(procs, name, cmd, workdir, data_dir=data_dir)
+        if i == 0:  # the others join through the first node
+            bootstrap = proc.wait_ready(cfg.start_timeout).initial_peers
+            say(f"{name} serves {expert}; bootstrap peer {bootstrap[0] if bootstrap else '?'}")
+    for p in procs[1:]:
+        p.wait_ready(cfg.start_timeout)
+        say(f"{p.name} joined")
+    return bootstrap
+
+
+def _published_comparison(result: LocalNetResult) -> pb.RoundComparison | None:
+    """Merged vs sources of the round that published ``result.merged_hash`` (None if none did)."""
+    if result.view is None or not result.merged_hash:
+        return None
+    for r in result.view.rounds:
+        if r.published and r.merged_manifest_hash == result.merged_hash and r.HasField("comparison"):
+            return r.comparison
+    return None
+
+
+def _stop_all(cfg: LocalNetConfig, procs: list[Proc], result: LocalNetResult, say: Any) -> None:
+    """SIGTERM every process, wait ``cfg.stop_timeout`` in all, then kill what is left; record bad exits."""
+    say("stopping every process ...")
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + cfg.stop_timeout
+    for p in reversed(procs):
+        rc = p.finish(deadline - time.monotonic())
+        if rc not in (0, -signal.SIGTERM):
+            result.problems.append(f"{p.name} exited with code {rc}; see {p.log}")
 
 
 def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNetResult, say: Any) -> None:
+    """Follow the coordinator's status service until ``cfg.rounds`` rounds finished; record failures."""
+    from umm.net.status import fetch_status
+
     deadline = time.monotonic() + cfg.round_timeout
     last_phase = ""
     while True:
         try:
-            data = read_status(address)
-        except LocalNetError as e:  # a busy coordinator may miss one call; a dead one is caught below
+            result.view = view = fetch_status(address, limit=0)
+        except NetError as e:  # a busy coordinator may miss one call; a dead one is caught below
             if not coord.alive() or time.monotonic() > deadline:
                 raise
             logger.info("%s; asking again", e)
             time.sleep(2.0)
             continue
-        result.status, result.leaderboard, result.rounds = data["status"], data["leaderboard"], data["rounds"]
-        finished = [r for r in result.rounds if r["state"] != "running"]
-        if len(finished) >= cfg.rounds:
+        if len([r for r in view.rounds if r.state != "running"]) >= cfg.rounds:
             break
-        phase = f"round {result.status['current_round']}: {result.status['phase']}"
+        phase = f"round {view.status.current_round}: {view.status.phase}"
         if phase != last_phase:
             say(phase)
             last_phase = phase
@@ -421,24 +442,32 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
         if time.monotonic() > deadline:
             raise LocalNetError(f"the rounds did not finish within {cfg.round_timeout:.0f} s ({phase})")
         time.sleep(1.0)
-    for r in sorted(result.rounds, key=lambda r: r["number"]):
-        say(f"round {r['number']}: {r['state']}: {r['reason']}")
-        if r["state"] == "failed":
-            result.problems.append(f"round {r['number']} failed: {r['reason']}")
-    result.merged_hash = result.status.get("merged_manifest_hash", "")
+    _record_rounds(view, result, say)
+
+
+def _record_rounds(view: CoordinatorView, result: LocalNetResult, say: Any) -> None:
+    """Say how each round ended; the published merged model, or why there is none."""
+    for r in sorted(view.rounds, key=lambda r: r.number):
+        say(f"round {r.number}: {r.state}: {r.reason}")
+        if r.state == "failed":
+            result.problems.append(f"round {r.number} failed: {r.reason}")
+    result.merged_hash = view.status.merged_manifest_hash
     if not result.merged_hash and not result.problems:
         result.problems.append("no merged model was published: " +
-                               "; ".join(f"round {r['number']} {r['state']}: {r['reason']}" for r in result.rounds))
+                               "; ".join(f"round {r.number} {r.state}: {r.reason}" for r in view.rounds))
 
 
 def _check_nodes(cfg: LocalNetConfig, result: LocalNetResult, procs: list[Proc], say: Any) -> None:
+    """Wait (``cfg.fetch_timeout``) until every live node fetched the merged model, then verify each store."""
+    from umm.net.store import MANIFEST_NAME
+
     h = result.merged_hash
     deadline = time.monotonic() + cfg.fetch_timeout
     pending = list(range(len(result.nodes)))
     while pending:
         for i in list(pending):
             node = result.nodes[i]
-            if (node.data_dir / "models" / h / ".umm-manifest.json").is_file():
+            if (node.data_dir / "models" / h / MANIFEST_NAME).is_file():
                 pending.remove(i)
             elif not procs[i].alive():
                 node.problem = f"exited with code {procs[i].popen.returncode}: {procs[i].tail(5)}"
