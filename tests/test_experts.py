@@ -15,7 +15,7 @@ from umm.cli import app
 from umm.experts import build as build_mod
 from umm.experts.build import SuiteNotBuiltError, build_suite, ensure_suite, is_current, load_suite
 from umm.experts.recipes import get_recipe, scaled
-from umm.experts.suites import SUITES, split_records
+from umm.eval.suites import SUITES, split_records
 from umm.experts.train import IGNORE, TrainConfig, collate, encode_pairs, lr_at
 
 runner = CliRunner()

@@ -142,7 +142,7 @@ def ensure_suite(
 
 
 def _corpus(recipe: SuiteRecipe, per_domain: int, seed: int) -> list[str]:
-    from umm.experts.suites import SUITES, split_records
+    from umm.eval.suites import SUITES, split_records
 
     return [s.text(r) for s in SUITES.values() for r in split_records(s, "train", per_domain, seed)]
 
@@ -153,7 +153,7 @@ def _pairs(recipe: SuiteRecipe, m: ModelRecipe) -> list[tuple[str, str]]:
     Pretraining documents, and every pair when ``m.loss == "text"``, have an empty prompt.
     """
     from umm.experts.corpus import documents
-    from umm.experts.suites import split_records, suite_for_domain
+    from umm.eval.suites import split_records, suite_for_domain
 
     pairs = [("", doc) for doc in documents(m.documents, recipe.data_seed)] if m.documents else []
     for domain, n in m.mixture.items():
@@ -216,7 +216,7 @@ def _model_card(name: str, m: ModelRecipe, recipe: SuiteRecipe, entry: dict[str,
         f"Role: {m.role}. Architecture: {entry['architecture']} ({entry['params']:,} parameters), "
         f"tokenizer: {m.tokenizer}. Domains: {', '.join(entry['domains']) or 'none (base)'}. "
         f"Fine-tuned from: {m.init_from or 'random init'}.\n\n"
-        "Trained on synthetic data (`umm.experts.suites`, train split only) by `umm experts prepare`.\n\n"
+        "Trained on synthetic data (`umm.eval.suites`, train split only) by `umm experts prepare`.\n\n"
         f"Recipe fingerprint: `{recipe.fingerprint()}`\n\n```json\n{json.dumps(asdict(m), indent=2, default=str)}\n```\n"
     )
 
@@ -367,7 +367,7 @@ def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any
 def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict[str, Any], device: str) -> dict[str, Any]:
     """Each model's score on ``recipe.score_items`` ``search`` items of every synthetic task."""
     from umm.eval import evaluate
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
 
     if recipe.score_items <= 0:
         return {}
@@ -408,7 +408,7 @@ def task_vector_stats(models: dict[str, Any], base_of: dict[str, str]) -> dict[s
 
 def _suite_info(recipe: SuiteRecipe, entries: dict[str, dict[str, Any]], seconds: float, torch_version: str) -> dict[str, Any]:
     from umm import __version__
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
 
     domains = {
         s.domain: {"task": s.name, "kind": s.kind, "experts": [n for n, e in entries.items() if s.domain in e["domains"]]}

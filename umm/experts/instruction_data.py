@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from umm.experts.suites import split_records, suite_for_domain
+from umm.eval.suites import split_records, suite_for_domain
 
 logger = logging.getLogger(__name__)
 
