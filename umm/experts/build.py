@@ -31,6 +31,7 @@ from umm.errors import UmmError
 from umm.experts.prebuilt import Prebuilt, load_prebuilt
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
 from umm.partials import partial_path, remove_stale_partials
+from umm.training import OnStep
 from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,10 @@ def ensure_suite(
     *,
     force: bool = False,
     device: str = "cpu",
+    on_step: OnStep | None = None,
 ) -> ExpertSuite:
-    """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``."""
+    """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``;
+    ``on_step`` receives the training steps of a build (see :func:`build_suite`)."""
     recipe = get_recipe(variant) if isinstance(variant, str) else variant
     if not force:
         try:
@@ -135,7 +138,7 @@ def ensure_suite(
             if is_current(suite, recipe):
                 return suite
             logger.info("expert suite %s at %s is from another recipe; rebuilding", recipe.variant, suite.root)
-    return build_suite(recipe, root, device=device)
+    return build_suite(recipe, root, device=device, on_step=on_step)
 
 
 # ---------------------------------------------------------------- building
@@ -227,6 +230,7 @@ def build_suite(
     *,
     device: str = "cpu",
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
+    on_step: OnStep | None = None,
     prebuilt_root: Path | None = None,
 ) -> ExpertSuite:
     """Train (or take prebuilt) every tokenizer and model of the recipe, score them, write the suite atomically.
@@ -237,7 +241,7 @@ def build_suite(
     scored on ``recipe.score_items`` ``search`` items of each task and each expert's task vector is
     measured (:func:`task_vector_stats`): both go into ``suite.json``. An existing suite of that
     variant is replaced only once the new one is complete. ``on_model(name, entry)`` is called
-    after each model is trained.
+    after each model is trained; ``on_step`` receives each training step (run: the model's name).
     """
     import torch
 
@@ -256,7 +260,7 @@ def build_suite(
         trained: dict[str, Any] = {}
         entries: dict[str, dict[str, Any]] = {}
         for m in progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model"):
-            model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device)
+            model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device, on_step)
             trained[m.name] = model
             out = tmp / m.name
             with transformers_bars_off():
@@ -287,11 +291,13 @@ def build_stage(
     *,
     device: str = "cpu",
     prebuilt_root: Path | None = None,
+    on_step: OnStep | None = None,
 ) -> Path:
     """Train model ``name`` of the recipe (and what it starts from) and save it as a prebuilt folder.
 
     ``out`` defaults to the folder the recipe names for it in umm's own ``umm/experts/prebuilt/``
     (in a source checkout: commit it). Ancestors are taken prebuilt when they check out.
+    ``on_step`` receives each training step (run: the model's name).
     """
     from umm.experts.prebuilt import prebuilt_folder, write_prebuilt
 
@@ -309,7 +315,7 @@ def build_stage(
     tok = tokenizers[m.tokenizer]
     trained: dict[str, Any] = {}
     for c in chain:
-        trained[c.name], entry = _model(recipe, c, tok, trained, ready[c.name], device)
+        trained[c.name], entry = _model(recipe, c, tok, trained, ready[c.name], device, on_step)
     return write_prebuilt(out or prebuilt_folder(m.prebuilt, prebuilt_root), recipe, name, trained[name], tok, entry)
 
 
@@ -330,7 +336,7 @@ def _tokenizers(recipe: SuiteRecipe, prebuilt: dict[str, Prebuilt | None]) -> di
 
 
 def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any], ready: Prebuilt | None,
-           device: str) -> tuple[Any, dict[str, Any]]:
+           device: str, on_step: OnStep | None = None) -> tuple[Any, dict[str, Any]]:
     """Model ``m`` (prebuilt, or trained from scratch or from its ``init_from``) and its suite entry."""
     from transformers import AutoModelForCausalLM
 
@@ -341,7 +347,8 @@ def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any
         steps, final_loss, seconds = ready.steps, ready.final_loss, ready.train_seconds
     else:
         model = copy.deepcopy(trained[m.init_from]) if m.init_from is not None else _new_model(m, tok, recipe.max_length)
-        result = train_causal_lm(model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads, desc=m.name)
+        result = train_causal_lm(model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads,
+                                 desc=m.name, on_step=on_step)
         model.to("cpu")
         steps, final_loss, seconds = result.steps, result.final_loss, result.seconds
     entry = {
