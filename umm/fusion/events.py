@@ -2,7 +2,7 @@
 
 The pipeline prints nothing: it calls the methods of a :class:`FuseEvents`, whose base
 implementation ignores everything. ``umm fuse`` shows them (stage titles, tables, warnings,
-a training progress bar) with :class:`umm.cli.fuse.ConsoleFuseEvents`; tests subclass it to
+a training progress bar) with its own subclass, ``ConsoleFuseEvents``; tests subclass it to
 collect what they check.
 """
 
