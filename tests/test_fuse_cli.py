@@ -185,8 +185,7 @@ def test_chat_layout_without_template_is_refused_before_any_work(app: typer.Type
 
 def test_auto_layout_that_differs_between_models_is_reported(setup: dict[str, Path], tmp_path: Path) -> None:
     from umm.checkpoints.loading import load_tokenizer
-    from umm.fusion.events import FuseEvents
-    from umm.fusion.pipeline import run_fuse
+    from umm.fusion.pipeline import FuseEvents, run_fuse
 
     chatty = tmp_path / "chat_neox"
     shutil.copytree(setup["neox"], chatty)

@@ -2,7 +2,7 @@
 set-up, progress bars and tables.
 
 This is presentation, not library: library code logs with :mod:`logging` and reports progress and
-stages through callbacks (e.g. :data:`umm.training.OnStep`, :class:`umm.fusion.events.FuseEvents`)
+stages through callbacks (e.g. :data:`umm.training.OnStep`, :class:`umm.fusion.pipeline.FuseEvents`)
 that the applications render with this module (:class:`StepBars`, :data:`console`). Progress bars
 go to stderr and switch themselves off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is
 set, so logs and CI output stay clean.

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from umm.cli.common import user_errors
-from umm.fusion.events import FuseEvents, Stage
 
 if TYPE_CHECKING:
-    from umm.fusion.pipeline import FuseConfig, FuseResult, TeacherInfo
+    from umm.fusion.pipeline import FuseConfig, FuseResult, Stage, TeacherInfo
     from umm.training import StepReport
 
 
@@ -55,8 +54,9 @@ def fuse_command(
                       f"(report: {result.output / 'fuse_report.json'})", highlight=False)
 
 
-class ConsoleFuseEvents(FuseEvents):
-    """``umm fuse``'s view of a run: bold stage titles, tables, yellow warnings, a training bar."""
+class ConsoleFuseEvents:
+    """``umm fuse``'s view of a run (a :class:`umm.fusion.pipeline.FuseEvents`): bold stage titles,
+    tables, yellow warnings, a training progress bar."""
 
     def __init__(self) -> None:
         from umm.ui import StepBars, console

@@ -1,6 +1,6 @@
 """``umm fuse``: one distribution fusion from a YAML config, stage by stage.
 
-Stages (reported through :class:`umm.fusion.events.FuseEvents`; ``umm fuse`` shows them):
+Stages (reported through :class:`FuseEvents`: the pipeline prints nothing, ``umm fuse`` shows them):
 
 1. **Check** every input before any heavy work: the data file (a bad line is named), each model
    folder (a pivot that is not a causal LM is refused), each tokenizer (remote code refused).
@@ -29,14 +29,16 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from umm.errors import UmmError
-from umm.fusion.events import FuseEvents, Stage
 from umm.fusion.settings import TrainingSettings
+
+if TYPE_CHECKING:
+    from umm.training import StepReport
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +397,7 @@ def run_fuse(
     from umm.checkpoints.loading import resolve_device
     from umm.fusion.train import train_pivot
 
-    events = events or FuseEvents()
+    events = events or _Quiet()
     device = str(resolve_device(cfg.device))
     scorer = scorer or make_scorer(cfg.eval, device, show_progress=show_progress)
     if cfg.output.exists() and not resume and (not cfg.output.is_dir() or any(cfg.output.iterdir())):
@@ -454,3 +456,62 @@ def _warn_about_teachers(teachers: Sequence[TeacherInfo], cfg: FuseConfig, event
         if t.n_truncated or t.n_dropped:
             events.warning(f"{t.name}: {t.n_truncated} responses truncated to max_length={cfg.max_length}, "
                            f"{t.n_dropped} examples dropped (prompt alone fills the context)")
+
+
+# --------------------------------------------------------------------------- what a run reports
+
+
+#: the stages of a run, in order (see :mod:`umm.fusion.pipeline`)
+STAGE_TITLES = (
+    "checking inputs",
+    "pivot",
+    "teacher passes",
+    "training the pivot on the fused distributions",
+    "evaluation on the test split",
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Stage ``number`` (1-based) of :data:`STAGE_TITLES`; ``detail`` adds context (e.g. the tasks)."""
+
+    number: int
+    detail: str = ""
+
+    @property
+    def title(self) -> str:
+        return STAGE_TITLES[self.number - 1]
+
+    @property
+    def total(self) -> int:
+        return len(STAGE_TITLES)
+
+
+class FuseEvents(Protocol):
+    """Receives a fusion run's progress. Every method here does nothing: subclass and override what
+    you show (``umm fuse`` renders them all on the console)."""
+
+    def stage(self, stage: Stage) -> None:
+        """A stage begins."""
+
+    def note(self, text: str) -> None:
+        """A plain progress message (what was read, chosen or written)."""
+
+    def warning(self, text: str) -> None:
+        """Something the user should fix or know (e.g. prompt layouts that differ between models)."""
+
+    def candidates_scored(self, scores: dict[str, dict[str, float]], pivot: Path, domain: str) -> None:
+        """The pivot search: model -> domain -> search-split score; ``pivot`` is best on ``domain``."""
+
+    def teacher_passes(self, teachers: Sequence[TeacherInfo], cfg: FuseConfig) -> None:
+        """The teacher passes are done (or were cached): their sizes and costs."""
+
+    def training_step(self, report: StepReport) -> None:
+        """One optimizer step of the pivot's training."""
+
+    def results(self, result: FuseResult, tasks: Sequence[str]) -> None:
+        """The final test-split scores of every model (``result.test``)."""
+
+
+class _Quiet(FuseEvents):
+    """The default: a run that shows nothing."""
