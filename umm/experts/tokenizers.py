@@ -1,10 +1,11 @@
-"""The two tokenizer families of the tiny expert suite, trained with the ``tokenizers`` library.
+"""umm's one builder of tiny tokenizers, trained with the ``tokenizers`` library: the two families
+of the tiny expert suite, and (with a few options) the tokenizers of the random test models.
 
 - ``bytelevel``: byte-level BPE (``Ġ`` space marker), as Llama-3/GPT-2 use: every byte is encodable.
 - ``metaspace``: BPE over characters with a ``▁`` metaspace, as SentencePiece-BPE models
   (Llama-2, Mistral) use; characters outside the training alphabet become ``<unk>``.
 
-Both split digits one per token (so arithmetic is learnable by a tiny model) and carry
+In the suite, both split digits one per token (so arithmetic is learnable by a tiny model) and carry
 ``<pad>``, ``<s>``, ``</s>`` (and ``<unk>`` for ``metaspace``). They add no special tokens when
 encoding: training and evaluation both see exactly ``tokenizer(text)``. The two vocabularies
 differ on purpose: fusing a model of one family into the other needs token alignment.

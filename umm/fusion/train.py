@@ -275,14 +275,17 @@ def train_pivot(
                                               batch["target_mask"], batch["gold"], batch["response_mask"])
         return Loss(config.lam * ce_gold + (1.0 - config.lam) * ce_kd, {"ce_gold": ce_gold, "ce_fused": ce_kd})
 
+    def lr_at(step: int) -> float:
+        return config.lr * warmup_cosine(step, total, warmup)
+
     plan = fusion_plan(train_items, config, state["step"], total)
     if stop_after is not None:
         if stop_after < 1:
             raise ValueError(f"stop_after must be at least 1, got {stop_after}")
         plan = itertools.islice(plan, stop_after)
     t0 = time.perf_counter()
-    for report in train_steps(model, optimizer, plan, loss_of, lr_at=lambda s: config.lr * warmup_cosine(s, total, warmup),
-                              total=total, start=state["step"], grad_clip=config.max_grad_norm, run="fusion training"):
+    for report in train_steps(model, optimizer, plan, loss_of, lr_at=lr_at, total=total, start=state["step"],
+                              grad_clip=config.max_grad_norm, run="fusion training"):
         state["step"] = report.step
         state["history"].append({"step": report.step, "loss": report.loss, **report.terms, "lr": report.lr})
         if on_step is not None:
