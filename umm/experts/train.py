@@ -106,6 +106,7 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
 
 
 def _loss(model, batch: dict[str, torch.Tensor]) -> Loss:
+    """Next-token cross-entropy over the labelled tokens (the target and its eos)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
