@@ -29,7 +29,7 @@ def main() -> None:
 
     from umm.eval.evaluate import evaluate
     from umm.experts.build import ensure_suite
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
     from umm.ui import console, table
 
     torch.set_num_threads(args.threads)

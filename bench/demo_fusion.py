@@ -62,10 +62,11 @@ def main() -> None:
 
     import torch
 
+    from umm.cli.fuse import ConsoleFuseEvents, results_table
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, load_suite
     from umm.experts.instruction_data import write_instruction_data
     from umm.experts.recipes import RECIPES
-    from umm.fusion.pipeline import ModelScores, make_scorer, parse_config, results_table, run_fuse
+    from umm.fusion.pipeline import ModelScores, make_scorer, parse_config, run_fuse
     from umm.ui import console, table
 
     torch.set_num_threads(args.threads)
@@ -97,10 +98,10 @@ def main() -> None:
         })
 
     t0 = time.perf_counter()
-    fused = run_fuse(config("fused", args.lam, False))
+    fused = run_fuse(config("fused", args.lam, False), events=ConsoleFuseEvents())
     t_fused = time.perf_counter() - t0
     t1 = time.perf_counter()
-    run_fuse(config("lambda1", 1.0, False))
+    run_fuse(config("lambda1", 1.0, False), events=ConsoleFuseEvents())
     t_plain = time.perf_counter() - t1
     t2 = time.perf_counter()
     scorer = make_scorer(config("x", 1.0, False).eval, args.device)

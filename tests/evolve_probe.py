@@ -72,6 +72,6 @@ if __name__ == "__main__":
     refs, sep, *argv = sys.argv[1:]
     assert sep == "--"
     register_probe(Path(refs))
-    from umm.evolve.__main__ import main
+    from umm.cli import main
 
-    main(argv)
+    main(["evolve", *argv])

@@ -157,9 +157,9 @@ def test_synthetic_task_from_a_suite_contract(monkeypatch: pytest.MonkeyPatch) -
 
         return [r for r in s.generate(5 * n, seed) if generated_split_of(s.key(r)) == split][:n]
 
-    import umm.experts.suites as suites
+    import umm.eval.tasks.synthetic as synthetic
 
-    monkeypatch.setattr(suites, "split_records", split_records)
+    monkeypatch.setattr(synthetic, "split_records", split_records)
     task = synthetic_task(suite, pool_size=20)
     search, test = task.samples("search"), task.samples("test")
     assert len(search) == len(test) == 20 and not {s.id for s in search} & {s.id for s in test}
@@ -171,7 +171,7 @@ def test_synthetic_task_from_a_suite_contract(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize("name", ["synth-math", "synth-code", "synth-list"])
 def test_real_synthetic_suites_score_their_targets(name: str) -> None:
     assert name in list_tasks(), "the synthetic suites must be registered as tasks"
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
 
     suite = SUITES[name]
     task = get_task(name)

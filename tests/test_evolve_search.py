@@ -180,12 +180,12 @@ def test_resume_refuses_a_state_that_does_not_replay(tmp_path, box: BoxTransform
 
 
 def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys) -> None:  # noqa: ANN001
-    from umm.evolve.__main__ import main
+    from umm.cli import main
 
     cfg = tmp_path / "evolve.yaml"
     cfg.write_text("models: [a]\ntasks: [synth-math]\nbudgit: {evaluations: 3}\n")
     with pytest.raises(SystemExit) as e:
-        main([str(cfg)])
+        main(["evolve", str(cfg)])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "budgit" in err and "budget" in err and "layer_granularity" in err

@@ -185,7 +185,7 @@ def test_chat_layout_without_template_is_refused_before_any_work(app: typer.Type
 
 def test_auto_layout_that_differs_between_models_is_reported(setup: dict[str, Path], tmp_path: Path) -> None:
     from umm.checkpoints.loading import load_tokenizer
-    from umm.fusion.pipeline import run_fuse
+    from umm.fusion.pipeline import FuseEvents, run_fuse
 
     chatty = tmp_path / "chat_neox"
     shutil.copytree(setup["neox"], chatty)
@@ -196,11 +196,17 @@ def test_auto_layout_that_differs_between_models_is_reported(setup: dict[str, Pa
     cfg = parse_config(_config(setup, "unused", pivot=str(setup["llama"]), sources=[str(chatty)],
                                output=str(tmp_path / "out"), teacher_cache=str(tmp_path / "cache"),
                                final_eval=False, training={"lr": 1e-3, "max_steps": 1, "batch_size": 4}))
-    said: list[str] = []
-    result = run_fuse(cfg, show_progress=False, echo=lambda m, *a, **k: said.append(str(m)),
-                      scorer=lambda *a: {})
+    class Warnings(FuseEvents):
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def warning(self, text: str) -> None:
+            self.said.append(text)
+
+    events = Warnings()
+    result = run_fuse(cfg, show_progress=False, events=events, scorer=lambda *a: {})
     assert [t.layout for t in result.teachers] == ["plain", "chat"]
-    assert any("different prompt layouts" in m and "chat_neox: chat" in m for m in said)
+    assert any("different prompt layouts" in m and "chat_neox: chat" in m for m in events.said)
 
 
 def test_pivot_that_is_not_a_causal_lm_is_refused(app: typer.Typer, setup: dict[str, Path]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from umm.errors import UmmError
-from umm.fusion.train import FusionTrainConfig, latest_checkpoint, lr_factor, prepare_targets, train_pivot
+from umm.fusion.train import FusionTrainConfig, latest_checkpoint, prepare_targets, train_pivot
 
 RECORDS = [
     {"instruction": f"Compute {i} + {i + 2}.", "response": f"The answer is {i} + {i + 2} = {2 * i + 2}. #### {2 * i + 2}"}
@@ -90,12 +90,6 @@ def test_refuses_non_causal_pivot_and_existing_output(setup: dict[str, Path]) ->
     (taken / "file").write_text("x")
     with pytest.raises(UmmError, match="not empty"):
         train_pivot(_config(setup, "taken"), show_progress=False)
-
-
-def test_lr_schedule_warmup_then_cosine() -> None:
-    assert [round(lr_factor(s, 10, 2), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert lr_factor(6, 10, 2) == pytest.approx(0.5)
-    assert lr_factor(10, 10, 2) == pytest.approx(0.0)
 
 
 def test_targets_stats_avgce_and_incremental_sources(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from umm.errors import UmmError
 from umm.eval.splits import generated_split_of
 from umm.experts.instruction_data import instruction_records, write_instruction_data
 from umm.experts.recipes import ModelRecipe, get_recipe, scaled
-from umm.experts.suites import SUITES, get_suite, split_records, suite_for_domain
+from umm.eval.suites import SUITES, get_suite, split_records, suite_for_domain
 from umm.experts.tokenizers import train_tokenizer
 
 
@@ -187,7 +187,7 @@ def test_every_recipe_mixture_has_enough_distinct_train_records() -> None:
 
 
 def test_fingerprint_covers_the_suites_version(monkeypatch) -> None:
-    import umm.experts.suites as suites
+    import umm.eval.suites as suites
 
     before = get_recipe("small").fingerprint()
     monkeypatch.setattr(suites, "SUITES_VERSION", suites.SUITES_VERSION + 1)

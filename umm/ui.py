@@ -1,8 +1,11 @@
-"""Terminal output shared by every command: logging set-up, progress bars and tables.
+"""Terminal output shared by the applications (``umm``, ``umm-node``, the coordinator): logging
+set-up, progress bars and tables.
 
-Library code logs with :mod:`logging` and reports progress through :func:`progress`; only the
-CLI prints results (through :data:`console`). Progress bars go to stderr and switch themselves
-off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is set, so logs and CI output stay clean.
+This is presentation, not library: library code logs with :mod:`logging` and reports progress and
+stages through callbacks (e.g. :data:`umm.training.OnStep`, :class:`umm.fusion.pipeline.FuseEvents`)
+that the applications render with this module (:class:`StepBars`, :data:`console`). Progress bars
+go to stderr and switch themselves off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is
+set, so logs and CI output stay clean.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from umm.training import StepReport
 
 T = TypeVar("T")
 
@@ -67,6 +73,36 @@ def progress(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+class StepBars:
+    """An :data:`umm.training.OnStep` callback: one progress bar per training run, with its loss.
+
+    A bar opens at a run's first report (a resumed run's bar starts where it resumed) and closes at
+    its last step; ``leave`` keeps finished bars on screen.
+    """
+
+    def __init__(self, *, leave: bool = True) -> None:
+        self.leave = leave
+        self._run: str | None = None
+        self._bar: Any = None
+
+    def __call__(self, report: StepReport) -> None:
+        if self._bar is None or report.run != self._run:
+            self.close()
+            self._run = report.run
+            self._bar = progress(total=report.total, desc=report.run, unit="step", leave=self.leave)
+            self._bar.update(report.step - 1)
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{report.loss:.4f}")
+        if report.step >= report.total:
+            self.close()
+
+    def close(self) -> None:
+        """Close the open bar, if any (a run that stopped before its last step)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 @contextlib.contextmanager

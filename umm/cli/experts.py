@@ -56,14 +56,14 @@ def prepare(
         from umm.errors import UmmError
         from umm.experts.build import build_stage, ensure_suite, load_suite, suite_dir
         from umm.experts.recipes import get_recipe
-        from umm.ui import console
+        from umm.ui import StepBars, console
 
         if device != "cpu" and not device.startswith("cuda"):
             raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
         recipe = get_recipe(variant)
         if stage is not None:
             console.print(f"training [bold]{stage}[/] of suite {variant} alone (a prebuilt stage)")
-            folder = build_stage(recipe, stage, out, device=device)
+            folder = build_stage(recipe, stage, out, device=device, on_step=StepBars(leave=False))
             console.print(f"wrote {folder} (sha256 of each file and the recipe fingerprint in prebuilt.json)")
             return
         if out is not None:
@@ -75,7 +75,7 @@ def prepare(
             cached = False
         if not cached:
             console.print(f"building expert suite [bold]{variant}[/] in {target} ({recipe.description})")
-        suite = ensure_suite(recipe, directory, force=force, device=device)
+        suite = ensure_suite(recipe, directory, force=force, device=device, on_step=StepBars(leave=False))
         console.print(_models_table(suite))
         how = "cached, up to date" if cached else f"built in {suite.info['build_seconds']:.0f}s"
         console.print(f"{variant}: {how}; description in {suite.root / 'suite.json'}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from umm.cli.common import user_errors
 
-
+if TYPE_CHECKING:
+    from umm.fusion.pipeline import FuseConfig, FuseResult, Stage, TeacherInfo
+    from umm.training import StepReport
 
 
 def register(app: typer.Typer) -> None:
@@ -42,6 +45,71 @@ def fuse_command(
         n_threads = set_threads(threads, sandbox_workers=cfg.eval.sandbox_workers)
         console.print(f"[bold]umm fuse[/]: {cfg.fusion}, k={cfg.k}, lambda={cfg.lam}, output {cfg.output}, "
                       f"{n_threads} torch thread(s)", highlight=False)
-        result = run_fuse(cfg, resume=resume)
+        events = ConsoleFuseEvents()
+        try:
+            result = run_fuse(cfg, resume=resume, events=events)
+        finally:
+            events.steps.close()
         console.print(f"pivot {result.pivot}; fused model in {result.output} "
                       f"(report: {result.output / 'fuse_report.json'})", highlight=False)
+
+
+class ConsoleFuseEvents:
+    """``umm fuse``'s view of a run (a :class:`umm.fusion.pipeline.FuseEvents`): bold stage titles,
+    tables, yellow warnings, a training progress bar."""
+
+    def __init__(self) -> None:
+        from umm.ui import StepBars, console
+
+        self.console = console
+        self.steps = StepBars()
+
+    def stage(self, stage: Stage) -> None:
+        detail = f" ({stage.detail})" if stage.detail else ""
+        self.console.print(f"[bold]{stage.number}/{stage.total} {stage.title}[/]{detail}")
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"[yellow]{text}[/]")
+
+    def candidates_scored(self, scores: dict[str, dict[str, float]], pivot: Path, domain: str) -> None:
+        from umm.ui import table
+
+        doms = sorted({d for s in scores.values() for d in s})
+        rows = [[Path(m).name + (" (pivot)" if m == str(pivot) else ""), *(f"{s.get(d, float('nan')):.3f}" for d in doms)]
+                for m, s in scores.items()]
+        self.console.print(table(f"candidates on the search split (pivot: best on {domain})", ["model", *doms], rows))
+
+    def teacher_passes(self, teachers: Sequence[TeacherInfo], cfg: FuseConfig) -> None:
+        from umm.ui import human_bytes, table
+
+        self.console.print(table(
+            f"teacher passes (top-{cfg.k}, max length {cfg.max_length}, layout {cfg.layout})",
+            ["model", "layout", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
+            [[t.name, t.layout, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
+              t.dense_bytes_per_token, t.n_truncated, t.n_dropped] for t in teachers]))
+
+    def training_step(self, report: StepReport) -> None:
+        self.steps(report)
+
+    def results(self, result: FuseResult, tasks: Sequence[str]) -> None:
+        self.console.print(results_table(result, tasks))
+
+
+def results_table(result: FuseResult, tasks: Sequence[str], split: str = "test") -> Any:
+    """The final table: one row per model, one column per task, ``score [95% CI]`` on ``split``."""
+    from umm.fusion.pipeline import task_domains
+    from umm.ui import table
+
+    domains = task_domains(tasks)
+    cols = ["model", "role", *(f"{t} ({domains[t]})" for t in tasks)]
+    rows = []
+    for m in result.test:
+        cells = []
+        for t in tasks:
+            s, lo, hi, n = m.scores[t]
+            cells.append(f"{s:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
+        rows.append([m.name, m.role, *cells])
+    return table(f"{split} split: pivot before vs fused vs sources (95% CI)", cols, rows)

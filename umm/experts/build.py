@@ -31,6 +31,7 @@ from umm.errors import UmmError
 from umm.experts.prebuilt import Prebuilt, load_prebuilt
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
 from umm.partials import partial_path, remove_stale_partials
+from umm.training import OnStep
 from umm.ui import progress, transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,10 @@ def ensure_suite(
     *,
     force: bool = False,
     device: str = "cpu",
+    on_step: OnStep | None = None,
 ) -> ExpertSuite:
-    """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``."""
+    """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``;
+    ``on_step`` receives the training steps of a build (see :func:`build_suite`)."""
     recipe = get_recipe(variant) if isinstance(variant, str) else variant
     if not force:
         try:
@@ -135,14 +138,14 @@ def ensure_suite(
             if is_current(suite, recipe):
                 return suite
             logger.info("expert suite %s at %s is from another recipe; rebuilding", recipe.variant, suite.root)
-    return build_suite(recipe, root, device=device)
+    return build_suite(recipe, root, device=device, on_step=on_step)
 
 
 # ---------------------------------------------------------------- building
 
 
 def _corpus(recipe: SuiteRecipe, per_domain: int, seed: int) -> list[str]:
-    from umm.experts.suites import SUITES, split_records
+    from umm.eval.suites import SUITES, split_records
 
     return [s.text(r) for s in SUITES.values() for r in split_records(s, "train", per_domain, seed)]
 
@@ -153,7 +156,7 @@ def _pairs(recipe: SuiteRecipe, m: ModelRecipe) -> list[tuple[str, str]]:
     Pretraining documents, and every pair when ``m.loss == "text"``, have an empty prompt.
     """
     from umm.experts.corpus import documents
-    from umm.experts.suites import split_records, suite_for_domain
+    from umm.eval.suites import split_records, suite_for_domain
 
     pairs = [("", doc) for doc in documents(m.documents, recipe.data_seed)] if m.documents else []
     for domain, n in m.mixture.items():
@@ -216,7 +219,7 @@ def _model_card(name: str, m: ModelRecipe, recipe: SuiteRecipe, entry: dict[str,
         f"Role: {m.role}. Architecture: {entry['architecture']} ({entry['params']:,} parameters), "
         f"tokenizer: {m.tokenizer}. Domains: {', '.join(entry['domains']) or 'none (base)'}. "
         f"Fine-tuned from: {m.init_from or 'random init'}.\n\n"
-        "Trained on synthetic data (`umm.experts.suites`, train split only) by `umm experts prepare`.\n\n"
+        "Trained on synthetic data (`umm.eval.suites`, train split only) by `umm experts prepare`.\n\n"
         f"Recipe fingerprint: `{recipe.fingerprint()}`\n\n```json\n{json.dumps(asdict(m), indent=2, default=str)}\n```\n"
     )
 
@@ -227,6 +230,7 @@ def build_suite(
     *,
     device: str = "cpu",
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
+    on_step: OnStep | None = None,
     prebuilt_root: Path | None = None,
 ) -> ExpertSuite:
     """Train (or take prebuilt) every tokenizer and model of the recipe, score them, write the suite atomically.
@@ -237,7 +241,7 @@ def build_suite(
     scored on ``recipe.score_items`` ``search`` items of each task and each expert's task vector is
     measured (:func:`task_vector_stats`): both go into ``suite.json``. An existing suite of that
     variant is replaced only once the new one is complete. ``on_model(name, entry)`` is called
-    after each model is trained.
+    after each model is trained; ``on_step`` receives each training step (run: the model's name).
     """
     import torch
 
@@ -256,7 +260,7 @@ def build_suite(
         trained: dict[str, Any] = {}
         entries: dict[str, dict[str, Any]] = {}
         for m in progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model"):
-            model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device)
+            model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device, on_step)
             trained[m.name] = model
             out = tmp / m.name
             with transformers_bars_off():
@@ -287,11 +291,13 @@ def build_stage(
     *,
     device: str = "cpu",
     prebuilt_root: Path | None = None,
+    on_step: OnStep | None = None,
 ) -> Path:
     """Train model ``name`` of the recipe (and what it starts from) and save it as a prebuilt folder.
 
     ``out`` defaults to the folder the recipe names for it in umm's own ``umm/experts/prebuilt/``
     (in a source checkout: commit it). Ancestors are taken prebuilt when they check out.
+    ``on_step`` receives each training step (run: the model's name).
     """
     from umm.experts.prebuilt import prebuilt_folder, write_prebuilt
 
@@ -309,7 +315,7 @@ def build_stage(
     tok = tokenizers[m.tokenizer]
     trained: dict[str, Any] = {}
     for c in chain:
-        trained[c.name], entry = _model(recipe, c, tok, trained, ready[c.name], device)
+        trained[c.name], entry = _model(recipe, c, tok, trained, ready[c.name], device, on_step)
     return write_prebuilt(out or prebuilt_folder(m.prebuilt, prebuilt_root), recipe, name, trained[name], tok, entry)
 
 
@@ -330,7 +336,7 @@ def _tokenizers(recipe: SuiteRecipe, prebuilt: dict[str, Prebuilt | None]) -> di
 
 
 def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any], ready: Prebuilt | None,
-           device: str) -> tuple[Any, dict[str, Any]]:
+           device: str, on_step: OnStep | None = None) -> tuple[Any, dict[str, Any]]:
     """Model ``m`` (prebuilt, or trained from scratch or from its ``init_from``) and its suite entry."""
     from transformers import AutoModelForCausalLM
 
@@ -341,7 +347,8 @@ def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any
         steps, final_loss, seconds = ready.steps, ready.final_loss, ready.train_seconds
     else:
         model = copy.deepcopy(trained[m.init_from]) if m.init_from is not None else _new_model(m, tok, recipe.max_length)
-        result = train_causal_lm(model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads, desc=m.name)
+        result = train_causal_lm(model, tok, _pairs(recipe, m), m.train, device=device, threads=recipe.threads,
+                                 desc=m.name, on_step=on_step)
         model.to("cpu")
         steps, final_loss, seconds = result.steps, result.final_loss, result.seconds
     entry = {
@@ -367,7 +374,7 @@ def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any
 def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict[str, Any], device: str) -> dict[str, Any]:
     """Each model's score on ``recipe.score_items`` ``search`` items of every synthetic task."""
     from umm.eval import evaluate
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
 
     if recipe.score_items <= 0:
         return {}
@@ -408,7 +415,7 @@ def task_vector_stats(models: dict[str, Any], base_of: dict[str, str]) -> dict[s
 
 def _suite_info(recipe: SuiteRecipe, entries: dict[str, dict[str, Any]], seconds: float, torch_version: str) -> dict[str, Any]:
     from umm import __version__
-    from umm.experts.suites import SUITES
+    from umm.eval.suites import SUITES
 
     domains = {
         s.domain: {"task": s.name, "kind": s.kind, "experts": [n for n, e in entries.items() if s.domain in e["domains"]]}

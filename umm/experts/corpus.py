@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Mapping
 
 from umm.errors import UmmError
-from umm.experts.suites import split_records, suite_for_domain
+from umm.eval.suites import split_records, suite_for_domain
 
 MAX_OPERAND = 40
 # Bumped whenever a document generator changes: part of every recipe and prebuilt fingerprint.

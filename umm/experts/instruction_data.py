@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from umm.atomic import write_text_atomic
-from umm.experts.suites import split_records, suite_for_domain
+from umm.eval.suites import split_records, suite_for_domain
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ def stage_fingerprint(recipe: Any, name: str) -> str:
     the recipe's data seed and sequence length, and the versions of the data generators.
     """
     from umm.experts.corpus import CORPUS_VERSION
-    from umm.experts.suites import SUITES_VERSION
+    from umm.eval.suites import SUITES_VERSION
 
     chain = []
     model = recipe.model(name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from umm.experts.tokenizers import train_tokenizer
 from umm.ui import transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -24,23 +25,8 @@ _CORPUS = (
 
 
 def make_tokenizer(vocab_size: int = 384, corpus: str = _CORPUS):  # -> PreTrainedTokenizerFast
-    """A small byte-level BPE tokenizer (``tokenizers`` library) wrapped for ``transformers``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([corpus] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    """A small byte-level BPE tokenizer of ``corpus`` (digits merge like letters), right-padded."""
+    return train_tokenizer("bytelevel", [corpus] * 4, vocab_size, split_digits=False, padding_side=None)
 
 
 def make_random_llama(

@@ -1,6 +1,6 @@
 """The tiny expert suite as data: tokenizers, model shapes, data mixtures, steps and learning rates.
 
-A :class:`SuiteRecipe` fully determines a suite (with the code of :mod:`umm.experts.suites` and
+A :class:`SuiteRecipe` fully determines a suite (with the code of :mod:`umm.eval.suites` and
 :mod:`umm.experts.train`): building it twice gives the same weights. Its :meth:`~SuiteRecipe.fingerprint`
 is stored in ``suite.json`` so a cached suite built from another recipe is rebuilt, not reused.
 
@@ -95,7 +95,7 @@ class SuiteRecipe:
 
     def to_dict(self) -> dict:
         from umm.experts.corpus import CORPUS_VERSION
-        from umm.experts.suites import SUITES_VERSION
+        from umm.eval.suites import SUITES_VERSION
 
         d = asdict(self)
         d["version"] = RECIPE_VERSION
@@ -110,7 +110,7 @@ class SuiteRecipe:
 
     def validate(self) -> None:
         """Check names, references and tokenizer keys; raise :class:`UmmError` naming the problem."""
-        from umm.experts.suites import suite_for_domain
+        from umm.eval.suites import suite_for_domain
 
         seen: dict[str, ModelRecipe] = {}
         for m in self.models:

@@ -2,22 +2,23 @@
 
 Prompt/target pairs are tokenized separately (``tokenizer(prompt) + tokenizer(target) + eos``),
 exactly as the evaluator will see a prompt and generate after it; the loss is computed on the
-target tokens (and the final eos) only. AdamW, linear warmup then cosine decay to
-``min_lr_ratio * lr``, gradient clipping, seeded data order and initialisation, a fixed number of
-CPU threads: the same inputs and config give bit-identical weights on the same machine.
+target tokens (and the final eos) only. The optimisation is umm's one loop (:mod:`umm.training`:
+AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient clipping); with seeded
+data order and initialisation and a fixed number of CPU threads, the same inputs and config give
+bit-identical weights on the same machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from umm.ui import progress
+from umm.training import Loss, OnStep, adamw, train_steps, warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,6 @@ def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at ``step`` (0-based): linear warmup, then cosine down to ``min_lr_ratio * lr``."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress_ = min(1.0, (step - cfg.warmup) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
 def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """Indices of each step's batch: seeded epoch-wise permutations, concatenated."""
     if n_examples <= 0:
@@ -114,13 +105,26 @@ def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> list
     return [flat[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
-def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _loss(model, batch: dict[str, torch.Tensor]) -> Loss:
+    """Next-token cross-entropy over the labelled tokens (the target and its eos)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
+    return Loss(torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE
-    )
+    ))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (if given) within the block, restored after."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def train_causal_lm(
@@ -132,54 +136,40 @@ def train_causal_lm(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     desc: str = "train",
+    on_step: OnStep | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(prompt, target)`` pairs for ``cfg.steps`` steps.
 
-    ``threads`` fixes torch's intra-op threads for the run (restored afterwards); keep it the
-    same to reproduce weights bit for bit. The model is left in eval mode on ``device``.
+    The loop is :func:`umm.training.train_steps` (one batch per step, learning rate
+    :func:`umm.training.warmup_cosine` from ``cfg.lr`` down to ``cfg.min_lr_ratio * cfg.lr``);
+    ``on_step`` receives each step's report (run name ``desc``). ``threads`` fixes torch's
+    intra-op threads for the run (restored afterwards); keep it the same to reproduce weights bit
+    for bit. The model is left in eval mode on ``device``.
     """
     examples = encode_pairs(tokenizer, pairs, cfg.max_length)
     order = batch_order(len(examples), cfg.steps, cfg.batch_size, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+
+    def loss_of(batch: list[Example]) -> Loss:
+        return _loss(model, {k: v.to(device) for k, v in collate(batch, pad_id).items()})
+
+    def lr_at(step: int) -> float:
+        return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.lr * cfg.min_lr_ratio)
+
+    losses: list[float] = []
+    with _torch_threads(threads):
         torch.manual_seed(cfg.seed)
         model.to(device)
         model.train()
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, 0.98),
-            eps=1e-8,
-        )
-        losses: list[float] = []
+        opt = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98))
         start = time.perf_counter()
-        bar = progress(total=cfg.steps, desc=desc, unit="step", leave=False)
-        for step, idx in enumerate(order):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            loss = _loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower the learning rate")
-            losses.append(value)
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{value:.3f}")
-        bar.close()
+        plan = ([[examples[i] for i in idx]] for idx in order)
+        for report in train_steps(model, opt, plan, loss_of, lr_at=lr_at, total=cfg.steps,
+                                  grad_clip=cfg.grad_clip or None, run=desc):
+            losses.append(report.loss)
+            if on_step is not None:
+                on_step(report)
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(old_threads)
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     result = TrainResult(steps=cfg.steps, final_loss=sum(tail) / len(tail), seconds=seconds, losses=losses)

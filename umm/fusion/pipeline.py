@@ -1,6 +1,6 @@
 """``umm fuse``: one distribution fusion from a YAML config, stage by stage.
 
-Stages (each with its own progress bars):
+Stages (reported through :class:`FuseEvents`: the pipeline prints nothing, ``umm fuse`` shows them):
 
 1. **Check** every input before any heavy work: the data file (a bad line is named), each model
    folder (a pivot that is not a causal LM is refused), each tokenizer (remote code refused).
@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,6 +35,9 @@ from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 from umm.eval.sandbox import DEFAULT_WORKERS
 from umm.fusion.settings import TrainingSettings
+
+if TYPE_CHECKING:
+    from umm.training import StepReport
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +202,6 @@ class FuseResult:
 
 #: ``scorer(model_path, tasks, split, limit) -> {task: (score, ci_low, ci_high, n)}``
 Scorer = Callable[[Path, Sequence[str], str, int | None], dict[str, tuple[float, float, float, int]]]
-Echo = Callable[..., None]
 
 
 def make_scorer(settings: EvalSettings, device: str, *, show_progress: bool = True) -> Scorer:
@@ -261,9 +263,11 @@ def check_inputs(cfg: FuseConfig) -> Any:
     return data
 
 
-def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer, echo: Echo) -> tuple[Path, dict[str, dict[str, float]], str]:
+def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer,
+                           note: Callable[[str], None]) -> tuple[Path, dict[str, dict[str, float]], str]:
     """Stage 2 without a configured pivot: score every candidate on ``search``; pick the best of the
-    hardest domain (or ``pivot_domain``). Returns (pivot, model -> domain -> score, domain)."""
+    hardest domain (or ``pivot_domain``). ``note`` receives a message per candidate.
+    Returns (pivot, model -> domain -> score, domain)."""
     from umm.fusion.pivot import choose_pivot, hardest_domain
 
     domains = task_domains(cfg.eval.tasks)
@@ -275,7 +279,7 @@ def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer, echo: Echo) -> tuple
     for path in cfg.candidates():
         key = str(path)
         by_key[key] = path
-        echo(f"scoring candidate {path.name} on the search split ({', '.join(cfg.eval.tasks)})")
+        note(f"scoring candidate {path.name} on the search split ({', '.join(cfg.eval.tasks)})")
         scores[key] = domain_scores(scorer(path, cfg.eval.tasks, "search", cfg.eval.search_limit), domains)
     domain = cfg.pivot_domain or hardest_domain(scores)
     chosen = choose_pivot(scores, domain=domain)
@@ -325,89 +329,132 @@ def run_fuse(
     resume: bool = False,
     show_progress: bool = True,
     scorer: Scorer | None = None,
-    echo: Echo | None = None,
+    events: FuseEvents | None = None,
 ) -> FuseResult:
     """Run every stage of the fusion described by ``cfg`` (see the module docstring).
 
-    ``scorer`` replaces the evaluation (default: :func:`make_scorer`); ``echo`` receives the stage
-    messages and tables (default: :data:`umm.ui.console`'s ``print``).
+    ``scorer`` replaces the evaluation (default: :func:`make_scorer`); ``events`` receives the
+    stages, messages, tables' data and training steps (default: nothing is shown).
+    ``show_progress``: the progress bars of the teacher passes and the evaluation.
     """
     from umm.checkpoints.loading import resolve_device
     from umm.fusion.train import train_pivot
-    from umm.ui import console, human_bytes, table
 
-    echo = echo or console.print
+    events = events or _Quiet()
     device = str(resolve_device(cfg.device))
     scorer = scorer or make_scorer(cfg.eval, device, show_progress=show_progress)
     if cfg.output.exists() and not resume and (not cfg.output.is_dir() or any(cfg.output.iterdir())):
         raise UmmError(f"output {cfg.output} exists and is not empty; choose another, remove it, "
                        "or pass --resume to continue that run")
 
-    echo("[bold]1/5 checking inputs[/]")
+    events.stage(Stage(1))
     data = check_inputs(cfg)
-    echo(f"data {cfg.data}: {len(data)} examples")
+    events.note(f"data {cfg.data}: {len(data)} examples")
 
-    echo("[bold]2/5 pivot[/]")
+    events.stage(Stage(2))
     search_scores: dict[str, dict[str, float]] | None = None
     hardest: str | None = None
     if cfg.pivot is not None:
         pivot = cfg.pivot
-        echo(f"pivot {pivot} (from the config)")
+        events.note(f"pivot {pivot} (from the config)")
     else:
-        pivot, search_scores, hardest = choose_pivot_by_search(cfg, scorer, echo)
-        doms = sorted({d for s in search_scores.values() for d in s})
-        rows = [[Path(m).name + (" (pivot)" if m == str(pivot) else ""), *(f"{s.get(d, float('nan')):.3f}" for d in doms)]
-                for m, s in search_scores.items()]
-        echo(table(f"candidates on the search split (pivot: best on {hardest})", ["model", *doms], rows))
+        pivot, search_scores, hardest = choose_pivot_by_search(cfg, scorer, events.note)
+        events.candidates_scored(search_scores, pivot, hardest)
     sources = [p for p in cfg.candidates() if not _same(p, pivot)]
 
-    echo("[bold]3/5 teacher passes[/]")
+    events.stage(Stage(3))
     teachers = run_teacher_passes(cfg, pivot, sources, data, device, show_progress=show_progress)
-    echo(table(f"teacher passes (top-{cfg.k}, max length {cfg.max_length}, layout {cfg.layout})",
-               ["model", "layout", "response tokens", "on disk", "bytes/token", "dense fp16 bytes/token", "truncated", "dropped"],
-               [[t.name, t.layout, t.n_tokens, human_bytes(t.storage_bytes), f"{t.bytes_per_token:.1f}",
-                 t.dense_bytes_per_token, t.n_truncated, t.n_dropped] for t in teachers]))
-    if len({t.layout for t in teachers}) > 1:
-        echo("[yellow]layout auto gives these models different prompt layouts ("
-             + ", ".join(f"{t.name}: {t.layout}" for t in teachers)
-             + "); set layout to chat, plain or raw to give them the same prompts[/]")
-    for t in teachers:
-        if t.n_truncated or t.n_dropped:
-            echo(f"[yellow]{t.name}: {t.n_truncated} responses truncated to max_length={cfg.max_length}, "
-                 f"{t.n_dropped} examples dropped (prompt alone fills the context)[/]")
+    events.teacher_passes(teachers, cfg)
+    _warn_about_teachers(teachers, cfg, events)
 
-    echo("[bold]4/5 training the pivot on the fused distributions[/]")
+    events.stage(Stage(4))
     trained = True
     if resume and output_is_complete(cfg.output):
         trained = False
-        echo(f"{cfg.output} already holds the finished fused model; not training again")
+        events.note(f"{cfg.output} already holds the finished fused model; not training again")
     else:
-        train_pivot(train_config(cfg, pivot, sources, device, resume), show_progress=show_progress)
-        echo(f"fused model written to {cfg.output}")
+        train_pivot(train_config(cfg, pivot, sources, device, resume), show_progress=show_progress,
+                    on_step=events.training_step)
+        events.note(f"fused model written to {cfg.output}")
 
     result = FuseResult(pivot, sources, cfg.output, teachers, search_scores, hardest, [], trained)
     if cfg.final_eval:
-        echo(f"[bold]5/5 evaluation on the test split[/] ({', '.join(cfg.eval.tasks)})")
+        events.stage(Stage(5, ", ".join(cfg.eval.tasks)))
         rows_of = [("pivot (before)", pivot), ("fused", cfg.output), *(("source", s) for s in sources)]
         for role, path in rows_of:
             ms = ModelScores(path.name, str(path), role, scorer(path, cfg.eval.tasks, "test", cfg.eval.test_limit))
             result.test.append(ms)
-        echo(results_table(result, cfg.eval.tasks))
+        events.results(result, cfg.eval.tasks)
     write_json_atomic(cfg.output / REPORT_NAME, result.to_dict(), indent=1)
     return result
 
 
-def results_table(result: FuseResult, tasks: Sequence[str], split: str = "test") -> Any:
-    """The final table: one row per model, one column per task, ``score [95% CI]`` on ``split``."""
-    from umm.ui import table
+def _warn_about_teachers(teachers: Sequence[TeacherInfo], cfg: FuseConfig, events: FuseEvents) -> None:
+    """Warnings of stage 3: prompt layouts that differ between models, truncated or dropped examples."""
+    if len({t.layout for t in teachers}) > 1:
+        events.warning("layout auto gives these models different prompt layouts ("
+                       + ", ".join(f"{t.name}: {t.layout}" for t in teachers)
+                       + "); set layout to chat, plain or raw to give them the same prompts")
+    for t in teachers:
+        if t.n_truncated or t.n_dropped:
+            events.warning(f"{t.name}: {t.n_truncated} responses truncated to max_length={cfg.max_length}, "
+                           f"{t.n_dropped} examples dropped (prompt alone fills the context)")
 
-    domains = task_domains(tasks)
-    cols = ["model", "role", *(f"{t} ({domains[t]})" for t in tasks)]
-    rows = []
-    for m in result.test:
-        cells = []
-        for t in tasks:
-            s, lo, hi, n = m.scores[t]
-            cells.append(f"{s:.3f} [{lo:.2f}, {hi:.2f}] n={n}")
-        rows.append([m.name, m.role, *cells])
-    return table(f"{split} split: pivot before vs fused vs sources (95% CI)", cols, rows)
+
+# --------------------------------------------------------------------------- what a run reports
+
+
+#: the stages of a run, in order (see :mod:`umm.fusion.pipeline`)
+STAGE_TITLES = (
+    "checking inputs",
+    "pivot",
+    "teacher passes",
+    "training the pivot on the fused distributions",
+    "evaluation on the test split",
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Stage ``number`` (1-based) of :data:`STAGE_TITLES`; ``detail`` adds context (e.g. the tasks)."""
+
+    number: int
+    detail: str = ""
+
+    @property
+    def title(self) -> str:
+        return STAGE_TITLES[self.number - 1]
+
+    @property
+    def total(self) -> int:
+        return len(STAGE_TITLES)
+
+
+class FuseEvents(Protocol):
+    """Receives a fusion run's progress. Every method here does nothing: subclass and override what
+    you show (``umm fuse`` renders them all on the console)."""
+
+    def stage(self, stage: Stage) -> None:
+        """A stage begins."""
+
+    def note(self, text: str) -> None:
+        """A plain progress message (what was read, chosen or written)."""
+
+    def warning(self, text: str) -> None:
+        """Something the user should fix or know (e.g. prompt layouts that differ between models)."""
+
+    def candidates_scored(self, scores: dict[str, dict[str, float]], pivot: Path, domain: str) -> None:
+        """The pivot search: model -> domain -> search-split score; ``pivot`` is best on ``domain``."""
+
+    def teacher_passes(self, teachers: Sequence[TeacherInfo], cfg: FuseConfig) -> None:
+        """The teacher passes are done (or were cached): their sizes and costs."""
+
+    def training_step(self, report: StepReport) -> None:
+        """One optimizer step of the pivot's training."""
+
+    def results(self, result: FuseResult, tasks: Sequence[str]) -> None:
+        """The final test-split scores of every model (``result.test``)."""
+
+
+class _Quiet(FuseEvents):
+    """The default: a run that shows nothing."""

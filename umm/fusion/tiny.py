@@ -9,11 +9,11 @@ fuse models that share neither weights nor vocabulary.
 from __future__ import annotations
 
 import logging
-import string
 from pathlib import Path
 
 import torch
 
+from umm.experts.tokenizers import train_tokenizer
 from umm.ui import transformers_bars_off
 
 logger = logging.getLogger(__name__)
@@ -26,23 +26,9 @@ _CORPUS = (
 
 
 def make_metaspace_tokenizer(vocab_size: int = 300, corpus: str = _CORPUS):  # -> PreTrainedTokenizerFast
-    """A small ``▁``-marked BPE tokenizer (``tokenizers`` library) covering printable ASCII."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=list(string.printable.strip()) + ["▁"],
-        show_progress=False,
-    )
-    tok.train_from_iterator([corpus] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
+    """A small ``▁``-marked BPE tokenizer of ``corpus`` (every word marked; ``</s>`` pads, on the right)."""
+    return train_tokenizer("metaspace", [corpus] * 4, vocab_size, split_digits=False, mark_first_word=True,
+                           specials=("<unk>", "<s>", "</s>"), pad_token="</s>", padding_side=None)
 
 
 def make_random_neox(out_dir: str | Path, *, seed: int = 0, hidden_size: int = 32, num_layers: int = 2,

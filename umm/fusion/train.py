@@ -2,9 +2,10 @@
 
 :func:`train_pivot` runs the whole fusion: the teacher pass of the pivot and of every source
 (cached per model manifest, data hash, k, max length and prompt layout, so adding a source later
-only runs the new one), the fused targets, then ``epochs`` of AdamW with linear warm-up and cosine decay on
-``lam * CE(gold) + (1 - lam) * CE(fused, pivot)`` over response tokens. Every
-``checkpoint_every`` optimizer steps the model, optimizer, scheduler and RNG state are written
+only runs the new one), the fused targets, then ``epochs`` of umm's one training loop
+(:mod:`umm.training`: AdamW, linear warm-up and cosine decay to 0, gradient accumulation and
+clipping) on ``lam * CE(gold) + (1 - lam) * CE(fused, pivot)`` over response tokens. Every
+``checkpoint_every`` optimizer steps the model, optimizer and RNG state are written
 (safetensors + JSON, never pickle) to a temporary folder renamed into place; ``resume=True``
 continues from the latest one and gives the same weights as an uninterrupted run. The result is
 written with ``save_pretrained`` plus a model card, into a temporary folder renamed to ``output``.
@@ -13,12 +14,14 @@ written with ``save_pretrained`` plus a model card, into a temporary folder rena
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +31,13 @@ from pydantic import ConfigDict, Field
 from umm.errors import UmmError
 from umm.fusion.data import PLAIN_PROMPT, InstructionData, resolve_layout, tokenize_data
 from umm.fusion.fuse import FusionFunction
-from umm.fusion.settings import TrainingSettings
 from umm.fusion.loss import sparse_distill_terms
+from umm.fusion.settings import TrainingSettings
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
 from umm.fusion.teacher import TeacherOutputs, teacher_pass
 from umm.partials import partial_path, remove_stale_partials
-from umm.ui import progress, transformers_bars_off
+from umm.training import Loss, OnStep, adamw, train_steps, warmup_cosine
+from umm.ui import transformers_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +79,6 @@ class FusionTrainConfig(TrainingSettings):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
 def collate(items: list[FusedItem], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; targets sit at the row that predicts each response token."""
     length = max(len(it.input_ids) for it in items)
@@ -116,7 +112,7 @@ def collate(items: list[FusedItem], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(work: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
+                     state: dict[str, Any], keep: int) -> Path:
     from safetensors.torch import save_file, save_model
 
     ckpt_root = work / "checkpoints"
@@ -141,9 +137,7 @@ def _save_checkpoint(work: Path, step: int, model: Any, optimizer: torch.optim.O
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    sched = scheduler.state_dict()
-    meta = {"param_groups": opt["param_groups"], "plain_state": plain_state, "scheduler": sched,
-            "trainer": state}
+    meta = {"param_groups": opt["param_groups"], "plain_state": plain_state, "trainer": state}
     (tmp / STATE_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -160,7 +154,7 @@ def latest_checkpoint(work: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer,
                      device: torch.device) -> dict[str, Any]:
     from safetensors.torch import load_file, load_model
 
@@ -178,7 +172,6 @@ def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, s
             _, pid, key = name.split(".", 2)
             state.setdefault(int(pid), {})[key] = t if key == "step" else t.to(device)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
     if cuda_states:
@@ -219,12 +212,15 @@ def train_pivot(
     targets: FusedTargets | None = None,
     stop_after: int | None = None,
     show_progress: bool = True,
+    on_step: OnStep | None = None,
 ) -> Path:
     """Run the fusion described by ``config``; returns the output model folder.
 
-    ``targets``: precomputed fused targets (else :func:`prepare_targets`). ``stop_after``: stop
-    after that many optimizer steps in this call, with a checkpoint (time-sliced jobs); the output
-    folder is then not written and the work folder's path is returned instead.
+    ``targets``: precomputed fused targets (else :func:`prepare_targets`, whose teacher passes show
+    progress bars when ``show_progress``). ``on_step`` receives each optimizer step's report (run
+    ``"fusion training"``; terms ``ce_gold`` and ``ce_fused``). ``stop_after``: stop after that many
+    optimizer steps in this call, with a checkpoint (time-sliced jobs); the output folder is then
+    not written and the work folder's path is returned instead.
     """
     from umm.checkpoints.loading import check_model_config, load_causal_lm, load_tokenizer, resolve_device
     from umm.checkpoints.reader import Checkpoint
@@ -257,80 +253,50 @@ def train_pivot(
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    top_id = max(max(int(it.target.ids.max()) if it.target.ids.numel() else 0, max(it.input_ids))
-                 for it in train_items)
-    if top_id >= vocab:
-        raise UmmError(f"token id {top_id} does not fit the pivot's {vocab}-row output layer; "
-                       "its tokenizer has more tokens than its embeddings")
+    _check_vocab(model, train_items)
 
-    n_micro = math.ceil(len(train_items) / config.batch_size)
-    steps_per_epoch = math.ceil(n_micro / config.grad_accum)
-    total = config.max_steps or steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_ratio * total))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro": 0, "config_hash": config.training_hash(),
-                             "history": []}
+    total = config.max_steps or steps_per_epoch(len(train_items), config) * config.epochs
+    warmup = round(config.warmup_ratio * total)
+    optimizer = adamw(model, config.lr, config.weight_decay)
+    state: dict[str, Any] = {"step": 0, "config_hash": config.training_hash(), "history": []}
     if previous is not None:
-        state = _load_checkpoint(previous, model, optimizer, scheduler, device)
+        state = _load_checkpoint(previous, model, optimizer, device)
         if state.get("config_hash") != config.training_hash():
             raise UmmError(f"{previous} was written with other training settings; remove {work} to start over")
         logger.info("resuming from %s (step %d of %d)", previous, state["step"], total)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    bar = progress(total=total, desc="fusion training", unit="step", disable=None if show_progress else True)
-    bar.update(state["step"])
-    steps_this_call = 0
+
+    def loss_of(items: list[FusedItem]) -> Loss:
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ce_gold, ce_kd = sparse_distill_terms(logits, batch["target_ids"], batch["target_logprobs"],
+                                              batch["target_mask"], batch["gold"], batch["response_mask"])
+        return Loss(config.lam * ce_gold + (1.0 - config.lam) * ce_kd, {"ce_gold": ce_gold, "ce_fused": ce_kd})
+
+    def lr_at(step: int) -> float:
+        return config.lr * warmup_cosine(step, total, warmup)
+
+    plan = fusion_plan(train_items, config, state["step"], total)
+    if stop_after is not None:
+        if stop_after < 1:
+            raise ValueError(f"stop_after must be at least 1, got {stop_after}")
+        plan = itertools.islice(plan, stop_after)
     t0 = time.perf_counter()
-    while state["step"] < total:
-        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(config.seed + state["epoch"]))
-        batches = [order[i : i + config.batch_size].tolist() for i in range(0, len(order), config.batch_size)]
-        end_of_epoch = False
-        while state["step"] < total and not end_of_epoch:
-            group = batches[state["micro"] : state["micro"] + config.grad_accum]
-            optimizer.zero_grad(set_to_none=True)
-            sums = [0.0, 0.0, 0.0]
-            for idx in group:
-                batch = {k: v.to(device) for k, v in collate([train_items[i] for i in idx], pad_id).items()}
-                with autocast:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                ce_gold, ce_kd = sparse_distill_terms(logits, batch["target_ids"], batch["target_logprobs"],
-                                                      batch["target_mask"], batch["gold"], batch["response_mask"])
-                loss = config.lam * ce_gold + (1.0 - config.lam) * ce_kd
-                (loss / len(group)).backward()
-                sums[0] += float(loss.detach()) / len(group)
-                sums[1] += float(ce_gold.detach()) / len(group)
-                sums[2] += float(ce_kd.detach()) / len(group)
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            state["micro"] += len(group)
-            state["step"] += 1
-            steps_this_call += 1
-            state["history"].append({"step": state["step"], "loss": sums[0], "ce_gold": sums[1],
-                                     "ce_fused": sums[2], "lr": scheduler.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{sums[0]:.4f}")
-            if state["micro"] >= len(batches):
-                state["epoch"] += 1
-                state["micro"] = 0
-                end_of_epoch = True
-            stopping = stop_after is not None and steps_this_call >= stop_after and state["step"] < total
-            if state["step"] % config.checkpoint_every == 0 or stopping:
-                _save_checkpoint(work, state["step"], model, optimizer, scheduler, state, config.keep_checkpoints)
-            if stopping:
-                bar.close()
-                logger.info("stopped after %d steps (step %d of %d); resume to continue", steps_this_call,
-                            state["step"], total)
-                return work
-    bar.close()
+    for report in train_steps(model, optimizer, plan, loss_of, lr_at=lr_at, total=total, start=state["step"],
+                              grad_clip=config.max_grad_norm, run="fusion training"):
+        state["step"] = report.step
+        state["history"].append({"step": report.step, "loss": report.loss, **report.terms, "lr": report.lr})
+        if on_step is not None:
+            on_step(report)
+        if report.step % config.checkpoint_every == 0:
+            _save_checkpoint(work, report.step, model, optimizer, state, config.keep_checkpoints)
+    if state["step"] < total:  # stopped after ``stop_after`` steps
+        if state["step"] % config.checkpoint_every != 0:
+            _save_checkpoint(work, state["step"], model, optimizer, state, config.keep_checkpoints)
+        logger.info("stopped after %d steps (step %d of %d); resume to continue", stop_after, state["step"], total)
+        return work
     seconds = time.perf_counter() - t0
     out = _write_output(config, model, tokenizer, targets, teachers, state, seconds)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -339,6 +305,40 @@ def train_pivot(
     except OSError:
         pass  # not empty: something else lives there
     return out
+
+
+def _check_vocab(model: Any, items: list[FusedItem]) -> None:
+    """Refuse token ids (inputs or targets) that the pivot's output layer has no row for."""
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    top_id = max(max(int(it.target.ids.max()) if it.target.ids.numel() else 0, max(it.input_ids)) for it in items)
+    if top_id >= vocab:
+        raise UmmError(f"token id {top_id} does not fit the pivot's {vocab}-row output layer; "
+                       "its tokenizer has more tokens than its embeddings")
+
+
+def steps_per_epoch(n_items: int, config: TrainingSettings) -> int:
+    """Optimizer steps of one pass over ``n_items``: micro-batches of ``batch_size``, ``grad_accum`` a step."""
+    return math.ceil(math.ceil(n_items / config.batch_size) / config.grad_accum)
+
+
+def fusion_plan(items: list[FusedItem], config: TrainingSettings, start: int, total: int) -> Iterator[list[list[FusedItem]]]:
+    """The micro-batches of each step from ``start`` to ``total``.
+
+    Epoch ``e`` orders the items by a permutation seeded with ``seed + e``, cuts it into batches of
+    ``batch_size`` and groups ``grad_accum`` batches a step (the last group of an epoch may be
+    shorter). A pure function of the step, so a resumed run sees the same batches.
+    """
+    per_epoch = steps_per_epoch(len(items), config)
+    step = start
+    while step < total:
+        epoch, first = divmod(step, per_epoch)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        for k in range(first, per_epoch):
+            if step >= total:
+                return
+            yield [[items[i] for i in b] for b in batches[k * config.grad_accum : (k + 1) * config.grad_accum]]
+            step += 1
 
 
 def _write_output(config: FusionTrainConfig, model: Any, tokenizer: Any, targets: FusedTargets,

@@ -1,4 +1,4 @@
-"""The synthetic suites of the tiny experts (``synth-*``), from :mod:`umm.experts.suites`.
+"""The tasks of the synthetic suites (``synth-*``) of :mod:`umm.eval.suites`, the tiny experts' domains.
 
 Zero-shot, no chat template: the model sees ``suite.prompt(record)`` and its completion is
 scored with the suite's ``kind`` (``gsm8k``: final number; ``mbpp``: the completion run with the
@@ -8,23 +8,20 @@ trainers only ever use ``train`` records, so nothing that trains or tunes sees `
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any
 
 from umm.eval.extract import extract_code, extract_final_number, gold_final_number, numbers_equal
 from umm.eval.splits import eval_split_of, generated_split_of
+from umm.eval.suites import SUITES, Suite, split_records
 from umm.eval.task import AnswerTask, CodeTask, EvalSplit, Sample, Task, read_jsonl, register_task, stable_id
-
-logger = logging.getLogger(__name__)
 
 POOL_SIZE = 256  # items per split; ``limit`` draws a seeded subset of these
 
 
 class _SyntheticMixin:
-    """Items from a Suite (the contract of ``umm.experts.suites``), or from ``--data``."""
+    """Items from a :class:`~umm.eval.suites.Suite`, or from ``--data``."""
 
-    suite: Any
+    suite: Suite
     pool_size: int
     data: Path | None
     name: str
@@ -39,8 +36,6 @@ class _SyntheticMixin:
         if self.data is not None:
             fields = ("question", "answer") if self.suite.kind == "gsm8k" else ("text", "test_list")
             return [self._sample(r) for r in read_jsonl(self.data, fields)]
-        from umm.experts.suites import split_records
-
         return [self._sample(r) for sp in ("search", "test") for r in split_records(self.suite, sp, self.pool_size, seed=0)]
 
     def split_pool(self, split: EvalSplit) -> list[Sample]:
@@ -53,7 +48,7 @@ class _SyntheticMixin:
 class SyntheticAnswerTask(_SyntheticMixin, AnswerTask):
     chat = False
 
-    def __init__(self, suite: Any, data: Path | None = None, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, suite: Suite, data: Path | None = None, pool_size: int = POOL_SIZE) -> None:
         super().__init__(data)
         self.suite, self.pool_size = suite, pool_size
         self.name, self.domain = suite.name, suite.domain
@@ -74,7 +69,7 @@ class SyntheticCodeTask(_SyntheticMixin, CodeTask):
     chat = False
     timeout_seconds = 5.0
 
-    def __init__(self, suite: Any, data: Path | None = None, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, suite: Suite, data: Path | None = None, pool_size: int = POOL_SIZE) -> None:
         super().__init__(data)
         self.suite, self.pool_size = suite, pool_size
         self.name, self.domain = suite.name, suite.domain
@@ -94,17 +89,13 @@ class SyntheticCodeTask(_SyntheticMixin, CodeTask):
         return f"{sample.reference}\n"
 
 
-def synthetic_task(suite: Any, data: Path | None = None, pool_size: int = POOL_SIZE) -> Task:
-    """The task of a Suite (anything with the Suite contract's attributes)."""
+def synthetic_task(suite: Suite, data: Path | None = None, pool_size: int = POOL_SIZE) -> Task:
+    """The task of a suite: answer-scored (``gsm8k`` kind) or executed (``mbpp`` kind)."""
     cls = SyntheticAnswerTask if suite.kind == "gsm8k" else SyntheticCodeTask
     return cls(suite, data, pool_size)
 
 
 def register() -> None:
-    try:
-        from umm.experts.suites import SUITES
-    except ImportError as exc:  # the experts package is optional for the evaluator
-        logger.debug("no synthetic suites: %s", exc)
-        return
+    """Register one task per suite, under the suite's name (``synth-math``, ...)."""
     for name, suite in SUITES.items():
         register_task(name, lambda data, s=suite: synthetic_task(s, data))
