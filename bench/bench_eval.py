@@ -84,7 +84,7 @@ def main() -> None:
         texts = {}
         for _ in range(args.repeat):
             for backend, bs in configs:
-                c, w, out = _cpu_and_wall(lambda: generate(model, tok, prompts, max_new_tokens=task.max_new_tokens,
+                c, w, out = _cpu_and_wall(lambda backend=backend, bs=bs: generate(model, tok, prompts, max_new_tokens=task.max_new_tokens,
                                                            stop=task.stop, batch_size=bs, backend=backend))
                 cpu[(backend, bs)].append(c)
                 wall[(backend, bs)].append(w)
@@ -100,14 +100,14 @@ def main() -> None:
         print(f"\n2. evaluate() throughput ({args.n} search items per task)")
         for name in synth:
             for bs in (1, args.batch_size):
-                sec, res = _timed(lambda: evaluate(model, tok, [name], limit=args.n, batch_size=bs, show_progress=False,
+                sec, res = _timed(lambda name=name, bs=bs: evaluate(model, tok, [name], limit=args.n, batch_size=bs, show_progress=False,
                                                    sandbox_workers=args.workers), args.repeat)
                 print(f"   {name:11s} batch {bs:3d}: {args.n / sec:8.1f} samples/s ({sec:.2f} s)")
 
         print("\n3. one CMA-ES candidate: evaluate() on a 64-item search subset, model already loaded")
         total = 0.0
         for name in synth:
-            sec, res = _timed(lambda: evaluate(model, tok, [name], limit=64, batch_size=args.batch_size,
+            sec, res = _timed(lambda name=name: evaluate(model, tok, [name], limit=64, batch_size=args.batch_size,
                                                show_progress=False, sandbox_workers=args.workers), args.repeat)
             total += sec
             s = res.scores[name]  # type: ignore[union-attr]

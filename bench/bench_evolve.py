@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _layer_recipe(method: str, base: Path, experts: list[Path], seed: int, num_layers: int, density: float | None):  # noqa: ANN202
+def _layer_recipe(method: str, base: Path, experts: list[Path], seed: int, num_layers: int, density: float | None):
     """A candidate as the search writes it: per-layer weight gradients per model."""
     import numpy as np
 
@@ -54,8 +54,8 @@ def _layer_recipe(method: str, base: Path, experts: list[Path], seed: int, num_l
 
 def part_apply(args: argparse.Namespace) -> None:
     import torch
-
     from bench_merge import build_models
+
     from umm.checkpoints.loading import load_causal_lm
     from umm.checkpoints.reader import Checkpoint
     from umm.evolve.apply import LiveMerge
@@ -111,12 +111,11 @@ def part_apply(args: argparse.Namespace) -> None:
 
 
 def part_split(args: argparse.Namespace) -> None:
+    from umm.errors import UmmError
     from umm.evolve.config import parse_config
     from umm.evolve.run import run_evolve
-    from umm.ui import console, table
-
-    from umm.errors import UmmError
     from umm.experts.build import load_suite
+    from umm.ui import console, table
 
     try:
         suite = load_suite(args.variant, args.suite_root)

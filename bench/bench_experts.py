@@ -28,8 +28,8 @@ def main() -> None:
     import torch
 
     from umm.eval.evaluate import evaluate
-    from umm.experts.build import ensure_suite
     from umm.eval.suites import SUITES
+    from umm.experts.build import ensure_suite
     from umm.ui import console, table
 
     torch.set_num_threads(args.threads)

@@ -240,8 +240,8 @@ def main() -> None:
     if "teacher" in parts:
         results.update(bench_teacher(args.device, 32 if args.quick else 128))
     if "memory" in parts:
-        b, l = (2, 256) if args.quick else (4, 512)
-        results.update(bench_memory(args.device, b, l, 32000, 10))
+        batch, length = (2, 256) if args.quick else (4, 512)
+        results.update(bench_memory(args.device, batch, length, 32000, 10))
     results["cpu_count"] = os.cpu_count()
     console.print(table("umm fusion bench", ["figure", "value"], sorted(results.items())))
     print(json.dumps(results))

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -250,7 +249,7 @@ def main() -> None:
             walls = [r.wall_s for r in rs]
             best[tool] = (min(walls), max(walls), min(r.peak_rss for r in rs), max(r.peak_rss for r in rs),
                           min(r.cpu_s for r in rs))
-        for tool, (wmin, wmax, rmin, rmax, cmin) in best.items():
+        for tool, (wmin, wmax, rmin, _rmax, cmin) in best.items():
             tr = cr = rr = ""
             if tool == "umm" and "mergekit" in best:
                 tr = f"{wmin / best['mergekit'][0]:.2f}x"

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+
 from coordinator.db import JobRow, StateDB
 
 logger = logging.getLogger(__name__)

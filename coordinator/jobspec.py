@@ -10,7 +10,7 @@ the result of its kind. The round's heavy job is an :class:`EvolveJob` or a :cla
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -81,8 +81,8 @@ class EvaluateJob(_Job):
     device: str
 
 
-MergeJob = Annotated[Union[EvolveJob, FusionJob], Field(discriminator="kind")]
-JobSpec = Annotated[Union[EvolveJob, FusionJob, AdmitJob, EvaluateJob], Field(discriminator="kind")]
+MergeJob = Annotated[EvolveJob | FusionJob, Field(discriminator="kind")]
+JobSpec = Annotated[EvolveJob | FusionJob | AdmitJob | EvaluateJob, Field(discriminator="kind")]
 JOB_SPEC: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 
 
@@ -110,7 +110,7 @@ class Scores(_Frozen):
     scores: dict[str, float]
 
 
-JobResult = Union[MergeOutput, Admission, Scores]
+JobResult = MergeOutput | Admission | Scores
 #: the result type of each job kind
 RESULTS: dict[str, type[JobResult]] = {"evolve": MergeOutput, "fusion": MergeOutput, "admit": Admission,
                                        "evaluate": Scores}

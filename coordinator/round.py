@@ -21,9 +21,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import RoundRow, StateDB, VerdictRow
@@ -371,7 +372,7 @@ class RoundRunner:
         providers = [expert.address] if expert else []
         try:
             providers += [e.record.address for e in self.ctx.records.providers(manifest_hash).values()]
-        except Exception as e:  # noqa: BLE001 - the DHT may not answer; the announced address is enough
+        except Exception as e:
             logger.info("provider lookup for %s failed: %s", manifest_hash[:12], e)
         return providers
 
@@ -391,7 +392,7 @@ class RoundRunner:
                     self._admit_one(h)
                 except Interrupted:
                     raise
-                except Exception as e:  # noqa: BLE001 - whatever one expert causes is its rejection
+                except Exception as e:
                     logger.exception("round %d: admission of %s failed", number, h[:12])
                     self._reject(h, f"admission failed: {type(e).__name__}: {e}".splitlines()[0][:1000])
             (admitted if self.db.verdict(h).admitted else rejected).append(h)
@@ -439,7 +440,7 @@ class RoundRunner:
                     scores = evaluate_folder(self.config, self.ctx.store.path(h), "search", self.ctx.stop)
                 except Interrupted:
                     raise
-                except Exception as e:  # noqa: BLE001 - an expert that cannot be evaluated is rejected
+                except Exception as e:
                     self._reject(h, f"evaluation failed: {type(e).__name__}: {e}"[:1000],
                                  architecture=v.architecture, tokenizer=v.tokenizer,
                                  num_parameters=v.num_parameters)

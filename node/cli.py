@@ -10,12 +10,12 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
-from umm.cli import run_app
 from node.config import NodeConfig
+from umm.cli import run_app
 from umm.cli.common import freeze_for_exit
 from umm.net.ready import Ready, clear_ready, write_ready
 from umm.ui import console, setup_logging
@@ -94,15 +94,15 @@ def _add_log_file(data_dir: Path) -> None:
 @app.command()
 def join(
     model: Path = typer.Option(..., "--model", help="Hugging Face model folder (safetensors) to contribute."),
-    domain: List[str] = typer.Option(..., "--domain", help="Domain the model is an expert in (repeatable)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name shown on the network (default: folder name)."),
+    domain: list[str] = typer.Option(..., "--domain", help="Domain the model is an expert in (repeatable)."),
+    name: str | None = typer.Option(None, "--name", help="Name shown on the network (default: folder name)."),
     network: str = _NETWORK,
-    initial_peers: Optional[List[str]] = _PEERS,
-    coordinator_key: Optional[str] = _COORD,
-    data_dir: Optional[Path] = typer.Option(
+    initial_peers: list[str] | None = _PEERS,
+    coordinator_key: str | None = _COORD,
+    data_dir: Path | None = typer.Option(
         None, "--data-dir", help="This node's directory: identity key, model store, logs (default: <umm home>/node)."
     ),
-    identity_path: Optional[Path] = typer.Option(
+    identity_path: Path | None = typer.Option(
         None, "--identity-path", help="Identity key file, created if missing; it fixes the peer id (default: <data dir>/identity.key)."
     ),
     host: str = typer.Option(
@@ -111,19 +111,19 @@ def join(
     ),
     port: int = typer.Option(_default("port"), "--port", help="gRPC port (0: any free port)."),
     dht_port: int = typer.Option(_default("dht_port"), "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
-    announce_host: Optional[str] = typer.Option(
+    announce_host: str | None = typer.Option(
         None, "--announce-host", help="Address other machines reach this one at (public IP or DNS name)."
     ),
     refresh_period: float = typer.Option(_default("refresh_period"), "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
     max_merged_bytes: int = typer.Option(_default("max_merged_bytes"), "--max-merged-bytes", help="Largest merged model to download."),
     max_model_bytes: int = typer.Option(_default("max_model_bytes"), "--max-model-bytes", help="Admission size limit for our own model."),
-    self_eval: Optional[List[str]] = typer.Option(
+    self_eval: list[str] | None = typer.Option(
         None, "--self-eval", help="TASK[,TASK]: evaluate the model on these tasks' test split and announce the scores."
     ),
     self_eval_limit: int = typer.Option(50, "--self-eval-limit", help="Items per self-evaluated task."),
-    device: Optional[str] = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
-    ready_file: Optional[Path] = typer.Option(
+    device: str | None = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
+    ready_file: Path | None = typer.Option(
         None, "--ready-file", help="Once serving, write this node's peer id and addresses here as JSON "
         "(umm.net.ready.Ready, for programs that start nodes); removed when the node leaves."
     ),
@@ -192,8 +192,8 @@ def join(
 @app.command()
 def status(
     network: str = _NETWORK,
-    initial_peers: List[str] = typer.Option(..., "--initial-peers", help="Multiaddr of a running peer; repeat for several."),
-    coordinator_key: Optional[str] = _COORD,
+    initial_peers: list[str] = typer.Option(..., "--initial-peers", help="Multiaddr of a running peer; repeat for several."),
+    coordinator_key: str | None = _COORD,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Print what the network holds: experts, leaderboard, latest merged model."""

@@ -11,7 +11,7 @@ os.environ.setdefault("UMM_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402  (after the environment above; nearly every test needs it)
+import torch
 
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
 

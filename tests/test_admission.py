@@ -30,7 +30,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit_weights(folder: Path, edit) -> None:  # noqa: ANN001 - a callable on the tensor dict
+def _edit_weights(folder: Path, edit) -> None:
     tensors = load_file(folder / "model.safetensors")
     edit(tensors)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

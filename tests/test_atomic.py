@@ -72,7 +72,7 @@ def test_concurrent_writers_of_one_path_never_collide_or_mix(tmp_path):
             for j in range(40):
                 write_json_atomic(target, {"writer": i, "round": j, "pad": "x" * (1000 * i)})
                 json.loads(target.read_text())  # always a whole file of some writer
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]

@@ -6,8 +6,8 @@ import os
 import sqlite3
 
 import pytest
-
 import yaml
+from pydantic import ValidationError
 
 from coordinator.cli import main
 from coordinator.config import (
@@ -58,7 +58,7 @@ def test_config_errors_name_the_key_and_list_valid_ones(tmp_path):
         parse_config({"network": "has space"})
     cfg = parse_config({"tasks": ["synth-math", "gsm8k", "synth-list"]})
     assert cfg.domains() == {"math": ["synth-math", "gsm8k"], "list": ["synth-list"]}
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(ValidationError):  # frozen
         cfg.network = "x"  # type: ignore[misc]
     with pytest.raises(CoordinatorConfigError, match="umm-coordinator init"):
         load_config(tmp_path / "missing.yaml")

@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-
 from coordinator.config import EvolveSettings, parse_config
 from coordinator.db import StateDB
 from coordinator.jobs import run_job
@@ -94,9 +93,9 @@ def test_publish_only_if_better_than_the_previous_round(tiny_models, tmp_path):
 def test_fusion_job_trains_the_pivot_in_a_worker(tiny_models, tmp_path):
     import json
 
+    from coordinator.jobspec import FusionJob
     from umm.checkpoints.fingerprint import fingerprint
     from umm.checkpoints.reader import Checkpoint
-    from coordinator.jobspec import FusionJob
     from umm.fusion.settings import TrainingSettings
     from umm.fusion.tiny import make_random_neox
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from experts_fixtures import small_suite  # noqa: F401
 
 RUN_UMM = "from umm.cli import main; main()"

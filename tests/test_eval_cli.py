@@ -75,7 +75,7 @@ def test_bad_input_gets_clear_errors(tmp_path: Path, tiny_models: dict[str, Path
     assert r.exit_code == 2 and "split" in r.output
 
 
-def test_default_threads_leave_the_sandbox_workers_their_cores(tiny_models: dict[str, Path], monkeypatch) -> None:  # noqa: ANN001
+def test_default_threads_leave_the_sandbox_workers_their_cores(tiny_models: dict[str, Path], monkeypatch) -> None:
     import os
 
     import torch

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-def _recipe(method: str, models: dict[str, Path], params: dict, per_model: list[dict] | None = None):  # noqa: ANN001
+def _recipe(method: str, models: dict[str, Path], params: dict, per_model: list[dict] | None = None):
     from umm.merge import MergeRecipe
 
     per_model = per_model or [{"weight": 0.7}, {"weight": 0.4}]
@@ -28,7 +28,7 @@ def _recipe(method: str, models: dict[str, Path], params: dict, per_model: list[
 
 
 @pytest.fixture(scope="module")
-def live(tiny_models: dict[str, Path]):  # noqa: ANN201
+def live(tiny_models: dict[str, Path]):
     from umm.checkpoints.loading import load_causal_lm
     from umm.evolve.apply import LiveMerge
 
@@ -46,7 +46,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("method,params,per_model", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_apply_in_memory_equals_the_streamed_merge(live, tiny_models, method, params, per_model) -> None:  # noqa: ANN001
+def test_apply_in_memory_equals_the_streamed_merge(live, tiny_models, method, params, per_model) -> None:
     from umm.merge.executor import merge_state_dict
 
     recipe = _recipe(method, tiny_models, params, per_model)
@@ -66,7 +66,7 @@ def test_apply_in_memory_equals_the_streamed_merge(live, tiny_models, method, pa
         assert torch.equal(before[n], p.detach()), n
 
 
-def test_zero_weights_give_the_base_and_load_source(live, tiny_models) -> None:  # noqa: ANN001
+def test_zero_weights_give_the_base_and_load_source(live, tiny_models) -> None:
     from umm.checkpoints.reader import Checkpoint
 
     assert live.delta_mode  # a task-arithmetic search caches base + task vectors
@@ -80,7 +80,7 @@ def test_zero_weights_give_the_base_and_load_source(live, tiny_models) -> None: 
             torch.testing.assert_close(p.detach(), code.get_tensor(n).float(), rtol=1e-6, atol=1e-8)
 
 
-def test_recipe_with_other_models_is_refused(live, tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_recipe_with_other_models_is_refused(live, tiny_models, tmp_path) -> None:
     from umm.evolve.apply import LiveMergeError
 
     other = tmp_path / "other"
@@ -90,7 +90,7 @@ def test_recipe_with_other_models_is_refused(live, tiny_models, tmp_path) -> Non
         live.apply(recipe)
 
 
-def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_path) -> None:
     from umm.checkpoints.errors import IncompatibleCheckpointsError
     from umm.checkpoints.loading import load_causal_lm
     from umm.evolve.apply import LiveMerge
@@ -103,7 +103,7 @@ def test_incompatible_models_name_the_tensor_and_point_to_fuse(tiny_models, tmp_
     assert "fuse" in str(e.value)
 
 
-def test_ties_search_caches_task_vectors_and_ranks(tiny_models, monkeypatch) -> None:  # noqa: ANN001
+def test_ties_search_caches_task_vectors_and_ranks(tiny_models, monkeypatch) -> None:
     """A TIES search caches task vectors and |delta| ranks; candidates equal the streamed merge
     exactly, whatever the densities (all, none, some), rescale or the weights, also merged in
     many small blocks of rows."""
@@ -152,7 +152,7 @@ def test_ranked_top_k_equals_magnitude_with_ties_in_magnitude() -> None:
             assert torch.equal(got.signbit(), want.signbit()), (density, rescale)
 
 
-def test_raw_cache_mode_matches_too(tiny_models) -> None:  # noqa: ANN001
+def test_raw_cache_mode_matches_too(tiny_models) -> None:
     """A search over a random method (DARE-TIES) caches the sources as they are (no task
     vectors); both paths still agree, also for a TIES or task-arithmetic candidate."""
     from umm.checkpoints.loading import load_causal_lm

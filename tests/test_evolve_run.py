@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from evolve_probe import make_references, register_probe
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
-def one_thread():  # noqa: ANN201
+def one_thread():
     """Tiny models run faster on one thread (no intra-op scheduling); restored afterwards."""
     import torch
 
@@ -38,7 +37,7 @@ def probe(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     return {"refs": refs}
 
 
-def _config(tiny_models: dict[str, Path], **over) -> dict:  # noqa: ANN003
+def _config(tiny_models: dict[str, Path], **over) -> dict:
     cfg = {
         "models": [str(tiny_models["math"]), str(tiny_models["code"])],
         "base_model": str(tiny_models["base"]),
@@ -54,7 +53,7 @@ def _config(tiny_models: dict[str, Path], **over) -> dict:  # noqa: ANN003
     return cfg
 
 
-def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:
     import torch
 
     from umm.checkpoints.reader import Checkpoint
@@ -155,7 +154,7 @@ def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:  # no
 
 
 @pytest.mark.skipif(not Path("/tmp/mergekit-venv/bin/mergekit-yaml").exists(), reason="mergekit not installed")
-def test_best_recipe_runs_in_mergekit(probe, tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_best_recipe_runs_in_mergekit(probe, tiny_models, tmp_path) -> None:
     from umm.evolve.config import parse_config
     from umm.evolve.run import run_evolve
 
@@ -169,7 +168,7 @@ def test_best_recipe_runs_in_mergekit(probe, tiny_models, tmp_path) -> None:  # 
     assert list((tmp_path / "mk").glob("*.safetensors"))
 
 
-def test_bad_input_is_reported(probe, tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_bad_input_is_reported(probe, tiny_models, tmp_path) -> None:
     from umm.checkpoints.errors import IncompatibleCheckpointsError
     from umm.evolve.config import parse_config
     from umm.evolve.run import EvolveError, run_evolve
@@ -205,7 +204,7 @@ def _driver(refs: Path, cfg_path: Path, run_dir: Path, *extra: str) -> list[str]
     return [sys.executable, str(HERE / "evolve_probe.py"), str(refs), "--", str(cfg_path), "--run-dir", str(run_dir), *extra]
 
 
-def test_kill_and_resume_gives_the_uninterrupted_result(probe, tiny_models, tmp_path) -> None:  # noqa: ANN001
+def test_kill_and_resume_gives_the_uninterrupted_result(probe, tiny_models, tmp_path) -> None:
     from umm.evolve.config import load_config, parse_config
     from umm.evolve.run import run_evolve
     from umm.evolve.state import ResumeError

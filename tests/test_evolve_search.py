@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from umm.errors import UmmError
 from umm.evolve.config import EvolveConfigError, load_config, parse_config
@@ -17,7 +18,7 @@ from umm.evolve.transform import BoxTransform
 TARGET = np.array([0.15, 0.8, 0.35, 0.6, 0.9, 0.25])
 
 
-def quadratic(xs, generation):  # noqa: ANN001 - test objective
+def quadratic(xs, generation):
     return [
         Scored({"q": -float(((x - TARGET) ** 2).sum())}, -float(((x - TARGET) ** 2).sum()), 0.0)
         for x in xs
@@ -37,7 +38,7 @@ def box() -> BoxTransform:
 # -- config ------------------------------------------------------------------------------------
 
 
-def _cfg(**over):  # noqa: ANN003
+def _cfg(**over):
     data = {"models": ["a", "b"], "base_model": "base", "tasks": [{"name": "synth-math"}]}
     data.update(over)
     return data
@@ -48,7 +49,7 @@ def test_config_defaults_and_task_shorthand() -> None:
     assert [t.name for t in cfg.tasks] == ["synth-math", "synth-code"]
     assert cfg.tasks[1].weight == 2 and cfg.optimizer == "cma" and cfg.budget.evaluations == 100
     assert cfg.bounds_for("density") == (0.1, 1.0) and cfg.bounds_for("weight") == (0.0, 1.0)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.seed = 4  # frozen
 
 
@@ -74,7 +75,7 @@ def test_config_rejects_zero_budget_and_bad_bounds() -> None:
         parse_config(_cfg(tasks=["t", "t"]))
 
 
-def test_config_file_resolves_relative_models_and_overrides(tmp_path) -> None:  # noqa: ANN001
+def test_config_file_resolves_relative_models_and_overrides(tmp_path) -> None:
     (tmp_path / "m1").mkdir()
     (tmp_path / "cfg.yaml").write_text("models: [m1, elsewhere]\ntasks: [synth-math]\n")
     cfg = load_config(tmp_path / "cfg.yaml", optimizer="random")
@@ -124,7 +125,7 @@ def test_cma_beats_random_with_the_same_budget(box: BoxTransform) -> None:
 
 
 def test_same_seed_same_search_whatever_else_uses_numpy(box: BoxTransform) -> None:
-    def noisy(xs, g):  # noqa: ANN001 - an evaluator that consumes numpy's global RNG
+    def noisy(xs, g):
         np.random.rand(17)
         return quadratic(xs, g)
 
@@ -143,7 +144,7 @@ def test_budget_accounting() -> None:
 
 
 def test_wall_time_budget_stops_between_generations(box: BoxTransform) -> None:
-    def slow(xs, g):  # noqa: ANN001
+    def slow(xs, g):
         return [Scored(r.scores, r.fitness, r.seconds) for r in quadratic(xs, g)]
 
     state = fresh_state("cma", box)
@@ -152,7 +153,7 @@ def test_wall_time_budget_stops_between_generations(box: BoxTransform) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["cma", "random"])
-def test_resume_from_saved_state_equals_uninterrupted(tmp_path, box: BoxTransform, optimizer: str) -> None:  # noqa: ANN001
+def test_resume_from_saved_state_equals_uninterrupted(tmp_path, box: BoxTransform, optimizer: str) -> None:
     full = run_search(fresh_state(optimizer, box), box, quadratic, generations=12)
     saved = []
     part = run_search(
@@ -170,7 +171,7 @@ def test_resume_from_saved_state_equals_uninterrupted(tmp_path, box: BoxTransfor
     assert resumed.best().x == full.best().x
 
 
-def test_resume_refuses_a_state_that_does_not_replay(tmp_path, box: BoxTransform) -> None:  # noqa: ANN001
+def test_resume_refuses_a_state_that_does_not_replay(tmp_path, box: BoxTransform) -> None:
     state = run_search(fresh_state("cma", box), box, quadratic, generations=3)
     state.generations[2].candidates[0].z[0] += 0.5
     with pytest.raises(ResumeError, match="does not reproduce"):
@@ -179,7 +180,7 @@ def test_resume_refuses_a_state_that_does_not_replay(tmp_path, box: BoxTransform
         load_state(tmp_path / "nowhere")
 
 
-def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys) -> None:  # noqa: ANN001
+def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys) -> None:
     from umm.cli import main
 
     cfg = tmp_path / "evolve.yaml"

@@ -38,7 +38,7 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _invoke(*args: str):  # noqa: ANN202
+def _invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "250", "UMM_NO_PROGRESS": "1"})
 
 

@@ -12,10 +12,10 @@ from experts_fixtures import small_suite  # noqa: F401  (session fixture)
 from typer.testing import CliRunner
 
 from umm.cli import app
+from umm.eval.suites import SUITES, split_records
 from umm.experts import build as build_mod
 from umm.experts.build import SuiteNotBuiltError, build_suite, ensure_suite, is_current, load_suite
 from umm.experts.recipes import get_recipe, scaled
-from umm.eval.suites import SUITES, split_records
 from umm.experts.train import IGNORE, collate, encode_pairs
 
 runner = CliRunner()

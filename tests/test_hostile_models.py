@@ -176,7 +176,7 @@ def test_transformers_failures_on_a_strangers_config_are_checkpoint_errors(tiny_
 # --- a coordinator round (no network: records are given directly, bytes are already in the store) ----
 
 class _Entry:
-    def __init__(self, record):  # noqa: ANN001 - an ExpertRecord
+    def __init__(self, record):
         self.record = record
 
 
@@ -209,12 +209,12 @@ class OfflineRecords:
             ))
         return out
 
-    def publish_scores(self, record, ttl: float) -> bool:  # noqa: ANN001
+    def publish_scores(self, record, ttl: float) -> bool:
         self.scores.append(record)
         return True
 
 
-def _round(tmp_path: Path, folders: dict[str, Path], **settings: object):  # noqa: ANN202
+def _round(tmp_path: Path, folders: dict[str, Path], **settings: object):
     from coordinator.config import parse_config
     from coordinator.db import StateDB
     from coordinator.round import RoundContext, RoundRunner

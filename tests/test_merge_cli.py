@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from subprocs import ctrl_c_default
 import torch
+from subprocs import ctrl_c_default
 from typer.testing import CliRunner
 
 from umm.cli import app

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-
 from experts_fixtures import small_suite  # noqa: F401
 
 # `umm net` is registered in the umm app by umm/cli/__init__.py; this runs the group on its own

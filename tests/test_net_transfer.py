@@ -306,7 +306,7 @@ def test_cancel_stops_a_download_and_keeps_its_partial_files(model, manifest, tm
         try:
             outcome.append(download(h, [serve(staller, request)], dest, max_bytes=10**9, timeout=60.0,
                                     cancel=cancel, progress=False))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:
             outcome.append(e)
 
     worker = threading.Thread(target=run)

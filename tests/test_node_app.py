@@ -181,7 +181,6 @@ def test_status_command_shows_experts_and_merged(node, coordinator):
     from typer.testing import CliRunner
 
     from node.cli import app
-
     from umm.net.records import ExpertVerdict, ScoresRecord
 
     wait_for(lambda: node.watcher.current is not None, timeout=10)

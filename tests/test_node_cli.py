@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from subprocs import ctrl_c_default
 from safetensors.torch import load_file, save_file
+from subprocs import ctrl_c_default
 
 from node.cli import main
 from umm.net import keys

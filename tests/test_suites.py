@@ -11,9 +11,9 @@ import pytest
 
 from umm.errors import UmmError
 from umm.eval.splits import generated_split_of
+from umm.eval.suites import SUITES, get_suite, split_records, suite_for_domain
 from umm.experts.instruction_data import instruction_records, write_instruction_data
 from umm.experts.recipes import ModelRecipe, get_recipe, scaled
-from umm.eval.suites import SUITES, get_suite, split_records, suite_for_domain
 from umm.experts.tokenizers import train_tokenizer
 
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from umm.checkpoints.writer import (
     INDEX_FILE,
     SINGLE_FILE,
-    CheckpointWriter,
     CheckpointWriteError,
+    CheckpointWriter,
     OutputExistsError,
     TensorSpec,
     model_card,

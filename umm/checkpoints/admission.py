@@ -103,7 +103,7 @@ def expected_layout(config_path: Path) -> Layout:
         config = AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=False, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - see the docstring
+    except Exception as e:
         raise CheckpointError(f"{config_path}: transformers cannot build this model: {first_line(e)}") from None
     groups: dict[int, set[str]] = defaultdict(set)
     shapes: dict[str, tuple[int, ...]] = {}

@@ -142,7 +142,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - see load_causal_lm
+    except Exception as e:
         msg = str(e)
         if "trust_remote_code" in msg or "custom code" in msg:
             raise CheckpointError(
@@ -179,7 +179,7 @@ def load_causal_lm(
             local_files_only=True,
             output_loading_info=True,
         )
-    except Exception as e:  # noqa: BLE001 - whatever transformers trips on in a stranger's files is theirs
+    except Exception as e:
         raise CheckpointError(f"{folder}: transformers cannot load this model: {first_line(e)}") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(info.get("mismatched_keys") or [])

@@ -243,7 +243,7 @@ def weight_files_of(folder: Path) -> tuple[list[str], Mapping[str, str] | None]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index_path}: has no non-empty 'weight_map' object")
         files: list[str] = []
-        for tensor_name, file_name in weight_map.items():
+        for _tensor_name, file_name in weight_map.items():
             _safe_relative(file_name, str(index_path))
             if file_name not in files:
                 files.append(file_name)
@@ -338,7 +338,7 @@ class Checkpoint:
             headers: dict[str, SafetensorsHeader] = {}
             for rel in files:
                 try:
-                    fh = open(folder / rel, "rb", buffering=0)  # noqa: SIM115 - kept open on purpose
+                    fh = open(folder / rel, "rb", buffering=0)
                 except OSError as e:  # unreadable, or more shards than file descriptors
                     raise CorruptCheckpointError(f"{folder / rel}: cannot open ({e.strerror or e})") from None
                 handles[rel] = fh

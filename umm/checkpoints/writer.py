@@ -13,7 +13,7 @@ Atomicity: everything is written into a sibling temporary folder
 ``.<name>.partial-<pid>-<start>-<random>`` (named after the writing process, :mod:`umm.partials`);
 :meth:`CheckpointWriter.finalize` checks that every byte was written, fsyncs the files and the
 folder and renames it onto the target. To keep that final sync short, a background thread
-``fdatasync``\ s a shard each time ``sync_every`` more bytes have been written into it, so most
+``fdatasync``\\ s a shard each time ``sync_every`` more bytes have been written into it, so most
 of the data reaches the disk while later tensors are still being computed. With ``overwrite=True`` an existing target is replaced only
 after the new folder is complete. Any exception (or ``KeyboardInterrupt``) inside the ``with``
 block removes the temporary folder, so a failed or interrupted write leaves nothing behind. A
@@ -149,12 +149,8 @@ def parse_size(size: str | int | float) -> int:
         "TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10,
         "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1,
     }
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            number = text[: -len(unit)]
-            break
-    else:
-        number, factor = text, 1
+    unit = next((u for u in units if text.endswith(u)), None)
+    number, factor = (text[: -len(unit)], units[unit]) if unit else (text, 1)
     try:
         value = float(number)
     except ValueError:

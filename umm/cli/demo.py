@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,7 +34,7 @@ def register(app: typer.Typer) -> None:
 
 
 def demo_command(
-    workdir: Optional[Path] = typer.Option(
+    workdir: Path | None = typer.Option(
         None, "--workdir", help="Folder for the network's processes, data and logs, cleared at the start "
         "(default: <umm home>/demo)."
     ),
@@ -48,10 +47,10 @@ def demo_command(
                                    "searching merges (search split)."),
     test_limit: int = typer.Option(DEMO_TEST_LIMIT, "--test-limit", help="Items per task when comparing the merged "
                                    "model with its sources (test split)."),
-    max_new_tokens: Optional[int] = typer.Option(default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item "
+    max_new_tokens: int | None = typer.Option(default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item "
                                                  "(default: each task's own)."),
     evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
-    experts_dir: Optional[Path] = typer.Option(None, "--experts-dir", help="Where the expert suites live "
+    experts_dir: Path | None = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
 ) -> None:
     """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with

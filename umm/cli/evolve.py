@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from umm.cli.common import user_errors
+
 
 def register(app: typer.Typer) -> None:
     """Add ``umm evolve`` to the ``umm`` app."""
@@ -16,20 +16,20 @@ def register(app: typer.Typer) -> None:
     def evolve(
         config: Path = typer.Argument(..., help="Evolve config YAML (see examples/evolve.yaml)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the search saved in the run folder."),
-        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="cma (default) or random: overrides the config."),
-        device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run folder (default: ./runs/evolve-<config>-<optimizer>-seed<seed> under the current directory)."),
-        layer_granularity: Optional[int] = typer.Option(None, "--layer-granularity", help="Layers per gene group: overrides the config."),
-        suite: Optional[str] = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
+        optimizer: str | None = typer.Option(None, "--optimizer", help="cma (default) or random: overrides the config."),
+        device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
+        run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default: ./runs/evolve-<config>-<optimizer>-seed<seed> under the current directory)."),
+        layer_granularity: int | None = typer.Option(None, "--layer-granularity", help="Layers per gene group: overrides the config."),
+        suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
         set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: budget.evaluations=9): overrides the config. Repeatable."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
+        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
         with user_errors():
             _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, set_, threads)
 
 
-def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads) -> None:  # noqa: ANN001
+def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads) -> None:
     from umm.cli.common import config_overrides, set_threads
     from umm.eval.sandbox import DEFAULT_WORKERS
     from umm.evolve.config import load_config
@@ -45,7 +45,7 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
                   f"{n_threads} torch thread(s)", highlight=False)
 
-    def show(state, gen, total) -> None:  # noqa: ANN001 - search state / generation
+    def show(state, gen, total) -> None:
         best = state.best()
         n = len(gen.candidates)
         per = sum(c.seconds for c in gen.candidates) / max(1, n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -23,11 +23,11 @@ def register(app: typer.Typer) -> None:
 def fuse_command(
     config: Path = typer.Argument(..., help="Fuse config YAML (see examples/fuse.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (teacher passes and training resume; a finished output is only re-evaluated)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Folder of the fused model: overrides the config."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
+    output: Path | None = typer.Option(None, "--output", help="Folder of the fused model: overrides the config."),
+    suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: training.max_steps=2): overrides the config. Repeatable."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
 ) -> None:
     """Fuse the sources' token distributions into the pivot, then compare on the test split.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -27,18 +27,18 @@ def register(app: typer.Typer) -> None:
 def local_command(
     nodes: int = typer.Option(default("nodes"), "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
     rounds: int = typer.Option(default("rounds"), "--rounds", help="Coordinator rounds to run."),
-    workdir: Optional[Path] = typer.Option(
+    workdir: Path | None = typer.Option(
         None, "--workdir", help="Folder for every process's data and logs, cleared at the start "
         "(default: <umm home>/net-local)."
     ),
     variant: str = typer.Option(default("variant"), "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
-    experts_dir: Optional[Path] = typer.Option(
+    experts_dir: Path | None = typer.Option(
         None, "--experts-dir", help="Where the expert suites live (default: <umm home>/experts)."
     ),
     device: str = typer.Option(default("device"), "--device", help="Device of the coordinator's evaluation and jobs."),
     eval_limit: int = typer.Option(default("eval_limit"), "--eval-limit", help="Items per task when ranking experts and searching merges."),
     test_limit: int = typer.Option(default("test_limit"), "--test-limit", help="Items per task when comparing the merged model to its sources."),
-    max_new_tokens: Optional[int] = typer.Option(
+    max_new_tokens: int | None = typer.Option(
         default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
     ),
     evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),

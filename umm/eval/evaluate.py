@@ -10,11 +10,11 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from umm.atomic import write_json_atomic, write_text_atomic
 from umm.eval.sandbox import DEFAULT_WORKERS, SandboxLimits
@@ -187,7 +187,7 @@ def evaluate(
                             disable=None if show_progress and task.kind == "code" else True)
             try:
                 scored = task.score(runs, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits,
-                                    on_done=lambda _i: sbar.update(1))
+                                    on_done=lambda _i, bar=sbar: bar.update(1))
             finally:
                 sbar.close()
             records = [

@@ -153,7 +153,7 @@ class AnswerTask(Task):
     @abstractmethod
     def is_correct(self, sample: Sample, extracted: str | None) -> bool: ...
 
-    def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):  # noqa: D102
+    def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):
         out = []
         for i, (s, o) in enumerate(zip(samples, outputs, strict=True)):
             e = self.extract(s, o)
@@ -178,7 +178,7 @@ class CodeTask(Task):
         intact (checked before the run, :func:`umm.eval.sandbox.ends_with_tests`); None: no check."""
         return None
 
-    def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):  # noqa: D102
+    def score(self, samples, outputs, *, sandbox_workers=2, limits=None, on_done=None):
         extracted = [self.extract(s, o) or "" for s, o in zip(samples, outputs, strict=True)]
         programs = [self.program(s, e) for s, e in zip(samples, extracted)]
         # a program that does not even compile fails without a sandbox run (compiling executes

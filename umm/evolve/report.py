@@ -79,7 +79,7 @@ def fitness_curves(state: SearchState) -> dict[str, list[float]]:
     return {"best": best_so_far, "generation_best": gen_best, "mean": mean}
 
 
-def _save_figure(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
+def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")
 

@@ -22,10 +22,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from umm.errors import UmmError
 from umm.experts.prebuilt import Prebuilt, load_prebuilt
@@ -155,8 +156,8 @@ def _pairs(recipe: SuiteRecipe, m: ModelRecipe) -> list[tuple[str, str]]:
 
     Pretraining documents, and every pair when ``m.loss == "text"``, have an empty prompt.
     """
-    from umm.experts.corpus import documents
     from umm.eval.suites import split_records, suite_for_domain
+    from umm.experts.corpus import documents
 
     pairs = [("", doc) for doc in documents(m.documents, recipe.data_seed)] if m.documents else []
     for domain, n in m.mixture.items():

@@ -55,8 +55,8 @@ def stage_fingerprint(recipe: Any, name: str) -> str:
     The model's recipe (without its ``prebuilt`` name) and its ancestors', its tokenizer's recipe,
     the recipe's data seed and sequence length, and the versions of the data generators.
     """
-    from umm.experts.corpus import CORPUS_VERSION
     from umm.eval.suites import SUITES_VERSION
+    from umm.experts.corpus import CORPUS_VERSION
 
     chain = []
     model = recipe.model(name)

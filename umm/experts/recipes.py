@@ -94,8 +94,8 @@ class SuiteRecipe:
         raise UmmError(f"suite {self.variant!r} has no model {name!r}; it has {', '.join(m.name for m in self.models)}")
 
     def to_dict(self) -> dict:
-        from umm.experts.corpus import CORPUS_VERSION
         from umm.eval.suites import SUITES_VERSION
+        from umm.experts.corpus import CORPUS_VERSION
 
         d = asdict(self)
         d["version"] = RECIPE_VERSION

@@ -126,7 +126,7 @@ class TeacherOutputs:
             info = self.index["shards"][j]
             try:
                 tensors = load_file(str(self.dir / info["file"]))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            except Exception as e:
                 raise TeacherCacheError(f"{self.dir / info['file']}: cannot read shard ({e})") from None
             self._cached = (j, tensors)
         return self._cached[1]

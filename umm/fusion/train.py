@@ -162,7 +162,7 @@ def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer,
         meta = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
         load_model(model, str(path / "model.safetensors"), device=str(device))
         tensors = load_file(str(path / "optimizer.safetensors"))
-    except Exception as e:  # noqa: BLE001 - any damage makes the checkpoint unusable
+    except Exception as e:
         raise UmmError(f"checkpoint {path} is damaged ({e}); remove it to resume from an earlier one") from None
     state: dict[int, dict[str, Any]] = {}
     for pid, plain in meta["plain_state"].items():

@@ -36,7 +36,6 @@ from umm.merge.inputs import MergeInputs, open_inputs
 from umm.merge.plan import DEFAULT_CHUNK_BYTES
 from umm.merge.run import default_workers, merge_tensors, resolve_seed
 
-
 #: Told, as blocks are written, how many output bytes were just written and the total to write.
 OnProgress = Callable[[int, int], None]
 

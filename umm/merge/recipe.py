@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from umm import configfile
 from umm.errors import UmmError
-from umm.merge.params import FilterRule, ParamValue, ParameterError, evaluate
+from umm.merge.params import FilterRule, ParameterError, ParamValue, evaluate
 
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -47,7 +47,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Dict, Generic, List, Optional, Type, TypeVar
+from typing import Any, Generic, Optional, TypeVar
 
 import pydantic.v1 as pyd
 
@@ -168,15 +168,15 @@ class ExpertRecord(_Record):
     """A contributor's announcement of one expert model (self-reported; the coordinator verifies)."""
 
     name: Name
-    domains: List[Name]
+    domains: list[Name]
     architecture: Text  # architecture fingerprint
     tokenizer: Text  # tokenizer fingerprint
     num_parameters: Count
     manifest_hash: Hash
     total_bytes: Count
     address: Address  # gRPC CheckpointService "host:port"
-    self_scores: Dict[Name, pyd.StrictFloat]
-    base_model: Optional[Text]
+    self_scores: dict[Name, pyd.StrictFloat]
+    base_model: Text | None
     software_version: Name
 
     _b1 = pyd.validator("domains", allow_reuse=True)(lambda v: _bounded(v, "domains"))
@@ -197,8 +197,8 @@ class ExpertVerdict(pyd.BaseModel):
 
     admitted: pyd.StrictBool
     reason: Text
-    scores: Dict[Name, pyd.StrictFloat]  # verified scores per task
-    ranks: Dict[Name, pyd.conint(strict=True, ge=1)]  # rank per domain (1 = best)
+    scores: dict[Name, pyd.StrictFloat]  # verified scores per task
+    ranks: dict[Name, pyd.conint(strict=True, ge=1)]  # rank per domain (1 = best)
 
     class Config:
         extra = pyd.Extra.forbid
@@ -213,7 +213,7 @@ class ScoresRecord(_Record):
 
     round: Count
     updated_at: pyd.StrictFloat
-    experts: Dict[Hash, ExpertVerdict]
+    experts: dict[Hash, ExpertVerdict]
 
     @pyd.validator("experts")
     def _b(cls, v: dict) -> dict:
@@ -236,7 +236,7 @@ class ScoresPage(_Record):
     round: Count
     updated_at: pyd.StrictFloat
     page: pyd.conint(strict=True, ge=0, lt=MAX_SCORE_PAGES)
-    experts: Dict[Hash, ExpertVerdict]
+    experts: dict[Hash, ExpertVerdict]
 
     _b = pyd.validator("experts", allow_reuse=True)(lambda v: _bounded(v, "experts"))
 
@@ -249,11 +249,11 @@ class MergedRecord(_Record):
     manifest_hash: Hash
     total_bytes: Count
     address: Address
-    sources: List[Hash]
+    sources: list[Hash]
     method: Name
     recipe_hash: Hash
-    scores: Dict[Name, pyd.StrictFloat]
-    source_scores: Dict[Hash, Dict[Name, pyd.StrictFloat]]
+    scores: dict[Name, pyd.StrictFloat]
+    source_scores: dict[Hash, dict[Name, pyd.StrictFloat]]
     published_at: pyd.StrictFloat
 
     _b1 = pyd.validator("sources", allow_reuse=True)(lambda v: _bounded(v, "sources"))
@@ -275,7 +275,7 @@ def to_value(record: _Record) -> dict[str, Any]:
     return record.dict()
 
 
-def parse_record(cls: Type[R], value: Any) -> R:
+def parse_record(cls: type[R], value: Any) -> R:
     """Parse a DHT value into ``cls``; :class:`RecordError` for anything of the wrong shape."""
     if not isinstance(value, dict):
         raise RecordError(f"{cls.__name__}: expected a dictionary, got {type(value).__name__}")
@@ -345,17 +345,17 @@ def _key_id(raw_key: str) -> bytes:
     return DHTID.generate(source=raw_key).to_bytes()
 
 
-def dht_schema(network: str) -> Type[pyd.BaseModel]:
+def dht_schema(network: str) -> type[pyd.BaseModel]:
     """The pydantic v1 model for hivemind's SchemaValidator: one field per fixed key of ``network``."""
     from hivemind.dht.schema import BytesWithPublicKey
 
     fields = {
-        experts_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ExpertRecord]]], None),
-        scores_key(network): (Optional[Dict[BytesWithPublicKey, Optional[ScoresIndex]]], None),
-        merged_key(network): (Optional[Dict[BytesWithPublicKey, Optional[MergedRecord]]], None),
+        experts_key(network): (Optional[dict[BytesWithPublicKey, ExpertRecord | None]], None),  # noqa: UP045 (pydantic.v1 needs typing.Optional)
+        scores_key(network): (Optional[dict[BytesWithPublicKey, ScoresIndex | None]], None),  # noqa: UP045 (pydantic.v1 needs typing.Optional)
+        merged_key(network): (Optional[dict[BytesWithPublicKey, MergedRecord | None]], None),  # noqa: UP045 (pydantic.v1 needs typing.Optional)
     }
     for i in range(MAX_SCORE_PAGES):
-        fields[scores_page_key(network, i)] = (Optional[Dict[BytesWithPublicKey, Optional[ScoresPage]]], None)
+        fields[scores_page_key(network, i)] = (Optional[dict[BytesWithPublicKey, ScoresPage | None]], None)  # noqa: UP045 (pydantic.v1 needs typing.Optional)
     return pyd.create_model(f"UmmRecords_{network.replace('-', '_')}", **fields)
 
 
@@ -408,7 +408,7 @@ def make_validators(network: str, local_key, coordinator_public_key: bytes | Non
 #: seconds a DHT call may take before :class:`DHTUnavailableError` (sending the request included)
 DEFAULT_DHT_TIMEOUT = 30.0
 
-_DHT_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_DHT_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _DHT_LOCKS_GUARD = threading.Lock()
 
 
@@ -435,7 +435,7 @@ def call_dht(dht, method: str, timeout: float = DEFAULT_DHT_TIMEOUT, **kwargs) -
                 return
             try:
                 out["future"] = getattr(dht, method)(return_future=True, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:
                 out["error"] = e
             sent.set()
 
@@ -497,7 +497,7 @@ def store_value(dht, key: str, subkey: bytes, value: dict | None, ttl: float, *,
     return bool(call_dht(dht, "store", timeout, key=key, value=value, subkey=subkey, expiration_time=dht_time() + ttl))
 
 
-def read_entries(dht, key: str, cls: Type[R], *, owners: set[bytes] | None = None,
+def read_entries(dht, key: str, cls: type[R], *, owners: set[bytes] | None = None,
                  timeout: float = DEFAULT_DHT_TIMEOUT) -> dict[bytes, Entry[R]]:
     """All well-formed, unexpired entries under ``key`` (optionally only those of ``owners``), by owner.
 
@@ -545,7 +545,7 @@ class NetworkRecords:
     def _store(self, key: str, value: dict | None, ttl: float) -> bool:
         return store_value(self.dht, key, self.owner, value, ttl, timeout=self.timeout)
 
-    def _read(self, key: str, cls: Type[R], owners: set[bytes] | None = None) -> dict[bytes, Entry[R]]:
+    def _read(self, key: str, cls: type[R], owners: set[bytes] | None = None) -> dict[bytes, Entry[R]]:
         return read_entries(self.dht, key, cls, owners=owners, timeout=self.timeout)
 
     # writes ------------------------------------------------------------------------------
@@ -577,7 +577,7 @@ class NetworkRecords:
         """Every announced expert, by its contributor's public key."""
         return self._read(experts_key(self.network), ExpertRecord)
 
-    def _coordinator_entry(self, key: str, cls: Type[R]) -> Entry[R] | None:
+    def _coordinator_entry(self, key: str, cls: type[R]) -> Entry[R] | None:
         if self.coordinator_public_key is None:
             raise RecordError("no coordinator public key configured: scores and merged records cannot be trusted")
         owner = bytes(self.coordinator_public_key)

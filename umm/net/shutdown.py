@@ -42,7 +42,7 @@ def run_within(fn: Callable[[], T], timeout: float, what: str) -> tuple[bool, T 
     def _target() -> None:
         try:
             box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
+        except BaseException as e:
             box["error"] = e
 
     thread = threading.Thread(target=_target, name=f"umm-stop: {what}", daemon=True)
@@ -65,7 +65,7 @@ def stop_server(server: Any, grace: float | None, timeout: float = SERVER_TIMEOU
     """``server.stop(grace)`` (calls still running are cancelled after ``grace``), within ``timeout``."""
     try:
         run_within(lambda: server.stop(grace=grace), timeout, "stopping a gRPC server")
-    except Exception as e:  # noqa: BLE001 - a server that fails to stop must not keep the rest running
+    except Exception as e:
         logger.warning("stopping a gRPC server failed: %s", e)
 
 
@@ -76,7 +76,7 @@ def leave_dht(dht: Any, pid_file: str | os.PathLike[str] | None, timeout: float 
     t0 = time.monotonic()
     try:
         done, _ = run_within(lambda: stop_dht(dht, pid_file), timeout, "shutting the DHT down")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         logger.warning("shutting the DHT down failed: %s", e)
         done = False
     if not done and pid_file is not None:

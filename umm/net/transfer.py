@@ -34,8 +34,8 @@ from pathlib import Path
 import grpc
 
 from umm.checkpoints.errors import CheckpointError
-from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.checkpoints.manifest import FileEntry, Manifest, list_files
+from umm.checkpoints.writer import DEFAULT_SYNC_EVERY, BackgroundSync
 from umm.net.addresses import DEFAULT_POLICY, AddressPolicy, dial_target
 from umm.net.errors import (
     AddressError,

@@ -36,6 +36,7 @@ import torch
 from umm.merge.methods import sparsify
 from umm.merge.methods.base import MergeParameterError, RowReader, as_float32
 
+
 def gta_global_params(normalize: bool, rescale: bool) -> dict[str, float | bool]:
     """Global parameters and defaults of a generalised task-arithmetic method."""
     return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}

@@ -20,7 +20,6 @@ import torch
 
 from umm.merge.methods.base import MergeMethod, MergeParameterError
 
-
 #: Elements per pass of the accumulation: 256 Ki float32 (1 MiB) stay in cache across the passes.
 _SUB_BLOCK = 256 * 1024
 
