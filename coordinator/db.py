@@ -369,10 +369,6 @@ class StateDB:
         rows = [_row(EvaluationRow, r) for r in self._all("SELECT * FROM evaluations WHERE benchmark=?", (benchmark,))]
         return {r.manifest_hash: r for r in rows}
 
-    def all_evaluations(self) -> list[EvaluationRow]:
-        """Every evaluation, of every benchmark, in the order they were recorded."""
-        return [_row(EvaluationRow, r) for r in self._all("SELECT * FROM evaluations ORDER BY evaluated_at")]
-
     # ranks -----------------------------------------------------------------------------------
     def record_ranks(self, round_: int, ranks: list[tuple[str, int, str, float]]) -> None:
         with self.tx() as c:

@@ -191,7 +191,7 @@ def test_round_admits_ranks_and_rejects_with_reasons(net):
 
         # self-reported 0.99 is shown to nobody as a score: ranks use the coordinator's evaluation
         math_hash = peers["math"].manifest.hash
-        own = db.evaluations(next(iter({e.benchmark for e in db.all_evaluations()})))
+        own = db.evaluations(benchmark_key(cfg, "search"))
         assert set(own) == {math_hash} and set(own[math_hash].scores) == {"synth-math"}
         scores = peers["code"].records.scores()  # a contributor reads the coordinator's signed record
         assert scores is not None and scores.record.round == 1
@@ -232,7 +232,6 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     peers["code"].ensure_serving()
     data_dir = net["root"] / "coord-data"
     before = StateDB(data_dir / STATE_DB)
-    math_eval = before.all_evaluations()
     cfg = _config(net, data_dir, merge=True)
     math_eval = before.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search"))
     assert math_eval is not None
@@ -240,8 +239,7 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         row = coord.run_round()
         assert row.number == 2 and row.state == "published", row.reason
         db = coord.db
-        assert [e for e in db.all_evaluations() if e.manifest_hash == peers["math"].manifest.hash
-                and e.split == "search"] == math_eval  # not re-evaluated
+        assert db.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search")) == math_eval  # not re-evaluated
         assert db.verdict(peers["code"].manifest.hash).admitted
         job = db.round_job(2)
         assert job.status == "done" and job.kind == "evolve" and job.pid != os.getpid()
@@ -400,7 +398,7 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
     for name in ("discover", "fetch", "admit"):  # finished before the kill: not run again
         assert after[name].attempts == 1 and after[name].finished_at == before[name].finished_at
     assert after["evaluate"].attempts == 2 and after["rank"].status == "done"
-    evals = {e.manifest_hash: e.evaluated_at for e in db.all_evaluations()}
+    evals = {h: e.evaluated_at for h, e in db.evaluations(bench).items()}
     assert len(evals) == 2 and evals[first[0][0]] == first[0][1]  # the first expert was not re-evaluated
     rejected = [v for v in db.verdicts().values() if not v.admitted]
     assert len(rejected) == 4
