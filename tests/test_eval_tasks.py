@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,28 +127,14 @@ def test_pass_at_k_from_several_completions() -> None:
         score_completions("humaneval", [{"task_id": "HumanEval/9999", "completion": ""}])
 
 
-@dataclass(frozen=True)
-class _FakeSuite:
-    """A suite following the experts' contract, independent of the real suites module."""
-
-    name: str
-    domain: str
-    kind: str
-    generate: Callable[[int, int], list[dict]]
-    prompt: Callable[[dict], str]
-    target: Callable[[dict], str]
-    max_new_tokens: int = 16
-    stop: tuple[str, ...] = ("\n\n",)
-
-    def key(self, record: dict) -> str:
-        return record["question"] if self.kind == "gsm8k" else record["text"]
-
-
 def test_synthetic_task_from_a_suite_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     def gen(n: int, seed: int) -> list[dict]:
         return [{"question": f"What is {i} + {seed}?", "answer": f"#### {i + seed}"} for i in range(n)]
 
-    suite = _FakeSuite("synth-fake", "math", "gsm8k", gen, lambda r: f"Q: {r['question']}\nA:", lambda r: " " + r["answer"])
+    from umm.eval.suites import Suite
+
+    suite = Suite("synth-fake", "math", "gsm8k", gen, lambda r: f"Q: {r['question']}\nA:", lambda r: " " + r["answer"],
+                  16, ("\n\n",))
 
     def split_records(s, split, n, seed=0):
         from umm.eval.splits import generated_split_of
