@@ -75,9 +75,9 @@ def run(
             console.print(f"  DHT peers join with: {' '.join(maddrs)}", soft_wrap=True, highlight=False)
             console.print(f"  public key: {coordinator.public_key_text}", soft_wrap=True, highlight=False)
             console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
-            console.print(f"  status service: {coordinator.status_address}", highlight=False)
-            if ready_file is not None:
+            if ready_file is not None:  # before the last line: a reader of either sees a coordinator that serves
                 write_ready(ready_file, coordinator.ready(maddrs))
+            console.print(f"  status service: {coordinator.status_address}", highlight=False)
             coordinator.run(rounds=rounds or None)
             if linger and not coordinator.stop_event.is_set():
                 console.print("rounds done; serving until interrupted", highlight=False)
