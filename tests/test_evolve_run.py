@@ -60,7 +60,7 @@ def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:
     from umm.evolve.config import parse_config
     from umm.evolve.run import run_evolve
     from umm.merge import MergeRecipe
-    from umm.merge.executor import merge_state_dict
+    from umm.merge.run import merge_state_dict
 
     cfg = parse_config(_config(tiny_models))
     seen = []
