@@ -173,7 +173,7 @@ def merge(
             bar = open_bar(on_progress, inputs.output_bytes, f"merge ({inputs.method.name})", "B")
             try:
                 n = merge_tensors(inputs, writer.write_rows, device=device, threads=workers, seed=the_seed,
-                                  chunk_bytes=chunk_bytes, on_progress=bar.advance)
+                                  chunk_bytes=chunk_bytes, on_bytes=bar.advance)
             finally:
                 bar.close()
             _write_extras(writer, inputs, tok_dir, recipe_yaml)
