@@ -59,7 +59,7 @@ def part_apply(args: argparse.Namespace) -> None:
     from umm.checkpoints.loading import load_causal_lm
     from umm.checkpoints.reader import Checkpoint
     from umm.evolve.apply import LiveMerge
-    from umm.merge.executor import merge
+    from umm.merge.disk import merge
     from umm.ui import console, table
 
     paths = build_models(HERE / "out" / "models")
@@ -91,7 +91,7 @@ def part_apply(args: argparse.Namespace) -> None:
             out = Path(tempfile.mkdtemp(prefix="umm-bench-evolve-"))
             try:
                 t1 = time.perf_counter()
-                merge(recipe, out / "m", device=args.device, show_progress=False, threads=args.threads)
+                merge(recipe, out / "m", device=args.device, threads=args.threads)
                 loaded = load_causal_lm(out / "m", device=args.device, dtype=args.dtype)
                 disk.append(time.perf_counter() - t1)
                 print(f"  {method} candidate {r}: merge to disk + reload {disk[-1]:.2f} s", flush=True)

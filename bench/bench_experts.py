@@ -30,11 +30,11 @@ def main() -> None:
     from umm.eval.evaluate import evaluate
     from umm.eval.suites import SUITES
     from umm.experts.build import ensure_suite
-    from umm.ui import console, table
+    from umm.ui import Bars, console, table
 
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    suite = ensure_suite(args.variant, args.dir)
+    suite = ensure_suite(args.variant, args.dir, on_progress=Bars())
     console.print(f"suite {suite.variant} at {suite.root}: ready in {time.perf_counter() - t0:.1f}s wall, "
                   f"{time.process_time() - c0:.1f}s CPU (recorded build {suite.info['build_seconds']:.0f}s wall)")
     tasks = list(SUITES)
@@ -43,7 +43,7 @@ def main() -> None:
         model, tok = suite.load(name)
         t = time.perf_counter()
         res = evaluate(model, tok, tasks, split="test", limit=args.limit, batch_size=args.batch_size,
-                       num_threads=args.threads, show_progress=True)
+                       num_threads=args.threads, on_progress=Bars())
         results[name] = {
             "params": entry["params"],
             "train_seconds": entry["train_seconds"],

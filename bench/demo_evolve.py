@@ -151,13 +151,13 @@ def main() -> None:
     from umm.evolve.run import Worker, check_tasks, run_evolve
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, load_suite
     from umm.merge.recipe import MergeRecipe
-    from umm.ui import console
+    from umm.ui import Bars, console
 
     torch.set_num_threads(args.threads)
     try:
         suite = load_suite(args.variant, args.dir)
     except SuiteNotBuiltError:
-        suite = ensure_suite(args.variant, args.dir)
+        suite = ensure_suite(args.variant, args.dir, on_progress=Bars())
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -174,7 +174,7 @@ def main() -> None:
     config = parse_config(data, source="demo_evolve")
 
     t0 = time.perf_counter()
-    result = run_evolve(config, run_dir)
+    result = run_evolve(config, run_dir, on_progress=Bars())
     seconds = time.perf_counter() - t0
     best = result.state.best()
     assert best is not None

@@ -67,7 +67,7 @@ def main() -> None:
     from umm.experts.instruction_data import write_instruction_data
     from umm.experts.recipes import RECIPES
     from umm.fusion.pipeline import ModelScores, make_scorer, parse_config, run_fuse
-    from umm.ui import console, table
+    from umm.ui import Bars, console, table
 
     torch.set_num_threads(args.threads)
     try:
@@ -75,7 +75,7 @@ def main() -> None:
     except SuiteNotBuiltError:
         if args.variant not in RECIPES:
             raise
-        suite = ensure_suite(args.variant, args.dir)
+        suite = ensure_suite(args.variant, args.dir, on_progress=Bars())
     work = Path(args.work) / f"{suite.variant}-{args.layout}-{args.split}"
     if work.exists():
         shutil.rmtree(work)
@@ -98,13 +98,13 @@ def main() -> None:
         })
 
     t0 = time.perf_counter()
-    fused = run_fuse(config("fused", args.lam, False), events=ConsoleFuseEvents())
+    fused = run_fuse(config("fused", args.lam, False), events=ConsoleFuseEvents(), show_progress=True)
     t_fused = time.perf_counter() - t0
     t1 = time.perf_counter()
-    run_fuse(config("lambda1", 1.0, False), events=ConsoleFuseEvents())
+    run_fuse(config("lambda1", 1.0, False), events=ConsoleFuseEvents(), show_progress=True)
     t_plain = time.perf_counter() - t1
     t2 = time.perf_counter()
-    scorer = make_scorer(config("x", 1.0, False).eval, args.device)
+    scorer = make_scorer(config("x", 1.0, False).eval, args.device, on_progress=Bars())
     rows = [("pivot (before)", pivot), ("fused", work / "fused"), ("fine-tune (lambda=1)", work / "lambda1"),
             ("source", source)]
     fused.test = [ModelScores(p.name, str(p), role, scorer(p, tasks, args.split, args.test_limit)) for role, p in rows]

@@ -42,6 +42,7 @@ def _recipe_hash(text: str) -> str:
 
 def run_evolve_job(db: StateDB, job_id: int, spec: EvolveJob) -> MergeOutput:
     from umm.evolve.run import run_evolve
+    from umm.ui import Bars
 
     config = spec.settings.evolve_config(models=spec.models, tasks=spec.tasks, search_size=spec.search_size,
                                          test_size=spec.test_size, device=spec.device, seed=spec.seed)
@@ -52,7 +53,7 @@ def run_evolve_job(db: StateDB, job_id: int, spec: EvolveJob) -> MergeOutput:
                       message=f"evolve: generation {done}/{total}, {state.evaluations} candidates")
 
     resume = (spec.run_dir / "search_state.json").exists()
-    result = run_evolve(config, spec.run_dir, resume=resume, on_generation=on_generation)
+    result = run_evolve(config, spec.run_dir, resume=resume, on_generation=on_generation, on_progress=Bars())
     if result.model_dir is None:
         raise RuntimeError("the search wrote no model")
     return MergeOutput(model_dir=result.model_dir, recipe_hash=_recipe_hash(result.best_recipe.read_text()),
@@ -81,10 +82,11 @@ def run_admit_job(db: StateDB, job_id: int, spec: AdmitJob) -> Admission:
     identity. Anything else (a crash, running out of memory) fails the job."""
     from umm.checkpoints.admission import AdmissionLimits, admit
     from umm.errors import UmmError
+    from umm.ui import Bars
 
     limits = AdmissionLimits(max_total_bytes=spec.max_total_bytes, budget=spec.budget)
     try:
-        report = admit(spec.path, limits)
+        report = admit(spec.path, limits, on_progress=Bars())
     except UmmError as e:
         return Admission(admitted=False, reason=str(e).splitlines()[0][:1000])
     fp = report.fingerprint

@@ -31,6 +31,7 @@ from node.config import NodeConfig, grpc_address
 from node.watch import HIGH_WATER_NAME, MergedWatcher
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit
 from umm.errors import UmmError
+from umm.ui import Bars
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class NodeInfo:
 
 def check_model(model: Path, max_total_bytes: int) -> AdmissionReport:
     """The coordinator's admission checks on our own model, so problems show before announcing."""
-    return admit(model, AdmissionLimits(max_total_bytes=max_total_bytes))
+    return admit(model, AdmissionLimits(max_total_bytes=max_total_bytes), on_progress=Bars())
 
 
 class Node:

@@ -36,11 +36,12 @@ def self_evaluate(
 ) -> dict[str, float]:
     """Score of ``model_dir`` per task on the ``test`` split (``limit`` items each)."""
     from umm.eval import evaluate_folder
+    from umm.ui import Bars
 
     if not tasks:
         return {}
     result = evaluate_folder(model_dir, list(tasks), split="test", limit=limit, seed=seed, device=device,
-                             show_progress=show_progress)
+                             on_progress=Bars() if show_progress else None)
     scores = {name: float(s.score) for name, s in result.scores.items()}
     logger.info("self-evaluation of %s: %s", model_dir, scores)
     return scores

@@ -26,7 +26,7 @@ from typing import Any
 
 from umm.atomic import write_json_atomic
 from umm.errors import UmmError
-from umm.ui import human_bytes
+from umm.ui import Bars, human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +189,9 @@ class MergedWatcher:
         logger.info("round %d: fetching merged model %s (%s) from %d provider(s)",
                     rec.round, h[:12], human_bytes(rec.total_bytes), len(set(providers)))
         try:
-            path = download(h, providers, self.store, max_bytes=self.max_bytes, progress=self.show_progress,
-                            timeout=self.timeout, retries=self.retries, cancel=self._cancel)
+            path = download(h, providers, self.store, max_bytes=self.max_bytes,
+                            on_progress=Bars() if self.show_progress else None, timeout=self.timeout,
+                            retries=self.retries, cancel=self._cancel)
         except SizeLimitError as e:  # the manifest is larger than the record said: never retry
             self._refused.add(h)
             self.last_error = f"round {rec.round}: {e}"

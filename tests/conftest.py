@@ -52,3 +52,38 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "math": make_random_llama(root / "math", seed=1, base=base),
         "code": make_random_llama(root / "code", seed=2, base=base),
     }
+
+
+class RecordedBar:
+    """A bar that :class:`ProgressRecorder` handed out: what it was started with and advanced by."""
+
+    def __init__(self, total, desc, unit):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.done = 0.0
+        self.info: dict[str, str] = {}
+        self.closed = False
+
+    def advance(self, n=1, **info):
+        assert not self.closed, "advanced after close"
+        self.done += n
+        self.info.update(info)
+
+    def close(self):
+        assert not self.closed, "closed twice"
+        self.closed = True
+
+
+class ProgressRecorder:
+    """A :class:`umm.progress.ProgressSink` that keeps every bar started on it, in order."""
+
+    def __init__(self):
+        self.bars: list[RecordedBar] = []
+
+    def start(self, total, desc, unit):
+        self.bars.append(RecordedBar(total, desc, unit))
+        return self.bars[-1]
+
+
+@pytest.fixture
+def recorder() -> ProgressRecorder:
+    return ProgressRecorder()

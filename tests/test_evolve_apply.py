@@ -47,7 +47,7 @@ CASES = [
 
 @pytest.mark.parametrize("method,params,per_model", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_apply_in_memory_equals_the_streamed_merge(live, tiny_models, method, params, per_model) -> None:
-    from umm.merge.executor import merge_state_dict
+    from umm.merge.run import merge_state_dict
 
     recipe = _recipe(method, tiny_models, params, per_model)
     expected = merge_state_dict(recipe)
@@ -110,7 +110,7 @@ def test_ties_search_caches_task_vectors_and_ranks(tiny_models, monkeypatch) -> 
     from umm.checkpoints.loading import load_causal_lm
     from umm.evolve import apply
     from umm.evolve.apply import LiveMerge
-    from umm.merge.executor import merge_state_dict
+    from umm.merge.run import merge_state_dict
 
     monkeypatch.setattr(apply, "RANKED_BLOCK", 50)  # several blocks per tensor, odd row counts
 
@@ -157,7 +157,7 @@ def test_raw_cache_mode_matches_too(tiny_models) -> None:
     vectors); both paths still agree, also for a TIES or task-arithmetic candidate."""
     from umm.checkpoints.loading import load_causal_lm
     from umm.evolve.apply import LiveMerge
-    from umm.merge.executor import merge_state_dict
+    from umm.merge.run import merge_state_dict
 
     dare = _recipe("dare_ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])
     ties = _recipe("ties", tiny_models, {}, [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.8}])

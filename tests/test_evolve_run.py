@@ -53,20 +53,27 @@ def _config(tiny_models: dict[str, Path], **over) -> dict:
     return cfg
 
 
-def test_evolve_writes_every_output(probe, tiny_models, tmp_path) -> None:
+def test_evolve_writes_every_output(probe, tiny_models, tmp_path, recorder) -> None:
     import torch
 
     from umm.checkpoints.reader import Checkpoint
     from umm.evolve.config import parse_config
     from umm.evolve.run import run_evolve
     from umm.merge import MergeRecipe
-    from umm.merge.executor import merge_state_dict
+    from umm.merge.run import merge_state_dict
 
     cfg = parse_config(_config(tiny_models))
     seen = []
-    result = run_evolve(cfg, tmp_path / "run", on_generation=lambda s, g, total: seen.append((g.index, total)))
+    result = run_evolve(cfg, tmp_path / "run", on_generation=lambda s, g, total: seen.append((g.index, total)),
+                        on_progress=recorder)
     run = tmp_path / "run"
     assert seen == [(0, 2), (1, 2), (2, 2)]
+    # the bars umm evolve draws: candidates of the search (with the best fitness), then the merge
+    search, *_, merged = recorder.bars
+    assert search.desc == f"evolve ({cfg.optimizer})" and search.unit == "candidate"
+    assert search.total == search.done == 9 and "best" in search.info
+    assert merged.desc == "merge (task_arithmetic)" and merged.total == merged.done > 0
+    assert all(b.closed for b in recorder.bars)
 
     # history: one line per candidate, named genes inside the bounds, fitness = (weighted mean) score
     rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]

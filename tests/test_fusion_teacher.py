@@ -95,6 +95,13 @@ def test_resume_after_crash_gives_identical_shards(
     assert a == b
 
 
+def test_reports_the_sequences_it_runs(neox: Path, data: InstructionData, tmp_path: Path, recorder) -> None:
+    teacher_pass(neox, data, tmp_path, k=2, batch_size=4, max_length=64, on_progress=recorder)
+    (bar,) = recorder.bars
+    assert bar.desc == f"teacher {neox.name}" and bar.unit == "seq"
+    assert bar.total == bar.done == len(data) and bar.closed
+
+
 def test_cache_hit_and_new_key_per_k(neox: Path, data: InstructionData, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     first = teacher_pass(neox, data, tmp_path, k=2, max_length=64, show_progress=False)

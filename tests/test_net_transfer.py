@@ -139,6 +139,16 @@ def test_round_trip_from_a_store(model, tmp_path, request):
     assert download(h, ["127.0.0.1:1"], dest, max_bytes=10**9) == path  # already there: no network
 
 
+def test_download_reports_its_bytes(model, tmp_path, request, recorder):
+    source = ModelStore(tmp_path / "source")
+    h = source.add_folder(model)
+    address = serve(CheckpointServicer(source, chunk_size=CHUNK), request)
+    download(h, [address], ModelStore(tmp_path / "dest"), max_bytes=10**9, on_progress=recorder)
+    (bar,) = recorder.bars
+    assert bar.desc == f"fetching {h[:12]}" and bar.unit == "B"
+    assert bar.total == bar.done == build_manifest(model).total_bytes and bar.closed
+
+
 class FlakyServicer(CheckpointServicer):
     """Breaks the first ``breaks`` streams of the big file after ``after`` bytes; records offsets."""
 

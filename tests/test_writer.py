@@ -153,6 +153,21 @@ def test_exception_and_interrupt_remove_temp_dir(tmp_path: Path):
         assert not (tmp_path / "m").exists() and _leftovers(tmp_path) == []
 
 
+def test_interrupt_while_opening_removes_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C (or SIGTERM) after the temporary folder exists but before ``with`` is entered: no
+    ``__exit__`` runs, so opening must clean up itself."""
+    import umm.checkpoints.writer as writer_mod
+
+    def interrupted(fd, size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_mod, "_reserve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(tmp_path / "m", _specs(_tensors())):
+            pass
+    assert not (tmp_path / "m").exists() and _leftovers(tmp_path) == []
+
+
 def test_disk_full_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ts = _tensors()
     real = os.pwrite

@@ -2,8 +2,9 @@
 set-up, progress bars and tables.
 
 This is presentation, not library: library code logs with :mod:`logging` and reports progress and
-stages through callbacks (e.g. :data:`umm.training.OnStep`, :class:`umm.fusion.pipeline.FuseEvents`)
-that the applications render with this module (:class:`StepBars`, :data:`console`). Progress bars
+stages through callbacks (:class:`umm.progress.ProgressSink`, :data:`umm.training.OnStep`,
+:class:`umm.fusion.pipeline.FuseEvents`) that the applications render with this module
+(:class:`Bars`, :class:`StepBars`, :data:`console`). Progress bars
 go to stderr and switch themselves off when stderr is not a terminal or ``UMM_NO_PROGRESS=1`` is
 set, so logs and CI output stay clean.
 """
@@ -23,6 +24,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
+    from umm.progress import ProgressSink
     from umm.training import StepReport
 
 T = TypeVar("T")
@@ -73,6 +75,40 @@ def progress(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+
+
+class Bars:
+    """A :class:`umm.progress.ProgressSink` drawing one tqdm bar per :meth:`start` (bytes for unit
+    ``"B"``, scaled); ``leave`` keeps finished bars on screen."""
+
+    def __init__(self, *, leave: bool = True) -> None:
+        self.leave = leave
+
+    def start(self, total: float | None, desc: str, unit: str) -> _Bar:
+        return _Bar(progress(total=total, desc=desc, unit=unit, unit_scale=unit == "B", leave=self.leave))
+
+
+def progress_sink(on_progress: ProgressSink | None, show_progress: bool) -> ProgressSink | None:
+    """``on_progress``, else :class:`Bars` when ``show_progress``: the shorthand that a few widely
+    called library functions keep (``evaluate(..., show_progress=True)``); silent by default."""
+    if on_progress is not None:
+        return on_progress
+    return Bars() if show_progress else None
+
+
+class _Bar:
+    """A :class:`umm.progress.ProgressBar` over one tqdm bar."""
+
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+
+    def advance(self, n: float = 1, **info: str) -> None:
+        if info:
+            self._bar.set_postfix(info, refresh=False)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class StepBars:

@@ -31,7 +31,8 @@ from umm.checkpoints.fingerprint import Fingerprint, _pairs_from_tokenizer_json,
 from umm.checkpoints.loading import check_model_config, check_tokenizer_files, first_line
 from umm.checkpoints.manifest import Manifest, build_manifest, list_files
 from umm.checkpoints.reader import CONFIG_NAME, Checkpoint
-from umm.ui import human_bytes, progress
+from umm.progress import ProgressSink, track
+from umm.ui import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,11 @@ def _check_tokenizer_fits(ckpt: Checkpoint) -> None:
         )
 
 
-def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits()) -> AdmissionReport:
+def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits(), *,
+          on_progress: ProgressSink | None = None) -> AdmissionReport:
     """Check an untrusted model folder (see the module docstring); raise the specific
-    :class:`CheckpointError` or return its :class:`AdmissionReport`."""
+    :class:`CheckpointError` or return its :class:`AdmissionReport`. ``on_progress`` receives a
+    bar of the tensors scanned for NaN/Inf."""
     folder = Path(path)
     if folder.is_dir():  # size first: the cheapest check, before any file is parsed
         total = sum(list_files(folder).values())
@@ -215,7 +218,7 @@ def admit(path: str | Path, limits: AdmissionLimits = AdmissionLimits()) -> Admi
         _check_tokenizer_fits(ckpt)
 
         if limits.check_finite:
-            for name in progress(ckpt.tensor_names, desc=f"scanning {ckpt.path.name}", unit="tensor"):
+            for name in track(ckpt.tensor_names, on_progress, f"scanning {ckpt.path.name}", "tensor"):
                 check_finite(ckpt.get_tensor(name), name, where)
 
         fp = fingerprint(ckpt)

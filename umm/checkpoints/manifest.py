@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from umm.checkpoints.errors import CheckpointError, ManifestMismatchError
-from umm.ui import progress
+from umm.progress import ProgressSink, open_bar
 
 logger = logging.getLogger(__name__)
 
@@ -231,21 +231,23 @@ def list_files(folder: str | Path) -> dict[str, int]:
     return found
 
 
-def _hash_files(root: Path, sizes: Mapping[str, int], show_progress: bool, desc: str) -> Iterable[FileEntry]:
-    bar = progress(total=sum(sizes.values()), desc=desc, unit="B", unit_scale=True, disable=not show_progress or None)
+def _hash_files(root: Path, sizes: Mapping[str, int], on_progress: ProgressSink | None,
+                desc: str) -> Iterable[FileEntry]:
+    bar = open_bar(on_progress, sum(sizes.values()), desc, "B")
     try:
         for rel, size in sizes.items():
-            yield FileEntry(rel, size, sha256_file(root / rel, on_chunk=bar.update))
+            yield FileEntry(rel, size, sha256_file(root / rel, on_chunk=bar.advance))
     finally:
         bar.close()
 
 
-def build_manifest(folder: str | Path, *, show_progress: bool = False) -> Manifest:
-    """Hash every regular file under ``folder`` (dot-names skipped, symlinks refused)."""
+def build_manifest(folder: str | Path, *, on_progress: ProgressSink | None = None) -> Manifest:
+    """Hash every regular file under ``folder`` (dot-names skipped, symlinks refused);
+    ``on_progress`` receives a bar of the bytes hashed."""
     root = Path(folder)
     sizes = list_files(root)
     entries = []
-    for entry in _hash_files(root, sizes, show_progress, f"hashing {root.name}"):
+    for entry in _hash_files(root, sizes, on_progress, f"hashing {root.name}"):
         actual = (root / entry.path).stat().st_size
         if actual != entry.size:
             raise CheckpointError(f"{root / entry.path}: changed size while being hashed")
@@ -255,11 +257,11 @@ def build_manifest(folder: str | Path, *, show_progress: bool = False) -> Manife
     return manifest
 
 
-def verify_folder(folder: str | Path, manifest: Manifest, *, show_progress: bool = False) -> None:
+def verify_folder(folder: str | Path, manifest: Manifest, *, on_progress: ProgressSink | None = None) -> None:
     """Check that ``folder`` holds exactly the manifest's files with their sizes and digests.
 
     Raises :class:`ManifestMismatchError` naming the missing, extra or differing file(s); cheap
-    checks (names, sizes) run before any hashing.
+    checks (names, sizes) run before any hashing. ``on_progress`` receives a bar of the bytes hashed.
     """
     root = Path(folder)
     sizes = list_files(root)
@@ -276,7 +278,7 @@ def verify_folder(folder: str | Path, manifest: Manifest, *, show_progress: bool
             problems.append(f"{rel} is {sizes[rel]} bytes, the manifest says {expected[rel].size}")
     if problems:
         raise ManifestMismatchError(f"{root} does not match manifest {manifest.hash[:12]}: " + "; ".join(problems))
-    for entry in _hash_files(root, sizes, show_progress, f"verifying {root.name}"):
+    for entry in _hash_files(root, sizes, on_progress, f"verifying {root.name}"):
         want = expected[entry.path].sha256
         if entry.sha256 != want:
             raise ManifestMismatchError(

@@ -310,6 +310,9 @@ class CheckpointWriter:
         except OSError as exc:
             self.abort()
             raise CheckpointWriteError(f"cannot create the output next to {self.out_dir}: {exc}") from exc
+        except BaseException:  # Ctrl-C/SIGTERM while reserving: the caller's __exit__ will not run
+            self.abort()
+            raise
         logger.info("writing %d shard(s) into %s", len(self.plan.files), self.tmp_dir)
         return self
 

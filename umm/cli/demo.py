@@ -72,7 +72,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
     from umm.experts.recipes import get_recipe
     from umm.net.local import LocalNetConfig
-    from umm.ui import console
+    from umm.ui import Bars, console
 
     t_start = time.monotonic()
     cfg = LocalNetConfig(
@@ -87,7 +87,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     console.print(f"[bold]1/2[/] expert suite {variant!r}: "
                   f"{'cached' if cached else 'building it (once; a few minutes on 2 CPU cores)'} ...", highlight=False)
     t0 = time.monotonic()
-    suite = ensure_suite(variant, experts_dir)
+    suite = ensure_suite(variant, experts_dir, on_progress=Bars())
     t_suite = time.monotonic() - t0
     console.print(f"    {', '.join(suite.models)} in {suite.root} ({'cached' if cached else f'built in {t_suite:.0f} s'})",
                   highlight=False)

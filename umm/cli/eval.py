@@ -142,6 +142,7 @@ def _score_completions(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     from umm.errors import UmmError
     from umm.eval.evaluate import score_completions
     from umm.eval.task import read_jsonl
+    from umm.ui import Bars
 
     assert o.completions is not None
     if o.model is not None:
@@ -151,13 +152,15 @@ def _score_completions(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     if o.limit is not None:
         raise UmmError("--limit does not apply to --completions (every completion given is scored)")
     recs = read_jsonl(o.completions, ("task_id", "completion"))
-    return score_completions(tasks[0], recs, split=o.split, sandbox_workers=o.workers)  # type: ignore[arg-type]
+    return score_completions(tasks[0], recs, split=o.split, sandbox_workers=o.workers,  # type: ignore[arg-type]
+                             on_progress=Bars())
 
 
 def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     from umm.cli.common import set_threads
     from umm.errors import UmmError
     from umm.eval.evaluate import evaluate_folder
+    from umm.ui import Bars
 
     if o.model is None:
         raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
@@ -165,7 +168,7 @@ def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     return evaluate_folder(o.model, tasks, split=o.split or "test", limit=o.limit, seed=o.seed,  # type: ignore[arg-type]
                            batch_size=o.batch_size, device=o.device, dtype=o.dtype, max_new_tokens=o.max_new_tokens,
                            chat_template=o.chat, sandbox_workers=o.workers, num_samples=o.num_samples,
-                           temperature=o.temperature)
+                           temperature=o.temperature, on_progress=Bars())
 
 
 def _report(result: EvalResult, output: Path | None, samples: Path | None) -> None:

@@ -34,7 +34,7 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     from umm.eval.sandbox import DEFAULT_WORKERS
     from umm.evolve.config import load_config
     from umm.evolve.run import default_run_dir, run_evolve
-    from umm.ui import console
+    from umm.ui import Bars, console
 
     over = config_overrides(config, sets=sets, suite=suite, model_keys=("models", "base_model"))
     over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity))
@@ -57,7 +57,7 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
             highlight=False,
         )
 
-    result = run_evolve(cfg, out, resume=resume, on_generation=show)
+    result = run_evolve(cfg, out, resume=resume, on_generation=show, on_progress=Bars())
     best = result.state.best()
     console.print(f"best fitness (weighted mean score, search split) {best.fitness:.4f} (generation {best.generation}, candidate {best.index})")
     console.print(f"best recipe: {result.best_recipe}")

@@ -56,7 +56,7 @@ def prepare(
         from umm.errors import UmmError
         from umm.experts.build import build_stage, ensure_suite, load_suite, suite_dir
         from umm.experts.recipes import get_recipe
-        from umm.ui import StepBars, console
+        from umm.ui import Bars, StepBars, console
 
         if device != "cpu" and not device.startswith("cuda"):
             raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
@@ -75,7 +75,8 @@ def prepare(
             cached = False
         if not cached:
             console.print(f"building expert suite [bold]{variant}[/] in {target} ({recipe.description})")
-        suite = ensure_suite(recipe, directory, force=force, device=device, on_step=StepBars(leave=False))
+        suite = ensure_suite(recipe, directory, force=force, device=device, on_step=StepBars(leave=False),
+                             on_progress=Bars())
         console.print(_models_table(suite))
         how = "cached, up to date" if cached else f"built in {suite.info['build_seconds']:.0f}s"
         console.print(f"{variant}: {how}; description in {suite.root / 'suite.json'}")

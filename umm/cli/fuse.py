@@ -37,7 +37,7 @@ def fuse_command(
     with user_errors():
         from umm.cli.common import config_overrides, set_threads
         from umm.fusion.pipeline import load_config, run_fuse
-        from umm.ui import console
+        from umm.ui import Bars, console
 
         over = config_overrides(config, sets=set_, suite=suite, model_keys=("pivot", "sources"), data_keys=("data",))
         over.update({k: v for k, v in (("device", device), ("output", output)) if v is not None})
@@ -47,7 +47,7 @@ def fuse_command(
                       f"{n_threads} torch thread(s)", highlight=False)
         events = ConsoleFuseEvents()
         try:
-            result = run_fuse(cfg, resume=resume, events=events)
+            result = run_fuse(cfg, resume=resume, events=events, on_progress=Bars())
         finally:
             events.steps.close()
         console.print(f"pivot {result.pivot}; fused model in {result.output} "

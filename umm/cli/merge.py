@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -39,7 +36,7 @@ def merge_command(
 def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: str, overwrite: bool,
            seed: int | None, dry_run: bool) -> None:
     from umm.errors import UmmError
-    from umm.ui import console, human_bytes, table
+    from umm.ui import Bars, console, human_bytes, table
 
     if device != "cpu" and not device.startswith("cuda"):
         raise UmmError(f"unknown --device {device!r}; valid: cpu, cuda, cuda:N")
@@ -60,11 +57,10 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
     from umm.merge.disk import merge
 
     tune_allocator()
-    with _progress_bar(f"merge ({rec.merge_method})") as on_progress:
-        s = merge(
-            rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
-            overwrite=overwrite, on_progress=on_progress, seed=seed,
-        )
+    s = merge(
+        rec, out_dir, device=device, threads=threads or None, shard_size=shard_size,
+        overwrite=overwrite, on_progress=Bars(), seed=seed,
+    )
     rows = [
         ("output", str(s.out_dir)),
         ("method", s.method),
@@ -77,26 +73,6 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         ("device / threads", f"{s.device} / {s.threads}"),
     ]
     console.print(table("umm merge", ["", ""], rows))
-
-
-@contextmanager
-def _progress_bar(desc: str) -> Iterator[Callable[[int, int], None]]:
-    """A bytes progress bar on stderr, fed by the merge's ``on_progress``; opened at the first
-    block (when the total is known), closed on leaving."""
-    from umm.ui import progress
-
-    bars: list[Any] = []
-
-    def advance(n: int, total: int) -> None:
-        if not bars:
-            bars.append(progress(total=total, desc=desc, unit="B", unit_scale=True))
-        bars[0].update(n)
-
-    try:
-        yield advance
-    finally:
-        for bar in bars:
-            bar.close()
 
 
 def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:

@@ -77,9 +77,10 @@ def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
     are printed). ``suite``: an already prepared expert suite (default: ``cfg.variant``'s, built if missing).
     """
     from umm.net.local import run_local_network
-    from umm.ui import console
+    from umm.ui import Bars, console
 
-    result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True))
+    result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True),
+                               on_progress=Bars())
     print_result(result)
     if result.ok:
         console.print(f"[bold green]ok[/]: {len(result.nodes)} node(s) hold the verified merged model "

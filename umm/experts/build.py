@@ -32,8 +32,9 @@ from umm.errors import UmmError
 from umm.experts.prebuilt import Prebuilt, load_prebuilt
 from umm.experts.recipes import ModelRecipe, SuiteRecipe, get_recipe
 from umm.partials import partial_path, remove_stale_partials
+from umm.progress import ProgressSink, track
 from umm.training import OnStep
-from umm.ui import progress, transformers_bars_off
+from umm.ui import transformers_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,10 @@ def ensure_suite(
     force: bool = False,
     device: str = "cpu",
     on_step: OnStep | None = None,
+    on_progress: ProgressSink | None = None,
 ) -> ExpertSuite:
     """The suite ``variant``, built first if it is missing, stale (other recipe) or ``force``;
-    ``on_step`` receives the training steps of a build (see :func:`build_suite`)."""
+    ``on_step`` and ``on_progress`` receive a build's steps and bars (see :func:`build_suite`)."""
     recipe = get_recipe(variant) if isinstance(variant, str) else variant
     if not force:
         try:
@@ -139,7 +141,7 @@ def ensure_suite(
             if is_current(suite, recipe):
                 return suite
             logger.info("expert suite %s at %s is from another recipe; rebuilding", recipe.variant, suite.root)
-    return build_suite(recipe, root, device=device, on_step=on_step)
+    return build_suite(recipe, root, device=device, on_step=on_step, on_progress=on_progress)
 
 
 # ---------------------------------------------------------------- building
@@ -232,6 +234,7 @@ def build_suite(
     device: str = "cpu",
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
     on_step: OnStep | None = None,
+    on_progress: ProgressSink | None = None,
     prebuilt_root: Path | None = None,
 ) -> ExpertSuite:
     """Train (or take prebuilt) every tokenizer and model of the recipe, score them, write the suite atomically.
@@ -242,7 +245,8 @@ def build_suite(
     scored on ``recipe.score_items`` ``search`` items of each task and each expert's task vector is
     measured (:func:`task_vector_stats`): both go into ``suite.json``. An existing suite of that
     variant is replaced only once the new one is complete. ``on_model(name, entry)`` is called
-    after each model is trained; ``on_step`` receives each training step (run: the model's name).
+    after each model is trained; ``on_step`` receives each training step (run: the model's name);
+    ``on_progress`` receives a bar of the models built and one of the models scored.
     """
     import torch
 
@@ -260,7 +264,7 @@ def build_suite(
         tokenizers = _tokenizers(recipe, prebuilt)
         trained: dict[str, Any] = {}
         entries: dict[str, dict[str, Any]] = {}
-        for m in progress(recipe.models, desc=f"experts ({recipe.variant})", unit="model"):
+        for m in track(recipe.models, on_progress, f"experts ({recipe.variant})", "model"):
             model, entry = _model(recipe, m, tokenizers[m.tokenizer], trained, prebuilt[m.name], device, on_step)
             trained[m.name] = model
             out = tmp / m.name
@@ -272,7 +276,7 @@ def build_suite(
             if on_model is not None:
                 on_model(m.name, entry)
         _check_complete(tmp, entries)
-        scores = _search_scores(recipe, trained, tokenizers, device)
+        scores = _search_scores(recipe, trained, tokenizers, device, on_progress)
         vectors = task_vector_stats(trained, {n: e["base"] for n, e in entries.items() if e["base"]})
         info = _suite_info(recipe, entries, time.perf_counter() - started, torch.__version__)
         info["search_scores"], info["task_vectors"] = scores, vectors
@@ -372,7 +376,8 @@ def _model(recipe: SuiteRecipe, m: ModelRecipe, tok: Any, trained: dict[str, Any
     return model, entry
 
 
-def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict[str, Any], device: str) -> dict[str, Any]:
+def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict[str, Any], device: str,
+                   on_progress: ProgressSink | None) -> dict[str, Any]:
     """Each model's score on ``recipe.score_items`` ``search`` items of every synthetic task."""
     from umm.eval import evaluate
     from umm.eval.suites import SUITES
@@ -380,9 +385,9 @@ def _search_scores(recipe: SuiteRecipe, models: dict[str, Any], tokenizers: dict
     if recipe.score_items <= 0:
         return {}
     out: dict[str, Any] = {"split": "search", "n": recipe.score_items, "models": {}}
-    for m in progress(recipe.models, desc="scoring (search)", unit="model"):
+    for m in track(recipe.models, on_progress, "scoring (search)", "model"):
         res = evaluate(models[m.name].to(device), tokenizers[m.tokenizer], list(SUITES), split="search",
-                       limit=recipe.score_items, show_progress=False, num_threads=recipe.threads)
+                       limit=recipe.score_items, num_threads=recipe.threads)
         models[m.name].to("cpu")
         out["models"][m.name] = {t: round(s.score, 4) for t, s in res.scores.items()}
     return out

@@ -35,6 +35,8 @@ from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 from umm.eval.sandbox import DEFAULT_WORKERS
 from umm.fusion.settings import TrainingSettings
+from umm.progress import ProgressSink
+from umm.ui import progress_sink
 
 if TYPE_CHECKING:
     from umm.training import StepReport
@@ -204,15 +206,16 @@ class FuseResult:
 Scorer = Callable[[Path, Sequence[str], str, int | None], dict[str, tuple[float, float, float, int]]]
 
 
-def make_scorer(settings: EvalSettings, device: str, *, show_progress: bool = True) -> Scorer:
-    """The default scorer: :func:`umm.eval.evaluate_folder` with ``settings`` on ``device``."""
+def make_scorer(settings: EvalSettings, device: str, *, on_progress: ProgressSink | None = None) -> Scorer:
+    """The default scorer: :func:`umm.eval.evaluate_folder` with ``settings`` on ``device``; its
+    bars go to ``on_progress``."""
 
     def score(path: Path, tasks: Sequence[str], split: str, limit: int | None) -> dict[str, tuple[float, float, float, int]]:
         from umm.eval import evaluate_folder
 
         res = evaluate_folder(path, list(tasks), split=split, limit=limit, seed=settings.seed,  # type: ignore[arg-type]
                               batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                              device=device, show_progress=show_progress, sandbox_workers=settings.sandbox_workers)
+                              device=device, on_progress=on_progress, sandbox_workers=settings.sandbox_workers)
         return {t: (s.score, s.ci_low, s.ci_high, s.n) for t, s in res.scores.items()}
 
     return score
@@ -287,8 +290,10 @@ def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer,
 
 
 def run_teacher_passes(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], data: Any, device: str,
-                       *, show_progress: bool = True) -> list[TeacherInfo]:
-    """Stage 3: the (cached) teacher pass of the pivot and of each source."""
+                       *, show_progress: bool = False,
+                       on_progress: ProgressSink | None = None) -> list[TeacherInfo]:
+    """Stage 3: the (cached) teacher pass of the pivot and of each source; their bars go to
+    ``on_progress`` (``show_progress``: terminal bars)."""
     from umm.checkpoints.loading import load_tokenizer
     from umm.fusion.teacher import teacher_pass
     from umm.paths import home
@@ -297,7 +302,8 @@ def run_teacher_passes(cfg: FuseConfig, pivot: Path, sources: Sequence[Path], da
     out = []
     for path in [pivot, *sources]:
         t = teacher_pass(path, data, cache, k=cfg.k, batch_size=cfg.teacher_batch_size, device=device,
-                         max_length=cfg.max_length, show_progress=show_progress, layout=cfg.layout)
+                         max_length=cfg.max_length, show_progress=show_progress, on_progress=on_progress,
+                         layout=cfg.layout)
         vocab = len(load_tokenizer(path))
         out.append(TeacherInfo(path.name, str(path), t.n_tokens, t.storage_bytes, t.bytes_per_token,
                                t.n_truncated, t.n_dropped, 2 * vocab, str(t.dir), t.layout))
@@ -327,7 +333,8 @@ def run_fuse(
     cfg: FuseConfig,
     *,
     resume: bool = False,
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
     scorer: Scorer | None = None,
     events: FuseEvents | None = None,
 ) -> FuseResult:
@@ -335,14 +342,16 @@ def run_fuse(
 
     ``scorer`` replaces the evaluation (default: :func:`make_scorer`); ``events`` receives the
     stages, messages, tables' data and training steps (default: nothing is shown).
-    ``show_progress``: the progress bars of the teacher passes and the evaluation.
+    ``on_progress`` receives the progress bars of the teacher passes, the alignment and the
+    evaluation (``show_progress``: terminal bars, :func:`umm.ui.progress_sink`).
     """
     from umm.checkpoints.loading import resolve_device
     from umm.fusion.train import train_pivot
 
     events = events or _Quiet()
+    on_progress = progress_sink(on_progress, show_progress)
     device = str(resolve_device(cfg.device))
-    scorer = scorer or make_scorer(cfg.eval, device, show_progress=show_progress)
+    scorer = scorer or make_scorer(cfg.eval, device, on_progress=on_progress)
     if cfg.output.exists() and not resume and (not cfg.output.is_dir() or any(cfg.output.iterdir())):
         raise UmmError(f"output {cfg.output} exists and is not empty; choose another, remove it, "
                        "or pass --resume to continue that run")
@@ -363,7 +372,7 @@ def run_fuse(
     sources = [p for p in cfg.candidates() if not _same(p, pivot)]
 
     events.stage(Stage(3))
-    teachers = run_teacher_passes(cfg, pivot, sources, data, device, show_progress=show_progress)
+    teachers = run_teacher_passes(cfg, pivot, sources, data, device, on_progress=on_progress)
     events.teacher_passes(teachers, cfg)
     _warn_about_teachers(teachers, cfg, events)
 
@@ -373,7 +382,7 @@ def run_fuse(
         trained = False
         events.note(f"{cfg.output} already holds the finished fused model; not training again")
     else:
-        train_pivot(train_config(cfg, pivot, sources, device, resume), show_progress=show_progress,
+        train_pivot(train_config(cfg, pivot, sources, device, resume), on_progress=on_progress,
                     on_step=events.training_step)
         events.note(f"fused model written to {cfg.output}")
 

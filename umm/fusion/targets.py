@@ -34,7 +34,7 @@ from umm.fusion.data import InstructionData, TokenizedData
 from umm.fusion.fuse import FusionFunction
 from umm.fusion.sparse import SparseDist, merge_duplicates, renormalise
 from umm.fusion.teacher import TeacherOutputs, TeacherSequence
-from umm.ui import progress
+from umm.progress import ProgressSink, track
 
 CE_UNITS = ("char", "token")
 
@@ -74,9 +74,10 @@ def build_fused_targets(
     vocab_map_method: str = "exact+edit",
     temperature: float = 1.0,
     ce_unit: str = "char",
-    show_progress: bool = True,
+    on_progress: ProgressSink | None = None,
 ) -> FusedTargets:
-    """Project every teacher onto ``pivot_data`` and fuse them (see module docstring)."""
+    """Project every teacher onto ``pivot_data`` and fuse them (see module docstring);
+    ``on_progress`` receives a bar of the sequences."""
     if ce_unit not in CE_UNITS:
         raise UmmError(f"unknown ce_unit {ce_unit!r}; use one of {', '.join(CE_UNITS)}")
     if len(teachers) != len(source_tokenizers):
@@ -100,8 +101,7 @@ def build_fused_targets(
     fallbacks = [0] * len(teachers)
     positions = [0] * len(teachers)
     chosen = [0] * len(teachers)
-    for i, piv in enumerate(progress(pivot_data.items, desc="aligning teachers", unit="seq",
-                                     disable=None if show_progress else True)):
+    for i, piv in enumerate(track(pivot_data.items, on_progress, "aligning teachers", "seq")):
         if piv is None:
             items.append(None)
             continue

@@ -33,7 +33,8 @@ import torch
 from umm.atomic import atomic_path, remove_stale_temps, write_json_atomic
 from umm.errors import UmmError
 from umm.fusion.data import InstructionData, TokenizedExample, resolve_layout, tokenize_data
-from umm.ui import human_bytes, progress
+from umm.progress import ProgressSink, open_bar
+from umm.ui import human_bytes, progress_sink
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def teacher_pass(
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
     max_length: int = 2048,
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
     shard_sequences: int = 256,
     model_manifest: str | None = None,
     layout: str = "auto",
@@ -188,7 +190,9 @@ def teacher_pass(
     ``model_manifest``: the model's manifest hash if already known (else it is computed).
     ``layout``: the prompt layout (:data:`umm.fusion.data.LAYOUTS`); resolved for this model's
     tokenizer before anything runs (``chat`` without a template is refused) and part of the key.
-    Returns the finished :class:`TeacherOutputs`; logs the storage cost per token.
+    ``on_progress`` receives a bar of the sequences; ``show_progress`` is shorthand for terminal
+    bars (:func:`umm.ui.progress_sink`). Returns the finished :class:`TeacherOutputs`; logs the
+    storage cost per token.
     """
     from safetensors.torch import save_file
 
@@ -233,9 +237,8 @@ def teacher_pass(
     dev = resolve_device(device)
     model = load_causal_lm(model_path, device=dev, dtype=dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = progress(total=len(data), desc=f"teacher {model_path.name}", unit="seq",
-                   disable=None if show_progress else True)
-    bar.update(first)
+    bar = open_bar(progress_sink(on_progress, show_progress), len(data), f"teacher {model_path.name}", "seq")
+    bar.advance(first)
     with torch.inference_mode():
         for start in range(first, len(data), shard_sequences):
             stop = min(start + shard_sequences, len(data))
@@ -246,7 +249,7 @@ def teacher_pass(
                 kept = [it for it in chunk if it is not None]
                 results = iter(_forward_batch(model, kept, k, pad_id, dev) if kept else [])
                 rows.extend(next(results) if it is not None else None for it in chunk)
-                bar.update(len(chunk))
+                bar.advance(len(chunk))
             seconds = time.perf_counter() - t0
             info = _write_shard(target, start, stop, rows, k, save_file)
             index["shards"].append(info)

@@ -36,8 +36,9 @@ from umm.fusion.settings import TrainingSettings
 from umm.fusion.targets import FusedItem, FusedTargets, build_fused_targets
 from umm.fusion.teacher import TeacherOutputs, teacher_pass
 from umm.partials import partial_path, remove_stale_partials
+from umm.progress import ProgressSink
 from umm.training import Loss, OnStep, adamw, train_steps, warmup_cosine
-from umm.ui import transformers_bars_off
+from umm.ui import progress_sink, transformers_bars_off
 
 logger = logging.getLogger(__name__)
 
@@ -182,27 +183,30 @@ def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer,
 # --------------------------------------------------------------------------- the run
 
 
-def prepare_targets(config: FusionTrainConfig, *, show_progress: bool = True,
+def prepare_targets(config: FusionTrainConfig, *, show_progress: bool = False,
+                    on_progress: ProgressSink | None = None,
                     device: str | None = None) -> tuple[FusedTargets, list[TeacherOutputs]]:
-    """Teacher passes (cached) of the pivot and the sources, then the fused targets."""
+    """Teacher passes (cached) of the pivot and the sources, then the fused targets. ``on_progress``
+    receives their bars; ``show_progress`` is shorthand for terminal bars (:func:`umm.ui.progress_sink`)."""
     from umm.checkpoints.loading import load_tokenizer
     from umm.paths import home
 
     data = InstructionData.from_jsonl(config.data)
     cache = config.teacher_cache or home() / "fusion" / "teachers"
     pivot_tok = load_tokenizer(config.pivot)
+    on_progress = progress_sink(on_progress, show_progress)
     teachers = []
     tokenizers = []
     for path in [config.pivot, *config.sources]:
         tokenizers.append(load_tokenizer(path))
         teachers.append(teacher_pass(path, data, cache, k=config.k, batch_size=config.teacher_batch_size,
                                      device=device or config.device, max_length=config.max_length,
-                                     show_progress=show_progress, layout=config.layout))
+                                     on_progress=on_progress, layout=config.layout))
     pivot_data = tokenize_data(pivot_tok, data, config.max_length, config.layout)
     targets = build_fused_targets(pivot_tok, pivot_data, data, teachers, tokenizers,
                                   fusion=config.fusion, vocab_map_method=config.vocab_map,
                                   temperature=config.temperature, ce_unit=config.ce_unit,
-                                  show_progress=show_progress)
+                                  on_progress=on_progress)
     return targets, teachers
 
 
@@ -211,13 +215,14 @@ def train_pivot(
     *,
     targets: FusedTargets | None = None,
     stop_after: int | None = None,
-    show_progress: bool = True,
+    show_progress: bool = False,
+    on_progress: ProgressSink | None = None,
     on_step: OnStep | None = None,
 ) -> Path:
     """Run the fusion described by ``config``; returns the output model folder.
 
-    ``targets``: precomputed fused targets (else :func:`prepare_targets`, whose teacher passes show
-    progress bars when ``show_progress``). ``on_step`` receives each optimizer step's report (run
+    ``targets``: precomputed fused targets (else :func:`prepare_targets`, whose bars go to
+    ``on_progress``; ``show_progress``: terminal bars). ``on_step`` receives each optimizer step's report (run
     ``"fusion training"``; terms ``ce_gold`` and ``ce_fused``). ``stop_after``: stop after that many
     optimizer steps in this call, with a checkpoint (time-sliced jobs); the output folder is then
     not written and the work folder's path is returned instead.
@@ -238,7 +243,8 @@ def train_pivot(
     device = resolve_device(config.device)
     teachers: list[TeacherOutputs] = []
     if targets is None:
-        targets, teachers = prepare_targets(config, show_progress=show_progress, device=str(device))
+        targets, teachers = prepare_targets(config, show_progress=show_progress, on_progress=on_progress,
+                                            device=str(device))
     train_items = [it for it in targets.items if it is not None]
     if not train_items:
         raise UmmError("no training sequence left (every example was dropped); raise max_length")

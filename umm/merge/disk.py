@@ -12,7 +12,7 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,7 @@ from umm.merge.dtypes import dtype_name
 from umm.merge.inputs import MergeInputs, open_inputs
 from umm.merge.plan import DEFAULT_CHUNK_BYTES
 from umm.merge.run import default_workers, merge_tensors, resolve_seed
-
-#: Told, as blocks are written, how many output bytes were just written and the total to write.
-OnProgress = Callable[[int, int], None]
+from umm.progress import ProgressSink, open_bar
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ def merge(
     threads: int | None = None,
     shard_size: int | str = "5GB",
     overwrite: bool = False,
-    on_progress: OnProgress | None = None,
+    on_progress: ProgressSink | None = None,
     seed: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> MergeSummary:
@@ -154,7 +152,8 @@ def merge(
 
     ``threads``: worker threads, also torch's thread count (default: up to 4 workers by CPU
     count, with the cores shared out between them as torch threads); restored on return.
-    ``on_progress(bytes, total_bytes)`` is called from this thread as blocks are written.
+    ``on_progress`` receives a bar of the output bytes (``merge (METHOD)``), advanced from this
+    thread as blocks are written.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -171,10 +170,12 @@ def merge(
         specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
         recipe_yaml = recipe.to_yaml()
         with CheckpointWriter(out, specs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
-            total = inputs.output_bytes
-            n = merge_tensors(inputs, writer.write_rows, device=device, threads=workers, seed=the_seed,
-                              chunk_bytes=chunk_bytes,
-                              on_progress=None if on_progress is None else lambda b: on_progress(b, total))
+            bar = open_bar(on_progress, inputs.output_bytes, f"merge ({inputs.method.name})", "B")
+            try:
+                n = merge_tensors(inputs, writer.write_rows, device=device, threads=workers, seed=the_seed,
+                                  chunk_bytes=chunk_bytes, on_bytes=bar.advance)
+            finally:
+                bar.close()
             _write_extras(writer, inputs, tok_dir, recipe_yaml)
             writer.finalize()
             shards = len(writer.plan.files)

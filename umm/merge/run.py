@@ -157,13 +157,13 @@ def merge_tensors(
     memory_budget: int | None = None,
     check_finite: bool = True,
     names: Iterable[str] | None = None,
-    on_progress: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> int:
     """Merge every tensor of ``inputs`` (or only ``names``) and hand each block to ``sink``.
 
     ``sink`` may be called from worker threads, concurrently, blocks in any order (a tensor's
     block jobs wait for its prepare job, which is always submitted before them). Returns the
-    number of tensors produced. ``on_progress(out_bytes)`` is called from this thread as blocks
+    number of tensors produced. ``on_bytes(out_bytes)`` is called from this thread as blocks
     complete. Errors from any job are raised here after the pool stops.
     """
     dev = torch.device(device)
@@ -175,8 +175,8 @@ def merge_tensors(
 
     def finished(job: Job) -> None:
         done.add(job.name)
-        if on_progress is not None:
-            on_progress(job.out_bytes)
+        if on_bytes is not None:
+            on_bytes(job.out_bytes)
 
     run_jobs(jobs, runner, workers=default_workers(threads), stop=runner.stop, on_done=finished,
              memory_budget=DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)

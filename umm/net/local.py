@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from umm.errors import UmmError
 from umm.net.errors import NetError
+from umm.progress import ProgressSink
 
 if TYPE_CHECKING:  # the rest loads when a network starts: `umm` reads LocalNetConfig for its flags
     from umm.net.proto import umm_coordinator_pb2 as pb
@@ -299,11 +300,13 @@ def check_node_store(data_dir: Path, manifest_hash: str) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None) -> LocalNetResult:
+def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None,
+                      on_progress: ProgressSink | None = None) -> LocalNetResult:
     """Start the network, run the rounds, check every node, stop everything (see module docstring).
 
     ``suite``: an :class:`umm.experts.build.ExpertSuite` (default: ``ensure_suite(cfg.variant,
-    cfg.experts_root)``, built if missing). ``say(text)`` reports progress (default: logging).
+    cfg.experts_root)``, built if missing; its bars go to ``on_progress``). ``say(text)`` reports
+    progress (default: logging).
     Never raises for a failed check: those are in ``result.problems``; raises
     :class:`LocalNetError` only for a set-up the caller must fix.
     """
@@ -312,7 +315,7 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
         from umm.experts.build import ensure_suite
 
         say(f"preparing the {cfg.variant!r} expert suite (cached after the first run) ...")
-        suite = ensure_suite(cfg.variant, cfg.experts_root, device=cfg.device)
+        suite = ensure_suite(cfg.variant, cfg.experts_root, device=cfg.device, on_progress=on_progress)
     workdir = prepare_workdir(cfg.workdir)
     experts = node_experts(suite, cfg.nodes)
     settings = _prepare_coordinator(cfg, suite, experts, workdir)

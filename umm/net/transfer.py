@@ -56,8 +56,8 @@ from umm.net.ratewatch import RateWatchdog
 from umm.net.server import MAX_MESSAGE_BYTES
 from umm.net.store import ModelStore, check_hash
 from umm.net.wire import parse_chunk
-from umm.ui import human_bytes
-from umm.ui import progress as progress_bar
+from umm.progress import ProgressSink, open_bar
+from umm.ui import human_bytes, progress_sink
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +349,8 @@ def download(
     retries: int = 3,
     timeout: float = 30.0,
     min_rate: float = DEFAULT_MIN_RATE,
-    progress: bool = True,
+    progress: bool = False,
+    on_progress: ProgressSink | None = None,
     cancel: threading.Event | None = None,
     policy: AddressPolicy = DEFAULT_POLICY,
     quarantine: bool = False,
@@ -371,7 +372,8 @@ def download(
     partial files. Raises a :class:`TransferError` naming each provider and what went wrong with
     it; its subclass says what happened (:mod:`umm.net.errors`), and its ``permanent`` flag
     whether the model itself is at fault (too large, a wrong or invalid manifest, bytes that do
-    not match the manifest) or a later try may succeed.
+    not match the manifest) or a later try may succeed. ``on_progress`` receives a bar of the
+    model's bytes; ``progress`` is shorthand for terminal bars (:func:`umm.ui.progress_sink`).
     """
     check_hash(manifest_hash)
     if store.has(manifest_hash) or (quarantine and store.quarantined(manifest_hash)):
@@ -400,14 +402,13 @@ def download(
                 (folder / stray).unlink()
             sizes = {e.path: e.size for e in manifest.files}
             have = sum(min(size, sizes[rel]) for rel, size in present.items() if rel in sizes)
-            bar = progress_bar(total=total, desc=f"fetching {manifest_hash[:12]}", unit="B", unit_scale=True,
-                               disable=None if progress else True)
-            bar.update(have)
+            bar = open_bar(progress_sink(on_progress, progress), total, f"fetching {manifest_hash[:12]}", "B")
+            bar.advance(have)
             bar_lock = threading.Lock()
 
             def on_bytes(n: int) -> None:
                 with bar_lock:
-                    bar.update(n)
+                    bar.advance(n)
 
             cancel = cancel if cancel is not None else threading.Event()
             job = _Download(manifest, folder, provs, retries=retries, timeout=timeout, min_rate=min_rate,
