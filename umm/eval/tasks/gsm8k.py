@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from umm.eval.extract import extract_final_number, gold_final_number, numbers_equal
-from umm.eval.task import AnswerTask, EvalError, Sample, read_jsonl, register_task, stable_id
+from umm.eval.tasks.base import AnswerTask, EvalError, Sample, read_jsonl, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -68,5 +68,4 @@ class GSM8K(AnswerTask):
         return numbers_equal(extracted, sample.reference)
 
 
-def register() -> None:
-    register_task("gsm8k", GSM8K)
+TASKS = {"gsm8k": GSM8K}  # read by umm.eval.task, the registry

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from umm.eval.extract import last_boxed, math_answers_equal
-from umm.eval.task import AnswerTask, EvalError, Sample, read_jsonl, register_task, stable_id
+from umm.eval.tasks.base import AnswerTask, EvalError, Sample, read_jsonl, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -66,5 +66,4 @@ class MATH(AnswerTask):
         return math_answers_equal(extracted, sample.reference)
 
 
-def register() -> None:
-    register_task("math", MATH)
+TASKS = {"math": MATH}  # read by umm.eval.task, the registry

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from umm.eval.extract import extract_code
-from umm.eval.task import CodeTask, EvalError, Sample, read_jsonl, register_task, stable_id
+from umm.eval.tasks.base import CodeTask, EvalError, Sample, read_jsonl, stable_id
 
 logger = logging.getLogger(__name__)
 
@@ -58,5 +58,4 @@ class MBPP(CodeTask):
         return f"{sample.reference}\n"
 
 
-def register() -> None:
-    register_task("mbpp", MBPP)
+TASKS = {"mbpp": MBPP}  # read by umm.eval.task, the registry
