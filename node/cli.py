@@ -16,8 +16,8 @@ import typer
 
 from node.config import NodeConfig
 from umm.cli import run_app
-from umm.cli.common import freeze_for_exit
 from umm.net.ready import Ready, clear_ready, write_ready
+from umm.speedups import freeze_for_exit
 from umm.ui import console, setup_logging
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ prepare themselves (``suite:<variant>/<model>`` models, ``instructions:...`` dat
 from __future__ import annotations
 
 import contextlib
-import gc
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -235,15 +234,3 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def freeze_for_exit() -> None:
-    """Let the interpreter end without the cyclic collector's passes over every object.
-
-    Python collects garbage while it tears down its modules; with torch, transformers, hivemind and
-    grpc imported (a node, a coordinator) those passes dominate the exit: 2.6-3.6 s measured under
-    a load average of ~12 on 2 cores (0.56 s after ``gc.freeze``), and their cost grows with the
-    load, so a stopped node took seconds to tens of seconds more to end. Call it once the
-    command's own clean-up is done; the objects it freezes are only ever collected at exit.
-    """
-    gc.freeze()
