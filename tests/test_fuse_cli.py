@@ -150,7 +150,7 @@ def test_malformed_data_line_is_named(app: typer.Typer, setup: dict[str, Path]) 
     lines = setup["data"].read_text().splitlines()
     data.write_text("\n".join([lines[0], lines[1], "{not json", lines[2]]) + "\n")
     r = _run(app, str(_write(setup, "bad_data.yaml", _config(setup, "o_bad", data=str(data)))))
-    assert r.exit_code == 2 and "bad.jsonl:3" in r.output and "invalid JSON" in r.output
+    assert r.exit_code == 2 and "bad.jsonl:3" in r.output and "not valid JSON" in r.output
     empty = setup["root"] / "empty_line.jsonl"
     empty.write_text(lines[0] + "\n\n" + lines[1] + "\n")
     r = _run(app, str(_write(setup, "empty.yaml", _config(setup, "o_empty", data=str(empty)))))

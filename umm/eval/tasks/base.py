@@ -11,7 +11,6 @@ a seeded subset of a split; for one seed, a smaller subset is a prefix of a larg
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from abc import ABC, abstractmethod
@@ -23,6 +22,7 @@ from typing import Any, Literal
 from umm.errors import UmmError
 from umm.eval.sandbox import DEFAULT_WORKERS, ExecResult, SandboxLimits, run_programs
 from umm.eval.splits import eval_split_of
+from umm.jsonl import parse_object
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ def read_jsonl(path: str | Path, required: Sequence[str] = ()) -> list[dict[str,
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalError(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise EvalError(f"{p}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec = parse_object(line, f"{p}:{lineno}", EvalError)
             missing = [k for k in required if k not in rec]
             if missing:
                 raise EvalError(f"{p}:{lineno}: missing field(s) {', '.join(missing)} (needs {', '.join(required)})")
