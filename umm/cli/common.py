@@ -5,6 +5,7 @@ prepare themselves (``suite:<variant>/<model>`` models, ``instructions:...`` dat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,13 @@ def user_errors() -> Iterator[None]:
     except UmmError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+
+def field_default(config: type, name: str) -> Any:
+    """The default of the dataclass ``config``'s field ``name``: the config owns every default, and
+    the command-line flags that set the field show it (``typer.Option(field_default(C, "x"), ...)``)."""
+    return {f.name: f.default for f in dataclasses.fields(config)}[name]
 
 
 # --------------------------------------------------------------------------- CPU threads
