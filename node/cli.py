@@ -177,10 +177,10 @@ def join(
             console.print(f"  --initial-peers {m}", highlight=False, soft_wrap=True)
         if cfg.coordinator_public_key is None:
             console.print("no --coordinator-key: merged models will not be fetched", highlight=False)
+        if ready_file is not None:  # before the last line: who reads that line finds the file
+            _write_ready(ready_file, network, info)
         console.print(f"data dir {info.data_dir}; Ctrl-C to leave", highlight=False)
         sys.stdout.flush()
-        if ready_file is not None:
-            _write_ready(ready_file, network, info)
         node.run_forever()
     finally:
         clear_ready(ready_file)  # first: the node stops serving now
