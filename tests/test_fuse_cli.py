@@ -33,7 +33,7 @@ def app() -> typer.Typer:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
     from umm.experts.instruction_data import instruction_records
-    from umm.fusion.tiny import make_random_neox
+    from umm.experts.random_models import make_random_neox
 
     root = tmp_path_factory.mktemp("fuse_cli")
     records = instruction_records({"list": 3, "math": 3})
@@ -117,8 +117,8 @@ def test_pivot_is_best_on_hardest_domain_of_search_split(setup: dict[str, Path])
 
 
 def test_adding_a_source_does_not_redo_existing_teacher_passes(setup: dict[str, Path], tmp_path: Path) -> None:
+    from umm.experts.random_models import make_random_neox
     from umm.fusion.data import InstructionData
-    from umm.fusion.tiny import make_random_neox
 
     cfg = parse_config(_config(setup, "unused", teacher_cache=str(tmp_path / "cache")))
     data = InstructionData.from_jsonl(setup["data"])
