@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -34,7 +35,8 @@ def _umm_processes_under(workdir: Path) -> list[psutil.Process]:
     return out
 
 
-def _step(db: Path, name: str) -> dict:
+def _step(db: Path, name: str) -> Any:
+    """The typed result (``coordinator.steps``) of round 1's finished step ``name``."""
     from coordinator.db import StateDB
 
     state = StateDB(db)
@@ -42,8 +44,8 @@ def _step(db: Path, name: str) -> dict:
         row = state.step(1, name)
     finally:
         state.close()
-    assert row is not None and row["status"] == "done", f"round 1 has no finished {name} step"
-    return row["result"]
+    assert row is not None and row.status == "done", f"round 1 has no finished {name} step"
+    return row.result
 
 
 @pytest.mark.timeout(600)
@@ -72,14 +74,14 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     # two families: the plan is a fusion into the pivot, with the other domains' best as sources
     db = workdir / "coordinator" / "data" / "state.db"
     plan = _step(db, "plan")
-    assert plan["kind"] == "fusion", plan
-    pivot, sources = plan["pivot"], plan["sources"]
+    assert plan.kind == "fusion", plan
+    pivot, sources = plan.pivot, plan.sources
     assert sorted(h[:12] for h in [pivot, *sources]) == sorted(hashes.values())
     merged = re.search(r"│\s*merged\s*│\s*-\s*│\s*([0-9a-f]{12})\s*│", out)
     assert merged, out
     assert re.search(r"│\s*1\s*│\s*published\s*│\s*fusion\s*│\s*" + merged.group(1), out)
     assert "Merged model vs its sources" in out and all(f"source {n}" in out for n in NODES)
-    published = _step(db, "publish")["record"]
+    published = _step(db, "publish").record
     assert published["method"] == "fusion" and published["manifest_hash"][:12] == merged.group(1)
     assert sorted(published["sources"]) == sorted([pivot, *sources])
 
@@ -149,7 +151,7 @@ def test_the_coordinator_config_it_writes_is_one_the_coordinator_loads(tmp_path)
     assert (loaded.eval_limit, loaded.test_limit, loaded.max_new_tokens) == (3, 5, 4)
     assert loaded.data_dir == path.parent / "data" and loaded.key_path == path.parent / "coordinator.key"
     assert loaded.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
-    assert loaded.fusion_max_steps == 2 and loaded.fusion_data == tmp_path / "fusion.jsonl"
+    assert loaded.fusion.training.max_steps == 2 and loaded.fusion.data == tmp_path / "fusion.jsonl"
 
 
 def test_a_process_that_dies_before_it_is_ready_fails_clearly_with_its_last_output(tmp_path):
