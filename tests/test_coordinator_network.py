@@ -264,9 +264,9 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         assert not [e for e in board if e.domain == "pending"]
         # the status service carries the round's comparison: the merged model's test scores beside its sources'
         comp = view.round(2).comparison
-        assert comp.merged.manifest_hash == merged and dict(comp.merged.scores) == row["scores"]
-        assert sorted(s.manifest_hash for s in comp.sources) == sorted(row["sources"])
-        assert comp.merged.objective == row["objective"]
+        assert comp.merged.manifest_hash == merged and dict(comp.merged.scores) == row.scores
+        assert sorted(s.manifest_hash for s in comp.sources) == sorted(row.sources)
+        assert comp.merged.objective == row.objective
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
@@ -367,7 +367,7 @@ def test_sigkilled_coordinator_resumes_its_round(net, tmp_path):
             if watch is None and db_path.exists():  # the coordinator created it
                 watch = StateDB(db_path)
             if watch is not None:
-                first = [(h, e["evaluated_at"]) for h, e in watch.evaluations(bench).items()]
+                first = [(h, e.evaluated_at) for h, e in watch.evaluations(bench).items()]
             if first:
                 break
             time.sleep(0.1)
