@@ -46,31 +46,27 @@ def _corpus(limit_bytes: int) -> list[str]:
 
 
 def build_tokenizers(work: Path, corpus_mb: int) -> tuple[object, object, float]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A 32k ``▁``-BPE (SentencePiece-like, as Llama-2's) and a 50k byte-level BPE (as GPT-NeoX's),
+    trained by umm's one tokenizer builder on ``corpus_mb`` MiB of text; cached in ``work``.
 
-    a_path, b_path = work / "tok32k_metaspace.json", work / "tok50k_bytelevel.json"
+    (Earlier runs built the 32k one by hand with ``byte_fallback=True``; the trainer adds no
+    ``<0xNN>`` tokens, so that setting did nothing: unseen characters were ``<unk>`` as here.)"""
+    from transformers import AutoTokenizer
+
+    from umm.experts.tokenizers import train_tokenizer
+
+    a_dir, b_dir = work / "tok32k_metaspace", work / "tok50k_bytelevel"
     seconds = 0.0
-    if not (a_path.is_file() and b_path.is_file()):
+    if not ((a_dir / "tokenizer.json").is_file() and (b_dir / "tokenizer.json").is_file()):
         texts = _corpus(corpus_mb << 20)
         t0 = time.perf_counter()
-        a = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-        a.pre_tokenizer = pre_tokenizers.Metaspace()
-        a.decoder = decoders.Metaspace()
-        a.train_from_iterator(texts, trainers.BpeTrainer(
-            vocab_size=32000, special_tokens=["<unk>", "<s>", "</s>"] , show_progress=False))
-        b = Tokenizer(models.BPE())
-        b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        b.decoder = decoders.ByteLevel()
-        b.train_from_iterator(texts, trainers.BpeTrainer(
-            vocab_size=50000, special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        a = train_tokenizer("metaspace", texts, 32000, split_digits=False, mark_first_word=True,
+                            specials=("<unk>", "<s>", "</s>"), pad_token="</s>", padding_side=None)
+        b = train_tokenizer("bytelevel", texts, 50000, split_digits=False, padding_side=None)
         seconds = time.perf_counter() - t0
-        a.save(str(a_path))
-        b.save(str(b_path))
-    ta = PreTrainedTokenizerFast(tokenizer_file=str(a_path), unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tb = PreTrainedTokenizerFast(tokenizer_file=str(b_path), eos_token="<|endoftext|>")
-    return ta, tb, seconds
+        a.save_pretrained(a_dir)
+        b.save_pretrained(b_dir)
+    return AutoTokenizer.from_pretrained(a_dir), AutoTokenizer.from_pretrained(b_dir), seconds
 
 
 def python_dtw(a: list[str], b: list[str]) -> float:

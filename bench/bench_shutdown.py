@@ -5,12 +5,15 @@
     python bench/bench_shutdown.py --repeat 3 --burners 2
 
 Two loopback networks per repeat: a coordinator (``umm-coordinator run``, a tiny random model,
-synthetic math task) and nodes (``umm-node join``) bootstrapped from it and trusting its key. Measured, each from the signal to the process's exit (``wait``):
+synthetic math task) and nodes (``umm-node join``) bootstrapped from it and trusting its key. Each
+says it serves through its ``--ready-file`` (:mod:`umm.net.ready`); the coordinator's progress is
+read from its status service (:func:`umm.net.status.fetch_status`). Measured, each from the signal
+to the process's exit (``wait``):
 
 - ``coordinator SIGINT (linger)``: Ctrl-C to the coordinator's process group while it lingers
   after its round (what ``tests/test_coordinator_network.py`` does);
 - ``coordinator SIGTERM (mid evaluation)``: SIGTERM while the round evaluates the node's expert
-  (64 items of 16 new tokens, one per batch: tens of seconds), seen running in its state database;
+  (64 items of 16 new tokens, one per batch: tens of seconds), seen in its status service's phase;
 - ``N nodes SIGTERM at once (max)``: ``--nodes`` joined nodes (each also watches the coordinator)
   told to stop together, as ``umm net local`` stops them: each withdraws its record through
   peers that are leaving too; the slowest exit is printed;
@@ -24,65 +27,50 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from umm.net.local import child_env
+from umm.net.dht import DHT_PIDS
+from umm.net.errors import NetError
+from umm.net.local import Proc, child_env
+from umm.net.status import CoordinatorView, fetch_status
 
 _NODE_CMD = "from node.cli import main; main()"
 
 
-class Child:
-    """A command in its own session whose output goes to a log file."""
-
-    def __init__(self, name: str, cmd: list[str], log: Path):
-        self.name, self.log = name, log
-        with open(log, "wb") as fh:
-            self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-
-    def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_text(errors="replace")
-            m = re.search(pattern, text)
-            if m:
-                return text
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready ({pattern!r}):\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def signal_and_time(self, sig: int, *, group: bool, limit: float) -> float:
-        """Seconds from ``sig`` to exit (``inf`` past ``limit``: then the group is SIGKILLed)."""
-        t0 = time.monotonic()
-        (os.killpg if group else os.kill)(self.popen.pid, sig)
-        try:
-            self.popen.wait(timeout=limit)
-            took = time.monotonic() - t0
-        except subprocess.TimeoutExpired:
-            took = float("inf")
-        self.kill()
-        return took
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.popen.wait()
+def _start(root: Path, name: str, cmd: list[str], data_dir: Path) -> Proc:
+    """``cmd`` in its own session, its output in ``root/<name>-<ns>.log``; it writes its ready-file
+    (:mod:`umm.net.ready`) to ``root/ready/<name>.json`` (``cmd`` passes that ``--ready-file``)."""
+    return Proc(name, cmd, root / f"{name}-{time.monotonic_ns()}.log", child_env(), dht_pids=data_dir / DHT_PIDS,
+                ready_file=root / "ready" / f"{name}.json")
 
 
-def _network(root: Path, name: str, rounds: int, nodes: int = 1, **settings: object) -> tuple[Child, list[Child]]:
+def _signal_and_time(proc: Proc, sig: int, *, group: bool, limit: float) -> float:
+    """Seconds from ``sig`` to the exit of ``proc`` (``inf`` past ``limit``); then whatever is left
+    of it (its process group, an orphaned DHT) is killed."""
+    t0 = time.monotonic()
+    (os.killpg if group else os.kill)(proc.popen.pid, sig)
+    try:
+        proc.popen.wait(timeout=limit)
+        took = time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        took = float("inf")
+    proc.finish(0)
+    return took
+
+
+def _network(root: Path, name: str, rounds: int, nodes: int = 1, **settings: object) -> tuple[Proc, list[Proc]]:
     """Start a coordinator (``rounds`` rounds, then linger; 0: rounds until stopped) and ``nodes`` nodes,
-    with fresh data dirs in ``root/name``; the model (made once) is ``root/model``."""
+    with fresh data dirs in ``root/name``, and wait until all serve (their ready-files); the model
+    (made once) is ``root/model``."""
     from umm.experts.random_models import make_random_llama
     from umm.net.keys import load_or_create_key, public_key_text
 
@@ -99,38 +87,50 @@ def _network(root: Path, name: str, rounds: int, nodes: int = 1, **settings: obj
            "round_interval": 0.0, "refresh_period": 30.0, "merge": False, "fetch_timeout": 5.0, **settings}
     (root / "coordinator.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "coordinator.cli", "run", "--config", str(root / "coordinator.yaml"),
-           "--rounds", str(rounds)] + (["--linger"] if rounds else [])
-    coord = Child("coordinator", cmd, root / f"coordinator-{time.monotonic_ns()}.log")
-    text = coord.wait_for(r"DHT peers join with: (\S+)", 180)
-    peer = re.search(r"DHT peers join with: (\S+)", text).group(1)
+           "--rounds", str(rounds), "--ready-file", str(root / "ready" / "coordinator.json")]
+    coord = _start(root, "coordinator", cmd + (["--linger"] if rounds else []), root / "coord-data")
+    peers = coord.wait_ready(180).initial_peers
     started = []
     for i in range(nodes):
         node_cmd = [sys.executable, "-c", _NODE_CMD, "join", "--model", str(model), "--domain", "math",
                     "--name", f"bench{i}", "--network", "shutbench", "--data-dir", str(root / f"node-data{i}"),
-                    "--coordinator-key", str(pub), "--refresh-period", "30", "--initial-peers", peer]
-        started.append(Child(f"node{i}", node_cmd, root / f"node{i}-{time.monotonic_ns()}.log"))
+                    "--coordinator-key", str(pub), "--refresh-period", "30",
+                    "--ready-file", str(root / "ready" / f"node{i}.json")]
+        for p in peers:
+            node_cmd += ["--initial-peers", p]
+        started.append(_start(root, f"node{i}", node_cmd, root / f"node-data{i}"))
     for node in started:
-        node.wait_for(r"Ctrl-C to leave", 300)
+        node.wait_ready(300)
     return coord, started
 
 
-def _wait_step(db: Path, step: str, timeout: float) -> None:
-    """Until the coordinator's state database shows ``step`` running."""
-    import sqlite3
-
+def _wait_status(coord: Proc, until: str, done: Callable[[CoordinatorView], bool], timeout: float) -> None:
+    """Until the coordinator's status service shows ``done(view)`` (``until`` says what, for the error)."""
+    address = coord.wait_ready(timeout).status_address
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with sqlite3.connect(db) as c:
-                if c.execute("SELECT 1 FROM steps WHERE name=? AND status='running'", (step,)).fetchone():
-                    return
-        except sqlite3.Error:  # not created yet
+            if done(fetch_status(address, limit=0)):
+                return
+        except NetError:  # a busy coordinator may miss a call
             pass
+        if not coord.alive():
+            break
         time.sleep(0.1)
-    raise RuntimeError(f"step {step} was not seen running within {timeout:.0f} s")
+    raise RuntimeError(f"the coordinator did not reach {until!r} within {timeout:.0f} s:\n{coord.tail()}")
 
 
-def _time_all(children: list[Child], sig: int, limit: float) -> list[float]:
+def _lingers(view: CoordinatorView) -> bool:
+    """Its round finished (with ``--rounds 1 --linger`` it now serves until interrupted)."""
+    return any(r.state != "running" for r in view.rounds) and view.status.phase == "idle"
+
+
+def _evaluates(view: CoordinatorView) -> bool:
+    """A round is in its ``evaluate`` step."""
+    return view.status.phase == "evaluate"
+
+
+def _time_all(children: list[Proc], sig: int, limit: float) -> list[float]:
     """Signal every child at once; seconds from the signal to each one's exit (``inf`` past ``limit``)."""
     t0 = time.monotonic()
     for c in children:
@@ -142,7 +142,7 @@ def _time_all(children: list[Child], sig: int, limit: float) -> list[float]:
             out.append(time.monotonic() - t0)
         except subprocess.TimeoutExpired:
             out.append(float("inf"))
-        c.kill()
+        c.finish(0)
     return out
 
 
@@ -151,21 +151,21 @@ def one_repeat(root: Path, limit: float, nodes: int) -> dict[str, float]:
     tag = time.monotonic_ns()
     coord, started = _network(root, f"linger-{tag}", rounds=1, nodes=nodes)
     try:
-        coord.wait_for(r"serving until interrupted", 300)
+        _wait_status(coord, "round done, lingering", _lingers, 300)
         out[f"{nodes} nodes SIGTERM at once (max)"] = max(_time_all(started, signal.SIGTERM, limit))
-        out["coordinator SIGINT (linger)"] = coord.signal_and_time(signal.SIGINT, group=True, limit=limit)
+        out["coordinator SIGINT (linger)"] = _signal_and_time(coord, signal.SIGINT, group=True, limit=limit)
     finally:
         for c in [coord, *started]:
-            c.kill()
+            c.finish(0)
     # an evaluation that lasts: 64 items, one per batch, 16 new tokens each
     coord, (node,) = _network(root, f"eval-{tag}", rounds=0, eval_limit=64, eval_batch_size=1, max_new_tokens=16)
     try:
-        _wait_step(root / f"eval-{tag}" / "coord-data" / "state.db", "evaluate", 300)
-        out["coordinator SIGTERM (mid evaluation)"] = coord.signal_and_time(signal.SIGTERM, group=False, limit=limit)
-        out["node SIGINT (group)"] = node.signal_and_time(signal.SIGINT, group=True, limit=limit)
+        _wait_status(coord, "evaluate", _evaluates, 300)
+        out["coordinator SIGTERM (mid evaluation)"] = _signal_and_time(coord, signal.SIGTERM, group=False, limit=limit)
+        out["node SIGINT (group)"] = _signal_and_time(node, signal.SIGINT, group=True, limit=limit)
     finally:
-        coord.kill()
-        node.kill()
+        coord.finish(0)
+        node.finish(0)
     return out
 
 

@@ -58,8 +58,9 @@ def run(
     """Run rounds: discover, fetch, admit, evaluate, rank, publish scores, merge, publish if better."""
     from coordinator.app import Coordinator
     from coordinator.config import load_config
-    from umm.cli.common import freeze_for_exit, sigterm_as_interrupt
+    from umm.cli.common import sigterm_as_interrupt
     from umm.net.ready import clear_ready, write_ready
+    from umm.speedups import freeze_for_exit
     from umm.ui import console, setup_logging
 
     setup_logging(verbose)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
 from umm import configfile
@@ -45,10 +45,6 @@ KEY_NAME = "coordinator.key"
 
 class CoordinatorConfigError(UmmError):
     """The coordinator config is missing, unreadable or invalid."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class EvolveSettings(LibraryEvolveSettings):
@@ -72,7 +68,7 @@ class EvolveSettings(LibraryEvolveSettings):
         })
 
 
-class FusionSettings(_Strict):
+class FusionSettings(configfile.Strict):
     """A ``fusion`` round: the pivot (best expert of the hardest domain) trained on the others' token
     distributions (:func:`umm.fusion.train.train_pivot`)."""
 
@@ -90,7 +86,7 @@ def _section(title: str) -> dict[str, Any]:
     return {"section": title}
 
 
-class CoordinatorConfig(_Strict):
+class CoordinatorConfig(configfile.Strict):
     """Everything a coordinator needs; each field's description says what it does."""
 
     network: str = Field("umm", pattern=r"^[A-Za-z0-9_-]{1,64}$", description=(
@@ -216,10 +212,9 @@ class CoordinatorConfig(_Strict):
         return v
 
     def resolved(self, base_dir: Path) -> CoordinatorConfig:
-        """A copy whose relative paths are made absolute against ``base_dir``."""
+        """A copy whose paths follow the path rule of :mod:`umm.configfile` (relative: against ``base_dir``)."""
         def fix(p: Path) -> Path:
-            p = Path(os.path.expanduser(str(p)))
-            return p if p.is_absolute() else (base_dir / p).resolve()
+            return Path(configfile.resolve_path(p, base_dir))
 
         update: dict[str, Any] = {"data_dir": fix(self.data_dir), "key_path": fix(self.key_path)}
         if self.fusion.data is not None:
@@ -243,43 +238,24 @@ class CoordinatorConfig(_Strict):
         return out
 
 
-def _fields_at(loc: Sequence[str | int]) -> str:
-    """The valid keys of the section at ``loc`` (a pydantic error location, without its last key)."""
-    model: Any = CoordinatorConfig
-    for key in loc:
-        field = model.model_fields.get(key) if isinstance(key, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            break
-        model = field.annotation
-    return ", ".join(model.model_fields)
-
-
-def _explain(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid coordinator config:"]
-    for err in e.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "(top)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key; valid keys here: {_fields_at(err['loc'][:-1])}")
-        else:
-            lines.append(f"  {where}: {err['msg']}")
-    return "\n".join(lines)
+#: each section's model, so that an unknown key lists the valid keys of its own section
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": CoordinatorConfig, "model_budget": ModelBudget, "evolve": EvolveSettings, "budget": Budget,
+    "fusion": FusionSettings, "training": TrainingSettings,
+}
 
 
 def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> CoordinatorConfig:
-    """Validate ``data`` (a mapping); :class:`CoordinatorConfigError` names the bad key and lists valid ones."""
+    """Validate ``data`` (a mapping; None: every default); :class:`CoordinatorConfigError` lists every
+    problem, naming the key (and for an unknown key the valid ones of its section)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise CoordinatorConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(CoordinatorConfig.model_fields))
-    if unknown:
-        raise CoordinatorConfigError(
-            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {_fields_at(())}"
-        )
     try:
         config = CoordinatorConfig.model_validate(data)
     except ValidationError as e:
-        raise CoordinatorConfigError(_explain(e, source)) from None
+        raise CoordinatorConfigError(configfile.explain(e, f"invalid coordinator config {source}:", _SECTIONS)) from None
     return config.resolved(base_dir) if base_dir is not None else config
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
 import os
@@ -16,8 +16,9 @@ import typer
 
 from node.config import NodeConfig
 from umm.cli import run_app
-from umm.cli.common import freeze_for_exit
+from umm.cli.common import field_default
 from umm.net.ready import Ready, clear_ready, write_ready
+from umm.speedups import freeze_for_exit
 from umm.ui import console, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,8 @@ def _root(
     setup_logging(verbose)
 
 
-def _default(name: str) -> Any:
-    """The default of :class:`NodeConfig`'s field ``name``: the config owns every default, flags show it."""
-    return {f.name: f.default for f in dataclasses.fields(NodeConfig)}[name]
+#: ``_default(name)``: the default of :class:`NodeConfig`'s field ``name`` (the config owns it, the flags show it)
+_default = functools.partial(field_default, NodeConfig)
 
 
 _NETWORK = typer.Option(_default("network"), "--network", help="Network name: peers of different networks ignore each other.")

@@ -50,7 +50,7 @@ def test_init_writes_a_commented_config_and_key_that_load(tmp_path, capsys):
 
 
 def test_config_errors_name_the_key_and_list_valid_ones(tmp_path):
-    with pytest.raises(CoordinatorConfigError, match=r"unknown key\(s\) eval_limt; valid keys: .*eval_limit"):
+    with pytest.raises(CoordinatorConfigError, match=r"unknown key 'eval_limt'; valid keys here: .*eval_limit"):
         parse_config({"eval_limt": 3})
     with pytest.raises(CoordinatorConfigError, match="tasks.*unknown task"):
         parse_config({"tasks": ["nope"]})
@@ -62,9 +62,9 @@ def test_config_errors_name_the_key_and_list_valid_ones(tmp_path):
         cfg.network = "x"  # type: ignore[misc]
     with pytest.raises(CoordinatorConfigError, match="umm-coordinator init"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(CoordinatorConfigError, match=r"evolve.methd: unknown key; valid keys here: method, "):
+    with pytest.raises(CoordinatorConfigError, match=r"unknown key 'evolve.methd'; valid keys here: method, "):
         parse_config({"evolve": {"methd": "ties"}})
-    with pytest.raises(CoordinatorConfigError, match=r"fusion.training.rate: unknown key; valid keys here: lr, "):
+    with pytest.raises(CoordinatorConfigError, match=r"unknown key 'fusion.training.rate'; valid keys here: lr, "):
         parse_config({"fusion": {"training": {"lr": 1e-4, "rate": 1}}})
     with pytest.raises(CoordinatorConfigError, match="evolve.*bounds.weight must be"):  # EvolveConfig's own check
         parse_config({"evolve": {"bounds": {"weight": [1.0, 0.0]}}})

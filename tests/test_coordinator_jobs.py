@@ -96,8 +96,8 @@ def test_fusion_job_trains_the_pivot_in_a_worker(tiny_models, tmp_path):
     from coordinator.jobspec import FusionJob
     from umm.checkpoints.fingerprint import fingerprint
     from umm.checkpoints.reader import Checkpoint
+    from umm.experts.random_models import make_random_neox
     from umm.fusion.settings import TrainingSettings
-    from umm.fusion.tiny import make_random_neox
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "response": f"{2 * i}"}) + "\n"

@@ -33,7 +33,7 @@ def app() -> typer.Typer:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
     from umm.experts.instruction_data import instruction_records
-    from umm.fusion.tiny import make_random_neox
+    from umm.experts.random_models import make_random_neox
 
     root = tmp_path_factory.mktemp("fuse_cli")
     records = instruction_records({"list": 3, "math": 3})
@@ -117,8 +117,8 @@ def test_pivot_is_best_on_hardest_domain_of_search_split(setup: dict[str, Path])
 
 
 def test_adding_a_source_does_not_redo_existing_teacher_passes(setup: dict[str, Path], tmp_path: Path) -> None:
+    from umm.experts.random_models import make_random_neox
     from umm.fusion.data import InstructionData
-    from umm.fusion.tiny import make_random_neox
 
     cfg = parse_config(_config(setup, "unused", teacher_cache=str(tmp_path / "cache")))
     data = InstructionData.from_jsonl(setup["data"])
@@ -150,7 +150,7 @@ def test_malformed_data_line_is_named(app: typer.Typer, setup: dict[str, Path]) 
     lines = setup["data"].read_text().splitlines()
     data.write_text("\n".join([lines[0], lines[1], "{not json", lines[2]]) + "\n")
     r = _run(app, str(_write(setup, "bad_data.yaml", _config(setup, "o_bad", data=str(data)))))
-    assert r.exit_code == 2 and "bad.jsonl:3" in r.output and "invalid JSON" in r.output
+    assert r.exit_code == 2 and "bad.jsonl:3" in r.output and "not valid JSON" in r.output
     empty = setup["root"] / "empty_line.jsonl"
     empty.write_text(lines[0] + "\n\n" + lines[1] + "\n")
     r = _run(app, str(_write(setup, "empty.yaml", _config(setup, "o_empty", data=str(empty)))))

@@ -26,7 +26,7 @@ GOOD = '{"instruction": "Add 2 and 3.", "response": "2 + 3 = 5"}'
     [
         ("", "empty line"),
         ("   ", "empty line"),
-        ('{"instruction": "x", "response": ', "invalid JSON"),
+        ('{"instruction": "x", "response": ', "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
         ('{"instruction": "x"}', "missing field 'response'"),
         ('{"instruction": 3, "response": "y"}', "field 'instruction' must be a string"),

@@ -22,7 +22,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def neox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from umm.fusion.tiny import make_random_neox
+    from umm.experts.random_models import make_random_neox
 
     return make_random_neox(tmp_path_factory.mktemp("neox") / "neox", seed=3)
 

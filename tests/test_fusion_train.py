@@ -20,7 +20,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> dict[str, Path]:
-    from umm.fusion.tiny import make_random_neox
+    from umm.experts.random_models import make_random_neox
 
     root = tmp_path_factory.mktemp("fusion_train")
     data = root / "data.jsonl"

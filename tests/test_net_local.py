@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import psutil
 import pytest
@@ -34,7 +35,8 @@ def _umm_processes_under(workdir: Path) -> list[psutil.Process]:
     return out
 
 
-def _step(db: Path, name: str) -> dict:
+def _step(db: Path, name: str) -> Any:
+    """The typed result (``coordinator.steps``) of round 1's finished step ``name``."""
     from coordinator.db import StateDB
 
     state = StateDB(db)

@@ -56,3 +56,13 @@ def test_switched_off_import_frozen_imports_without_freezing():
     # in fresh interpreters: this one has imported torch, where import_frozen never freezes
     assert _freeze_count_after_import("0") == 0
     assert _freeze_count_after_import("1") > 100_000
+
+
+def test_switched_off_freeze_for_exit_freezes_nothing(switched_off, monkeypatch):
+    import gc
+
+    def refuse():
+        raise AssertionError("gc.freeze reached with the switch off")
+
+    monkeypatch.setattr(gc, "freeze", refuse)
+    speedups.freeze_for_exit()

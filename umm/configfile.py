@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from umm.errors import UmmError
 
@@ -30,6 +30,13 @@ T = TypeVar("T", covariant=True)
 
 #: ``suite:...``, ``instructions:...``: references the command line resolves, not paths
 _REFERENCE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class Strict(BaseModel):
+    """A config model or section: an unknown key is an error (which :func:`explain` lists the
+    valid keys for), and a loaded config is frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ParseConfig(Protocol[T]):

@@ -5,7 +5,7 @@ prepare themselves (``suite:<variant>/<model>`` models, ``instructions:...`` dat
 from __future__ import annotations
 
 import contextlib
-import gc
+import dataclasses
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,6 +29,13 @@ def user_errors() -> Iterator[None]:
     except UmmError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+
+def field_default(config: type, name: str) -> Any:
+    """The default of the dataclass ``config``'s field ``name``: the config owns every default, and
+    the command-line flags that set the field show it (``typer.Option(field_default(C, "x"), ...)``)."""
+    return {f.name: f.default for f in dataclasses.fields(config)}[name]
 
 
 # --------------------------------------------------------------------------- CPU threads
@@ -235,15 +242,3 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def freeze_for_exit() -> None:
-    """Let the interpreter end without the cyclic collector's passes over every object.
-
-    Python collects garbage while it tears down its modules; with torch, transformers, hivemind and
-    grpc imported (a node, a coordinator) those passes dominate the exit: 2.6-3.6 s measured under
-    a load average of ~12 on 2 cores (0.56 s after ``gc.freeze``), and their cost grows with the
-    load, so a stopped node took seconds to tens of seconds more to end. Call it once the
-    command's own clean-up is done; the objects it freezes are only ever collected at exit.
-    """
-    gc.freeze()

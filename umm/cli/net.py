@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from umm.cli.common import field_default
 from umm.net.local import LocalNetConfig
 
 net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True, add_completion=False)
 
 
-def default(name: str) -> Any:
-    """The default of :class:`LocalNetConfig`'s field ``name``: the config owns it, the flags show it."""
-    return {f.name: f.default for f in dataclasses.fields(LocalNetConfig)}[name]
+#: ``default(name)``: the default of :class:`LocalNetConfig`'s field ``name`` (the config owns it, the flags show it)
+default = functools.partial(field_default, LocalNetConfig)
 
 
 def register(app: typer.Typer) -> None:

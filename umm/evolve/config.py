@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from umm import configfile
 from umm.errors import UmmError
@@ -30,11 +30,7 @@ class EvolveConfigError(UmmError):
     """The evolve config file is missing, unreadable or invalid."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TaskSpec(_Frozen):
+class TaskSpec(configfile.Strict):
     """One task of the fitness: its evaluator name, weight and subset sizes."""
 
     name: str
@@ -53,7 +49,7 @@ class TaskSpec(_Frozen):
         return v
 
 
-class Budget(_Frozen):
+class Budget(configfile.Strict):
     """When to stop: after ``evaluations`` candidates or ``seconds`` of wall time, whichever first."""
 
     evaluations: int = 100
@@ -78,7 +74,7 @@ class Budget(_Frozen):
 Baseline = Literal["task_arithmetic", "ties", "random"]
 
 
-class EvolveSettings(_Frozen):
+class EvolveSettings(configfile.Strict):
     """How a search runs, whatever it merges and scores: the method, its genes and bounds, the
     optimizer and its budget, dtypes. A coordinator's ``evolve`` section is this type; a config
     file adds what to merge and how to score (:class:`EvolveConfig`)."""

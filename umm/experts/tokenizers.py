@@ -40,7 +40,7 @@ def train_tokenizer(
     """Train a BPE tokenizer of ``kind`` on ``corpus`` and wrap it for ``transformers``.
 
     The one tiny-tokenizer builder of umm: the expert suite uses the defaults (see the module
-    docstring); the random test models (:mod:`umm.experts.random_models`, :mod:`umm.fusion.tiny`)
+    docstring); the random test models (:mod:`umm.experts.random_models`)
     keep digits whole, and ``metaspace`` ones mark the first word too (``mark_first_word``:
     SentencePiece's ``prepend_scheme="always"``). ``specials`` default to ``<pad> <s> </s>`` (plus
     ``<unk>`` for ``metaspace``); ``<s>``/``</s>`` are bos/eos. ``pad_token`` pads on the left, as

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from umm.errors import UmmError
+from umm.jsonl import parse_object
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,7 @@ class InstructionData:
 def _parse_line(name: str, lineno: int, s: str) -> Example:
     if not s.strip():
         raise DataError(f"{name}:{lineno}: empty line (every line must be a JSON object)")
-    try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(obj, dict):
-        raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    obj = parse_object(s, f"{name}:{lineno}", DataError)
     for key in ("instruction", "response"):
         if key not in obj:
             raise DataError(f"{name}:{lineno}: missing field {key!r}")

@@ -69,19 +69,11 @@ def sparse_distill_terms(
     return _SparseDistillCE.apply(logits, ids, p, gold_ids.clamp_min(0).long(), weight)
 
 
-def sparse_distill_loss(
-    logits: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_logprobs: torch.Tensor,
-    target_mask: torch.Tensor,
-    gold_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    lam: float = 0.9,
-) -> torch.Tensor:
-    """``lam * CE(gold) + (1 - lam) * CE(target, student)``; see :func:`sparse_distill_terms`."""
-    ce_gold, ce_kd = sparse_distill_terms(
-        logits, target_ids, target_logprobs, target_mask, gold_ids, response_mask
-    )
+def sparse_distill_loss(*tensors: torch.Tensor, lam: float = 0.9) -> torch.Tensor:
+    """``lam * CE(gold) + (1 - lam) * CE(target, student)`` of ``tensors``, the six arguments of
+    :func:`sparse_distill_terms` in its order (``logits, target_ids, target_logprobs, target_mask,
+    gold_ids, response_mask``)."""
+    ce_gold, ce_kd = sparse_distill_terms(*tensors)
     return lam * ce_gold + (1.0 - lam) * ce_kd
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from umm import configfile
 from umm.atomic import write_json_atomic
@@ -51,11 +51,7 @@ class FuseConfigError(UmmError):
     """The fuse config file is missing, unreadable or invalid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class EvalSettings(_Strict):
+class EvalSettings(configfile.Strict):
     """Evaluation: tasks (their domains), subset sizes per split, generation batch size."""
 
     tasks: list[str] = Field(default_factory=lambda: ["gsm8k", "humaneval"], min_length=1)
@@ -67,7 +63,7 @@ class EvalSettings(_Strict):
     sandbox_workers: int = Field(DEFAULT_WORKERS, ge=1)
 
 
-class FuseConfig(_Strict):
+class FuseConfig(configfile.Strict):
     """Everything ``umm fuse`` needs (see ``examples/fuse.yaml`` for every key, commented)."""
 
     pivot: Path | None = None

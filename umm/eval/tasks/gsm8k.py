@@ -6,13 +6,10 @@ without ``--data``, a small sample written for this project (``umm/eval/data/gsm
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from umm.eval.extract import extract_final_number, gold_final_number, numbers_equal
-from umm.eval.task import AnswerTask, EvalError, Sample, read_jsonl, register_task, stable_id
-
-logger = logging.getLogger(__name__)
+from umm.eval.tasks.base import AnswerTask, EvalError, Sample, stable_id
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "gsm8k_sample.jsonl"
 
@@ -48,11 +45,9 @@ class GSM8K(AnswerTask):
     description = "GSM8K-format word problems, 4-shot CoT, numeric answer (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
-        path = self.data or BUNDLED
-        if self.data is None:
-            logger.info("gsm8k: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+        path, records = self.data_or_bundled(BUNDLED, ("question", "answer"))
         out = []
-        for lineno, rec in enumerate(read_jsonl(path, ("question", "answer")), 1):
+        for lineno, rec in enumerate(records, 1):
             try:
                 gold = gold_final_number(str(rec["answer"]))
             except ValueError as exc:
@@ -68,5 +63,4 @@ class GSM8K(AnswerTask):
         return numbers_equal(extracted, sample.reference)
 
 
-def register() -> None:
-    register_task("gsm8k", GSM8K)
+TASKS = {"gsm8k": GSM8K}  # read by umm.eval.task, the registry

@@ -7,13 +7,10 @@ project (``umm/eval/data/math_sample.jsonl``).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from umm.eval.extract import last_boxed, math_answers_equal
-from umm.eval.task import AnswerTask, EvalError, Sample, read_jsonl, register_task, stable_id
-
-logger = logging.getLogger(__name__)
+from umm.eval.tasks.base import AnswerTask, EvalError, Sample, stable_id
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "math_sample.jsonl"
 
@@ -45,11 +42,9 @@ class MATH(AnswerTask):
     description = "MATH-format problems, 2-shot, last \\boxed{} answer (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
-        path = self.data or BUNDLED
-        if self.data is None:
-            logger.info("math: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+        path, records = self.data_or_bundled(BUNDLED, ("problem",))
         out = []
-        for lineno, rec in enumerate(read_jsonl(path, ("problem",)), 1):
+        for lineno, rec in enumerate(records, 1):
             gold = rec.get("answer")
             if gold is None and "solution" in rec:
                 gold = last_boxed(str(rec["solution"]))
@@ -66,5 +61,4 @@ class MATH(AnswerTask):
         return math_answers_equal(extracted, sample.reference)
 
 
-def register() -> None:
-    register_task("math", MATH)
+TASKS = {"math": MATH}  # read by umm.eval.task, the registry

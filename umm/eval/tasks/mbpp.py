@@ -6,13 +6,10 @@ Data: a JSONL file in the public MBPP format (``task_id``, ``text``, ``test_list
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from umm.eval.extract import extract_code
-from umm.eval.task import CodeTask, EvalError, Sample, read_jsonl, register_task, stable_id
-
-logger = logging.getLogger(__name__)
+from umm.eval.tasks.base import CodeTask, EvalError, Sample, stable_id
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "mbpp_sample.jsonl"
 
@@ -33,11 +30,9 @@ class MBPP(CodeTask):
     description = "MBPP-format problems, executed in the sandbox (bundled sample; real set via --data)"
 
     def load(self) -> list[Sample]:
-        path = self.data or BUNDLED
-        if self.data is None:
-            logger.info("mbpp: using the bundled %s; pass --data for the real benchmark", BUNDLED.name)
+        path, records = self.data_or_bundled(BUNDLED, ("text", "test_list"))
         out = []
-        for lineno, rec in enumerate(read_jsonl(path, ("text", "test_list")), 1):
+        for lineno, rec in enumerate(records, 1):
             tests = rec["test_list"]
             if not isinstance(tests, list) or not all(isinstance(t, str) for t in tests) or not tests:
                 raise EvalError(f"{path}:{lineno}: 'test_list' must be a non-empty list of assert strings")
@@ -58,5 +53,4 @@ class MBPP(CodeTask):
         return f"{sample.reference}\n"
 
 
-def register() -> None:
-    register_task("mbpp", MBPP)
+TASKS = {"mbpp": MBPP}  # read by umm.eval.task, the registry

@@ -13,7 +13,7 @@ from pathlib import Path
 from umm.eval.extract import extract_code, extract_final_number, gold_final_number, numbers_equal
 from umm.eval.splits import eval_split_of, generated_split_of
 from umm.eval.suites import SUITES, Suite, split_records
-from umm.eval.task import AnswerTask, CodeTask, EvalSplit, Sample, Task, read_jsonl, register_task, stable_id
+from umm.eval.tasks.base import AnswerTask, CodeTask, EvalSplit, Sample, Task, read_jsonl, stable_id
 
 POOL_SIZE = 256  # items per split; ``limit`` draws a seeded subset of these
 
@@ -95,7 +95,5 @@ def synthetic_task(suite: Suite, data: Path | None = None, pool_size: int = POOL
     return cls(suite, data, pool_size)
 
 
-def register() -> None:
-    """Register one task per suite, under the suite's name (``synth-math``, ...)."""
-    for name, suite in SUITES.items():
-        register_task(name, lambda data, s=suite: synthetic_task(s, data))
+# one task per suite, under the suite's name (``synth-math``, ...); read by umm.eval.task, the registry
+TASKS = {name: (lambda data, s=suite: synthetic_task(s, data)) for name, suite in SUITES.items()}
