@@ -107,7 +107,7 @@ def resolve_suite_ref(ref: str, variant: str | None = None) -> str:
     """
     from umm.errors import UmmError
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
-    from umm.ui import console
+    from umm.ui import Bars, StepBars, console
 
     named, sep, model = ref[len(SUITE_PREFIX):].partition("/")
     if not sep or not named or not model:
@@ -120,7 +120,7 @@ def resolve_suite_ref(ref: str, variant: str | None = None) -> str:
     if suite is None or not is_current(suite):
         console.print(f"preparing expert suite {variant!r} (built once, then cached; "
                       f"same as `umm experts prepare --variant {variant}`)", highlight=False)
-        suite = ensure_suite(variant)
+        suite = ensure_suite(variant, on_step=StepBars(leave=False), on_progress=Bars())
     return str(suite.path(model))
 
 
