@@ -119,6 +119,14 @@ def test_load_tokenizer_refusals(tmp_path: Path, tiny_models: dict[str, Path]) -
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="custom code"):
         load_tokenizer(folder)
+    # the tokenizer class named by the model's config.json is refused the same way, before loading
+    by_model = tmp_path / "tok2"
+    shutil.copytree(tiny_models["base"], by_model)
+    config = json.loads((by_model / "config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    (by_model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: the tokenizer needs custom code"):
+        load_tokenizer(by_model)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer files"):

@@ -205,4 +205,7 @@ def require_compatible(ckpts: Sequence[Checkpoint]) -> None:
     for other in ckpts[1:]:
         reason = _incompatibility(ckpts[0], other, first_tokenizer)
         if reason is not None:
-            raise IncompatibleCheckpointsError(f"cannot merge these checkpoints: {reason}")
+            raise IncompatibleCheckpointsError(
+                f"cannot merge these checkpoints: {reason}; models of different architectures or tokenizers "
+                "cannot be merged layer-wise: use `umm fuse` (distribution fusion) for heterogeneous models"
+            )

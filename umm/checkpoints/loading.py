@@ -127,9 +127,13 @@ def check_tokenizer_files(path: str | Path) -> None:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{folder}: has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     tok_cfg = _read_optional_json(folder / "tokenizer_config.json")
-    if isinstance(tok_cfg, dict) and "auto_map" in tok_cfg:
+    model_cfg = _read_optional_json(folder / "config.json")
+    custom = [(name, cfg) for name, cfg in (("tokenizer_config.json", tok_cfg), ("config.json", model_cfg))
+              if isinstance(cfg, dict) and isinstance(cfg.get("auto_map"), dict)
+              and (name == "tokenizer_config.json" or "AutoTokenizer" in cfg["auto_map"])]
+    if custom:
         raise CheckpointError(
-            f"{folder / 'tokenizer_config.json'}: the tokenizer needs custom code (auto_map); umm never "
+            f"{folder / custom[0][0]}: the tokenizer needs custom code (auto_map); umm never "
             "runs code that comes with a model (trust_remote_code=False)"
         )
 
@@ -142,12 +146,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
-    except Exception as e:
-        msg = str(e)
-        if "trust_remote_code" in msg or "custom code" in msg:
-            raise CheckpointError(
-                f"{path}: the tokenizer needs custom code; umm never runs code that comes with a model"
-            ) from None
+    except Exception as e:  # custom code was refused above, by the files' auto_map, not by this message
         raise CheckpointError(f"{path}: cannot load the tokenizer: {first_line(e)}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

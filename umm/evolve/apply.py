@@ -121,7 +121,6 @@ class LiveMerge:
         cache_dtype: torch.dtype = torch.float32,
         threads: int | None = None,
     ) -> None:
-        from umm.checkpoints.errors import IncompatibleCheckpointsError
         from umm.merge.inputs import open_inputs
 
         self.device = torch.device(device)
@@ -129,15 +128,7 @@ class LiveMerge:
         self.seed = int(seed)
         #: CPU worker threads for methods without a fused path (TIES, DARE, SLERP, ...)
         self.threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
-        try:
-            inputs = open_inputs(recipe)
-        except IncompatibleCheckpointsError as exc:
-            if "fuse" in str(exc):
-                raise
-            raise IncompatibleCheckpointsError(
-                f"{exc}; models of different architectures or tokenizers cannot be merged layer-wise: "
-                "use `umm fuse` (distribution fusion) for heterogeneous models"
-            ) from None
+        inputs = open_inputs(recipe)  # incompatible models: IncompatibleCheckpointsError naming `umm fuse`
         try:
             self.method = inputs.method
             self.model_paths = list(inputs.names)
