@@ -111,7 +111,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT NOT NULL DEFAULT '{}',
     pid INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    failure TEXT NOT NULL DEFAULT ''  -- a failed job's kind of failure (JobFailure)
 );
 """
 
@@ -209,6 +210,13 @@ class StepRow(_Row):
     attempts: int
 
 
+#: Why a job failed: ``error`` (the worker raised), ``out_of_memory`` (it ran out of its memory
+#: limit, or the kernel killed it with SIGKILL), ``exited``/``killed`` (the process ended without
+#: a verdict: an exit code, another signal), ``timeout`` (stopped after the job timeout), ``stopped``
+#: (with the coordinator).
+JobFailure = Literal["", "error", "out_of_memory", "exited", "killed", "timeout", "stopped"]
+
+
 class JobRow(_Row):
     """A job for a worker process; ``result`` (the type of its kind) is set once it is ``done``."""
 
@@ -223,13 +231,16 @@ class JobRow(_Row):
     pid: int
     created_at: float
     updated_at: float
+    #: why a ``failed`` job failed ("" otherwise), set by the worker or by its supervisor
+    failure: JobFailure = ""
 
 
 R = TypeVar("R", bound=_Row)
 
 #: the columns a caller may set on a round (``sources`` and ``scores`` are stored as JSON) or a job
 _ROUND_FIELDS = frozenset(RoundRow.model_fields) - {"number", "started_at"}
-_JOB_FIELDS = frozenset({"status", "progress", "message", "pid"})
+_JOB_FIELDS = frozenset({"status", "progress", "message", "pid", "failure"})
+
 
 
 def _row(cls: type[R], row: sqlite3.Row | None, **decoders: Callable[[str], Any]) -> R | None:
@@ -260,6 +271,9 @@ class StateDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self.conn.executescript(_SCHEMA)  # idempotent; executescript commits by itself
+        if "failure" not in {r[1] for r in self.conn.execute("PRAGMA table_info(jobs)")}:  # a state.db from before it
+            self.conn.execute("ALTER TABLE jobs ADD COLUMN failure TEXT NOT NULL DEFAULT ''")
+            self.conn.commit()
         with self.tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

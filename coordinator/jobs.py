@@ -90,7 +90,11 @@ def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: fl
             why = (f"worker process exited with code {code}" if code is not None and code >= 0
                    else f"worker process killed by signal {-code}" if code is not None
                    else "worker process died")
-            db.update_job(job_id, status="failed", message=f"{why}; last progress: {job.message}"[:2000])
+            # SIGKILL that we did not send: the kernel's OOM killer
+            failure = ("out_of_memory" if code == -signal.SIGKILL else "killed" if code is not None and code < 0
+                       else "exited")
+            db.update_job(job_id, status="failed", message=f"{why}; last progress: {job.message}"[:2000],
+                          failure=failure)
             return db.job(job_id)  # type: ignore[return-value]
         if time.monotonic() > deadline or (stop is not None and stop.is_set()):
             if stop is not None and stop.is_set():
@@ -102,6 +106,7 @@ def run_job(db: StateDB, job_id: int, *, log_dir: Path, timeout: float, poll: fl
                 pass
             if proc is not None:
                 proc.wait()
-            db.update_job(job_id, status="failed", message=f"stopped after the job timeout of {timeout:.0f} s")
+            db.update_job(job_id, status="failed", message=f"stopped after the job timeout of {timeout:.0f} s",
+                          failure="timeout")
             return db.job(job_id)  # type: ignore[return-value]
         time.sleep(poll)

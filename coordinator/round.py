@@ -79,12 +79,6 @@ def objective(config: CoordinatorConfig, scores: dict[str, float]) -> float:
 EXPERTS_DB = "experts.db"  # job rows of the admission/evaluation workers (apart from the round's merge job)
 
 
-#: how running out of the address-space limit shows in a worker's message (Python, torch, the loader,
-#: or the kernel's OOM killer)
-_OUT_OF_MEMORY = ("MemoryError", "can't allocate memory", "Cannot allocate memory", "out of memory",
-                  "failed to map segment", "killed by signal 9")
-
-
 class ExpertWorkerError(UmmError):
     """The worker handling one expert crashed, ran out of memory or time: that expert's rejection."""
 
@@ -113,14 +107,14 @@ def run_in_worker(config: CoordinatorConfig, spec: AdmitJob | EvaluateJob, timeo
             if row.pid > 0:  # (killpg(0) would be our own group)
                 with contextlib.suppress(ProcessLookupError):  # it leads its own process group
                     os.killpg(row.pid, signal.SIGKILL)
-            db.update_job(job_id, status="failed", message="stopped with the coordinator")
+            db.update_job(job_id, status="failed", message="stopped with the coordinator", failure="stopped")
             raise Interrupted()
     finally:
         db.close()
     if row.status == "done" and row.result is not None:
         return row.result
     message = row.message
-    if any(m in message for m in _OUT_OF_MEMORY):
+    if row.failure == "out_of_memory":
         message = f"ran out of its memory limit of {config.expert_memory_bytes()} bytes ({message})"
     raise ExpertWorkerError(f"{spec.kind} worker failed: {message}"[:1000])
 

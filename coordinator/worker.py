@@ -117,6 +117,34 @@ def limit_memory(limit: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+#: how libraries without a typed error say they hit the address-space limit: torch's CPU allocator
+#: (a plain RuntimeError), the dynamic loader and safetensors' mmap (ImportError/OSError text)
+_ALLOCATION_FAILED = ("can't allocate memory", "Cannot allocate memory", "out of memory", "failed to map segment")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the worker ran out of its memory limit: by type where the raiser has
+    one (``MemoryError``, ``OSError`` with ``ENOMEM``, torch's ``OutOfMemoryError``), else by the
+    untyped libraries' wording (:data:`_ALLOCATION_FAILED`), here at the boundary only: the
+    coordinator reads the job's typed ``failure``. The errors it was raised from count too (a loader
+    that wraps torch's failure in a :class:`~umm.checkpoints.errors.CheckpointError`)."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM):
+            return True
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+            return True
+        if isinstance(e, (RuntimeError, OSError, ImportError)) and any(m in str(e) for m in _ALLOCATION_FAILED):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run(db_path: str, job_id: int) -> int:
     db = StateDB(db_path)
     try:
@@ -133,7 +161,8 @@ def run(db_path: str, job_id: int) -> int:
         result = RUNNERS[job.spec.kind](db, job_id, job.spec)
     except Exception as e:  # recorded for the coordinator; the process still exits non-zero
         logger.exception("job %d failed", job_id)
-        db.update_job(job_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
+        db.update_job(job_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000],
+                      failure="out_of_memory" if out_of_memory(e) else "error")
         return 1
     db.update_job(job_id, status="done", progress=1.0, result=result, message=f"{job.kind}: done")
     return 0

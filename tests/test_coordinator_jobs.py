@@ -149,3 +149,39 @@ def test_restarted_coordinator_waits_for_a_live_worker_and_restarts_a_dead_one(t
     row = run_job(db, job2, log_dir=tmp_path / "logs", timeout=60, poll=0.05)
     assert row.pid != live.pid and (tmp_path / "logs" / f"job-{job2}.log").is_file()
     assert row.status == "failed" and "no-such-model-c" in row.message
+
+
+def test_out_of_memory_is_recognised_by_type_and_only_untyped_libraries_by_wording():
+    import errno
+
+    from coordinator.worker import out_of_memory
+
+    assert out_of_memory(MemoryError())
+    assert out_of_memory(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert out_of_memory(ImportError("libtorch_cpu.so: failed to map segment from shared object"))
+    assert not out_of_memory(RuntimeError("shape mismatch"))
+    assert not out_of_memory(ValueError("the expert says: out of memory"))  # a value, not an allocator
+    try:  # a loader that wraps the allocator's failure, as umm.checkpoints.loading does
+        try:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        except RuntimeError:
+            raise ValueError("transformers cannot load this model") from None
+    except ValueError as wrapped:
+        assert out_of_memory(wrapped)
+
+
+def test_a_state_db_from_before_the_failure_column_opens_and_its_jobs_read_back(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    db = StateDB(path)
+    job_id = db.create_job(0, evolve_job(tmp_path, "a", "b"))
+    db.close()
+    with sqlite3.connect(path) as c:  # the jobs table as the previous version created it
+        c.execute("ALTER TABLE jobs DROP COLUMN failure")
+    db = StateDB(path)
+    assert db.job(job_id).failure == ""
+    db.update_job(job_id, status="failed", message="x", failure="timeout")
+    assert db.job(job_id).failure == "timeout"
+    db.close()
