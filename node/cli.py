@@ -151,7 +151,8 @@ def join(
         highlight=False,
     )
     if tasks:
-        cfg.self_scores = self_evaluate(cfg.model, tasks, limit=self_eval_limit, device=device)
+        scores = self_evaluate(cfg.model, tasks, limit=self_eval_limit, device=device)
+        cfg = cfg.model_copy(update={"self_scores": scores})  # frozen: a copy that announces them
         console.print("self-reported scores: " + ", ".join(f"{k} {v:.3f}" for k, v in cfg.self_scores.items()),
                       highlight=False)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)

@@ -65,14 +65,13 @@ def test_self_eval_task_lists_are_split_and_checked():
 
 def test_join_flags_default_to_the_node_configs_defaults():
     """NodeConfig owns every default; the flags of `umm-node join` show it, never a copy."""
-    import dataclasses
     import inspect
 
     from node.cli import join
     from node.config import NodeConfig
 
     options = inspect.signature(join).parameters  # each default is a typer OptionInfo
-    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    defaults = {name: f.default for name, f in NodeConfig.model_fields.items()}
     for name in ["network", "host", "port", "dht_port", "refresh_period", "max_merged_bytes", "max_model_bytes"]:
         assert options[name].default.default == defaults[name], name
 
