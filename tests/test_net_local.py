@@ -194,3 +194,5 @@ def test_the_flags_default_to_the_local_network_configs_defaults():
         options = inspect.signature(command).parameters  # each default is a typer OptionInfo
         for name in shared:
             assert options[name].default.default == defaults[name], (command.__name__, name)
+            assert options[name].default.help == LocalNetConfig.model_fields[name].description, (command.__name__, name)
+    assert all(f.description for f in LocalNetConfig.model_fields.values())

@@ -44,6 +44,14 @@ def field_default(config: type[BaseModel], name: str) -> Any:
     return info.default
 
 
+def field_help(config: type[BaseModel], name: str) -> str:
+    """The description of ``config``'s field ``name``: the help of the flag that sets it."""
+    description = config.model_fields[name].description
+    if not description:
+        raise ValueError(f"{config.__name__}.{name} has no description")
+    return description
+
+
 # --------------------------------------------------------------------------- CPU threads
 
 
