@@ -16,7 +16,7 @@ import typer
 
 from node.config import NodeConfig
 from umm.cli import run_app
-from umm.cli.common import field_default
+from umm.cli.common import field_default, field_help
 from umm.net.ready import Ready, clear_ready, write_ready
 from umm.speedups import freeze_for_exit
 from umm.ui import console, setup_logging
@@ -45,9 +45,11 @@ def _root(
 
 #: ``_default(name)``: the default of :class:`NodeConfig`'s field ``name`` (the config owns it, the flags show it)
 _default = functools.partial(field_default, NodeConfig)
+#: ``_describe(name)``: its description, the help of the flag that sets it
+_describe = functools.partial(field_help, NodeConfig)
 
 
-_NETWORK = typer.Option(_default("network"), "--network", help="Network name: peers of different networks ignore each other.")
+_NETWORK = typer.Option(_default("network"), "--network", help=_describe("network"))
 _PEERS = typer.Option(
     None, "--initial-peers", help="Multiaddr of a running peer (printed by `umm-node join`); repeat for several."
 )
@@ -93,9 +95,9 @@ def _add_log_file(data_dir: Path) -> None:
 
 @app.command()
 def join(
-    model: Path = typer.Option(..., "--model", help="Hugging Face model folder (safetensors) to contribute."),
+    model: Path = typer.Option(..., "--model", help=_describe("model")),
     domain: list[str] = typer.Option(..., "--domain", help="Domain the model is an expert in (repeatable)."),
-    name: str | None = typer.Option(None, "--name", help="Name shown on the network (default: folder name)."),
+    name: str | None = typer.Option(None, "--name", help=_describe("name")),
     network: str = _NETWORK,
     initial_peers: list[str] | None = _PEERS,
     coordinator_key: str | None = _COORD,
@@ -107,22 +109,22 @@ def join(
     ),
     host: str = typer.Option(
         _default("host"), "--host",
-        help="Listen address of gRPC and the DHT. 0.0.0.0 (with --announce-host, --port, --dht-port) accepts other machines.",
+        help=_describe("host"),
     ),
-    port: int = typer.Option(_default("port"), "--port", help="gRPC port (0: any free port)."),
-    dht_port: int = typer.Option(_default("dht_port"), "--dht-port", help="DHT (libp2p TCP) port (0: any free port)."),
+    port: int = typer.Option(_default("port"), "--port", help=_describe("port")),
+    dht_port: int = typer.Option(_default("dht_port"), "--dht-port", help=_describe("dht_port")),
     announce_host: str | None = typer.Option(
         None, "--announce-host", help="Address other machines reach this one at (public IP or DNS name)."
     ),
-    refresh_period: float = typer.Option(_default("refresh_period"), "--refresh-period", help="Seconds between re-announcements; records expire after twice this."),
-    max_merged_bytes: int = typer.Option(_default("max_merged_bytes"), "--max-merged-bytes", help="Largest merged model to download."),
-    max_model_bytes: int = typer.Option(_default("max_model_bytes"), "--max-model-bytes", help="Admission size limit for our own model."),
+    refresh_period: float = typer.Option(_default("refresh_period"), "--refresh-period", help=_describe("refresh_period")),
+    max_merged_bytes: int = typer.Option(_default("max_merged_bytes"), "--max-merged-bytes", help=_describe("max_merged_bytes")),
+    max_model_bytes: int = typer.Option(_default("max_model_bytes"), "--max-model-bytes", help=_describe("max_model_bytes")),
     self_eval: list[str] | None = typer.Option(
         None, "--self-eval", help="TASK[,TASK]: evaluate the model on these tasks' test split and announce the scores."
     ),
     self_eval_limit: int = typer.Option(50, "--self-eval-limit", help="Items per self-evaluated task."),
     device: str | None = typer.Option(None, "--device", help="Device for --self-eval (cpu, cuda, ...)."),
-    base_model: str | None = typer.Option(None, "--base-model", help="The base model this expert was tuned from."),
+    base_model: str | None = typer.Option(None, "--base-model", help=_describe("base_model")),
     ready_file: Path | None = typer.Option(
         None, "--ready-file", help="Once serving, write this node's peer id and addresses here as JSON "
         "(umm.net.ready.Ready, for programs that start nodes); removed when the node leaves."
@@ -151,7 +153,8 @@ def join(
         highlight=False,
     )
     if tasks:
-        cfg.self_scores = self_evaluate(cfg.model, tasks, limit=self_eval_limit, device=device)
+        scores = self_evaluate(cfg.model, tasks, limit=self_eval_limit, device=device)
+        cfg = cfg.model_copy(update={"self_scores": scores})  # frozen: a copy that announces them
         console.print("self-reported scores: " + ", ".join(f"{k} {v:.3f}" for k, v in cfg.self_scores.items()),
                       highlight=False)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)

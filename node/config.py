@@ -9,10 +9,12 @@ they should dial: ``--host 0.0.0.0 --announce-host <public IP or DNS name> --por
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from umm import paths
+from umm.configfile import Strict
 from umm.errors import UmmError
 from umm.net.records import DEFAULT_REFRESH_PERIOD
 
@@ -31,33 +33,36 @@ def default_data_dir() -> Path:
     return paths.home() / "node"
 
 
-@dataclass
-class NodeConfig:
-    """Options of one node; see ``umm-node join --help`` for each."""
+class NodeConfig(Strict):
+    """Options of one node; see ``umm-node join --help`` for each. Frozen: derive a changed copy
+    with ``model_copy(update=...)``."""
 
-    model: Path
-    domains: list[str]
-    name: str | None = None
-    network: str = DEFAULT_NETWORK
-    data_dir: Path = field(default_factory=default_data_dir)
-    identity_path: Path | None = None  # default: <data_dir>/identity.key
-    initial_peers: list[str] = field(default_factory=list)
-    coordinator_public_key: bytes | None = None
-    host: str = "127.0.0.1"  # gRPC and DHT listen address
-    port: int = 0  # gRPC port (0: any free port)
-    dht_port: int = 0  # DHT (libp2p) port (0: any free port)
-    announce_host: str | None = None  # address others dial (default: host)
-    refresh_period: float = DEFAULT_REFRESH_PERIOD  # records expire after twice this
-    watch_period: float | None = None  # merged-model polling period (default: refresh_period / 2)
-    max_merged_bytes: int = DEFAULT_MAX_MERGED_BYTES
-    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # admission limit for our own model
-    self_scores: dict[str, float] = field(default_factory=dict)
-    base_model: str | None = None
-    show_progress: bool = True
+    model: Path = Field(description="Hugging Face model folder (safetensors) to contribute.")
+    domains: list[str] = Field(description="Domains the model is an expert in (at least one).")
+    name: str | None = Field(None, description="Name shown on the network (default: folder name).")
+    network: str = Field(DEFAULT_NETWORK, description="Network name: peers of different networks ignore each other.")
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="This node's directory: identity key, model store, logs.")
+    identity_path: Path | None = Field(None, description="Identity key file (default: <data dir>/identity.key).")
+    initial_peers: list[str] = Field(default_factory=list, description="Multiaddrs of running peers to bootstrap from.")
+    coordinator_public_key: bytes | None = Field(
+        None, description="The coordinator's public key; only merged models and scores it signed are trusted.")
+    host: str = Field("127.0.0.1", description="Listen address of gRPC and the DHT. 0.0.0.0 (with --announce-host, "
+                      "--port, --dht-port) accepts other machines.")
+    port: int = Field(0, description="gRPC port (0: any free port).")
+    dht_port: int = Field(0, description="DHT (libp2p TCP) port (0: any free port).")
+    announce_host: str | None = Field(None, description="Address others dial (default: host).")
+    refresh_period: float = Field(DEFAULT_REFRESH_PERIOD,
+                                  description="Seconds between re-announcements; records expire after twice this.")
+    watch_period: float | None = Field(None, description="Merged-model polling period (default: refresh_period / 2).")
+    max_merged_bytes: int = Field(DEFAULT_MAX_MERGED_BYTES, description="Largest merged model to download.")
+    max_model_bytes: int = Field(DEFAULT_MAX_MODEL_BYTES, description="Admission size limit for our own model.")
+    self_scores: dict[str, float] = Field(default_factory=dict, description="Self-reported scores, task: score.")
+    base_model: str | None = Field(None, description="The base model this expert was tuned from.")
+    show_progress: bool = Field(True, description="Show progress bars of downloads.")
 
-    def __post_init__(self) -> None:
-        self.model = Path(self.model)
-        self.data_dir = Path(self.data_dir)
+    @model_validator(mode="after")
+    def _fits_together(self) -> NodeConfig:
         if not self.domains:
             raise NodeConfigError("give at least one --domain the model is an expert in (e.g. --domain math)")
         if self.refresh_period <= 0:
@@ -77,6 +82,7 @@ class NodeConfig:
             )
         if self.announce_host is not None and self.announce_host != self.host and self.dht_port == 0:
             raise NodeConfigError("with --announce-host, give a fixed --dht-port so the announced DHT address is right")
+        return self
 
     @property
     def identity(self) -> Path:

@@ -180,14 +180,13 @@ def test_a_ready_process_hands_over_its_ready_file(tmp_path):
 
 def test_the_flags_default_to_the_local_network_configs_defaults():
     """LocalNetConfig owns every default of `umm net local` (and of the demo's flags it shares)."""
-    import dataclasses
     import inspect
 
     from umm.cli.demo import demo_command
     from umm.cli.net import local_command
     from umm.net.local import LocalNetConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(LocalNetConfig)}
+    defaults = {name: f.default for name, f in LocalNetConfig.model_fields.items()}
     for command, shared in [(local_command, ["nodes", "rounds", "variant", "device", "eval_limit", "test_limit",
                                               "max_new_tokens", "evolve_evaluations", "fusion_max_steps",
                                               "round_timeout"]),
@@ -195,3 +194,5 @@ def test_the_flags_default_to_the_local_network_configs_defaults():
         options = inspect.signature(command).parameters  # each default is a typer OptionInfo
         for name in shared:
             assert options[name].default.default == defaults[name], (command.__name__, name)
+            assert options[name].default.help == LocalNetConfig.model_fields[name].description, (command.__name__, name)
+    assert all(f.description for f in LocalNetConfig.model_fields.values())

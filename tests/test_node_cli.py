@@ -65,16 +65,36 @@ def test_self_eval_task_lists_are_split_and_checked():
 
 def test_join_flags_default_to_the_node_configs_defaults():
     """NodeConfig owns every default; the flags of `umm-node join` show it, never a copy."""
-    import dataclasses
     import inspect
 
     from node.cli import join
     from node.config import NodeConfig
 
     options = inspect.signature(join).parameters  # each default is a typer OptionInfo
-    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    defaults = {name: f.default for name, f in NodeConfig.model_fields.items()}
     for name in ["network", "host", "port", "dht_port", "refresh_period", "max_merged_bytes", "max_model_bytes"]:
         assert options[name].default.default == defaults[name], name
+
+
+def test_join_flags_help_is_the_node_configs_descriptions_and_the_config_is_frozen(tmp_path):
+    """The help of a flag that sets a NodeConfig field is that field's description, never a copy."""
+    import inspect
+
+    import pydantic
+
+    from node.cli import join
+    from node.config import NodeConfig
+
+    options = inspect.signature(join).parameters
+    for name in ["model", "name", "network", "host", "port", "dht_port", "refresh_period", "max_merged_bytes",
+                 "max_model_bytes", "base_model"]:
+        assert options[name].default.help == NodeConfig.model_fields[name].description, name
+    assert all(f.description for f in NodeConfig.model_fields.values())
+    cfg = NodeConfig(model=tmp_path, domains=["math"], data_dir=tmp_path)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.port = 1  # type: ignore[misc]
+    with pytest.raises(pydantic.ValidationError):
+        NodeConfig(model=tmp_path, domains=["math"], data_dir=tmp_path, prot=1)  # type: ignore[call-arg]
 
 
 def _reader(stream, lines: queue.Queue) -> None:

@@ -5,13 +5,15 @@ prepare themselves (``suite:<variant>/<model>`` models, ``instructions:...`` dat
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 
 @contextlib.contextmanager
@@ -32,10 +34,22 @@ def user_errors() -> Iterator[None]:
 
 
 
-def field_default(config: type, name: str) -> Any:
-    """The default of the dataclass ``config``'s field ``name``: the config owns every default, and
-    the command-line flags that set the field show it (``typer.Option(field_default(C, "x"), ...)``)."""
-    return {f.name: f.default for f in dataclasses.fields(config)}[name]
+def field_default(config: type[BaseModel], name: str) -> Any:
+    """The default of the pydantic model ``config``'s field ``name`` (its ``default_factory`` called
+    if it has one): the config owns every default, and the command-line flags that set the field
+    show it (``typer.Option(field_default(C, "x"), ...)``)."""
+    info = config.model_fields[name]
+    if info.default_factory is not None:
+        return info.default_factory()  # type: ignore[call-arg]
+    return info.default
+
+
+def field_help(config: type[BaseModel], name: str) -> str:
+    """The description of ``config``'s field ``name``: the help of the flag that sets it."""
+    description = config.model_fields[name].description
+    if not description:
+        raise ValueError(f"{config.__name__}.{name} has no description")
+    return description
 
 
 # --------------------------------------------------------------------------- CPU threads

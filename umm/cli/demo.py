@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from umm.cli.net import default
+from umm.cli.net import default, describe
 
 # Three nodes: both model families, so the round runs distribution fusion; 64 test items per task
 # so the merged-vs-sources table means something. Cost measured on 2 shared cores: ~575 CPU-s from
@@ -47,9 +47,8 @@ def demo_command(
                                    "searching merges (search split)."),
     test_limit: int = typer.Option(DEMO_TEST_LIMIT, "--test-limit", help="Items per task when comparing the merged "
                                    "model with its sources (test split)."),
-    max_new_tokens: int | None = typer.Option(default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item "
-                                                 "(default: each task's own)."),
-    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
+    max_new_tokens: int | None = typer.Option(default("max_new_tokens"), "--max-new-tokens", help=describe("max_new_tokens")),
+    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
     experts_dir: Path | None = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from umm.cli.common import field_default
+from umm.cli.common import field_default, field_help
 from umm.net.local import LocalNetConfig
 
 net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True, add_completion=False)
@@ -16,6 +16,8 @@ net_app = typer.Typer(name="net", help="Run umm networks.", no_args_is_help=True
 
 #: ``default(name)``: the default of :class:`LocalNetConfig`'s field ``name`` (the config owns it, the flags show it)
 default = functools.partial(field_default, LocalNetConfig)
+#: ``describe(name)``: its description, the help of the flag that sets it
+describe = functools.partial(field_help, LocalNetConfig)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,25 +27,25 @@ def register(app: typer.Typer) -> None:
 
 @net_app.command("local")
 def local_command(
-    nodes: int = typer.Option(default("nodes"), "--nodes", help="Node processes; node i serves the expert of math, code, list (i mod 3)."),
-    rounds: int = typer.Option(default("rounds"), "--rounds", help="Coordinator rounds to run."),
+    nodes: int = typer.Option(default("nodes"), "--nodes", help=describe("nodes")),
+    rounds: int = typer.Option(default("rounds"), "--rounds", help=describe("rounds")),
     workdir: Path | None = typer.Option(
         None, "--workdir", help="Folder for every process's data and logs, cleared at the start "
         "(default: <umm home>/net-local)."
     ),
-    variant: str = typer.Option(default("variant"), "--variant", help="Tiny expert suite: small (seconds) or full (minutes)."),
+    variant: str = typer.Option(default("variant"), "--variant", help=describe("variant")),
     experts_dir: Path | None = typer.Option(
-        None, "--experts-dir", help="Where the expert suites live (default: <umm home>/experts)."
+        None, "--experts-dir", help=describe("experts_root")
     ),
-    device: str = typer.Option(default("device"), "--device", help="Device of the coordinator's evaluation and jobs."),
-    eval_limit: int = typer.Option(default("eval_limit"), "--eval-limit", help="Items per task when ranking experts and searching merges."),
-    test_limit: int = typer.Option(default("test_limit"), "--test-limit", help="Items per task when comparing the merged model to its sources."),
+    device: str = typer.Option(default("device"), "--device", help=describe("device")),
+    eval_limit: int = typer.Option(default("eval_limit"), "--eval-limit", help=describe("eval_limit")),
+    test_limit: int = typer.Option(default("test_limit"), "--test-limit", help=describe("test_limit")),
     max_new_tokens: int | None = typer.Option(
-        default("max_new_tokens"), "--max-new-tokens", help="Cap on generated tokens per item (default: each task's own)."
+        default("max_new_tokens"), "--max-new-tokens", help=describe("max_new_tokens")
     ),
-    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help="CMA-ES candidates per merge search."),
-    fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help="Training steps of a fusion round."),
-    round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help="Seconds to wait for all the rounds."),
+    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
+    fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help=describe("fusion_max_steps")),
+    round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help=describe("round_timeout")),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.

@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, model_validator
+
+from umm.configfile import Strict
 from umm.errors import UmmError
 from umm.net.errors import NetError
 from umm.progress import ProgressSink
@@ -56,32 +59,33 @@ class LocalNetError(UmmError):
     """The local network cannot be set up as asked (bad options, a work dir that is not ours)."""
 
 
-@dataclass(frozen=True)
-class LocalNetConfig:
+class LocalNetConfig(Strict):
     """What ``umm net local`` runs; small limits so a round takes minutes on 2 CPU cores."""
 
-    workdir: Path
-    nodes: int = 3
-    rounds: int = 1
-    variant: str = "small"
-    experts_root: Path | None = None  # where the suite lives (default: umm.paths.experts_dir())
-    network: str = "umm-local"
-    device: str = "cpu"
-    eval_limit: int = 8
-    test_limit: int = 8
-    max_new_tokens: int | None = None
-    evolve_evaluations: int = 4
-    evolve_population: int = 2
-    fusion_records: int = 32  # per domain
-    fusion_max_steps: int = 4
-    round_interval: float = 1.0
-    refresh_period: float = 10.0  # nodes poll for merged models every half of this
-    start_timeout: float = 180.0
-    round_timeout: float = 1800.0
-    fetch_timeout: float = 180.0
-    stop_timeout: float = 30.0
+    workdir: Path = Field(description="Folder for every process's data and logs, cleared at the start.")
+    nodes: int = Field(3, description="Node processes; node i serves the expert of math, code, list (i mod 3).")
+    rounds: int = Field(1, description="Coordinator rounds to run.")
+    variant: str = Field("small", description="Tiny expert suite: small (seconds) or full (minutes).")
+    experts_root: Path | None = Field(None, description="Where the expert suites live (default: <umm home>/experts).")
+    network: str = Field("umm-local", description="Network name of the coordinator and the nodes.")
+    device: str = Field("cpu", description="Device of the coordinator's evaluation and jobs.")
+    eval_limit: int = Field(8, description="Items per task when ranking experts and searching merges.")
+    test_limit: int = Field(8, description="Items per task when comparing the merged model to its sources.")
+    max_new_tokens: int | None = Field(None, description="Cap on generated tokens per item (default: each task's own).")
+    evolve_evaluations: int = Field(4, description="CMA-ES candidates per merge search.")
+    evolve_population: int = Field(2, description="CMA-ES candidates per generation.")
+    fusion_records: int = Field(32, description="Instruction-response records per domain for fusion rounds.")
+    fusion_max_steps: int = Field(4, description="Training steps of a fusion round.")
+    round_interval: float = Field(1.0, description="Seconds the coordinator waits between rounds.")
+    refresh_period: float = Field(10.0, description="Nodes' re-announcement period; they poll for merged models "
+                                  "every half of this.")
+    start_timeout: float = Field(180.0, description="Seconds to wait for each process to be ready.")
+    round_timeout: float = Field(1800.0, description="Seconds to wait for all the rounds.")
+    fetch_timeout: float = Field(180.0, description="Seconds to wait for every node to hold the merged model.")
+    stop_timeout: float = Field(30.0, description="Seconds all processes have, in all, to leave after SIGTERM before they are killed.")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _fits_together(self) -> LocalNetConfig:
         if self.nodes < 1:
             raise LocalNetError(f"--nodes must be at least 1, got {self.nodes}")
         if self.rounds < 1:
@@ -89,6 +93,7 @@ class LocalNetConfig:
         if self.evolve_evaluations < self.evolve_population + 1:
             raise LocalNetError(f"--evolve-evaluations {self.evolve_evaluations} does not fit one CMA-ES generation: "
                                 f"give at least {self.evolve_population + 1} (the start + {self.evolve_population})")
+        return self
 
 
 @dataclass
