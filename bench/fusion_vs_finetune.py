@@ -71,9 +71,11 @@ def main() -> None:
             cache.write_text(json.dumps(scores))
 
     def fuse(name: str, per: int, epochs: int, lam: float, temperature: float) -> None:
-        data = write_instruction_data(work / f"data-{per}.jsonl", dict.fromkeys(domains, per))
         out = work / name
         if name not in scores and not out.exists():
+            data = work / f"data-{per}.jsonl"
+            if not data.exists():  # one data file per size, shared by its settings
+                write_instruction_data(data, dict.fromkeys(domains, per))
             run_fuse(parse_config({
                 "pivot": str(pivot), "sources": [str(source)], "data": str(data), "output": str(out),
                 "teacher_cache": str(work / "teachers"), "k": 10, "max_length": 128, "layout": "raw",
