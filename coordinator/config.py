@@ -6,11 +6,10 @@ and what it does) plus a key pair; ``umm-coordinator run --config FILE`` reads i
 :func:`load_config`. Unknown keys are an error that lists the valid ones. Relative paths resolve
 against the file.
 
-The ``evolve`` and ``fusion`` sections are the library's own settings: :class:`EvolveSettings`
-(:class:`umm.evolve.config.EvolveSettings` with the coordinator's defaults; the round decides the
-experts, tasks, device and seed) and
-:class:`umm.fusion.settings.TrainingSettings`; a round's job nests them unchanged
-(:mod:`coordinator.jobspec`).
+The ``evolve`` and ``fusion`` sections and ``margin`` are the library's own settings of
+:func:`umm.combine.run.run_combine` (:class:`umm.combine.config.CombineSettings`, with the
+coordinator's defaults; the round decides the experts, pivot, tasks, device and seed); a round's
+job nests them unchanged (:mod:`coordinator.jobspec`).
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ from umm import configfile
 from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
-from umm.evolve.config import Budget, EvolveConfig, TaskSpec
+from umm.combine.config import CombineSettings, FusionStageSettings
+from umm.evolve.config import Budget
 from umm.evolve.config import EvolveSettings as LibraryEvolveSettings
 from umm.fusion.settings import TrainingSettings
 from umm.net.addresses import DEFAULT_DENIED as _DEFAULT_DENIED
@@ -48,37 +48,22 @@ class CoordinatorConfigError(UmmError):
 
 
 class EvolveSettings(LibraryEvolveSettings):
-    """The search of an ``evolve`` round (CMA-ES over merge recipes of compatible experts): the
-    library's :class:`umm.evolve.config.EvolveSettings`, with the coordinator's defaults for
-    ``method`` and ``budget``. The round decides the rest (experts, tasks, device, seed)."""
+    """The CMA-ES merge of a round's pivot family: the library's
+    :class:`umm.evolve.config.EvolveSettings`, with the coordinator's default ``budget``. The round
+    decides the rest (experts, tasks, device, seed)."""
 
-    method: str = Field("linear", description="Merge method searched by CMA-ES (linear needs no base model).")
     budget: Budget = Field(default_factory=lambda: Budget(evaluations=40),
                            description="Candidates (evaluations) and wall time (seconds) of one search.")
 
-    def evolve_config(self, *, models: Sequence[str | os.PathLike[str]], tasks: Sequence[str],
-                      search_size: int | None, test_size: int | None, device: str, seed: int) -> EvolveConfig:
-        """The search over ``models`` with these settings: one equally weighted fitness term per task
-        of ``tasks`` (``search_size`` items of its search split, ``test_size`` of test), the merged
-        model written, no comparison table."""
-        return EvolveConfig.model_validate({
-            **self.model_dump(), "models": [str(m) for m in models], "device": device, "seed": seed,
-            "tasks": [TaskSpec(name=t, search_size=search_size, test_size=test_size) for t in tasks],
-            "compare": False, "write_model": True,
-        })
 
-
-class FusionSettings(configfile.Strict):
-    """A ``fusion`` round: the pivot (best expert of the hardest domain) trained on the others' token
-    distributions (:func:`umm.fusion.train.train_pivot`)."""
+class FusionSettings(FusionStageSettings):
+    """The pairwise fusion of a round's experts of other families into the pivot's family: the
+    library's :class:`umm.combine.config.FusionStageSettings`, with the coordinator's defaults."""
 
     data: Path | None = Field(None, description=(
         "Instruction-response JSONL for fusion when the best experts have different architectures "
         "(null: such rounds only verify and rank)."))
     max_length: int = Field(512, ge=2, description="Longest training sequence (prompt + response) in tokens.")
-    training: TrainingSettings = Field(default_factory=TrainingSettings, description=(
-        "How the pivot is optimised (as the training section of `umm fuse`'s config); "
-        "max_steps bounds the pivot's training."))
 
 
 def _section(title: str) -> dict[str, Any]:
@@ -175,12 +160,20 @@ class CoordinatorConfig(configfile.Strict):
     refresh_period: float = Field(60.0, gt=0, description=(
         "DHT records are re-stored every refresh_period seconds and expire after twice that."))
     merge: bool = Field(True, description=(
-        "Plan and run a merge (evolve) or fusion job each round; false: only verify and rank."))
+        "Plan and run a merge job each round (fuse other families into the pivot's, then a CMA-ES merge "
+        "of the family); false: only verify and rank."))
+    base_model: Path | None = Field(None, description=(
+        "Folder of the base model the experts were fine-tuned from (their task vectors are taken from it "
+        "when it has the pivot's architecture and tokenizer; null or another family: the pivot is the base)."))
+    margin: float = Field(0.0, description=(
+        "A merged model is published only when the 95% paired-bootstrap lower bound of its test objective "
+        "minus the best source's, and minus the previously published model's, is above this."))
     evolve: EvolveSettings = Field(default_factory=EvolveSettings, description=(
         "The merge search for compatible experts: the keys of `umm evolve`'s config (examples/evolve.yaml) "
         "that a round does not decide itself (models, tasks, device, seed are the round's)."))
     fusion: FusionSettings = Field(default_factory=FusionSettings, description=(
-        "Fusion into a pivot when the best experts have different architectures."))
+        "Pairwise fusion into the pivot's family of the best experts of other architectures "
+        "(the keys of `umm fuse`'s config that a round does not decide)."))
     job_timeout: float = Field(6 * 3600.0, gt=0, description=(
         "A job running longer than this many seconds is stopped and recorded as failed."))
 
@@ -217,9 +210,15 @@ class CoordinatorConfig(configfile.Strict):
             return Path(configfile.resolve_path(p, base_dir))
 
         update: dict[str, Any] = {"data_dir": fix(self.data_dir), "key_path": fix(self.key_path)}
+        if self.base_model is not None:
+            update["base_model"] = fix(self.base_model)
         if self.fusion.data is not None:
             update["fusion"] = self.fusion.model_copy(update={"data": fix(self.fusion.data)})
         return self.model_copy(update=update)
+
+    def combine_settings(self) -> CombineSettings:
+        """The library's settings of a round's job: these ``evolve``, ``fusion`` and ``margin``."""
+        return CombineSettings(evolve=self.evolve, fusion=self.fusion, margin=self.margin)
 
     def expert_memory_bytes(self) -> int:
         """The expert workers' memory limit: ``expert_memory_limit``, else 2 × max_model_bytes + 4 GiB

@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS ranks (
 );
 CREATE TABLE IF NOT EXISTS rounds (
     number INTEGER PRIMARY KEY,
-    state TEXT NOT NULL,             -- running | published | not_better | failed | verified
+    state TEXT NOT NULL,             -- running | published | no_improvement | failed | verified
     phase TEXT NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL NOT NULL DEFAULT 0,
@@ -103,7 +103,7 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER NOT NULL,
-    kind TEXT NOT NULL,              -- evolve | fusion
+    kind TEXT NOT NULL,              -- combine | admit | evaluate
     spec TEXT NOT NULL,
     status TEXT NOT NULL,            -- pending | running | done | failed
     progress REAL NOT NULL DEFAULT 0,

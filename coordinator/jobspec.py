@@ -1,9 +1,10 @@
 """What a worker process is asked to do (:data:`JobSpec`) and what it answers (:data:`JobResult`).
 
 A job row (:mod:`coordinator.db`) holds one spec, serialized as JSON by pydantic, and, once done,
-the result of its kind. The round's heavy job is an :class:`EvolveJob` or a :class:`FusionJob`
-(:data:`MergeJob`); they nest the library's own settings unchanged (the config's ``evolve`` and
-``fusion`` sections). Each stranger's model is admitted (:class:`AdmitJob`) and scored
+the result of its kind. The round's heavy job is a :class:`CombineJob`: the library's
+:func:`umm.combine.run.run_combine` (fusion of other families into the pivot's, CMA-ES merge of
+the family, the test comparison and the publish decision), with the config's ``evolve``,
+``fusion`` and ``margin`` nested unchanged. Each stranger's model is admitted (:class:`AdmitJob`) and scored
 (:class:`EvaluateJob`) in a worker too, so a hostile model costs only its worker.
 """
 
@@ -14,9 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from coordinator.config import EvolveSettings
 from umm.checkpoints.budget import ModelBudget
-from umm.fusion.settings import TrainingSettings
+from umm.combine.config import CombineConfig, CombineSettings
+from umm.combine.run import CombineResult
 
 
 class _Frozen(BaseModel):
@@ -28,34 +29,39 @@ class _Job(_Frozen):
     memory_limit: int | None = None
 
 
-class EvolveJob(_Job):
-    """A CMA-ES merge search over compatible experts (:func:`umm.evolve.run.run_evolve`), resumable
-    in ``run_dir``."""
+class CombineJob(_Job):
+    """The round's merge (:func:`umm.combine.run.run_combine`), resumable stage by stage in
+    ``run_dir``: ``models`` (the experts, ``pivot`` among them), onto ``base_model`` when it is of
+    the pivot's family; ``previous`` (the published merged model) is a candidate and the bar."""
 
-    kind: Literal["evolve"] = "evolve"
+    kind: Literal["combine"] = "combine"
     models: list[Path] = Field(min_length=1)
+    pivot: Path
+    base_model: Path | None = None
+    previous: Path | None = None
     tasks: list[str] = Field(min_length=1)
+    #: task -> weight in the objective (default: equal)
+    weights: dict[str, float] = Field(default_factory=dict)
     search_size: int | None
     test_size: int | None
+    batch_size: int = 16
+    max_new_tokens: int | None = None
     device: str
     seed: int
     run_dir: Path
-    settings: EvolveSettings
+    settings: CombineSettings
 
-
-class FusionJob(_Job):
-    """The pivot trained on the sources' token distributions (:func:`umm.fusion.train.train_pivot`),
-    resumable from its checkpoints in ``work_dir``; the model is written to ``output``."""
-
-    kind: Literal["fusion"] = "fusion"
-    pivot: Path
-    sources: list[Path]
-    data: Path
-    output: Path
-    work_dir: Path
-    device: str
-    max_length: int
-    training: TrainingSettings
+    def combine_config(self) -> CombineConfig:
+        """The library's config of this job."""
+        return CombineConfig.model_validate({
+            **self.settings.model_dump(), "models": [str(m) for m in self.models], "pivot": str(self.pivot),
+            "base_model": None if self.base_model is None else str(self.base_model),
+            "previous": None if self.previous is None else str(self.previous),
+            "tasks": [{"name": t, "weight": self.weights.get(t, 1.0), "search_size": self.search_size,
+                       "test_size": self.test_size} for t in self.tasks],
+            "seed": self.seed, "device": self.device, "eval_batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+        })
 
 
 class AdmitJob(_Job):
@@ -81,17 +87,8 @@ class EvaluateJob(_Job):
     device: str
 
 
-MergeJob = Annotated[EvolveJob | FusionJob, Field(discriminator="kind")]
-JobSpec = Annotated[EvolveJob | FusionJob | AdmitJob | EvaluateJob, Field(discriminator="kind")]
+JobSpec = Annotated[CombineJob | AdmitJob | EvaluateJob, Field(discriminator="kind")]
 JOB_SPEC: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
-
-
-class MergeOutput(_Frozen):
-    """What a merge job leaves: the model folder, the hash of its recipe, the method that made it."""
-
-    model_dir: Path
-    recipe_hash: str
-    method: str
 
 
 class Admission(_Frozen):
@@ -110,7 +107,6 @@ class Scores(_Frozen):
     scores: dict[str, float]
 
 
-JobResult = MergeOutput | Admission | Scores
+JobResult = CombineResult | Admission | Scores
 #: the result type of each job kind
-RESULTS: dict[str, type[JobResult]] = {"evolve": MergeOutput, "fusion": MergeOutput, "admit": Admission,
-                                       "evaluate": Scores}
+RESULTS: dict[str, type[JobResult]] = {"combine": CombineResult, "admit": Admission, "evaluate": Scores}

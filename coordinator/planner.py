@@ -1,10 +1,13 @@
 """Round planning: which admitted experts to merge, and how (pure functions, no I/O).
 
 Experts are grouped by (architecture fingerprint, tokenizer fingerprint): only members of one
-group can be merged layer-wise. The plan takes the best expert of every domain; when they all
-fall in one group it is an ``evolve`` job (CMA-ES merge over those experts), when they span
-several groups it is a ``fusion`` job into the pivot (as :func:`umm.fusion.pivot.choose_pivot`
-does by default: the best model of the hardest domain), with the other domains' best as sources.
+group can be merged layer-wise. The plan takes the best expert of every domain and the pivot (as
+:func:`umm.fusion.pivot.choose_pivot` does by default: the best model of the hardest domain). The
+round's job is :func:`umm.combine.run.run_combine` on them: when they all fall in one group the
+plan is ``evolve`` (a CMA-ES merge alone); when they span several groups it is ``combine``: each
+expert of another group is fused pairwise into the pivot's family, then the whole family is merged
+by CMA-ES. The previously published merged model, when there is one, is a candidate too
+(``previous``) and the bar the new model must clear.
 
 Ties: :func:`score_order` is the coordinator's one rule for "better expert": the higher score
 (the coordinator's own); on equal scores, in a domain, the expert whose record declares that
@@ -40,22 +43,33 @@ class Candidate:
         return (self.architecture, self.tokenizer)
 
 
+#: the stages of each plan kind (the job runs them in this order)
+STAGES: dict[str, tuple[str, ...]] = {"evolve": ("evolve",), "combine": ("fuse", "evolve"), "none": ()}
+
+
 class Plan(BaseModel):
-    """``kind``: ``evolve`` (merge ``sources``), ``fusion`` (train ``pivot`` on ``sources``) or
-    ``none`` (then ``reason`` says why)."""
+    """``kind``: ``evolve`` (one family: a CMA-ES merge of ``sources`` and ``pivot``), ``combine``
+    (several families: the sources of other families fused into the ``pivot``'s, then a CMA-ES merge
+    of the family) or ``none`` (then ``reason`` says why). ``previous``: the manifest hash of the
+    previously published merged model, a candidate of the merge and the bar to beat ("" if none)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["evolve", "fusion", "none"]
+    kind: Literal["evolve", "combine", "none"]
     sources: list[str] = Field(default_factory=list)
     pivot: str = ""
+    previous: str = ""
     best_per_domain: dict[str, str] = Field(default_factory=dict)
     reason: str = ""
 
     @property
     def models(self) -> list[str]:
-        """Every model the plan uses: its sources, then its pivot if it has one."""
+        """The experts the plan merges: its sources, then its pivot if it has one (not ``previous``)."""
         return [*self.sources, *([self.pivot] if self.pivot else [])]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[self.kind]
 
 
 def score_order(score: float, manifest_hash: str, declared: bool = False) -> tuple[float, bool, str]:
@@ -94,8 +108,9 @@ def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
     return {d: items[0][0] for d, items in ranked.items()}
 
 
-def plan_round(candidates: list[Candidate]) -> Plan:
-    """The job for this round's admitted experts (see module docstring)."""
+def plan_round(candidates: list[Candidate], previous: str = "") -> Plan:
+    """The job for this round's admitted experts (see module docstring); ``previous``: the hash of
+    the published merged model, if any."""
     if len(candidates) < 2:
         return Plan(kind="none", reason=f"{len(candidates)} admitted expert(s): nothing to merge")
     best = best_per_domain(candidates)
@@ -114,10 +129,11 @@ def plan_round(candidates: list[Candidate]) -> Plan:
                 return Plan(kind="none", best_per_domain=best,
                             reason="one expert is best on every domain and has no compatible partner")
             chosen.append(others[0].manifest_hash)
-        return Plan(kind="evolve", sources=chosen, best_per_domain=best)
     from umm.fusion.pivot import hardest_domain
 
     # the pivot: the best model of the hardest domain, i.e. that domain's rank-1 expert (same tie rule)
-    pivot = best[hardest_domain({h: dict(by_hash[h].domain_scores) for h in chosen})]
+    pivot = best[hardest_domain({h: dict(by_hash[h].domain_scores) for h in chosen})] if len(best) > 1 \
+        else chosen[0]
     sources = [h for h in chosen if h != pivot]
-    return Plan(kind="fusion", sources=sources, pivot=pivot, best_per_domain=best)
+    return Plan(kind="evolve" if len(groups) == 1 else "combine", sources=sources, pivot=pivot, previous=previous,
+                best_per_domain=best)

@@ -28,7 +28,7 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.db import RoundRow, StateDB, VerdictRow
-from coordinator.jobspec import AdmitJob, EvaluateJob, EvolveJob, FusionJob, JobResult, MergeJob
+from coordinator.jobspec import AdmitJob, CombineJob, EvaluateJob, JobResult
 from coordinator.planner import Candidate, Plan, plan_round, rank_per_domain
 from coordinator.steps import (
     STEPS,
@@ -74,6 +74,13 @@ def objective(config: CoordinatorConfig, scores: dict[str, float]) -> float:
     """The number a merged model must raise: mean of its domain scores."""
     d = domain_scores(config, scores)
     return sum(d.values()) / len(d) if d else 0.0
+
+
+def task_weights(config: CoordinatorConfig) -> dict[str, float]:
+    """Each task's weight in the job's objective, ``1 / (tasks of its domain)``, so that the weighted
+    mean of task scores is :func:`objective`'s mean of domain scores (up to the constant number of
+    domains, which a weighted mean divides away)."""
+    return {t: 1.0 / len(tasks) for tasks in config.domains().values() for t in tasks}
 
 
 EXPERTS_DB = "experts.db"  # job rows of the admission/evaluation workers (apart from the round's merge job)
@@ -509,27 +516,30 @@ class RoundRunner:
     def step_plan(self, number: int, results: RoundResults) -> PlanStep:
         if not self.config.merge:
             return PlanStep(kind="none", reason="merging is off (merge: false)", end_round=True, state="verified")
-        plan = plan_round(self._candidates(results))
-        why_not = self._why_not_run(number, plan) if plan.kind != "none" else ""
-        if why_not:
-            plan = plan.model_copy(update={"kind": "none", "reason": why_not})
+        plan = plan_round(self._candidates(results), previous=self._previous_model(number))
         if plan.kind == "none":
             return PlanStep(**plan.model_dump(), end_round=True, state="verified")
-        self.db.update_round(number, method=self.config.evolve.method if plan.kind == "evolve" else "fusion",
-                             sources=plan.models)
+        if plan.kind == "combine" and self.config.fusion.data is None:
+            return PlanStep(**{**plan.model_dump(), "kind": "none"}, end_round=True, state="verified",
+                            reason="experts span several architectures: fusion needs fusion.data in the config")
+        same = self._same_merge_as(number, sorted(plan.models))
+        if same is not None:
+            return PlanStep(**plan.model_dump(), end_round=True, state="no_improvement",
+                            reason=f"no new expert since round {same}: the same experts cannot improve on its merge")
+        self.db.update_round(number, method=plan.kind, sources=plan.models)
         return PlanStep(**plan.model_dump())
 
-    def _why_not_run(self, number: int, plan: Plan) -> str:
-        """Why this round does not run ``plan``'s job ("" if it does)."""
-        if plan.kind == "fusion" and self.config.fusion.data is None:
-            return "experts span several architectures: fusion needs fusion.data in the config"
-        same = self._same_merge_as(number, sorted(plan.models))
-        return f"same experts as round {same}'s merge: nothing new to merge" if same is not None else ""
+    def _previous_model(self, number: int) -> str:
+        """The manifest hash of the merged model published before round ``number`` ("" if none, or if
+        the store lost it)."""
+        previous = self.db.last_published_round(before=number)
+        return previous.merged_hash if previous is not None and self.ctx.store.has(previous.merged_hash) else ""
 
-    def _same_merge_as(self, number: int, sources: list[str]) -> int | None:
-        """The latest earlier round whose finished job merged exactly ``sources`` (same settings)."""
+    def _same_merge_as(self, number: int, experts: list[str]) -> int | None:
+        """The latest earlier round whose finished job merged exactly ``experts`` (same settings)."""
         for r in self.db.rounds():
-            if r.number < number and r.state in ("published", "not_better") and sorted(r.sources) == sources:
+            if r.number < number and r.state in ("published", "no_improvement") and r.merged_hash \
+                    and sorted(r.sources) == experts:
                 return r.number
         return None
 
@@ -548,68 +558,81 @@ class RoundRunner:
             raise Interrupted()
         return JobStep(job=job_id, output=job.result)
 
-    def _job_spec(self, number: int, plan: Plan) -> MergeJob:
+    def _job_spec(self, number: int, plan: Plan) -> CombineJob:
         """The job of ``plan``: its models from the store, the coordinator's tasks, device and settings."""
         cfg = self.config
-        run_dir = cfg.data_dir / "jobs" / f"round-{number}"
         path = self.ctx.store.path
-        if plan.kind == "evolve":
-            return EvolveJob(models=[path(h) for h in plan.sources], tasks=list(cfg.tasks),
-                             search_size=cfg.eval_limit, test_size=cfg.test_limit, device=cfg.device,
-                             seed=cfg.eval_seed + number, run_dir=run_dir, settings=cfg.evolve)
-        return FusionJob(pivot=path(plan.pivot), sources=[path(h) for h in plan.sources], data=cfg.fusion.data,
-                         output=run_dir / "model", work_dir=run_dir / "work", device=cfg.device,
-                         max_length=cfg.fusion.max_length, training=cfg.fusion.training)
-
-    def _test_scores(self, manifest_hash: str, folder: Path) -> dict[str, float]:
-        """``manifest_hash``'s scores on the test split: recorded, else evaluated from ``folder`` now."""
-        bench = benchmark_key(self.config, "test")
-        if self.db.evaluation(manifest_hash, bench) is None:
-            t0 = time.perf_counter()
-            self.db.record_evaluation(manifest_hash, bench, "test", evaluate_folder(self.config, folder, "test"),
-                                      time.perf_counter() - t0)
-        return self.db.evaluation(manifest_hash, bench).scores
+        return CombineJob(models=[path(h) for h in plan.models], pivot=path(plan.pivot), base_model=cfg.base_model,
+                          previous=path(plan.previous) if plan.previous else None, tasks=list(cfg.tasks),
+                          weights=task_weights(cfg), search_size=cfg.eval_limit, test_size=cfg.test_limit,
+                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, device=cfg.device,
+                          seed=cfg.eval_seed + number, run_dir=cfg.data_dir / "jobs" / f"round-{number}",
+                          settings=cfg.combine_settings())
 
     def step_evaluate_result(self, number: int, results: RoundResults) -> EvaluateResultStep:
+        """The job's test comparison, by manifest hash: the merged model, the experts, the previous model."""
         from umm.checkpoints.manifest import build_manifest
 
         output = results.job.output
         manifest_hash = build_manifest(output.model_dir).hash
-        scores = self._test_scores(manifest_hash, output.model_dir)
-        source_scores = {h: self._test_scores(h, self.ctx.store.path(h)) for h in results.plan.models}
-        obj = objective(self.config, scores)
-        self.db.update_round(number, scores=scores, objective=obj, merged_hash=manifest_hash,
-                             recipe_hash=output.recipe_hash)
-        return EvaluateResultStep(manifest_hash=manifest_hash, scores=scores, objective=obj,
-                                  source_scores=source_scores,
-                                  source_objectives={h: objective(self.config, s) for h, s in source_scores.items()})
+        by_path = {str(self.ctx.store.path(h)): h for h in [*results.plan.models, results.plan.previous] if h}
+        merged, others = None, {}
+        for row in output.comparison.rows:
+            if row.path is not None and Path(row.path) == output.model_dir:
+                merged = row
+            elif row.path in by_path:
+                others[by_path[row.path]] = row
+        if merged is None:
+            raise UmmError(f"the job's comparison has no row for its merged model {output.model_dir}")
+        families = {h: self._family(h) for h in [*others, manifest_hash]}
+        self.db.update_round(number, scores=merged.scores, objective=merged.objective, merged_hash=manifest_hash,
+                             recipe_hash=output.recipe_hash, method=output.method)
+        return EvaluateResultStep(manifest_hash=manifest_hash, scores=merged.scores, objective=merged.objective,
+                                  source_scores={h: r.scores for h, r in others.items()},
+                                  source_objectives={h: r.objective for h, r in others.items()},
+                                  families=families, decision=output.decision)
+
+    def _family(self, manifest_hash: str) -> str:
+        """``model_type:architecture fingerprint[:8]`` of an admitted expert ("" if unknown)."""
+        v = self.db.verdict(manifest_hash)
+        model_type = ""
+        try:
+            model_type = json.loads((self.ctx.store.path(manifest_hash) / "config.json").read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            pass
+        arch = v.architecture[:8] if v is not None else ""
+        return f"{model_type}:{arch}" if arch else str(model_type)
 
     def step_publish(self, number: int, results: RoundResults) -> PublishStep:
+        """Publish the merged model only when the job's decision says it beats the best source and the
+        previous model (paired-bootstrap lower bounds above ``margin``); else end ``no_improvement``."""
         from umm.net.records import MergedRecord
 
         ev, output = results.evaluate_result, results.job.output
         previous = self.db.last_published_round(before=number)
-        prev_obj = previous.objective if previous else -math.inf
-        self.db.update_round(number, previous_objective=prev_obj if previous else 0.0)
-        if not ev.objective > prev_obj:
-            return PublishStep(end_round=True, state="not_better",
-                               reason=f"objective {ev.objective:.4f} does not beat round {previous.number}'s "
-                                      f"{prev_obj:.4f}")
+        self.db.update_round(number, previous_objective=previous.objective if previous else 0.0)
+        decision = ev.decision
+        if decision is None or not decision.published:
+            return PublishStep(end_round=True, state="no_improvement",
+                               reason=decision.text if decision is not None else "the job made no decision")
         h = ev.manifest_hash
         if not self.ctx.store.has(h):
             self.ctx.store.add_folder(output.model_dir)
         manifest = self.ctx.store.manifest(h)
+        best = decision.diff_vs_best_source
+        prev = decision.diff_vs_previous
         record = MergedRecord(
             round=number, name=f"{self.config.network}-round-{number}", manifest_hash=h,
-            total_bytes=manifest.total_bytes, address=self.ctx.address, sources=results.plan.models,
+            total_bytes=manifest.total_bytes, address=self.ctx.address,
+            sources=[*results.plan.models, *([results.plan.previous] if results.plan.previous else [])],
             method=output.method, recipe_hash=output.recipe_hash, scores=dict(ev.scores),
             source_scores={k: dict(s) for k, s in ev.source_scores.items()}, published_at=time.time(),
+            decision=decision.text[:1024], diff_vs_best_source=[best.diff, best.ci_low, best.ci_high],
+            diff_vs_previous=[prev.diff, prev.ci_low, prev.ci_high] if prev is not None else [],
         )
         published = self._publish("merged", lambda ttl: self.ctx.records.publish_merged(record, ttl=ttl))
         self._publish("provider", lambda ttl: self.ctx.records.announce_provider(h, self.ctx.address, ttl=ttl),
                       withdraw=lambda ttl: self.ctx.records.withdraw_provider(h, ttl=ttl))
         self.db.update_round(number, published=1)
-        why = (f"objective {ev.objective:.4f} beats round {previous.number}'s {prev_obj:.4f}" if previous
-               else f"first merged model, objective {ev.objective:.4f}")
-        return PublishStep(end_round=True, state="published", reason=why, dht_stored=published,
+        return PublishStep(end_round=True, state="published", reason=decision.text, dht_stored=published,
                            record=record.dict())

@@ -11,12 +11,13 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from coordinator.db import StateDB
-from coordinator.steps import EvaluateResultStep
+from coordinator.steps import EvaluateResultStep, PlanStep
 from umm.net.proto import umm_coordinator_pb2 as pb
 from umm.net.proto import umm_coordinator_pb2_grpc as pb_grpc
 from umm.net.status import MERGED_DOMAIN, PENDING_DOMAIN, REJECTED_DOMAIN, CoordinatorView
@@ -85,10 +86,39 @@ def round_comparison(db: StateDB, number: int) -> pb.RoundComparison | None:
         return None
     r = step.result
     return pb.RoundComparison(
-        merged=pb.ModelScores(manifest_hash=r.manifest_hash, scores=r.scores, objective=r.objective),
-        sources=[pb.ModelScores(manifest_hash=h, scores=scores, objective=r.source_objectives[h])
-                 for h, scores in r.source_scores.items()],
+        merged=pb.ModelScores(manifest_hash=r.manifest_hash, scores=r.scores, objective=r.objective,
+                              family=r.families.get(r.manifest_hash, "")),
+        sources=[pb.ModelScores(manifest_hash=h, scores=scores, objective=r.source_objectives[h],
+                                family=r.families.get(h, "")) for h, scores in r.source_scores.items()],
     )
+
+
+def round_decision(db: StateDB, number: int) -> pb.Decision | None:
+    """The publish decision of the round's job (None before the round has its comparison)."""
+    step = db.step(number, "evaluate_result")
+    if step is None or step.status != "done" or not isinstance(step.result, EvaluateResultStep):
+        return None
+    d = step.result.decision
+    if d is None:
+        return None
+
+    def diff(x: Any) -> pb.Difference | None:
+        return None if x is None else pb.Difference(diff=x.diff, ci_low=x.ci_low, ci_high=x.ci_high)
+
+    # the job names models by their folder, and a store folder is named by the manifest hash
+    return pb.Decision(published=d.published, text=d.text, margin=d.margin,
+                       best_source_manifest_hash=Path(d.best_source).name,
+                       vs_best_source=diff(d.diff_vs_best_source), vs_previous=diff(d.diff_vs_previous))
+
+
+def round_plan(db: StateDB, number: int) -> dict[str, Any]:
+    """The round's plan fields of :class:`pb.Round` (empty before the plan step finished)."""
+    step = db.step(number, "plan")
+    if step is None or step.status != "done" or not isinstance(step.result, PlanStep):
+        return {}
+    p = step.result
+    return {"plan": p.kind, "stages": list(p.stages), "pivot_manifest_hash": p.pivot,
+            "previous_manifest_hash": p.previous}
 
 
 class StatusServicer(pb_grpc.CoordinatorStatusServicer):
@@ -132,6 +162,7 @@ class StatusServicer(pb_grpc.CoordinatorStatusServicer):
                 merged_manifest_hash=r.merged_hash, recipe_hash=r.recipe_hash, scores=r.scores,
                 objective=r.objective, previous_objective=r.previous_objective, published=r.published,
                 reason=r.reason, comparison=round_comparison(self.db, r.number),
+                decision=round_decision(self.db, r.number), **round_plan(self.db, r.number),
             ))
         return pb.RoundList(rounds=out)
 

@@ -13,11 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from coordinator.jobspec import MergeOutput
 from coordinator.planner import Plan
+from umm.combine.decision import Decision
+from umm.combine.run import CombineResult
 
 #: a round's state: ``running`` until a step ends it
-RoundState = Literal["running", "published", "not_better", "failed", "verified"]
+#: (``no_improvement``: the merged model did not clear the bar, or nothing new could raise it)
+RoundState = Literal["running", "published", "no_improvement", "failed", "verified"]
 
 
 class StepResult(BaseModel):
@@ -82,22 +84,26 @@ class JobStep(Ending):
     """The round's job (its id in the ``jobs`` table) and, when it is done, what it made."""
 
     job: int
-    output: MergeOutput | None = None
+    output: CombineResult | None = None
 
 
 class EvaluateResultStep(StepResult):
-    """The merged model's scores on the test split beside its sources': scores per task, and the
-    objective (:func:`coordinator.round.objective`) of each."""
+    """The merged model's scores on the test split beside its sources' and the previous published
+    model's (by manifest hash), as the job's comparison measured them: scores per task, the
+    objective of each (:func:`coordinator.round.objective`), each model's family, and the job's
+    publish decision (paired-bootstrap intervals against the best source and the previous model)."""
 
     manifest_hash: str
     scores: dict[str, float]
     objective: float
     source_scores: dict[str, dict[str, float]]
     source_objectives: dict[str, float]
+    families: dict[str, str] = {}
+    decision: Decision | None = None
 
 
 class PublishStep(Ending):
-    """Always ends the round: ``published`` (with the signed merged record) or ``not_better``."""
+    """Always ends the round: ``published`` (with the signed merged record) or ``no_improvement``."""
 
     dht_stored: bool = False
     record: dict[str, Any] | None = None

@@ -1,9 +1,9 @@
 """The heavy-job worker process: ``python -m coordinator.worker STATE_DB JOB_ID``.
 
-Reads the job's spec from the state database, runs it (``evolve``: a CMA-ES merge search with
-:func:`umm.evolve.run.run_evolve`, resumable in its run folder; ``fusion``: pivot training with
-:mod:`umm.fusion.train`, resumable from its checkpoints), writes progress into the job row and,
-at the end, ``status='done'`` with its :class:`~coordinator.jobspec.MergeOutput`. An error is
+Reads the job's spec from the state database, runs it (``combine``: the round's merge,
+:func:`umm.combine.run.run_combine`, resumable stage by stage in its run folder), writes progress
+into the job row and, at the end, ``status='done'`` with its result
+(:class:`~umm.combine.run.CombineResult`). An error is
 written as ``status='failed'`` with its message; a crash is noticed by :mod:`coordinator.jobs`.
 
 The round also runs the admission (``admit``) and evaluation (``evaluate``) of each stranger's
@@ -14,7 +14,6 @@ space (:func:`limit_memory`) before the job starts.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -22,59 +21,45 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.db import StateDB, StateError
-from coordinator.jobspec import (
-    Admission,
-    AdmitJob,
-    EvaluateJob,
-    EvolveJob,
-    FusionJob,
-    JobResult,
-    MergeOutput,
-    Scores,
-)
+from coordinator.jobspec import Admission, AdmitJob, CombineJob, EvaluateJob, JobResult, Scores
+from umm.combine.run import CombineResult
 
 logger = logging.getLogger(__name__)
 
 
-def _recipe_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+class _JobProgress:
+    """:class:`umm.combine.run.CombineEvents` that write the stage into the job row (the status
+    service shows it)."""
+
+    def __init__(self, db: StateDB, job_id: int, stages: int) -> None:
+        self.db, self.job_id, self.stages, self.done = db, job_id, max(stages, 1), 0
+
+    def stage(self, name: str, detail: str = "") -> None:
+        self.db.update_job(self.job_id, progress=min(0.95, self.done / self.stages),
+                           message=f"{name}: {detail}"[:500] if detail else name)
+        self.done += 1
+
+    def note(self, text: str) -> None:
+        logger.info("%s", text)
+
+    def warning(self, text: str) -> None:
+        logger.warning("%s", text)
+
+    def dropped(self, dropped: Any) -> None:
+        logger.warning("fusion source %s dropped: %s", dropped.source, dropped.reason)
+
+    def result(self, result: Any) -> None:
+        logger.info("decision: %s", result.decision.text)
 
 
-def run_evolve_job(db: StateDB, job_id: int, spec: EvolveJob) -> MergeOutput:
-    from umm.evolve.run import run_evolve
+def run_combine_job(db: StateDB, job_id: int, spec: CombineJob) -> CombineResult:
+    """The round's merge, resumed from its run folder when a previous worker left one."""
+    from umm.combine.run import run_combine
     from umm.ui import Bars
 
-    config = spec.settings.evolve_config(models=spec.models, tasks=spec.tasks, search_size=spec.search_size,
-                                         test_size=spec.test_size, device=spec.device, seed=spec.seed)
-
-    def on_generation(state: Any, generation: Any, total: int) -> None:
-        done = len(state.generations)
-        db.update_job(job_id, progress=min(1.0, done / max(total, 1)),
-                      message=f"evolve: generation {done}/{total}, {state.evaluations} candidates")
-
-    resume = (spec.run_dir / "search_state.json").exists()
-    result = run_evolve(config, spec.run_dir, resume=resume, on_generation=on_generation, on_progress=Bars())
-    if result.model_dir is None:
-        raise RuntimeError("the search wrote no model")
-    return MergeOutput(model_dir=result.model_dir, recipe_hash=_recipe_hash(result.best_recipe.read_text()),
-                       method=config.method)
-
-
-def run_fusion_job(db: StateDB, job_id: int, spec: FusionJob) -> MergeOutput:
-    """The recipe of a fusion is its spec: its hash is the recipe hash."""
-    from umm.fusion.train import FusionTrainConfig, train_pivot
-
-    recipe_hash = _recipe_hash(spec.model_dump_json())
-    if (spec.output / "config.json").is_file():  # finished before a crash of the coordinator
-        return MergeOutput(model_dir=spec.output, recipe_hash=recipe_hash, method="fusion")
-    config = FusionTrainConfig(
-        **spec.training.model_dump(), pivot=spec.pivot, sources=spec.sources, data=spec.data, output=spec.output,
-        work_dir=spec.work_dir, device=spec.device, max_length=spec.max_length, resume=True,
-        teacher_cache=spec.work_dir / "teachers",
-    )
-    db.update_job(job_id, progress=0.05, message="fusion: teacher passes and training")
-    model_dir = train_pivot(config, show_progress=False)
-    return MergeOutput(model_dir=model_dir, recipe_hash=recipe_hash, method="fusion")
+    resume = spec.run_dir.exists() and any(spec.run_dir.iterdir())
+    return run_combine(spec.combine_config(), spec.run_dir, resume=resume,
+                       events=_JobProgress(db, job_id, 4), on_progress=Bars())
 
 
 def run_admit_job(db: StateDB, job_id: int, spec: AdmitJob) -> Admission:
@@ -102,7 +87,7 @@ def run_evaluate_job(db: StateDB, job_id: int, spec: EvaluateJob) -> Scores:
 
 
 RUNNERS: dict[str, Callable[[StateDB, int, Any], JobResult]] = {
-    "evolve": run_evolve_job, "fusion": run_fusion_job, "admit": run_admit_job, "evaluate": run_evaluate_job}
+    "combine": run_combine_job, "admit": run_admit_job, "evaluate": run_evaluate_job}
 
 
 def limit_memory(limit: int | None) -> None:

@@ -12,7 +12,9 @@ to the process groups of those that do not leave in time).
 Their command lines start them; each writes a ready-file (:mod:`umm.net.ready`) once it serves,
 which says where it is; the coordinator's config is a dict that its strict pydantic config checks
 when it loads the file (unknown keys are an error; ``tests/test_net_local.py`` loads it); round
-results come from its status service. Layout of the work dir (each run starts it afresh)::
+results come from its status service. Layout of the work dir (each run starts it afresh, unless
+``keep_state``: then the coordinator's state, key and store and the nodes' data are kept, so its
+next round sees the same experts and the model it published)::
 
     <workdir>/.umm-net-local        marker: the folder may be cleared by the next run
     <workdir>/coordinator/          coordinator.yaml, coordinator.key, coordinator.pub, data/
@@ -75,7 +77,13 @@ class LocalNetConfig(Strict):
     evolve_evaluations: int = Field(4, description="CMA-ES candidates per merge search.")
     evolve_population: int = Field(2, description="CMA-ES candidates per generation.")
     fusion_records: int = Field(32, description="Instruction-response records per domain for fusion rounds.")
-    fusion_max_steps: int = Field(4, description="Training steps of a fusion round.")
+    fusion_max_steps: int | None = Field(4, description="Training steps of each pairwise fusion (None: fusion_epochs).")
+    fusion_epochs: int = Field(1, description="Passes over the fusion data of each pairwise fusion (within fusion_max_steps).")
+    fusion_lr: float = Field(3e-4, description="Learning rate of the pairwise fusions.")
+    margin: float = Field(0.0, description="A merged model is published only when the 95% CI lower bounds of its gain "
+                          "over the best source and the previous merged model exceed this.")
+    keep_state: bool = Field(False, description="Keep the previous run's coordinator state and the nodes' data in the "
+                             "work dir: the next round sees the same experts and the model published before.")
     round_interval: float = Field(1.0, description="Seconds the coordinator waits between rounds.")
     refresh_period: float = Field(10.0, description="Nodes' re-announcement period; they poll for merged models "
                                   "every half of this.")
@@ -213,8 +221,13 @@ def child_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------- planning
 
 
-def prepare_workdir(workdir: Path) -> Path:
-    """Create ``workdir`` or clear a previous run's; refuse a non-empty folder that is not ours."""
+#: what a ``keep_state`` run keeps of the previous run's work dir
+KEPT = ("coordinator", "fusion.jsonl") + tuple(f"node-{i}" for i in range(64))
+
+
+def prepare_workdir(workdir: Path, keep_state: bool = False) -> Path:
+    """Create ``workdir`` or clear a previous run's (``keep_state``: all but :data:`KEPT`); refuse a
+    non-empty folder that is not ours."""
     workdir = Path(workdir).expanduser().absolute()
     if workdir.exists():
         if not workdir.is_dir():
@@ -223,7 +236,7 @@ def prepare_workdir(workdir: Path) -> Path:
             raise LocalNetError(f"--workdir {workdir} is not empty and was not made by `umm net local`; "
                                 "give an empty or new folder")
         for child in workdir.iterdir():
-            if child.name == MARKER:
+            if child.name == MARKER or (keep_state and child.name in KEPT):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -274,13 +287,17 @@ def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fu
             task = suite.info["domains"][d]["task"]
             if task not in tasks:
                 tasks.append(task)
+    bases = sorted({b for b in (suite.base_of(e) for e in experts) if b})
     return {
         "network": cfg.network, "data_dir": "data", "key_path": "coordinator.key", "tasks": tasks,
         "eval_limit": cfg.eval_limit, "test_limit": cfg.test_limit, "max_new_tokens": cfg.max_new_tokens,
         "eval_batch_size": max(cfg.eval_limit, cfg.test_limit), "device": cfg.device,
         "round_interval": cfg.round_interval, "refresh_period": cfg.refresh_period,
+        # the experts' common base, when they have one: task vectors are taken from it
+        "base_model": str(suite.path(bases[0])) if len(bases) == 1 else None, "margin": cfg.margin,
         "evolve": {"budget": {"evaluations": cfg.evolve_evaluations}, "population": cfg.evolve_population},
-        "fusion": {"data": str(fusion_data), "training": {"max_steps": cfg.fusion_max_steps}},
+        "fusion": {"data": str(fusion_data), "training": {"max_steps": cfg.fusion_max_steps, "epochs": cfg.fusion_epochs,
+                                                          "lr": cfg.fusion_lr}},
     }
 
 
@@ -321,7 +338,7 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
 
         say(f"preparing the {cfg.variant!r} expert suite (cached after the first run) ...")
         suite = ensure_suite(cfg.variant, cfg.experts_root, device=cfg.device, on_progress=on_progress)
-    workdir = prepare_workdir(cfg.workdir)
+    workdir = prepare_workdir(cfg.workdir, cfg.keep_state)
     experts = node_experts(suite, cfg.nodes)
     settings = _prepare_coordinator(cfg, suite, experts, workdir)
     result = LocalNetResult()
@@ -352,7 +369,7 @@ def _prepare_coordinator(cfg: LocalNetConfig, suite: Any, experts: list[str], wo
     from umm.net.keys import load_or_create_key, public_key_text
 
     coord_dir = workdir / "coordinator"
-    coord_dir.mkdir()
+    coord_dir.mkdir(exist_ok=True)
     key = load_or_create_key(coord_dir / "coordinator.key")
     (coord_dir / "coordinator.pub").write_text(public_key_text(key) + "\n")
     domains = [d for d in EXPERT_ORDER if d in suite.info["domains"]]

@@ -255,6 +255,11 @@ class MergedRecord(_Record):
     scores: dict[Name, pyd.StrictFloat]
     source_scores: dict[Hash, dict[Name, pyd.StrictFloat]]
     published_at: pyd.StrictFloat
+    #: why it was published: the decision's text, and its figures ``[diff, ci_low, ci_high]`` of the
+    #: test objective against the best source and the previously published model (empty: none)
+    decision: Text = ""
+    diff_vs_best_source: pyd.conlist(pyd.StrictFloat, max_items=3) = []
+    diff_vs_previous: pyd.conlist(pyd.StrictFloat, max_items=3) = []
 
     _b1 = pyd.validator("sources", allow_reuse=True)(lambda v: _bounded(v, "sources"))
     _b2 = pyd.validator("source_scores", allow_reuse=True)(lambda v: _bounded(v, "source_scores"))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15umm_coordinator.proto\x12\numm.net.v1\"\x0f\n\rStatusRequest\"\x80\x02\n\x0eStatusResponse\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x15\n\rexperts_known\x18\x06 \x01(\r\x12\x18\n\x10\x65xperts_admitted\x18\x07 \x01(\r\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x1a\n\x12\x63heckpoint_address\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\x01\"3\n\x12LeaderboardRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x83\x01\n\x10LeaderboardEntry\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x15\n\rmanifest_hash\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06merged\x18\x07 \x01(\x08\"<\n\x0bLeaderboard\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.umm.net.v1.LeaderboardEntry\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xa2\x03\n\x05Round\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1e\n\x16source_manifest_hashes\x18\x07 \x03(\t\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x13\n\x0brecipe_hash\x18\t \x01(\t\x12-\n\x06scores\x18\n \x03(\x0b\x32\x1d.umm.net.v1.Round.ScoresEntry\x12\x11\n\tobjective\x18\x0b \x01(\x01\x12\x1a\n\x12previous_objective\x18\x0c \x01(\x01\x12\x11\n\tpublished\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12/\n\ncomparison\x18\x0f \x01(\x0b\x32\x1b.umm.net.v1.RoundComparison\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9b\x01\n\x0bModelScores\x12\x15\n\rmanifest_hash\x18\x01 \x01(\t\x12\x33\n\x06scores\x18\x02 \x03(\x0b\x32#.umm.net.v1.ModelScores.ScoresEntry\x12\x11\n\tobjective\x18\x03 \x01(\x01\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0fRoundComparison\x12\'\n\x06merged\x18\x01 \x01(\x0b\x32\x17.umm.net.v1.ModelScores\x12(\n\x07sources\x18\x02 \x03(\x0b\x32\x17.umm.net.v1.ModelScores\".\n\tRoundList\x12!\n\x06rounds\x18\x01 \x03(\x0b\x32\x11.umm.net.v1.Round2\xe6\x01\n\x11\x43oordinatorStatus\x12\x42\n\tGetStatus\x12\x19.umm.net.v1.StatusRequest\x1a\x1a.umm.net.v1.StatusResponse\x12I\n\x0eGetLeaderboard\x12\x1e.umm.net.v1.LeaderboardRequest\x1a\x17.umm.net.v1.Leaderboard\x12\x42\n\nListRounds\x12\x1d.umm.net.v1.ListRoundsRequest\x1a\x15.umm.net.v1.RoundListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15umm_coordinator.proto\x12\numm.net.v1\"\x0f\n\rStatusRequest\"\x80\x02\n\x0eStatusResponse\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x15\n\rcurrent_round\x18\x04 \x01(\x04\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x15\n\rexperts_known\x18\x06 \x01(\r\x12\x18\n\x10\x65xperts_admitted\x18\x07 \x01(\r\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x1a\n\x12\x63heckpoint_address\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\x01\"3\n\x12LeaderboardRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x83\x01\n\x10LeaderboardEntry\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x15\n\rmanifest_hash\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06merged\x18\x07 \x01(\x08\"<\n\x0bLeaderboard\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.umm.net.v1.LeaderboardEntry\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xa5\x04\n\x05Round\x12\x0e\n\x06number\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x1e\n\x16source_manifest_hashes\x18\x07 \x03(\t\x12\x1c\n\x14merged_manifest_hash\x18\x08 \x01(\t\x12\x13\n\x0brecipe_hash\x18\t \x01(\t\x12-\n\x06scores\x18\n \x03(\x0b\x32\x1d.umm.net.v1.Round.ScoresEntry\x12\x11\n\tobjective\x18\x0b \x01(\x01\x12\x1a\n\x12previous_objective\x18\x0c \x01(\x01\x12\x11\n\tpublished\x18\r \x01(\x08\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12/\n\ncomparison\x18\x0f \x01(\x0b\x32\x1b.umm.net.v1.RoundComparison\x12\x0c\n\x04plan\x18\x10 \x01(\t\x12\x0e\n\x06stages\x18\x11 \x03(\t\x12\x1b\n\x13pivot_manifest_hash\x18\x12 \x01(\t\x12\x1e\n\x16previous_manifest_hash\x18\x13 \x01(\t\x12&\n\x08\x64\x65\x63ision\x18\x14 \x01(\x0b\x32\x14.umm.net.v1.Decision\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\nDifference\x12\x0c\n\x04\x64iff\x18\x01 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x02 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x03 \x01(\x01\"\xbb\x01\n\x08\x44\x65\x63ision\x12\x11\n\tpublished\x18\x01 \x01(\x08\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06margin\x18\x03 \x01(\x01\x12!\n\x19\x62\x65st_source_manifest_hash\x18\x04 \x01(\t\x12.\n\x0evs_best_source\x18\x05 \x01(\x0b\x32\x16.umm.net.v1.Difference\x12+\n\x0bvs_previous\x18\x06 \x01(\x0b\x32\x16.umm.net.v1.Difference\"\xab\x01\n\x0bModelScores\x12\x15\n\rmanifest_hash\x18\x01 \x01(\t\x12\x33\n\x06scores\x18\x02 \x03(\x0b\x32#.umm.net.v1.ModelScores.ScoresEntry\x12\x11\n\tobjective\x18\x03 \x01(\x01\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0fRoundComparison\x12\'\n\x06merged\x18\x01 \x01(\x0b\x32\x17.umm.net.v1.ModelScores\x12(\n\x07sources\x18\x02 \x03(\x0b\x32\x17.umm.net.v1.ModelScores\".\n\tRoundList\x12!\n\x06rounds\x18\x01 \x03(\x0b\x32\x11.umm.net.v1.Round2\xe6\x01\n\x11\x43oordinatorStatus\x12\x42\n\tGetStatus\x12\x19.umm.net.v1.StatusRequest\x1a\x1a.umm.net.v1.StatusResponse\x12I\n\x0eGetLeaderboard\x12\x1e.umm.net.v1.LeaderboardRequest\x1a\x17.umm.net.v1.Leaderboard\x12\x42\n\nListRounds\x12\x1d.umm.net.v1.ListRoundsRequest\x1a\x15.umm.net.v1.RoundListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,17 +48,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTROUNDSREQUEST']._serialized_start=562
   _globals['_LISTROUNDSREQUEST']._serialized_end=596
   _globals['_ROUND']._serialized_start=599
-  _globals['_ROUND']._serialized_end=1017
-  _globals['_ROUND_SCORESENTRY']._serialized_start=972
-  _globals['_ROUND_SCORESENTRY']._serialized_end=1017
-  _globals['_MODELSCORES']._serialized_start=1020
-  _globals['_MODELSCORES']._serialized_end=1175
-  _globals['_MODELSCORES_SCORESENTRY']._serialized_start=972
-  _globals['_MODELSCORES_SCORESENTRY']._serialized_end=1017
-  _globals['_ROUNDCOMPARISON']._serialized_start=1177
-  _globals['_ROUNDCOMPARISON']._serialized_end=1277
-  _globals['_ROUNDLIST']._serialized_start=1279
-  _globals['_ROUNDLIST']._serialized_end=1325
-  _globals['_COORDINATORSTATUS']._serialized_start=1328
-  _globals['_COORDINATORSTATUS']._serialized_end=1558
+  _globals['_ROUND']._serialized_end=1148
+  _globals['_ROUND_SCORESENTRY']._serialized_start=1103
+  _globals['_ROUND_SCORESENTRY']._serialized_end=1148
+  _globals['_DIFFERENCE']._serialized_start=1150
+  _globals['_DIFFERENCE']._serialized_end=1209
+  _globals['_DECISION']._serialized_start=1212
+  _globals['_DECISION']._serialized_end=1399
+  _globals['_MODELSCORES']._serialized_start=1402
+  _globals['_MODELSCORES']._serialized_end=1573
+  _globals['_MODELSCORES_SCORESENTRY']._serialized_start=1103
+  _globals['_MODELSCORES_SCORESENTRY']._serialized_end=1148
+  _globals['_ROUNDCOMPARISON']._serialized_start=1575
+  _globals['_ROUNDCOMPARISON']._serialized_end=1675
+  _globals['_ROUNDLIST']._serialized_start=1677
+  _globals['_ROUNDLIST']._serialized_end=1723
+  _globals['_COORDINATORSTATUS']._serialized_start=1726
+  _globals['_COORDINATORSTATUS']._serialized_end=1956
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,7 @@ class ListRoundsRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("number", "state", "phase", "started_at", "finished_at", "method", "source_manifest_hashes", "merged_manifest_hash", "recipe_hash", "scores", "objective", "previous_objective", "published", "reason", "comparison")
+    __slots__ = ("number", "state", "phase", "started_at", "finished_at", "method", "source_manifest_hashes", "merged_manifest_hash", "recipe_hash", "scores", "objective", "previous_objective", "published", "reason", "comparison", "plan", "stages", "pivot_manifest_hash", "previous_manifest_hash", "decision")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,11 @@ class Round(_message.Message):
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PIVOT_MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     number: int
     state: str
     phase: str
@@ -111,10 +116,41 @@ class Round(_message.Message):
     published: bool
     reason: str
     comparison: RoundComparison
-    def __init__(self, number: _Optional[int] = ..., state: _Optional[str] = ..., phase: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[str] = ..., source_manifest_hashes: _Optional[_Iterable[str]] = ..., merged_manifest_hash: _Optional[str] = ..., recipe_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ..., previous_objective: _Optional[float] = ..., published: _Optional[bool] = ..., reason: _Optional[str] = ..., comparison: _Optional[_Union[RoundComparison, _Mapping]] = ...) -> None: ...
+    plan: str
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    pivot_manifest_hash: str
+    previous_manifest_hash: str
+    decision: Decision
+    def __init__(self, number: _Optional[int] = ..., state: _Optional[str] = ..., phase: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., method: _Optional[str] = ..., source_manifest_hashes: _Optional[_Iterable[str]] = ..., merged_manifest_hash: _Optional[str] = ..., recipe_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ..., previous_objective: _Optional[float] = ..., published: _Optional[bool] = ..., reason: _Optional[str] = ..., comparison: _Optional[_Union[RoundComparison, _Mapping]] = ..., plan: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., pivot_manifest_hash: _Optional[str] = ..., previous_manifest_hash: _Optional[str] = ..., decision: _Optional[_Union[Decision, _Mapping]] = ...) -> None: ...
+
+class Difference(_message.Message):
+    __slots__ = ("diff", "ci_low", "ci_high")
+    DIFF_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    diff: float
+    ci_low: float
+    ci_high: float
+    def __init__(self, diff: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("published", "text", "margin", "best_source_manifest_hash", "vs_best_source", "vs_previous")
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    BEST_SOURCE_MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
+    VS_BEST_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VS_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    published: bool
+    text: str
+    margin: float
+    best_source_manifest_hash: str
+    vs_best_source: Difference
+    vs_previous: Difference
+    def __init__(self, published: _Optional[bool] = ..., text: _Optional[str] = ..., margin: _Optional[float] = ..., best_source_manifest_hash: _Optional[str] = ..., vs_best_source: _Optional[_Union[Difference, _Mapping]] = ..., vs_previous: _Optional[_Union[Difference, _Mapping]] = ...) -> None: ...
 
 class ModelScores(_message.Message):
-    __slots__ = ("manifest_hash", "scores", "objective")
+    __slots__ = ("manifest_hash", "scores", "objective", "family")
     class ScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,10 +161,12 @@ class ModelScores(_message.Message):
     MANIFEST_HASH_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
     manifest_hash: str
     scores: _containers.ScalarMap[str, float]
     objective: float
-    def __init__(self, manifest_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ...) -> None: ...
+    family: str
+    def __init__(self, manifest_hash: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., objective: _Optional[float] = ..., family: _Optional[str] = ...) -> None: ...
 
 class RoundComparison(_message.Message):
     __slots__ = ("merged", "sources")
