@@ -33,9 +33,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from umm.cli import demo, eval, evolve, experts, fuse, merge, net
+    from umm.cli import combine, demo, eval, evolve, experts, fuse, merge, net
 
-    for module in (merge, evolve, fuse, eval, experts, net, demo):
+    for module in (merge, evolve, fuse, combine, eval, experts, net, demo):
         module.register(app)
 
 

@@ -49,6 +49,16 @@ class TaskSpec(configfile.Strict):
         return v
 
 
+def check_task_specs(tasks: list[TaskSpec]) -> None:
+    """Raise ``ValueError`` when a task is listed twice or no task has a weight > 0."""
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"tasks listed twice: {', '.join(dup)}")
+    if sum(t.weight for t in tasks) <= 0:
+        raise ValueError("at least one task must have a weight > 0")
+
+
 class Budget(configfile.Strict):
     """When to stop: after ``evaluations`` candidates or ``seconds`` of wall time, whichever first."""
 
@@ -140,12 +150,7 @@ class EvolveConfig(EvolveSettings):
 
     @model_validator(mode="after")
     def _tasks_unique(self) -> EvolveConfig:
-        names = [t.name for t in self.tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"tasks listed twice: {', '.join(dup)}")
-        if sum(t.weight for t in self.tasks) <= 0:
-            raise ValueError("at least one task must have a weight > 0")
+        check_task_specs(self.tasks)
         return self
 
     def bounds_for(self, param: str) -> tuple[float, float]:

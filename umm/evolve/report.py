@@ -202,12 +202,14 @@ class ComparisonRow(_Frozen):
     """
 
     name: str
-    kind: Literal["evolved", "source", "baseline"]
+    kind: Literal["evolved", "source", "baseline", "previous"]
     scores: dict[str, float]
     objective: float
     n: dict[str, int]
     ci: dict[str, tuple[float, float]]
     path: str | None = None
+    #: the model's family (architecture and tokenizer fingerprints, short), when several are compared
+    family: str | None = None
 
 
 class Comparison(_Frozen):
@@ -218,6 +220,8 @@ class Comparison(_Frozen):
     objective(evolved) - objective(best source) over the test items, the best source being the
     ``kind == "source"`` row with the highest objective (``best_source``). ``eval_commands`` give
     the evolved row's scores again with ``umm eval`` (one command per distinct test size).
+    ``umm combine`` also compares with the previously published model (the ``kind == "previous"``
+    row named ``previous``): ``evolved_minus_previous`` is the same bootstrap against it.
     """
 
     split: Literal["test"] = "test"
@@ -229,6 +233,8 @@ class Comparison(_Frozen):
     resamples: int
     seed: int
     eval_commands: list[str] = []
+    previous: str | None = None
+    evolved_minus_previous: PairedDifference | None = None
 
 
 def comparison_markdown(comparison: Comparison) -> str:
@@ -243,6 +249,10 @@ def comparison_markdown(comparison: Comparison) -> str:
     lines.append("")
     lines.append(f"evolved - best source ({comparison.best_source}): {d.diff:+.3f} "
                  f"[{d.ci_low:+.3f}, {d.ci_high:+.3f}] (paired bootstrap over test items, 95%)")
+    p = comparison.evolved_minus_previous
+    if p is not None:
+        lines.append(f"evolved - previous ({comparison.previous}): {p.diff:+.3f} "
+                     f"[{p.ci_low:+.3f}, {p.ci_high:+.3f}] (paired bootstrap over test items, 95%)")
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -34,7 +34,7 @@ from umm import configfile
 from umm.atomic import write_json_atomic
 from umm.errors import UmmError
 from umm.eval.sandbox import DEFAULT_WORKERS
-from umm.fusion.settings import TrainingSettings
+from umm.fusion.settings import FusionSettings, TrainingSettings
 from umm.progress import ProgressSink
 from umm.ui import progress_sink
 
@@ -63,25 +63,15 @@ class EvalSettings(configfile.Strict):
     sandbox_workers: int = Field(DEFAULT_WORKERS, ge=1)
 
 
-class FuseConfig(configfile.Strict):
-    """Everything ``umm fuse`` needs (see ``examples/fuse.yaml`` for every key, commented)."""
+class FuseConfig(FusionSettings):
+    """Everything ``umm fuse`` needs (see ``examples/fuse.yaml`` for every key, commented): the
+    shared :class:`~umm.fusion.settings.FusionSettings`, the models, the output and the evaluation."""
 
     pivot: Path | None = None
     sources: list[Path] = Field(default_factory=list)
     pivot_domain: str | None = None
     data: Path
     output: Path
-    teacher_cache: Path | None = None
-    k: int = Field(10, ge=1)
-    max_length: int = Field(2048, ge=2)
-    teacher_batch_size: int = Field(8, ge=1)
-    layout: Literal["auto", "chat", "plain", "raw"] = "auto"
-    fusion: Literal["minCE", "avgCE"] = "minCE"
-    vocab_map: Literal["exact+edit", "stats"] = "exact+edit"
-    temperature: float = Field(1.0, gt=0)
-    ce_unit: Literal["char", "token"] = "char"
-    lam: float = Field(0.9, ge=0, le=1)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     final_eval: bool = True
     device: str = "auto"
@@ -267,20 +257,39 @@ def choose_pivot_by_search(cfg: FuseConfig, scorer: Scorer,
     """Stage 2 without a configured pivot: score every candidate on ``search``; pick the best of the
     hardest domain (or ``pivot_domain``). ``note`` receives a message per candidate.
     Returns (pivot, model -> domain -> score, domain)."""
+
+    def score(path: Path) -> dict[str, tuple[float, float, float, int]]:
+        return scorer(path, cfg.eval.tasks, "search", cfg.eval.search_limit)
+
+    return pivot_by_search(cfg.candidates(), cfg.eval.tasks, score, note, pivot_domain=cfg.pivot_domain)
+
+
+def pivot_by_search(
+    candidates: Sequence[Path],
+    tasks: Sequence[str],
+    score: Callable[[Path], dict[str, tuple[float, float, float, int]]],
+    note: Callable[[str], None],
+    *,
+    pivot_domain: str | None = None,
+) -> tuple[Path, dict[str, dict[str, float]], str]:
+    """The pivot among ``candidates``: each is scored with ``score(path)`` (task -> (score, ci_low,
+    ci_high, n) on the ``search`` split), its task scores averaged per domain
+    (:func:`domain_scores`); the pivot is the best on the hardest domain, or on ``pivot_domain``
+    (:func:`umm.fusion.pivot.choose_pivot`). Returns (pivot, model -> domain -> score, domain)."""
     from umm.fusion.pivot import choose_pivot, hardest_domain
 
-    domains = task_domains(cfg.eval.tasks)
-    if cfg.pivot_domain is not None and cfg.pivot_domain not in domains.values():
-        raise UmmError(f"pivot_domain {cfg.pivot_domain!r} is not the domain of any eval task "
+    domains = task_domains(tasks)
+    if pivot_domain is not None and pivot_domain not in domains.values():
+        raise UmmError(f"pivot_domain {pivot_domain!r} is not the domain of any eval task "
                        f"({', '.join(sorted(set(domains.values())))})")
     by_key: dict[str, Path] = {}
     scores: dict[str, dict[str, float]] = {}
-    for path in cfg.candidates():
+    for path in candidates:
         key = str(path)
         by_key[key] = path
-        note(f"scoring candidate {path.name} on the search split ({', '.join(cfg.eval.tasks)})")
-        scores[key] = domain_scores(scorer(path, cfg.eval.tasks, "search", cfg.eval.search_limit), domains)
-    domain = cfg.pivot_domain or hardest_domain(scores)
+        note(f"scoring candidate {path.name} on the search split ({', '.join(tasks)})")
+        scores[key] = domain_scores(score(path), domains)
+    domain = pivot_domain or hardest_domain(scores)
     chosen = choose_pivot(scores, domain=domain)
     return by_key[chosen], scores, domain
 
