@@ -274,6 +274,8 @@ class StateDB:
         if "failure" not in {r[1] for r in self.conn.execute("PRAGMA table_info(jobs)")}:  # a state.db from before it
             self.conn.execute("ALTER TABLE jobs ADD COLUMN failure TEXT NOT NULL DEFAULT ''")
             self.conn.commit()
+        with self.tx() as c:  # a state.db from before rounds could end "no_improvement" called it "not_better"
+            c.execute("UPDATE rounds SET state='no_improvement' WHERE state='not_better'")
         with self.tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:

@@ -520,12 +520,13 @@ class RoundRunner:
         if plan.kind == "none":
             return PlanStep(**plan.model_dump(), end_round=True, state="verified")
         if plan.kind == "combine" and self.config.fusion.data is None:
-            return PlanStep(**{**plan.model_dump(), "kind": "none"}, end_round=True, state="verified",
-                            reason="experts span several architectures: fusion needs fusion.data in the config")
+            return PlanStep(**{**plan.model_dump(), "kind": "none", "end_round": True, "state": "verified",
+                               "reason": "experts span several architectures: fusion needs fusion.data in the config"})
         same = self._same_merge_as(number, sorted(plan.models))
         if same is not None:
-            return PlanStep(**plan.model_dump(), end_round=True, state="no_improvement",
-                            reason=f"no new expert since round {same}: the same experts cannot improve on its merge")
+            return PlanStep(**{**plan.model_dump(), "end_round": True, "state": "no_improvement",
+                               "reason": f"no new expert since round {same}: the same experts cannot improve "
+                                         "on its merge"})
         self.db.update_round(number, method=plan.kind, sources=plan.models)
         return PlanStep(**plan.model_dump())
 
@@ -575,13 +576,13 @@ class RoundRunner:
 
         output = results.job.output
         manifest_hash = build_manifest(output.model_dir).hash
-        by_path = {str(self.ctx.store.path(h)): h for h in [*results.plan.models, results.plan.previous] if h}
+        wanted = {h for h in [*results.plan.models, results.plan.previous] if h}
         merged, others = None, {}
-        for row in output.comparison.rows:
+        for row in output.comparison.rows:  # the job names each model by its folder; a store folder by its hash
             if row.path is not None and Path(row.path) == output.model_dir:
                 merged = row
-            elif row.path in by_path:
-                others[by_path[row.path]] = row
+            elif row.path is not None and Path(row.path).name in wanted:
+                others[Path(row.path).name] = row
         if merged is None:
             raise UmmError(f"the job's comparison has no row for its merged model {output.model_dir}")
         families = {h: self._family(h) for h in [*others, manifest_hash]}
@@ -598,7 +599,7 @@ class RoundRunner:
         model_type = ""
         try:
             model_type = json.loads((self.ctx.store.path(manifest_hash) / "config.json").read_text()).get("model_type", "")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, UmmError):  # unreadable, or no longer in the store
             pass
         arch = v.architecture[:8] if v is not None else ""
         return f"{model_type}:{arch}" if arch else str(model_type)

@@ -78,14 +78,15 @@ def test_the_template_is_generated_from_the_defaults_and_loads_back_into_them():
     for name, field in CoordinatorConfig.model_fields.items():  # every key, documented by its field
         assert f"\n{name}: " in text or f"\n{name}:\n" in text, name
         assert field.description and field.description.split()[0] in text, name
-    assert "\n  method: linear\n" in text and "\n    evaluations: 40\n" in text  # nested sections, indented
+    assert "\n  method: task_arithmetic\n" in text and "\n    evaluations: 40\n" in text  # nested sections, indented
     custom = parse_config({"network": "other", "evolve": {"population": 4}})
     assert parse_config(yaml.safe_load(config_template(custom))) == custom
 
 
 def test_evolve_and_fusion_sections_nest_the_librarys_settings(tmp_path):
     """The sections are the library's types: a round's job gets them unchanged."""
-    from umm.evolve.config import EvolveConfig
+    from coordinator.jobspec import CombineJob
+    from umm.combine.config import CombineConfig
     from umm.fusion.settings import TrainingSettings
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
@@ -96,14 +97,17 @@ def test_evolve_and_fusion_sections_nest_the_librarys_settings(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.fusion.data == (tmp_path / "data.jsonl").resolve()  # relative to the file
     assert cfg.fusion.training == TrainingSettings(max_steps=5, lr=2e-5) and cfg.fusion.max_length == 64
-    search = cfg.evolve.evolve_config(models=["a", "b"], tasks=["synth-math"], search_size=8, test_size=None,
-                                      device="cpu", seed=3)
-    assert isinstance(search, EvolveConfig) and search.method == "ties" and search.budget.evaluations == 7
-    assert (search.population, search.layer_granularity, search.seed) == (3, 2, 3)
-    assert not search.compare and search.write_model and search.tasks[0].search_size == 8
-    defaults = CoordinatorConfig()  # the coordinator's own defaults where they differ from `umm evolve`'s
-    assert defaults.evolve.method == "linear" and defaults.evolve.budget.evaluations == 40
-    assert defaults.fusion.data is None and defaults.fusion.training == TrainingSettings()
+    job = CombineJob(models=[tmp_path / "a", tmp_path / "b"], pivot=tmp_path / "a", tasks=["synth-math"],
+                     search_size=8, test_size=None, device="cpu", seed=3, run_dir=tmp_path / "run",
+                     settings=cfg.combine_settings())
+    run = CombineJob.model_validate_json(job.model_dump_json()).combine_config()  # as the worker reads it
+    assert isinstance(run, CombineConfig) and run.evolve.method == "ties" and run.evolve.budget.evaluations == 7
+    assert (run.evolve.population, run.evolve.layer_granularity, run.seed) == (3, 2, 3)
+    assert run.fusion.training == TrainingSettings(max_steps=5, lr=2e-5) and run.fusion.max_length == 64
+    assert run.tasks[0].search_size == 8 and run.pivot == str(tmp_path / "a")
+    defaults = CoordinatorConfig()  # the coordinator's own defaults where they differ from the library's
+    assert defaults.evolve.budget.evaluations == 40 and defaults.fusion.max_length == 512
+    assert defaults.fusion.data is None and defaults.fusion.training == TrainingSettings() and defaults.margin == 0
 
 
 def test_state_db_records_and_versions(tmp_path):
@@ -144,13 +148,15 @@ def test_planner_groups_by_fingerprint():
     math, code, other = _c("a", "llama", math=0.9, code=0.1), _c("b", "llama", math=0.2, code=0.8), _c("c", "neox", math=0.1, code=0.9)
     assert plan_round([math]).kind == "none"
     p = plan_round([math, code])
-    assert p.kind == "evolve" and sorted(p.sources) == ["a" * 64, "b" * 64]
-    p = plan_round([math, code, other])  # code's best is in another group: fusion into the pivot
-    assert p.kind == "fusion" and p.best_per_domain == {"code": "c" * 64, "math": "a" * 64}
+    assert p.kind == "evolve" and p.stages == ("evolve",) and sorted(p.models) == ["a" * 64, "b" * 64]
+    assert p.previous == "" and plan_round([math, code], previous="f" * 64).previous == "f" * 64
+    p = plan_round([math, code, other])  # code's best is in another family: fused into the pivot's, then evolved
+    assert p.kind == "combine" and p.stages == ("fuse", "evolve")
+    assert p.best_per_domain == {"code": "c" * 64, "math": "a" * 64}
     assert p.pivot == "c" * 64 and p.sources == ["a" * 64]  # pivot: best model of the hardest domain (tie: code)
     # one expert best everywhere: merged with the best compatible partner
     p = plan_round([_c("a", "llama", math=0.9), _c("b", "llama", math=0.5), _c("d", "neox", math=0.7)])
-    assert p.kind == "evolve" and p.sources == ["a" * 64, "b" * 64]
+    assert p.kind == "evolve" and p.pivot == "a" * 64 and p.sources == ["b" * 64]
 
 
 def test_ranks_and_plan_break_score_ties_by_one_rule():
@@ -164,7 +170,7 @@ def test_ranks_and_plan_break_score_ties_by_one_rule():
     ranked = rank_per_domain({x.manifest_hash: x.domain_scores for x in (c, b, a)})  # input order does not matter
     assert [h[0] for h, _ in ranked["math"]] == ["a", "b"] and [h[0] for h, _ in ranked["code"]] == ["b", "c", "a"]
     assert best_per_domain([c, b, a]) == {"math": "a" * 64, "code": "b" * 64}
-    assert plan_round([c, b, a]).sources == ["b" * 64, "a" * 64]  # code then math, each its rank-1 expert
+    assert sorted(plan_round([c, b, a]).models) == ["a" * 64, "b" * 64]  # each domain's rank-1 expert
     # a declared domain wins a tie, and only a tie
     c_code = replace(c, declared=frozenset({"code"}))
     ranked = rank_per_domain({x.manifest_hash: x.domain_scores for x in (a, b, c_code)}, {"c" * 64: {"code"}})
@@ -176,18 +182,18 @@ def test_ranks_and_plan_break_score_ties_by_one_rule():
     assert sorted([(0.4, "0" * 64), (0.6, "f" * 64)], key=lambda x: score_order(*x))[0][1] == "f" * 64
     # a lone best expert takes the best-scoring compatible partner; a tie goes to the smaller hash
     p = plan_round([_c("a", "llama", math=0.9), _c("e", "llama", math=0.5), _c("d", "llama", math=0.5)])
-    assert p.kind == "evolve" and p.sources == ["a" * 64, "d" * 64]
+    assert p.kind == "evolve" and p.models == ["d" * 64, "a" * 64]
 
 
 def test_experts_that_all_score_zero_still_fuse_by_their_declared_domains():
     """Tiny models that score 0 everywhere: each domain's declaring expert is its best, so two
-    families still give a fusion plan (not a hash-dependent evolve or nothing)."""
+    families still give a combine plan (not a hash-dependent evolve or nothing)."""
     from dataclasses import replace
 
     zero = dict(math=0.0, code=0.0, list=0.0)
     experts = [replace(_c(h, arch, **zero), declared=frozenset({d}))
                for h, arch, d in (("b", "llama", "math"), ("c", "llama", "code"), ("a", "neox", "list"))]
     p = plan_round(experts)
-    assert p.kind == "fusion" and p.best_per_domain == {"math": "b" * 64, "code": "c" * 64, "list": "a" * 64}
+    assert p.kind == "combine" and p.best_per_domain == {"math": "b" * 64, "code": "c" * 64, "list": "a" * 64}
     # pivot: the rank-1 expert of the hardest domain (equal means: the domain that sorts first, code)
     assert p.pivot == "c" * 64 and sorted(p.sources) == ["a" * 64, "b" * 64]

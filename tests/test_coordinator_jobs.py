@@ -1,4 +1,4 @@
-"""Heavy jobs in a worker process, and the publish-if-better decision."""
+"""Heavy jobs in a worker process, and the publish-only-improvements decision."""
 
 from __future__ import annotations
 
@@ -7,18 +7,48 @@ import signal
 import threading
 import time
 
-from coordinator.config import EvolveSettings, parse_config
+import pytest
+
+from coordinator.config import parse_config
 from coordinator.db import StateDB
 from coordinator.jobs import run_job
-from coordinator.jobspec import EvolveJob, MergeOutput
+from coordinator.jobspec import CombineJob
 from coordinator.round import RoundContext, RoundRunner
 from coordinator.steps import EvaluateResultStep, JobStep, PlanStep, RoundResults
+from umm.combine.config import CombineSettings
 
 
-def evolve_job(tmp_path, *models: str) -> EvolveJob:
-    """A merge search over ``models`` (folders that need not exist: the worker then fails)."""
-    return EvolveJob(models=[tmp_path / m for m in models], tasks=["synth-math"], search_size=2, test_size=2,
-                     device="cpu", seed=0, run_dir=tmp_path / "run", settings=EvolveSettings())
+def evolve_job(tmp_path, *models: str) -> CombineJob:
+    """A round's merge of ``models`` (folders that need not exist: the worker then fails)."""
+    return CombineJob(models=[tmp_path / m for m in models], pivot=tmp_path / models[0], tasks=["synth-math"],
+                      search_size=2, test_size=2, device="cpu", seed=0, run_dir=tmp_path / "run",
+                      settings=CombineSettings())
+
+
+def combine_result(model_dir, *, published: bool = True, sources=("a" * 64, "b" * 64)):
+    """A finished job's result: ``model_dir`` merged from ``sources`` (store folders named by hash)."""
+    from umm.combine.decision import Decision
+    from umm.combine.plan import CombinePlan
+    from umm.combine.run import CombineResult
+    from umm.eval.stats import PairedDifference
+    from umm.evolve.report import Comparison, ComparisonRow
+
+    def row(name, kind, score, path):
+        return ComparisonRow(name=name, kind=kind, scores={"synth-math": score}, objective=score,
+                             n={"synth-math": 8}, ci={"synth-math": (0.0, 1.0)}, path=str(path))
+
+    gain = PairedDifference(diff=0.1, ci_low=0.02 if published else -0.03, ci_high=0.2)
+    comparison = Comparison(weights={"synth-math": 1.0}, best_source=f"source: {sources[0]}",
+                            rows=[row("evolved", "evolved", 0.5, model_dir),
+                                  *(row(f"source: {h}", "source", 0.4 - 0.1 * i, f"/store/{h}")
+                                    for i, h in enumerate(sources))],
+                            evolved_minus_best_source=gain, resamples=10, seed=0)
+    decision = Decision(published=published, text="published: ..." if published else "no improvement: ...",
+                        margin=0.0, best_source=f"/store/{sources[0]}", diff_vs_best_source=gain)
+    plan = CombinePlan(pivot=f"/store/{sources[0]}", base=f"/store/{sources[0]}",
+                       family=[f"/store/{h}" for h in sources], fuse=[], stages=["evolve"])
+    return CombineResult(run_dir=model_dir.parent, model_dir=model_dir, plan=plan, fused={}, dropped=[],
+                         recipe_hash="c" * 64, method="task_arithmetic", comparison=comparison, decision=decision)
 
 
 def test_worker_error_is_a_failed_job(tmp_path):
@@ -59,8 +89,10 @@ class FakeRecords:
         return True
 
 
-def test_publish_only_if_better_than_the_previous_round(tiny_models, tmp_path):
+def test_publish_only_what_the_jobs_decision_says_is_better(tiny_models, tmp_path):
     from umm.checkpoints.manifest import build_manifest
+    from umm.combine.decision import Decision
+    from umm.eval.stats import PairedDifference
     from umm.net.store import ModelStore
 
     cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math"]})
@@ -68,53 +100,50 @@ def test_publish_only_if_better_than_the_previous_round(tiny_models, tmp_path):
     records = FakeRecords()
     runner = RoundRunner(RoundContext(cfg, db, ModelStore(tmp_path), records, "127.0.0.1:5000"))
     h = build_manifest(tiny_models["math"]).hash
+    gain = PairedDifference(diff=0.1, ci_low=0.02, ci_high=0.2)
     ev = EvaluateResultStep(manifest_hash=h, scores={"synth-math": 0.5}, objective=0.5,
                             source_scores={"a" * 64: {"synth-math": 0.4}, "b" * 64: {"synth-math": 0.3}},
-                            source_objectives={"a" * 64: 0.4, "b" * 64: 0.3})
-    results = RoundResults(
-        plan=PlanStep(kind="evolve", sources=["a" * 64, "b" * 64]),
-        job=JobStep(job=1, output=MergeOutput(model_dir=tiny_models["math"], recipe_hash="c" * 64, method="linear")),
-        evaluate_result=ev)
+                            source_objectives={"a" * 64: 0.4, "b" * 64: 0.3},
+                            decision=Decision(published=True, text="published: merged beats a by +0.100",
+                                              margin=0.0, best_source="a", diff_vs_best_source=gain))
+    results = RoundResults(plan=PlanStep(kind="evolve", sources=["b" * 64], pivot="a" * 64),
+                           job=JobStep(job=1, output=combine_result(tiny_models["math"])), evaluate_result=ev)
     r1 = db.start_round()
     out = runner.step_publish(r1, results)
-    assert out.state == "published" and "first merged model" in out.reason
-    assert out.merged_record().sources == ["a" * 64, "b" * 64] and out.merged_record().method == "linear"
+    assert out.state == "published" and out.reason == "published: merged beats a by +0.100"
+    record = out.merged_record()
+    assert record.sources == ["b" * 64, "a" * 64] and record.method == "task_arithmetic"
+    assert record.decision == out.reason and record.diff_vs_best_source == [0.1, 0.02, 0.2]
     assert records.merged[0].manifest_hash == h and records.merged[0].round == r1
     assert records.providers == [(h, "127.0.0.1:5000")] and runner.ctx.store.has(h)
     db.update_round(r1, state="published", objective=0.5)
 
     r2 = db.start_round()
-    worse = RoundResults(plan=results.plan, job=results.job, evaluate_result=ev.model_copy(update={"objective": 0.5}))
-    out = runner.step_publish(r2, worse)
-    assert out.state == "not_better" and "0.5000 does not beat round 1's 0.5000" in out.reason
+    no = ev.decision.model_copy(update={"published": False, "text": "no improvement over previous round 1"})
+    out = runner.step_publish(r2, RoundResults(plan=results.plan, job=results.job,
+                                               evaluate_result=ev.model_copy(update={"decision": no})))
+    assert out.state == "no_improvement" and out.reason == "no improvement over previous round 1"
     assert out.record is None and len(records.merged) == 1 and db.round(r2).previous_objective == 0.5
 
 
-def test_fusion_job_trains_the_pivot_in_a_worker(tiny_models, tmp_path):
-    import json
+def test_the_round_reads_the_jobs_comparison_by_manifest_hash(tiny_models, tmp_path):
+    """evaluate_result maps the job's rows (store folders) back to manifest hashes; the plan step
+    offers the published model as ``previous``, and the same experts again end ``no_improvement``."""
+    from umm.checkpoints.manifest import build_manifest
+    from umm.net.store import ModelStore
 
-    from coordinator.jobspec import FusionJob
-    from umm.checkpoints.fingerprint import fingerprint
-    from umm.checkpoints.reader import Checkpoint
-    from umm.experts.random_models import make_random_neox
-    from umm.fusion.settings import TrainingSettings
-
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i}.", "response": f"{2 * i}"}) + "\n"
-                            for i in range(4)))
-    neox = make_random_neox(tmp_path / "neox", seed=5)
+    cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math"]})
     db = StateDB(tmp_path / "state.db")
-    spec = FusionJob(pivot=tiny_models["base"], sources=[neox], data=data, output=tmp_path / "out",
-                     work_dir=tmp_path / "work", device="cpu", max_length=64, training=TrainingSettings(max_steps=1))
-    job = db.create_job(1, spec)
-    assert db.job(job).spec == spec  # read back as it was written
-    row = run_job(db, job, log_dir=tmp_path / "logs", timeout=300, poll=0.2)
-    assert row.status == "done", row.message
-    assert row.result.method == "fusion" and row.progress == 1.0
-    with Checkpoint.open(row.result.model_dir) as out, Checkpoint.open(tiny_models["base"]) as pivot:
-        assert fingerprint(out).architecture == fingerprint(pivot).architecture  # the pivot, trained
-
-
+    store = ModelStore(tmp_path)
+    runner = RoundRunner(RoundContext(cfg, db, store, FakeRecords(), "127.0.0.1:5000"))
+    a, b = "a" * 64, "b" * 64
+    result = combine_result(tiny_models["math"], sources=(str(store.models_dir / a), str(store.models_dir / b)))
+    plan = PlanStep(kind="evolve", sources=[b], pivot=a)
+    r1 = db.start_round()
+    ev = runner.step_evaluate_result(r1, RoundResults(plan=plan, job=JobStep(job=1, output=result)))
+    assert ev.manifest_hash == build_manifest(tiny_models["math"]).hash and ev.objective == 0.5
+    assert ev.source_objectives == {a: 0.4, b: pytest.approx(0.3)} and ev.decision == result.decision
+    assert db.round(r1).merged_hash == ev.manifest_hash and db.round(r1).method == "task_arithmetic"
 def test_status_phase_shows_the_running_jobs_progress(tmp_path):
     from coordinator.status import _phase_text
 
@@ -124,7 +153,7 @@ def test_status_phase_shows_the_running_jobs_progress(tmp_path):
     db.begin_step(n, "job")
     job = db.create_job(n, evolve_job(tmp_path, "a", "b"))
     db.update_job(job, status="running", progress=0.25, message="evolve: generation 1/4, 3 candidates")
-    assert _phase_text(db) == (1, f"job {job} (evolve): 25% evolve: generation 1/4, 3 candidates")
+    assert _phase_text(db) == (1, f"job {job} (combine): 25% evolve: generation 1/4, 3 candidates")
 
 
 def test_restarted_coordinator_waits_for_a_live_worker_and_restarts_a_dead_one(tmp_path):
@@ -135,7 +164,7 @@ def test_restarted_coordinator_waits_for_a_live_worker_and_restarts_a_dead_one(t
     try:
         job = db.create_job(1, evolve_job(tmp_path, "a", "b"))
         db.update_job(job, status="running", pid=live.pid)
-        made = MergeOutput(model_dir=tmp_path / "m", recipe_hash="r", method="linear")
+        made = combine_result(tmp_path / "m")
         threading.Timer(0.5, lambda: StateDB(tmp_path / "state.db").update_job(
             job, status="done", result=made)).start()
         row = run_job(db, job, log_dir=tmp_path / "logs", timeout=60, poll=0.05)
@@ -185,3 +214,31 @@ def test_a_state_db_from_before_the_failure_column_opens_and_its_jobs_read_back(
     db.update_job(job_id, status="failed", message="x", failure="timeout")
     assert db.job(job_id).failure == "timeout"
     db.close()
+
+
+def test_the_plan_offers_the_published_model_and_ends_without_new_experts(tiny_models, tmp_path):
+    """The previously published model is the plan's ``previous`` (a candidate and the bar); the same
+    experts as a finished round's merge end the round ``no_improvement`` before any job runs."""
+    from coordinator.round import benchmark_key
+    from coordinator.steps import EvaluateStep
+    from umm.net.store import ModelStore
+
+    cfg = parse_config({"data_dir": str(tmp_path), "tasks": ["synth-math", "synth-code"]})
+    db = StateDB(tmp_path / "state.db")
+    store = ModelStore(tmp_path)
+    runner = RoundRunner(RoundContext(cfg, db, store, FakeRecords(), "127.0.0.1:5000"))
+    a, b = "a" * 64, "b" * 64
+    for h, scores in ((a, {"synth-math": 0.6, "synth-code": 0.1}), (b, {"synth-math": 0.1, "synth-code": 0.7})):
+        db.record_verdict(h, True, "admitted", architecture="arch", tokenizer="tok", num_parameters=1)
+        db.record_evaluation(h, benchmark_key(cfg, "search"), "search", scores, 1.0)
+    results = RoundResults(evaluate=EvaluateStep(evaluated=[a, b], failed=[]))
+    r1 = db.start_round()
+    plan = runner.step_plan(r1, results)
+    assert plan.kind == "evolve" and not plan.end_round and sorted(plan.models) == [a, b] and plan.previous == ""
+    merged = store.add_folder(tiny_models["math"])  # what round 1 published
+    db.update_round(r1, state="published", published=1, merged_hash=merged, objective=0.5)
+
+    r2 = db.start_round()
+    again = runner.step_plan(r2, results)
+    assert again.previous == merged and again.end_round and again.state == "no_improvement"
+    assert f"no new expert since round {r1}" in again.reason

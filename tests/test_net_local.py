@@ -1,14 +1,19 @@
 """``umm net local`` end to end: a coordinator and three node processes on 127.0.0.1, one round.
 
 The nodes serve the small suite's math and code experts (Llama, one tokenizer) and its list expert
-(GPT-NeoX, another tokenizer), so the round must plan a *fusion* into the pivot, run it in the
-coordinator's worker, evaluate it, publish it, and every node must download and verify it. The
-command must print the leaderboard and the merged model beside its sources, exit 0, and leave no
-process behind.
+(GPT-NeoX, another tokenizer), so the round must plan both stages (fuse the list expert into the
+pivot's family, then evolve the family), run them in the coordinator's worker, compare the result
+with its sources, publish it, and every node must download and verify it. The small suite's toy
+models score about 0, so the run sets ``--margin -1`` (publish whatever the gain); the publish
+gate itself is tested where it is decided. The command must print the leaderboard and the merged
+model beside its sources, exit 0, write its summary, and leave no process behind. A second run on
+the same work dir (``--keep-state``) has no new expert: it ends ``no_improvement`` and publishes
+nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -59,7 +64,8 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     workdir = tmp_path / "net"
     cmd = [sys.executable, "-c", RUN_NET, "net", "local", "--nodes", "3", "--rounds", "1", "--workdir", str(workdir),
            "--experts-dir", str(small_suite.root.parent), "--eval-limit", "2", "--test-limit", "2",
-           "--max-new-tokens", "4", "--fusion-max-steps", "2"]
+           "--max-new-tokens", "4", "--fusion-max-steps", "2", "--margin", "-1",
+           "--summary-json", str(tmp_path / "summary.json")]
     env = {**os.environ, "COLUMNS": "250", "UMM_NO_PROGRESS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, env=env)
     out = proc.stdout
@@ -71,19 +77,29 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     assert {(d, name) for d, _, _, name in board} == {(d, n) for d in ("math", "code", "list") for n in NODES}
     hashes = {name: h for _, _, h, name in board}
 
-    # two families: the plan is a fusion into the pivot, with the other domains' best as sources
+    # two families: fuse the other family's expert into the pivot's, then evolve the pivot's family
     db = workdir / "coordinator" / "data" / "state.db"
     plan = _step(db, "plan")
-    assert plan.kind == "fusion", plan
+    assert plan.kind == "combine" and plan.stages == ("fuse", "evolve") and plan.previous == "", plan
     pivot, sources = plan.pivot, plan.sources
     assert sorted(h[:12] for h in [pivot, *sources]) == sorted(hashes.values())
+    job = _step(db, "job").output
+    assert [Path(p).name for p in job.plan.fuse] == [h for h in plan.models if h.startswith(hashes["node-2-list"])]
+    assert len(job.plan.family) == 3  # math and code experts, and the list expert fused into their family
     merged = re.search(r"│\s*merged\s*│\s*-\s*│\s*([0-9a-f]{12})\s*│", out)
     assert merged, out
-    assert re.search(r"│\s*1\s*│\s*published\s*│\s*fusion\s*│\s*" + merged.group(1), out)
-    assert "Merged model vs its sources" in out and all(f"source {n}" in out for n in NODES)
+    assert re.search(r"│\s*1\s*│\s*published\s*│\s*fuse → evolve\s*│\s*" + merged.group(1), out)
+    table = out[out.index("Merged model vs its sources"):]
+    assert all(n in table for n in NODES)
     published = _step(db, "publish").record
-    assert published["method"] == "fusion" and published["manifest_hash"][:12] == merged.group(1)
+    assert published["method"] == job.method and published["manifest_hash"][:12] == merged.group(1)
     assert sorted(published["sources"]) == sorted([pivot, *sources])
+    assert published["decision"].startswith("published") and len(published["diff_vs_best_source"]) == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["published"] and summary["merged"]["hash"] == published["manifest_hash"]
+    assert summary["plan"]["stages"] == ["fuse", "evolve"] and summary["nodes_holding_merged"] == 3
+    assert {s["name"] for s in summary["sources"]} == set(NODES) and summary["decision"] == published["decision"]
+    assert set(summary["diff_vs_best_source"]) == {"diff", "ci_low", "ci_high"}
 
     # every node's store holds exactly that model, its files match the manifest, and it is the
     # pivot trained further: the pivot's architecture and tokenizer, new weights
@@ -108,6 +124,14 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     assert merged.group(1) not in hashes.values()  # a new model, not one of the sources
     assert not _umm_processes_under(workdir), "processes of the local network were left running"
     assert list((workdir / "ready").iterdir()) == []  # each process removed its ready-file as it left
+
+    # the same work dir again: no new expert, so the round ends without a job and publishes nothing
+    again = subprocess.run([*cmd, "--keep-state"], capture_output=True, text=True, timeout=580, env=env)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["published"] and summary["decision"].startswith("no new expert since round 1"), summary
+    assert summary["network_merged_hash"] == published["manifest_hash"]  # the network keeps its model
+    assert re.search(r"│\s*2\s*│\s*no_improvement\s*│", again.stdout), again.stdout[-3000:]
 
 
 def test_options_that_cannot_work_are_refused_before_anything_starts(tmp_path):
@@ -139,9 +163,11 @@ def test_the_coordinator_config_it_writes_is_one_the_coordinator_loads(tmp_path)
     from coordinator.config import load_config
     from umm.net.local import LocalNetConfig, coordinator_settings, write_coordinator_config
 
+    bases = {"m": "base", "c": "base", "l": None}
     suite = SimpleNamespace(models={"m": {"domains": ["math"]}, "c": {"domains": ["code"]}, "l": {"domains": ["list"]}},
-                            info={"domains": {d: {"task": f"synth-{d}"} for d in ("math", "code", "list")}})
-    cfg = LocalNetConfig(workdir=tmp_path, eval_limit=3, test_limit=5, max_new_tokens=4, fusion_max_steps=2)
+                            info={"domains": {d: {"task": f"synth-{d}"} for d in ("math", "code", "list")}},
+                            base_of=bases.get, path=lambda name: tmp_path / "suite" / name)
+    cfg = LocalNetConfig(workdir=tmp_path, eval_limit=3, test_limit=5, max_new_tokens=4, fusion_max_steps=2, margin=-1)
     settings = coordinator_settings(cfg, suite, ["m", "c", "l", "m"], tmp_path / "fusion.jsonl")
     path = tmp_path / "coordinator" / "coordinator.yaml"
     path.parent.mkdir()
@@ -152,6 +178,7 @@ def test_the_coordinator_config_it_writes_is_one_the_coordinator_loads(tmp_path)
     assert loaded.data_dir == path.parent / "data" and loaded.key_path == path.parent / "coordinator.key"
     assert loaded.initial_peers == ["/ip4/127.0.0.1/tcp/1/p2p/QmPeer"]
     assert loaded.fusion.training.max_steps == 2 and loaded.fusion.data == tmp_path / "fusion.jsonl"
+    assert loaded.base_model == tmp_path / "suite" / "base" and loaded.margin == -1  # the experts' shared base
 
 
 def test_a_process_that_dies_before_it_is_ready_fails_clearly_with_its_last_output(tmp_path):
@@ -189,8 +216,8 @@ def test_the_flags_default_to_the_local_network_configs_defaults():
     defaults = {name: f.default for name, f in LocalNetConfig.model_fields.items()}
     for command, shared in [(local_command, ["nodes", "rounds", "variant", "device", "eval_limit", "test_limit",
                                               "max_new_tokens", "evolve_evaluations", "fusion_max_steps",
-                                              "round_timeout"]),
-                            (demo_command, ["max_new_tokens", "evolve_evaluations"])]:
+                                              "round_timeout", "margin", "keep_state"]),
+                            (demo_command, ["max_new_tokens", "margin"])]:
         options = inspect.signature(command).parameters  # each default is a typer OptionInfo
         for name in shared:
             assert options[name].default.default == defaults[name], (command.__name__, name)

@@ -16,16 +16,22 @@ from pathlib import Path
 
 import typer
 
-from umm.cli.net import default, describe
+from umm.cli.net import SUMMARY_HELP, default, describe
+from umm.net.local import LocalNetConfig
 
-# Three nodes: both model families, so the round runs distribution fusion; 64 test items per task
-# so the merged-vs-sources table means something. Cost measured on 2 shared cores: ~575 CPU-s from
-# a cold cache (suite build ~390), ~180 CPU-s with the suite cached (4 min 47 s wall at load ~5).
+# Three nodes: two model families, so the round runs both stages: the GPT-NeoX list expert is fused
+# into the pivot's (Llama) family, then CMA-ES merges the math and code experts, the fused model and
+# the pivot onto the shared base. 64 test items per task, so the publish decision's interval means
+# something. Fusion data: 1000 records per domain, 2 epochs (as bench/demo_fusion.py).
 DEMO_VARIANT = "full"
 DEMO_NODES = 3
 DEMO_ROUNDS = 1
 DEMO_EVAL_LIMIT = 32
 DEMO_TEST_LIMIT = 64
+DEMO_EVOLVE_EVALUATIONS = 25
+DEMO_EVOLVE_POPULATION = 8
+DEMO_FUSION_RECORDS = 1000
+DEMO_FUSION_EPOCHS = 2
 
 
 def register(app: typer.Typer) -> None:
@@ -48,37 +54,42 @@ def demo_command(
     test_limit: int = typer.Option(DEMO_TEST_LIMIT, "--test-limit", help="Items per task when comparing the merged "
                                    "model with its sources (test split)."),
     max_new_tokens: int | None = typer.Option(default("max_new_tokens"), "--max-new-tokens", help=describe("max_new_tokens")),
-    evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
+    evolve_evaluations: int = typer.Option(DEMO_EVOLVE_EVALUATIONS, "--evolve-evaluations",
+                                           help=describe("evolve_evaluations")),
+    fusion_records: int = typer.Option(DEMO_FUSION_RECORDS, "--fusion-records", help=describe("fusion_records")),
+    margin: float = typer.Option(default("margin"), "--margin", help=describe("margin")),
     experts_dir: Path | None = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
+    summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
 ) -> None:
     """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with
     the demo's defaults. Prints the leaderboard, the merged model beside its sources, and where
     everything is."""
+    from umm import paths
     from umm.cli.common import user_errors
+    from umm.net.local import LocalNetConfig
 
     with user_errors():
-        code = _demo(workdir, variant, nodes, rounds, eval_limit, test_limit, max_new_tokens, evolve_evaluations,
-                     experts_dir)
+        cfg = LocalNetConfig(
+            workdir=(workdir if workdir is not None else paths.home() / "demo").expanduser().absolute(), nodes=nodes,
+            rounds=rounds, variant=variant, experts_root=experts_dir, eval_limit=eval_limit, test_limit=test_limit,
+            max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations,
+            evolve_population=max(2, min(DEMO_EVOLVE_POPULATION, evolve_evaluations - 1)),
+            fusion_records=fusion_records, fusion_epochs=DEMO_FUSION_EPOCHS, fusion_max_steps=None, margin=margin,
+        )  # checks the options before anything is built
+        code = _demo(cfg, summary_json)
     if code:
         raise typer.Exit(code)
 
 
-def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limit: int, test_limit: int,
-          max_new_tokens: int | None, evolve_evaluations: int, experts_dir: Path | None) -> int:
-    from umm import paths
+def _demo(cfg: LocalNetConfig, summary_json: Path | None) -> int:
     from umm.cli.net import run_and_report
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
     from umm.experts.recipes import get_recipe
-    from umm.net.local import LocalNetConfig
     from umm.ui import Bars, console
 
     t_start = time.monotonic()
-    cfg = LocalNetConfig(
-        workdir=(workdir if workdir is not None else paths.home() / "demo").expanduser().absolute(), nodes=nodes,
-        rounds=rounds, variant=variant, experts_root=experts_dir, eval_limit=eval_limit, test_limit=test_limit,
-        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations,
-    )  # checks the options before anything is built
+    variant, experts_dir, nodes, rounds = cfg.variant, cfg.experts_root, cfg.nodes, cfg.rounds
     try:
         cached = is_current(load_suite(variant, experts_dir), get_recipe(variant))
     except SuiteNotBuiltError:
@@ -93,7 +104,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     console.print(f"[bold]2/2[/] local network: {nodes} node(s), a coordinator, {rounds} round(s) in {cfg.workdir}",
                   highlight=False)
     t1 = time.monotonic()
-    code, result = run_and_report(cfg, suite)
+    code, result = run_and_report(cfg, suite, summary_json=summary_json)
     t_net = time.monotonic() - t1
 
     merged = result.merged_hash
@@ -101,7 +112,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     rows = [
         ("expert suite", f"{suite.root} ({'cached' if cached else f'built in {t_suite:.0f} s'})"),
         ("network", f"{nodes} node process(es) + a coordinator on 127.0.0.1, {rounds} round(s), "
-                    f"{eval_limit} search / {test_limit} test items per task; {t_net:.0f} s"),
+                    f"{cfg.eval_limit} search / {cfg.test_limit} test items per task; {t_net:.0f} s"),
         ("merged model", str(holder.data_dir / "models" / merged) if holder and merged else "none"),
         ("nodes holding it (verified)", f"{sum(n.holds_merged for n in result.nodes)} of {len(result.nodes)}"),
         ("coordinator state", str(cfg.workdir / "coordinator" / "data" / "state.db")),

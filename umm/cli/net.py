@@ -20,6 +20,10 @@ default = functools.partial(field_default, LocalNetConfig)
 describe = functools.partial(field_help, LocalNetConfig)
 
 
+SUMMARY_HELP = ("Write how the run ended as JSON: published, decision, plan, merged and sources (hash, family, "
+                "scores, objective), diff_vs_best_source (diff, ci_low, ci_high), nodes_holding_merged.")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``umm net`` group (``local``) to the ``umm`` app."""
     app.add_typer(net_app, name="net")
@@ -46,44 +50,45 @@ def local_command(
     evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
     fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help=describe("fusion_max_steps")),
     round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help=describe("round_timeout")),
+    margin: float = typer.Option(default("margin"), "--margin", help=describe("margin")),
+    keep_state: bool = typer.Option(default("keep_state"), "--keep-state/--fresh", help=describe("keep_state")),
+    summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
     Exit code 1 if any of that failed."""
+    from umm import paths
     from umm.cli.common import user_errors
 
     with user_errors():
-        code = _local(nodes, rounds, workdir, variant, experts_dir, device, eval_limit, test_limit,
-                      max_new_tokens, evolve_evaluations, fusion_max_steps, round_timeout)
+        cfg = LocalNetConfig(
+            workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
+            variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
+            max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps,
+            round_timeout=round_timeout, margin=margin, keep_state=keep_state,
+        )
+        code = run_and_report(cfg, summary_json=summary_json)[0]
     if code:
         raise typer.Exit(code)
 
 
-def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_dir: Path | None, device: str,
-           eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
-           round_timeout: float) -> int:
-    from umm import paths
-
-    cfg = LocalNetConfig(
-        workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
-        variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
-        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps, round_timeout=round_timeout,
-    )
-    return run_and_report(cfg)[0]
-
-
-def run_and_report(cfg: Any, suite: Any = None) -> tuple[int, Any]:
-    """Run :func:`umm.net.local.run_local_network` with progress on the console, print its result.
+def run_and_report(cfg: Any, suite: Any = None, summary_json: Path | None = None) -> tuple[int, Any]:
+    """Run :func:`umm.net.local.run_local_network` with progress on the console, print its result
+    (and write its :class:`~umm.net.local.NetSummary` to ``summary_json``).
 
     Returns ``(exit code, LocalNetResult)``: 0 when every check passed, 1 otherwise (the problems
     are printed). ``suite``: an already prepared expert suite (default: ``cfg.variant``'s, built if missing).
     """
-    from umm.net.local import run_local_network
+    from umm.atomic import write_json_atomic
+    from umm.net.local import run_local_network, summarize
     from umm.ui import Bars, console
 
     result = run_local_network(cfg, suite=suite, say=lambda text: console.print(text, highlight=False, soft_wrap=True),
                                on_progress=Bars())
     print_result(result)
+    if summary_json is not None:
+        write_json_atomic(summary_json, summarize(result).model_dump(mode="json"), indent=1)
+        console.print(f"summary written to {summary_json}", highlight=False)
     if result.ok:
         console.print(f"[bold green]ok[/]: {len(result.nodes)} node(s) hold the verified merged model "
                       f"{result.merged_hash[:12]}; logs in {cfg.workdir.expanduser().absolute() / 'logs'}")
@@ -109,11 +114,11 @@ def comparison_table(comp: Any, names: dict[str, str]) -> Any:
 
     tasks = sorted(comp.merged.scores)
     rows = []
-    for label, m in [("merged", comp.merged), *((f"source {names.get(s.manifest_hash, '')}".strip(), s)
-                                                for s in comp.sources)]:
-        rows.append([label, m.manifest_hash[:12], *[f"{m.scores.get(t, float('nan')):.3f}" for t in tasks],
+    models = sorted(comp.sources, key=lambda m: -m.objective)
+    for label, m in [("merged", comp.merged), *((names.get(s.manifest_hash, "source"), s) for s in models)]:
+        rows.append([label, m.manifest_hash[:12], m.family, *[f"{m.scores.get(t, float('nan')):.3f}" for t in tasks],
                      f"{m.objective:.3f}"])
-    return table("Merged model vs its sources (test split)", ["model", "hash", *tasks, "objective"], rows)
+    return table("Merged model vs its sources (test split)", ["model", "hash", "family", *tasks, "objective"], rows)
 
 
 def print_result(result: Any) -> None:
@@ -124,11 +129,12 @@ def print_result(result: Any) -> None:
     if view is not None and view.leaderboard:
         console.print(leaderboard_table(view.leaderboard))
     if view is not None and view.rounds:
-        rows = [[str(r.number), r.state, r.method or "-", (r.merged_manifest_hash or "-")[:12],
+        rows = [[str(r.number), r.state, " → ".join(r.stages) or "-", (r.merged_manifest_hash or "-")[:12],
                  f"{r.objective:.3f}", r.reason] for r in sorted(view.rounds, key=lambda r: r.number)]
-        console.print(table("Rounds", ["round", "state", "method", "merged", "objective", "reason"], rows))
-    if result.comparison is not None:
-        console.print(comparison_table(result.comparison, view.expert_names()))
+        console.print(table("Rounds", ["round", "state", "stages", "merged", "objective", "decision"], rows))
+    last = next((r for r in reversed(result.this_run()) if r.HasField("comparison")), None)
+    if last is not None:
+        console.print(comparison_table(last.comparison, view.expert_names()))
     if result.nodes:
         rows = [[n.name, n.expert, "yes" if n.holds_merged else "no", n.problem] for n in result.nodes]
         console.print(table("Nodes", ["node", "serves", "holds verified merged model", "problem"], rows))

@@ -117,17 +117,114 @@ class NodeOutcome:
 
 @dataclass
 class LocalNetResult:
-    """What happened; ``ok`` only when every check passed (``problems`` says what did not)."""
+    """What happened; ``ok`` only when every check passed (``problems`` says what did not).
+
+    ``rounds``: the numbers of this run's rounds (a ``keep_state`` run also sees the earlier ones in
+    ``view``); ``merged_hash``: the network's published merged model (this run's or an earlier one);
+    ``comparison``: merged vs sources of the round that published it."""
 
     view: CoordinatorView | None = None  # the coordinator's status service, last read
+    rounds: list[int] = field(default_factory=list)
     merged_hash: str = ""
-    comparison: pb.RoundComparison | None = None  # merged vs sources of the published round
+    comparison: pb.RoundComparison | None = None
     nodes: list[NodeOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def this_run(self) -> list[pb.Round]:
+        """This run's rounds, oldest first."""
+        if self.view is None:
+            return []
+        return sorted((r for r in self.view.rounds if r.number in self.rounds), key=lambda r: r.number)
+
+    @property
+    def published(self) -> bool:
+        """Whether one of this run's rounds published a merged model."""
+        return any(r.published for r in self.this_run())
+
+
+class ModelFigures(Strict):
+    """A model of a round's test comparison (``--summary-json``)."""
+
+    name: str = ""
+    hash: str
+    family: str = ""
+    scores: dict[str, float]
+    objective: float
+
+
+class DiffFigures(Strict):
+    """Merged minus another model: test objective difference and its paired-bootstrap 95% CI."""
+
+    diff: float
+    ci_low: float
+    ci_high: float
+
+
+class PlanFigures(Strict):
+    """A round's plan: its kind, stages in order, and the models (names or short hashes)."""
+
+    kind: str
+    stages: list[str]
+    pivot: str
+    previous: str
+    models: list[str]
+
+
+class NetSummary(Strict):
+    """``umm net local --summary-json FILE``: how this run ended. ``merged``/``sources``/``plan``/
+    ``diff_vs_best_source`` are those of this run's last round that compared a merged model with its
+    sources (None when none did, e.g. a round that had no new expert to merge)."""
+
+    ok: bool
+    published: bool
+    decision: str
+    plan: PlanFigures | None
+    merged: ModelFigures | None
+    sources: list[ModelFigures]
+    diff_vs_best_source: DiffFigures | None
+    diff_vs_previous: DiffFigures | None
+    network_merged_hash: str
+    nodes_holding_merged: int
+    problems: list[str]
+
+
+def summarize(result: LocalNetResult) -> NetSummary:
+    """The :class:`NetSummary` of ``result``."""
+    rounds = result.this_run()
+    names = result.view.expert_names() if result.view is not None else {}
+    compared = [r for r in rounds if r.HasField("comparison")]
+    last = compared[-1] if compared else (rounds[-1] if rounds else None)
+
+    def name(h: str) -> str:
+        return names.get(h, h[:12])
+
+    def model(m: pb.ModelScores) -> ModelFigures:
+        return ModelFigures(name=name(m.manifest_hash), hash=m.manifest_hash, family=m.family, scores=dict(m.scores),
+                            objective=m.objective)
+
+    def diff(d: pb.Difference) -> DiffFigures:
+        return DiffFigures(diff=d.diff, ci_low=d.ci_low, ci_high=d.ci_high)
+
+    decision = "" if last is None else (last.decision.text if last.HasField("decision") else last.reason)
+    plan = None if last is None or not last.plan else PlanFigures(
+        kind=last.plan, stages=list(last.stages), pivot=name(last.pivot_manifest_hash),
+        previous=name(last.previous_manifest_hash) if last.previous_manifest_hash else "",
+        models=[name(h) for h in last.source_manifest_hashes])
+    has = last is not None and last.HasField("comparison")
+    d = last.decision if last is not None and last.HasField("decision") else None
+    return NetSummary(
+        ok=result.ok, published=result.published, decision=decision, plan=plan,
+        merged=model(last.comparison.merged) if has else None,
+        sources=[model(m) for m in last.comparison.sources] if has else [],
+        diff_vs_best_source=diff(d.vs_best_source) if d is not None and d.HasField("vs_best_source") else None,
+        diff_vs_previous=diff(d.vs_previous) if d is not None and d.HasField("vs_previous") else None,
+        network_merged_hash=result.merged_hash, nodes_holding_merged=sum(n.holds_merged for n in result.nodes),
+        problems=list(result.problems),
+    )
 
 
 # ----------------------------------------------------------------------------- processes
@@ -296,8 +393,10 @@ def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fu
         # the experts' common base, when they have one: task vectors are taken from it
         "base_model": str(suite.path(bases[0])) if len(bases) == 1 else None, "margin": cfg.margin,
         "evolve": {"budget": {"evaluations": cfg.evolve_evaluations}, "population": cfg.evolve_population},
-        "fusion": {"data": str(fusion_data), "training": {"max_steps": cfg.fusion_max_steps, "epochs": cfg.fusion_epochs,
-                                                          "lr": cfg.fusion_lr}},
+        # the tiny suite's models learned raw prompt -> answer text, short sequences
+        "fusion": {"data": str(fusion_data), "layout": "raw", "max_length": 128,
+                   "training": {"max_steps": cfg.fusion_max_steps, "epochs": cfg.fusion_epochs, "lr": cfg.fusion_lr,
+                                "batch_size": 16}},
     }
 
 
@@ -446,6 +545,7 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
 
     deadline = time.monotonic() + cfg.round_timeout
     last_phase = ""
+    before: int | None = None  # the last round finished before this run (a keep_state run's earlier rounds)
     while True:
         try:
             result.view = view = fetch_status(address, limit=0)
@@ -455,7 +555,10 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
             logger.info("%s; asking again", e)
             time.sleep(2.0)
             continue
-        if len([r for r in view.rounds if r.state != "running"]) >= cfg.rounds:
+        if before is None:
+            before = max((r.number for r in view.rounds if r.state != "running"), default=0)
+        result.rounds = sorted(r.number for r in view.rounds if r.number > before and r.state != "running")
+        if len(result.rounds) >= cfg.rounds:
             break
         phase = f"round {view.status.current_round}: {view.status.phase}"
         if phase != last_phase:
@@ -471,15 +574,16 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
 
 
 def _record_rounds(view: CoordinatorView, result: LocalNetResult, say: Any) -> None:
-    """Say how each round ended; the published merged model, or why there is none."""
-    for r in sorted(view.rounds, key=lambda r: r.number):
+    """Say how each of this run's rounds ended; the network's merged model, or why there is none (a
+    round that ends ``no_improvement`` is not a failure when the network already has a better model)."""
+    for r in result.this_run():
         say(f"round {r.number}: {r.state}: {r.reason}")
         if r.state == "failed":
             result.problems.append(f"round {r.number} failed: {r.reason}")
     result.merged_hash = view.status.merged_manifest_hash
     if not result.merged_hash and not result.problems:
         result.problems.append("no merged model was published: " +
-                               "; ".join(f"round {r.number} {r.state}: {r.reason}" for r in view.rounds))
+                               "; ".join(f"round {r.number} {r.state}: {r.reason}" for r in result.this_run()))
 
 
 def _check_nodes(cfg: LocalNetConfig, result: LocalNetResult, procs: list[Proc], say: Any) -> None:
