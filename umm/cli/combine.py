@@ -73,7 +73,10 @@ class ConsoleCombineEvents:
         """Nothing to close (the bars close themselves)."""
 
     def stage(self, name: str, detail: str) -> None:
-        self.console.print(f"[bold]{name}[/]" + (f" ({detail})" if detail else ""), highlight=False)
+        from umm.combine.run import STAGES
+
+        number = f"{STAGES.index(name) + 1}/{len(STAGES)} " if name in STAGES else ""
+        self.console.print(f"[bold]{number}{name}[/]" + (f" ({detail})" if detail else ""), highlight=False)
 
     def note(self, text: str) -> None:
         self.console.print(text, highlight=False)

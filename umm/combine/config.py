@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from umm import configfile
 from umm.errors import UmmError
-from umm.evolve.config import Budget, EvolveSettings, TaskSpec, check_task_specs
+from umm.evolve.config import Budget, EvolveSettings, TaskSpec, check_task_specs, expand_task_names
 from umm.fusion.settings import FusionSettings, TrainingSettings
 
 
@@ -96,9 +96,7 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
     every problem by its dotted key (e.g. ``fusion.k``)."""
     if not isinstance(data, dict):
         raise CombineConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
-    data = configfile.resolve_paths(data, _PATH_KEYS, base_dir)
-    if isinstance(data.get("tasks"), list):
-        data["tasks"] = [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]
+    data = expand_task_names(configfile.resolve_paths(data, _PATH_KEYS, base_dir))
     fusion = data.get("fusion")
     if isinstance(fusion, dict):
         fusion = configfile.resolve_paths(fusion, ("data",), base_dir)

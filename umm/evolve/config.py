@@ -171,6 +171,13 @@ _SECTIONS: dict[str, type[BaseModel]] = {"": EvolveConfig, "budget": Budget, "ta
 _PATH_KEYS = ("models", "base_model")
 
 
+def expand_task_names(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each task given by its name alone (``tasks: [synth-math]``) as ``{name: ...}``."""
+    if isinstance(data.get("tasks"), list):
+        return {**data, "tasks": [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]}
+    return data
+
+
 def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = None) -> EvolveConfig:
     """Validate a mapping into an :class:`EvolveConfig`; relative paths (models, base model, start
     recipe) are relative to ``base_dir``, the config file's folder. Raises :class:`EvolveConfigError`
@@ -178,8 +185,7 @@ def parse_config(data: Any, *, source: str = "<dict>", base_dir: Path | None = N
     if not isinstance(data, dict):
         raise EvolveConfigError(f"{source}: the config must be a YAML mapping (got {type(data).__name__})")
     data = configfile.resolve_paths(data, _PATH_KEYS, base_dir)
-    if "tasks" in data and isinstance(data["tasks"], list):
-        data["tasks"] = [{"name": t} if isinstance(t, str) else t for t in data["tasks"]]
+    data = expand_task_names(data)
     if isinstance(data.get("start"), str) and data["start"] != "uniform":
         data["start"] = configfile.resolve_path(data["start"], base_dir)
     try:

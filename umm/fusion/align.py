@@ -156,6 +156,20 @@ def normalised_vocab(tokenizer: Any) -> list[str | None]:
     return out
 
 
+def vocab_coverage(source_tokenizer: Any, pivot_tokenizer: Any) -> float:
+    """The fraction of the source's vocabulary that the pivot's covers exactly.
+
+    ``covered / n``: ``n`` counts the source ids that have a token (holes excluded), ``covered``
+    those whose normalised string (:func:`normalised_vocab`; a special token: its role, eos to
+    eos...) is also one of the pivot's. The rest can only be mapped approximately (by edit
+    distance or alignment statistics, :func:`build_vocab_map`), so a low coverage means a fusion
+    whose targets are mostly approximations. 0 for an empty vocabulary.
+    """
+    src = [s for s in normalised_vocab(source_tokenizer) if s is not None]
+    piv = {s for s in normalised_vocab(pivot_tokenizer) if s is not None}
+    return sum(s in piv for s in src) / len(src) if src else 0.0
+
+
 # --------------------------------------------------------------------------- sequence alignment
 
 
