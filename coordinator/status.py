@@ -197,6 +197,7 @@ def print_status(view: CoordinatorView) -> None:
         f"merged: {(s.merged_manifest_hash or '-')[:12]}  files at {s.checkpoint_address}"
     )
     console.print(leaderboard_table(view.leaderboard))
-    rrows = [[str(r.number), r.state, r.phase, r.method or "-", (r.merged_manifest_hash or "-")[:12],
-              f"{r.objective:.3f}", r.reason] for r in view.rounds]
-    console.print(table("Rounds", ["round", "state", "phase", "method", "merged", "objective", "reason"], rrows))
+    rrows = [[str(r.number), r.state, r.phase, " → ".join(r.stages) or "-", r.method or "-",
+              (r.merged_manifest_hash or "-")[:12], f"{r.objective:.3f}", r.reason] for r in view.rounds]
+    console.print(table("Rounds", ["round", "state", "phase", "stages", "method", "merged", "objective",
+                                   "decision / reason"], rrows))

@@ -85,7 +85,7 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
     assert sorted(h[:12] for h in [pivot, *sources]) == sorted(hashes.values())
     job = _step(db, "job").output
     assert [Path(p).name for p in job.plan.fuse] == [h for h in plan.models if h.startswith(hashes["node-2-list"])]
-    assert len(job.plan.family) == 3  # math and code experts, and the list expert fused into their family
+    assert len(job.plan.family) == 2 and len(job.fused) == 1  # math and code; the list expert fused into theirs
     merged = re.search(r"│\s*merged\s*│\s*-\s*│\s*([0-9a-f]{12})\s*│", out)
     assert merged, out
     assert re.search(r"│\s*1\s*│\s*published\s*│\s*fuse → evolve\s*│\s*" + merged.group(1), out)
