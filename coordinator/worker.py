@@ -54,12 +54,12 @@ class _JobProgress:
 
 def run_combine_job(db: StateDB, job_id: int, spec: CombineJob) -> CombineResult:
     """The round's merge, resumed from its run folder when a previous worker left one."""
-    from umm.combine.run import run_combine
+    from umm.combine.run import STAGES, run_combine
     from umm.ui import Bars
 
     resume = spec.run_dir.exists() and any(spec.run_dir.iterdir())
     return run_combine(spec.combine_config(), spec.run_dir, resume=resume,
-                       events=_JobProgress(db, job_id, 4), on_progress=Bars())
+                       events=_JobProgress(db, job_id, len(STAGES)), on_progress=Bars())
 
 
 def run_admit_job(db: StateDB, job_id: int, spec: AdmitJob) -> Admission:
