@@ -232,7 +232,9 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
     peers["code"].ensure_serving()
     data_dir = net["root"] / "coord-data"
     before = StateDB(data_dir / STATE_DB)
-    cfg = _config(net, data_dir, merge=True)
+    # the toy models score about 0 whatever is merged: margin -1 publishes any result (the gate is
+    # tested in test_coordinator_jobs.py and test_combine_decision.py)
+    cfg = _config(net, data_dir, merge=True, margin=-1.0)
     math_eval = before.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search"))
     assert math_eval is not None
     with Coordinator(cfg) as coord:
@@ -242,7 +244,8 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
         assert db.evaluation(peers["math"].manifest.hash, benchmark_key(cfg, "search")) == math_eval  # not re-evaluated
         assert db.verdict(peers["code"].manifest.hash).admitted
         job = db.round_job(2)
-        assert job.status == "done" and job.kind == "evolve" and job.pid != os.getpid()
+        assert job.status == "done" and job.kind == "combine" and job.pid != os.getpid()
+        assert job.result.plan.stages == ["evolve"] and job.result.decision.published
         assert sorted(row.sources) == sorted([peers["math"].manifest.hash, peers["code"].manifest.hash])
         merged = row.merged_hash
         assert coord.store.has(merged) and set(row.scores) == {"synth-math"}
@@ -270,7 +273,8 @@ def test_merge_round_runs_in_a_worker_publishes_and_serves(net, tmp_path):
 
         # the next round finds the same experts: no job is run again, the merged record stays
         row3 = coord.run_round()
-        assert row3.state == "verified" and "same experts as round 2" in row3.reason
+        assert row3.state == "no_improvement" and "no new expert since round 2" in row3.reason
+        assert db.step(3, "plan").result.previous == merged  # offered as a candidate, and the bar
         assert db.round_job(3) is None and peers["math"].records.merged().record.round == 2
         ranks = {(r.domain, r.rank) for r in db.latest_ranks()}
         assert ranks == {("math", 1), ("math", 2)}
