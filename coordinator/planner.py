@@ -108,9 +108,11 @@ def best_per_domain(candidates: list[Candidate]) -> dict[str, str]:
     return {d: items[0][0] for d, items in ranked.items()}
 
 
-def plan_round(candidates: list[Candidate], previous: str = "") -> Plan:
+def plan_round(candidates: list[Candidate], previous: str = "", family: tuple[str, str] | None = None) -> Plan:
     """The job for this round's admitted experts (see module docstring); ``previous``: the hash of
-    the published merged model, if any."""
+    the published merged model, if any; ``family``: the (architecture, tokenizer) of the network's
+    base model, if it has one: the pivot is then chosen among the chosen experts of that family
+    (the hardest of the domains they lead), so the merge happens where the task vectors are."""
     if len(candidates) < 2:
         return Plan(kind="none", reason=f"{len(candidates)} admitted expert(s): nothing to merge")
     best = best_per_domain(candidates)
@@ -131,9 +133,11 @@ def plan_round(candidates: list[Candidate], previous: str = "") -> Plan:
             chosen.append(others[0].manifest_hash)
     from umm.fusion.pivot import hardest_domain
 
-    # the pivot: the best model of the hardest domain, i.e. that domain's rank-1 expert (same tie rule)
-    pivot = best[hardest_domain({h: dict(by_hash[h].domain_scores) for h in chosen})] if len(best) > 1 \
-        else chosen[0]
+    # the pivot: the best model of the hardest domain, i.e. that domain's rank-1 expert (same tie rule),
+    # among the domains led by an expert of the base's family when there is one
+    led = {d: h for d, h in best.items() if family is None or by_hash[h].group == family} or best
+    scores = {h: {d: s for d, s in by_hash[h].domain_scores.items() if d in led} for h in chosen}
+    pivot = led[hardest_domain(scores)] if len(led) > 1 else next(iter(led.values()))
     sources = [h for h in chosen if h != pivot]
     return Plan(kind="evolve" if len(groups) == 1 else "combine", sources=sources, pivot=pivot, previous=previous,
                 best_per_domain=best)

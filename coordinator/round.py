@@ -516,7 +516,7 @@ class RoundRunner:
     def step_plan(self, number: int, results: RoundResults) -> PlanStep:
         if not self.config.merge:
             return PlanStep(kind="none", reason="merging is off (merge: false)", end_round=True, state="verified")
-        plan = plan_round(self._candidates(results), previous=self._previous_model(number))
+        plan = plan_round(self._candidates(results), previous=self._previous_model(number), family=self._base_family())
         if plan.kind == "none":
             return PlanStep(**plan.model_dump(), end_round=True, state="verified")
         if plan.kind == "combine" and self.config.fusion.data is None:
@@ -529,6 +529,17 @@ class RoundRunner:
                                          "on its merge"})
         self.db.update_round(number, method=plan.kind, sources=plan.models)
         return PlanStep(**plan.model_dump())
+
+    def _base_family(self) -> tuple[str, str] | None:
+        """(architecture, tokenizer) fingerprints of ``base_model`` (None without one)."""
+        if self.config.base_model is None:
+            return None
+        from umm.checkpoints.fingerprint import fingerprint
+        from umm.checkpoints.reader import Checkpoint
+
+        with Checkpoint.open(self.config.base_model) as ckpt:
+            fp = fingerprint(ckpt)
+        return (fp.architecture, fp.tokenizer or "")
 
     def _previous_model(self, number: int) -> str:
         """The manifest hash of the merged model published before round ``number`` ("" if none, or if

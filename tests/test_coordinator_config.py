@@ -154,6 +154,9 @@ def test_planner_groups_by_fingerprint():
     assert p.kind == "combine" and p.stages == ("fuse", "evolve")
     assert p.best_per_domain == {"code": "c" * 64, "math": "a" * 64}
     assert p.pivot == "c" * 64 and p.sources == ["a" * 64]  # pivot: best model of the hardest domain (tie: code)
+    # with the base's family named, the pivot is the best of the hardest domain its experts lead
+    p = plan_round([math, code, other], family=("llama", "tok"))
+    assert p.kind == "combine" and p.pivot == "a" * 64 and p.sources == ["c" * 64]
     # one expert best everywhere: merged with the best compatible partner
     p = plan_round([_c("a", "llama", math=0.9), _c("b", "llama", math=0.5), _c("d", "neox", math=0.7)])
     assert p.kind == "evolve" and p.pivot == "a" * 64 and p.sources == ["b" * 64]
