@@ -53,7 +53,7 @@ def _step(db: Path, name: str) -> Any:
     return row.result
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_local_network_fuses_two_families_and_every_node_holds_the_verified_model(small_suite, tmp_path):  # noqa: F811
     from umm.checkpoints.fingerprint import fingerprint
     from umm.checkpoints.manifest import Manifest, build_manifest, verify_folder
