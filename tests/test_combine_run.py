@@ -123,7 +123,7 @@ def test_comparison_card_and_combine_json(first) -> None:
     assert [(r["name"], r["kind"]) for r in table["rows"]] == [
         ("merged", "evolved"), ("math", "source"), ("code", "source"), ("list", "source")]
     rows = {r["name"]: r for r in table["rows"]}
-    assert rows["list"]["family"] != rows["math"]["family"] == rows["code"]["family"]
+    assert rows["list"]["family"] != rows["math"]["family"] == rows["code"]["family"] == rows["merged"]["family"]
     best = max((r for r in table["rows"] if r["kind"] == "source"), key=lambda r: (r["objective"], r["name"] == table["best_source"]))
     assert table["best_source"] == result.decision.best_source and best["objective"] == rows[table["best_source"]]["objective"]
     diff = result.decision.diff_vs_best_source
@@ -204,3 +204,14 @@ def test_config_errors_name_the_key(small_suite, data, tmp_path) -> None:  # noq
     cfg = config(small_suite, data, pivot=str(small_suite.path("math")), fusion={})
     with pytest.raises(CombineConfigError, match="fusion.data is not set"):
         run_combine(cfg, tmp_path / "run", scorer=Counter(cfg))
+
+
+def test_vocabulary_coverage_is_the_share_of_source_tokens_the_pivot_has(small_suite) -> None:  # noqa: F811
+    from umm.checkpoints.loading import load_tokenizer
+    from umm.fusion.align import vocab_coverage
+
+    math, listing = load_tokenizer(small_suite.path("math")), load_tokenizer(small_suite.path("list"))
+    assert vocab_coverage(math, load_tokenizer(small_suite.path("code"))) == 1.0  # one tokenizer
+    # the list expert's 256-token vocabulary is mostly inside math's 384 tokens, not the reverse
+    assert 0.5 < vocab_coverage(listing, math) < 1.0
+    assert vocab_coverage(math, listing) < vocab_coverage(listing, math)

@@ -242,7 +242,7 @@ def run_combine(
     outcome = evolve_stage(config, plan, list(fused.values()), run_dir, events, on_progress)
 
     events.stage("compare", "test split: the merged model, every input model" + (", previous" if previous else ""))
-    rows = compare_stage(config, infos, previous, Path(outcome.model_dir), run_dir, scorer, events)
+    rows = compare_stage(config, infos, previous, Path(outcome.model_dir), run_dir, scorer, events, plan.pivot)
 
     events.stage("decide", f"margin {config.margin:g}")
     result = finish(config, run_dir, plan, fused, dropped, outcome, rows, infos, previous)
@@ -568,12 +568,14 @@ class _Row(_Frozen):
 
 def compare_stage(
     config: CombineConfig, infos: Sequence[ModelInfo], previous: ModelInfo | None, model_dir: Path,
-    run_dir: Path, scorer: Scorer, events: CombineEvents,
+    run_dir: Path, scorer: Scorer, events: CombineEvents, pivot: str,
 ) -> list[_Row]:
-    """Stage 5: the merged model, every input model and ``previous`` scored on the same ``test``
-    items (:func:`score_tasks`); each model's results are kept in ``scores/`` and reused."""
+    """Stage 5: the merged model (of the ``pivot``'s family), every input model and ``previous``
+    scored on the same ``test`` items (:func:`score_tasks`); each model's results are kept in
+    ``scores/`` and reused."""
+    pivot_info = next((m for m in infos if m.path == pivot), None)
     wanted: list[tuple[str, Literal["evolved", "source", "previous"], ModelInfo | None, str]] = [
-        ("merged", "evolved", None, str(model_dir))]
+        ("merged", "evolved", pivot_info, str(model_dir))]
     wanted += [(m.name, "source", m, m.path) for m in infos]
     if previous is not None:
         wanted.append((f"previous: {previous.name}", "previous", previous, previous.path))
