@@ -190,6 +190,50 @@ def test_bad_data_drops_the_source_and_a_kill_during_compare_resumes(small_suite
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
+class KillAt:
+    """A progress sink that raises KeyboardInterrupt (a kill) at the first advance of the first bar
+    whose label starts with ``prefix``; later bars pass."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.fired = False
+
+    def start(self, total, desc, unit):
+        sink = self
+
+        class Bar:
+            def advance(self, n=1, **info):
+                if not sink.fired and desc.startswith(sink.prefix):
+                    sink.fired = True
+                    raise KeyboardInterrupt
+
+            def close(self):
+                pass
+
+        return Bar()
+
+
+def test_kills_during_the_fusion_and_the_search_resume_to_the_uninterrupted_result(
+        first, small_suite, data, tmp_path, one_thread) -> None:  # noqa: F811
+    cfg = first["cfg"].model_copy(update={"pivot": first["result"].plan.pivot})  # no search scoring again
+    run_dir = tmp_path / "run"
+    for prefix in ("teacher list", "evolve"):
+        kill = KillAt(prefix)
+        with pytest.raises(KeyboardInterrupt):
+            run_combine(cfg, run_dir, resume=run_dir.exists(), scorer=Counter(cfg), on_progress=kill)
+        assert kill.fired
+    assert (run_dir / "fused" / "list.json").is_file() and not (run_dir / "evolve.json").exists()
+    result = run_combine(cfg, run_dir, resume=True, scorer=Counter(cfg))
+    # the same recipe (up to where the fused model lives), the same scores, the same decision
+    recipe = (run_dir / "evolve" / "best_recipe.yaml").read_text().replace(str(run_dir), "RUN")
+    assert recipe == (first["run_dir"] / "evolve" / "best_recipe.yaml").read_text().replace(str(first["run_dir"]), "RUN")
+    assert [r.model_copy(update={"path": None}) for r in result.comparison.rows] == [
+        r.model_copy(update={"path": None}) for r in first["result"].comparison.rows]
+    assert result.decision == first["result"].decision
+    for name in ("fused/list/model.safetensors", "model/model.safetensors"):  # the same weights
+        assert (run_dir / name).read_bytes() == (first["run_dir"] / name).read_bytes(), name
+
+
 def test_config_errors_name_the_key(small_suite, data, tmp_path) -> None:  # noqa: F811
     with pytest.raises(CombineConfigError, match=r"unknown key 'fusion.kk'; valid keys here: data, .*min_vocab_coverage"):
         config(small_suite, data, fusion={"kk": 1})
