@@ -223,7 +223,7 @@ def run_combine(
         events.note(f"{m.name}: family {family_label(m)} ({m.path})")
 
     events.stage("pivot", "from the config" if config.pivot else "best on the hardest domain, search split")
-    choice = choose_pivot(config, run_dir, scorer, events)
+    choice = pivot_stage(config, run_dir, scorer, events)
     plan = plan_combine(infos, choice.pivot, base, previous)
     stored = _read(run_dir / PLAN_FILE, CombinePlan, events)
     if stored is not None and stored != plan:
@@ -329,7 +329,7 @@ def family_label(m: ModelInfo) -> str:
     return f"{m.architecture[:8]}/{m.tokenizer[:8]}"
 
 
-def choose_pivot(config: CombineConfig, run_dir: Path, scorer: Scorer, events: CombineEvents) -> PivotChoice:
+def pivot_stage(config: CombineConfig, run_dir: Path, scorer: Scorer, events: CombineEvents) -> PivotChoice:
     """Stage 2: the configured pivot, the stored choice of a resumed run, or the best model of the
     hardest domain (``pivot_domain``: that domain) on the ``search`` split
     (:func:`umm.fusion.pipeline.pivot_by_search`); written to ``pivot.json``."""
