@@ -1,4 +1,5 @@
-"""The user's path: ``umm evolve examples/evolve.yaml`` and ``umm fuse examples/fuse.yaml`` on a
+"""The user's path: ``umm evolve examples/evolve.yaml``, ``umm fuse examples/fuse.yaml`` and
+``umm combine examples/combine.yaml`` on a
 fresh umm home (the examples prepare the expert suite and the fusion data themselves), outputs
 under the current directory, never in the checkout's ``examples/``.
 
@@ -71,6 +72,23 @@ def test_fuse_example_runs_on_a_fresh_home(fresh_home: Path) -> None:
     assert _listing(EXAMPLES) == before
 
 
+def test_combine_example_runs_on_a_fresh_home(fresh_home: Path) -> None:
+    before = _listing(EXAMPLES)
+    tasks = "[{name: synth-math, search_size: 3, test_size: 4}, {name: synth-list, search_size: 3, test_size: 4}]"
+    r = _invoke("combine", str(EXAMPLES / "combine.yaml"), "--suite", "small", "--device", "cpu", "--threads", "1",
+                "--set", f"tasks={tasks}", "--set", "max_new_tokens=8", "--set", "pivot=suite:small/math",
+                "--set", "evolve={budget: {evaluations: 3}, population: 2, layer_granularity: 2}",
+                "--set", "fusion.data=instructions:list=4,math=4", "--set", "fusion.max_length=64",
+                "--set", "fusion.training={max_steps: 1, batch_size: 2, checkpoint_every: 1}")
+    assert r.exit_code == 0, r.output
+    run = fresh_home / "runs" / "combine-combine-seed0"  # the default run folder: under the cwd
+    result = json.loads((run / "combine.json").read_text())
+    assert result["plan"]["stages"] == ["fuse", "evolve"] and [Path(s).name for s in result["plan"]["fuse"]] == ["list"]
+    assert result["decision"]["text"] in " ".join(r.output.split())  # the decision is printed
+    assert (run / "model" / "README.md").is_file() and (run / "comparison.md").is_file()
+    assert _listing(EXAMPLES) == before
+
+
 def test_config_inputs_are_checked(fresh_home: Path) -> None:
     r = _invoke("evolve", str(EXAMPLES / "evolve.yaml"), "--suite", "tiny")
     assert r.exit_code == 2 and "unknown expert suite variant 'tiny'" in r.output
@@ -86,3 +104,5 @@ def test_config_inputs_are_checked(fresh_home: Path) -> None:
     assert r.exit_code == 2 and "suite:<variant>/<model>" in r.output
     r = _invoke("fuse", str(EXAMPLES / "fuse.yaml"), "--suite", "small", "--set", "data=instructions:list=x")
     assert r.exit_code == 2 and "instructions:<domain>=<n>" in r.output
+    r = _invoke("combine", str(EXAMPLES / "combine.yaml"), "--suite", "small", "--set", "fusion.kk=1")
+    assert r.exit_code == 2 and "unknown key 'fusion.kk'" in r.output

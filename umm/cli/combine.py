@@ -53,11 +53,7 @@ def _combine(config: Path, run_dir: Path | None, resume: bool, device: str | Non
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm combine[/]: {len(cfg.models)} models, run folder {out}, {n_threads} torch thread(s)",
                   highlight=False)
-    events = ConsoleCombineEvents()
-    try:
-        run_combine(cfg, out, resume=resume, events=events, on_progress=Bars())
-    finally:
-        events.close()
+    run_combine(cfg, out, resume=resume, events=ConsoleCombineEvents(), on_progress=Bars())
 
 
 class ConsoleCombineEvents:
@@ -68,9 +64,6 @@ class ConsoleCombineEvents:
         from umm.ui import console
 
         self.console = console
-
-    def close(self) -> None:
-        """Nothing to close (the bars close themselves)."""
 
     def stage(self, name: str, detail: str) -> None:
         from umm.combine.run import STAGES

@@ -223,7 +223,7 @@ def run_combine(
         events.note(f"{m.name}: family {family_label(m)} ({m.path})")
 
     events.stage("pivot", "from the config" if config.pivot else "best on the hardest domain, search split")
-    choice = choose_pivot(config, run_dir, scorer, events)
+    choice = pivot_stage(config, run_dir, scorer, events)
     plan = plan_combine(infos, choice.pivot, base, previous)
     stored = _read(run_dir / PLAN_FILE, CombinePlan, events)
     if stored is not None and stored != plan:
@@ -242,7 +242,7 @@ def run_combine(
     outcome = evolve_stage(config, plan, list(fused.values()), run_dir, events, on_progress)
 
     events.stage("compare", "test split: the merged model, every input model" + (", previous" if previous else ""))
-    rows = compare_stage(config, infos, previous, Path(outcome.model_dir), run_dir, scorer, events)
+    rows = compare_stage(config, infos, previous, Path(outcome.model_dir), run_dir, scorer, events, plan.pivot)
 
     events.stage("decide", f"margin {config.margin:g}")
     result = finish(config, run_dir, plan, fused, dropped, outcome, rows, infos, previous)
@@ -329,7 +329,7 @@ def family_label(m: ModelInfo) -> str:
     return f"{m.architecture[:8]}/{m.tokenizer[:8]}"
 
 
-def choose_pivot(config: CombineConfig, run_dir: Path, scorer: Scorer, events: CombineEvents) -> PivotChoice:
+def pivot_stage(config: CombineConfig, run_dir: Path, scorer: Scorer, events: CombineEvents) -> PivotChoice:
     """Stage 2: the configured pivot, the stored choice of a resumed run, or the best model of the
     hardest domain (``pivot_domain``: that domain) on the ``search`` split
     (:func:`umm.fusion.pipeline.pivot_by_search`); written to ``pivot.json``."""
@@ -568,12 +568,14 @@ class _Row(_Frozen):
 
 def compare_stage(
     config: CombineConfig, infos: Sequence[ModelInfo], previous: ModelInfo | None, model_dir: Path,
-    run_dir: Path, scorer: Scorer, events: CombineEvents,
+    run_dir: Path, scorer: Scorer, events: CombineEvents, pivot: str,
 ) -> list[_Row]:
-    """Stage 5: the merged model, every input model and ``previous`` scored on the same ``test``
-    items (:func:`score_tasks`); each model's results are kept in ``scores/`` and reused."""
+    """Stage 5: the merged model (of the ``pivot``'s family), every input model and ``previous``
+    scored on the same ``test`` items (:func:`score_tasks`); each model's results are kept in
+    ``scores/`` and reused."""
+    pivot_info = next((m for m in infos if m.path == pivot), None)
     wanted: list[tuple[str, Literal["evolved", "source", "previous"], ModelInfo | None, str]] = [
-        ("merged", "evolved", None, str(model_dir))]
+        ("merged", "evolved", pivot_info, str(model_dir))]
     wanted += [(m.name, "source", m, m.path) for m in infos]
     if previous is not None:
         wanted.append((f"previous: {previous.name}", "previous", previous, previous.path))
