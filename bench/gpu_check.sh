@@ -13,7 +13,7 @@
 #   4. a short `umm evolve` (task arithmetic over math + code, 13 candidates) with each back end;
 #   5. bench/gpu_report.py (items/s, seconds per candidate and agreement of the answers, into
 #      $WORK/report.txt), then the tests of tests/test_eval_backends.py, the vLLM ones included.
-# Settings (environment): WORK (default ./runs/gpu_check), STEP_LIMIT (seconds, default 1800),
+# Settings (environment): WORK (default bench/out/gpu_check), STEP_LIMIT (seconds, default 1800),
 # LIMIT (test items per task, default 256), DTYPE (default bfloat16: both back ends run it),
 # BACKENDS (default "loop hf vllm"; the first is the reference), TORCH_INDEX (torch's wheel index,
 # default CUDA 12.8), PYTHON (the interpreter that makes the venv, default python3).
@@ -21,7 +21,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-WORK=$(mkdir -p "${WORK:-$ROOT/runs/gpu_check}" && cd "${WORK:-$ROOT/runs/gpu_check}" && pwd)
+WORK=$(mkdir -p "${WORK:-$ROOT/bench/out/gpu_check}" && cd "${WORK:-$ROOT/bench/out/gpu_check}" && pwd)
 STEP_LIMIT=${STEP_LIMIT:-1800}
 LIMIT=${LIMIT:-256}
 DTYPE=${DTYPE:-bfloat16}

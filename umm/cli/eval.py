@@ -71,7 +71,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
     workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's default)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
-    backend: str | None = typer.Option(None, "--backend", help="Who generates: loop (umm's PyTorch decoding, the default), hf (transformers' generate), vllm (a vLLM engine: umm[vllm] and a CUDA GPU, else an error saying why) or auto (vllm when it can run and load the model, else loop, with a warning)."),
+    backend: str | None = typer.Option(None, "--backend", help="Who generates: loop (umm's PyTorch decoding, the default), hf (transformers' generate), vllm (a vLLM engine: umm[vllm] and a CUDA GPU, else an error saying why) or auto (vllm when it can run and load the model, else the default, with a warning saying why)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""

@@ -132,6 +132,7 @@ class VllmEngine(Engine):
         try:
             self._llm = vllm.LLM(**options)
         except Exception as e:  # unsupported architecture, head size, dtype, out of memory: vLLM's message says
+            _free_gpu()  # what the half-built engine took, before a fallback loads the PyTorch model
             raise VllmLoadError(f"vLLM {getattr(vllm, '__version__', '?')} cannot load {folder}: {first_line(e)}") from e
         self._sampling_params = vllm.SamplingParams
         logger.info("vLLM %s engine on %s (%s)", getattr(vllm, "__version__", "?"), folder, self.dtype)
@@ -198,16 +199,21 @@ class VllmEngine(Engine):
 
     def close(self) -> None:
         """Drop the engine and free its GPU memory (so another engine or model can load)."""
-        import torch
-
         llm = self.__dict__.pop("_llm", None)
         if llm is None:
             return
         del llm
-        gc.collect()
-        with contextlib.suppress(ImportError):
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        _free_gpu()
 
-            cleanup_dist_env_and_memory()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+def _free_gpu() -> None:
+    """Collect dropped engine objects and release vLLM's distributed state and cached GPU memory."""
+    import torch
+
+    gc.collect()
+    with contextlib.suppress(ImportError):
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
