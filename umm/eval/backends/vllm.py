@@ -16,10 +16,15 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set unless the environment a
 so the tensors are handed over by reference, not serialized.
 
 vLLM versions (:data:`VLLM_VERSIONS`): ``LLM.apply_model`` and ``LLM.reset_prefix_cache`` of
-the V1 engine (vLLM 0.8.5 and later; the API is unchanged in the 0.1x releases read for this
-module); a V0 engine without ``apply_model`` is reached through
-``llm.llm_engine.model_executor.driver_worker.model_runner.model``. Written from vLLM's source
-and documentation; not yet run on a GPU here (``bench/gpu_check.sh`` does).
+the V1 engine (added by 0.8.5, still in the current sources); a V0 engine without
+``apply_model`` is reached through ``llm.llm_engine.model_executor.driver_worker.model_runner.model``.
+Newer releases also have a native weight-transfer API (``WeightTransferConfig`` with an NCCL or
+CUDA-IPC backend, ``LLM.update_weights``), made for a trainer in another process; here the
+merged tensors are already in the engine's process, so they are handed over by reference instead
+(that API's CUDA-IPC backend is the way should direct ``load_weights`` calls stop working; its
+``finish_weight_update`` post-processing matters for quantized checkpoints, which the search does
+not merge). Written from vLLM's source and documentation; not yet run on a GPU here
+(``bench/gpu_check.sh`` does).
 """
 
 from __future__ import annotations
