@@ -282,6 +282,25 @@ def test_search_pushes_each_candidate_into_the_engine(tiny_models, fake_vllm, tm
     assert llm.resets == 3  # one in-memory load per candidate, one engine for the whole search
 
 
+def test_a_whole_search_on_the_engine_matches_pytorch(tiny_models, fake_vllm, tmp_path) -> None:
+    from umm.evolve.config import parse_config
+    from umm.evolve.run import run_evolve
+
+    register_probe(make_references(tiny_models["math"], tmp_path / "refs.json", name="mimic-run"))
+    cfg = {"models": [str(tiny_models["math"]), str(tiny_models["code"])], "base_model": str(tiny_models["base"]),
+           "tasks": [{"name": "mimic-run", "search_size": 8, "test_size": 8}], "population": 4,
+           "budget": {"evaluations": 5}, "device": "cpu", "batch_size": 1, "seed": 2, "baselines": ["task_arithmetic"]}
+    plain = run_evolve(parse_config(cfg), tmp_path / "torch")
+    engine = run_evolve(parse_config({**cfg, "backend": "vllm"}), tmp_path / "vllm")
+    fit = [[c.fitness for g in r.state.generations for c in g.candidates] for r in (plain, engine)]
+    assert fit[0] == fit[1] and len(fit[0]) == 5
+    rows = [[(row.name, row.scores) for row in r.comparison.rows] for r in (plain, engine)]
+    assert rows[0] == rows[1]  # the evolved row read back from merged/ into the engine included
+    assert all("--backend vllm" in c for c in engine.comparison.eval_commands)
+    assert not any("--backend" in c for c in plain.comparison.eval_commands)
+    assert len(fake_vllm.instances) == 1  # one engine for the search, the references and the table
+
+
 # ---------------------------------------------------------------------------------------------
 # The real engine: a CUDA GPU and vLLM installed (bench/gpu_check.sh runs these)
 # ---------------------------------------------------------------------------------------------

@@ -631,7 +631,7 @@ def compare_on_test(
     return Comparison(
         weights=weights, rows=rows, best_source=best.name, evolved_minus_best_source=diff,
         resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
-        eval_commands=eval_commands(config, model_dir) if model_dir is not None else [],
+        eval_commands=eval_commands(config, model_dir, worker.engine) if model_dir is not None else [],
     )
 
 
@@ -651,9 +651,17 @@ def paired_difference(
 
 
 def _evaluate_folder(config: EvolveConfig, worker: Worker, folder: Path) -> dict[str, TaskEval]:
-    """Test scores of the model in ``folder``, loaded as ``umm eval`` loads it (its own dtype)."""
+    """Test scores of the model in ``folder``, loaded as ``umm eval`` loads it (its own dtype);
+    with an engine, the folder's tensors are loaded into it (as ``umm eval --backend vllm
+    --dtype DTYPE``), so every row of the table comes from the same back end."""
     from umm.checkpoints.loading import load_causal_lm, load_tokenizer
 
+    if worker.engine is not None:
+        from umm.checkpoints.reader import Checkpoint
+
+        with Checkpoint.open(folder) as ckpt:
+            worker.engine.load_weights((name, ckpt.get_tensor(name)) for name in worker.live.tensor_names)
+        return evaluate_tasks(config, worker.tasks, worker.engine, worker.tokenizer, "test", worker.device)
     model = load_causal_lm(folder, device=worker.device, dtype="auto")
     try:
         return evaluate_tasks(config, worker.tasks, model, load_tokenizer(folder), "test", worker.device)
@@ -661,13 +669,15 @@ def _evaluate_folder(config: EvolveConfig, worker: Worker, folder: Path) -> dict
         del model
 
 
-def eval_commands(config: EvolveConfig, folder: Path) -> list[str]:
-    """``umm eval`` commands that score ``folder`` on the same test items (one per test size)."""
+def eval_commands(config: EvolveConfig, folder: Path, engine: Any = None) -> list[str]:
+    """``umm eval`` commands that score ``folder`` on the same test items (one per test size),
+    with the search's generation ``engine`` if it had one."""
     by_size: dict[int | None, list[str]] = {}
     for t in config.tasks:
         by_size.setdefault(t.test_size, []).append(t.name)
+    via = f" --backend {engine.name} --dtype {config.dtype}" if engine is not None else ""
     return [
         f"umm eval {folder} --task {','.join(names)} --split test --seed {config.seed} "
-        f"--batch-size {config.batch_size}" + (f" --limit {size}" if size is not None else "")
+        f"--batch-size {config.batch_size}" + (f" --limit {size}" if size is not None else "") + via
         for size, names in by_size.items()
     ]
