@@ -108,6 +108,9 @@ for b in $BACKENDS; do
 done
 
 # 5. the report, then the vLLM tests ---------------------------------------------------------------
+report_rc=0
 # shellcheck disable=SC2086  # BACKENDS is a list of words
-"$PY" bench/gpu_report.py "$WORK" --backends $BACKENDS --device-name "$DEVICE_NAME" | tee "$WORK/report.txt"
+"$PY" bench/gpu_report.py "$WORK" --backends $BACKENDS --device-name "$DEVICE_NAME" \
+    | tee "$WORK/report.txt" || report_rc=$?   # 1: a back end left no output; the tests still run
 step tests "$PY" -m pytest -q -rs tests/test_eval_backends.py
+exit "$report_rc"
