@@ -17,6 +17,7 @@
 # LIMIT (test items per task, default 256), DTYPE (default bfloat16: both back ends run it),
 # BACKENDS (default "loop hf vllm"; the first is the reference), TORCH_INDEX (torch's wheel index,
 # default CUDA 12.8), PYTHON (the interpreter that makes the venv, default python3).
+# A dry run of the flow without a GPU: SKIP_INSTALL=1 DEVICE=cpu VARIANT=small BACKENDS="loop hf" LIMIT=8.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -28,6 +29,8 @@ DTYPE=${DTYPE:-bfloat16}
 BACKENDS=${BACKENDS:-"loop hf vllm"}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}
 PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+VARIANT=${VARIANT:-full}
 TASKS=synth-math,synth-list,synth-code
 
 export UMM_HOME="$WORK/umm-home"   # the suite and caches stay inside the work folder
@@ -69,26 +72,30 @@ else
     fi
     UMM="$WORK/venv/bin/umm"
 fi
-step check-gpu "$PY" -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA GPU'; \
+if [ "$DEVICE" = "cpu" ]; then
+    DEVICE_NAME="CPU (dry run)"
+else
+    step check-gpu "$PY" -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA GPU'; \
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'vllm', vllm.__version__)"
-DEVICE_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+    DEVICE_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+fi
 
 # 2. the expert suite -----------------------------------------------------------------------------
-step suite "$UMM" experts prepare --variant full --device cuda
-MATH=$("$PY" -c "from umm.experts.build import load_suite; print(load_suite('full').path('math'))")
+step suite "$UMM" experts prepare --variant "$VARIANT" --device "$DEVICE"
+MATH=$("$PY" -c "from umm.experts.build import load_suite; print(load_suite('$VARIANT').path('math'))")
 
 # 3. umm eval, each back end, same items ----------------------------------------------------------
 for b in $BACKENDS; do
     step "eval-$b" "$UMM" eval "$MATH" --task "$TASKS" --split test --limit "$LIMIT" --seed 0 \
-        --device cuda --dtype "$DTYPE" --backend "$b" \
+        --device "$DEVICE" --dtype "$DTYPE" --backend "$b" \
         --output "$WORK/eval-$b.json" --samples "$WORK/samples-$b.jsonl"
 done
 
 # 4. a short search, each back end ----------------------------------------------------------------
 CONFIG="$WORK/evolve.yaml"
 cat > "$CONFIG" <<EOF
-models: [suite:full/math, suite:full/code]
-base_model: suite:full/base
+models: [suite:$VARIANT/math, suite:$VARIANT/code]
+base_model: suite:$VARIANT/base
 method: task_arithmetic
 tasks:
   - {name: synth-math, search_size: 64}
@@ -96,7 +103,7 @@ tasks:
 population: 4
 budget: {evaluations: 13}
 seed: 0
-device: cuda
+device: $DEVICE
 dtype: $DTYPE
 compare: false
 write_model: false
