@@ -31,6 +31,8 @@ from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
 from umm.errors import UmmError
 from umm.combine.config import CombineSettings, FusionStageSettings
+from umm.eval.backends import Backend
+from umm.eval.generate import DEFAULT_BACKEND
 from umm.evolve.config import Budget
 from umm.evolve.config import EvolveSettings as LibraryEvolveSettings
 from umm.fusion.settings import TrainingSettings
@@ -105,6 +107,10 @@ class CoordinatorConfig(configfile.Strict):
     max_new_tokens: int | None = Field(None, ge=1, description=(
         "Override the tasks' generation length (null: each task's own)."))
     eval_batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    eval_backend: Backend = Field(DEFAULT_BACKEND, description=(
+        "Who generates the benchmark's completions: loop (PyTorch, umm's decoding), hf, vllm (umm[vllm], a CUDA "
+        "GPU; else the evaluation fails with the reason) or auto (vllm when it can run, else loop). "
+        "The evolve section has its own backend key."))
     eval_seed: int = Field(0, description="Seed of the evaluated subsets (and, plus the round number, of a search).")
     device: str = Field("cpu", description="cpu, cuda, cuda:1, auto")
     max_model_bytes: int = Field(64 * 10**9, ge=1, description=(

@@ -85,6 +85,8 @@ class EvaluateJob(_Job):
     batch_size: int
     max_new_tokens: int | None
     device: str
+    #: generation back end (umm.eval.backends); absent in jobs written before it existed
+    backend: str = "loop"
 
 
 JobSpec = Annotated[CombineJob | AdmitJob | EvaluateJob, Field(discriminator="kind")]

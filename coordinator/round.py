@@ -130,7 +130,8 @@ def evaluate_spec(config: CoordinatorConfig, path: Path, split: str) -> Evaluate
     """What :func:`evaluate_here` needs to score ``path`` on the coordinator's tasks."""
     return EvaluateJob(path=path, split=split, tasks=list(config.tasks), seed=config.eval_seed,
                        limit=config.eval_limit if split == "search" else config.test_limit,
-                       batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, device=config.device)
+                       batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, device=config.device,
+                       backend=config.eval_backend)
 
 
 def evaluate_here(spec: EvaluateJob) -> dict[str, float]:
@@ -140,7 +141,7 @@ def evaluate_here(spec: EvaluateJob) -> dict[str, float]:
 
     result = score_folder(spec.path, list(spec.tasks), split=spec.split, limit=spec.limit,  # type: ignore[arg-type]
                           seed=spec.seed, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
-                          device=spec.device, show_progress=False)
+                          device=spec.device, show_progress=False, backend=spec.backend)
     scores = {name: float(s.score) for name, s in result.scores.items()}
     bad = [n for n, v in scores.items() if not math.isfinite(v)]
     if bad:

@@ -3,6 +3,7 @@
     umm eval MODEL --task gsm8k,humaneval [--split test] [--limit N] [--output r.json] [--samples s.jsonl]
     umm eval MODEL --task humaneval --num-samples 10 --temperature 0.8     # pass@1, pass@10
     umm eval --task humaneval --completions completions.jsonl
+    umm eval MODEL --task synth-math --backend vllm          # generate with vLLM (umm[vllm], a CUDA GPU)
     umm eval --list
 """
 
@@ -43,6 +44,7 @@ class EvalOptions:
     threads: int | None
     num_samples: int
     temperature: float
+    backend: str | None = None
 
 
 def register(app: typer.Typer) -> None:
@@ -69,6 +71,7 @@ def eval_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sampling (seeded by --seed)."),
     workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's default)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
+    backend: str | None = typer.Option(None, "--backend", help="Who generates: loop (umm's PyTorch decoding, the default), hf (transformers' generate), vllm (a vLLM engine: umm[vllm] and a CUDA GPU, else an error saying why) or auto (vllm when it can run and load the model, else the default, with a warning saying why)."),
     list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""
@@ -80,7 +83,7 @@ def eval_command(
             model=model, tasks=tuple(t.strip() for t in task.split(",") if t.strip()), split=split, limit=limit,
             seed=seed, data=data, output=output, samples=samples, completions=completions, device=device,
             dtype=dtype, batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat, workers=_workers(workers),
-            threads=threads, num_samples=num_samples, temperature=temperature,
+            threads=threads, num_samples=num_samples, temperature=temperature, backend=backend,
         ))
 
 
@@ -121,7 +124,10 @@ def _run(o: EvalOptions) -> None:
 def _check(o: EvalOptions) -> None:
     """The flags' own errors, before any data or model is read."""
     from umm.errors import UmmError
+    from umm.eval.backends import check_backend
 
+    if o.backend is not None:
+        check_backend(o.backend)
     if not o.tasks:
         raise UmmError("give at least one task with --task (see umm eval --list)")
     if o.split is not None and o.split not in ("search", "test"):
@@ -160,6 +166,7 @@ def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     from umm.cli.common import set_threads
     from umm.errors import UmmError
     from umm.eval.evaluate import evaluate_folder
+    from umm.eval.generate import DEFAULT_BACKEND
     from umm.ui import Bars
 
     if o.model is None:
@@ -168,7 +175,7 @@ def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     return evaluate_folder(o.model, tasks, split=o.split or "test", limit=o.limit, seed=o.seed,  # type: ignore[arg-type]
                            batch_size=o.batch_size, device=o.device, dtype=o.dtype, max_new_tokens=o.max_new_tokens,
                            chat_template=o.chat, sandbox_workers=o.workers, num_samples=o.num_samples,
-                           temperature=o.temperature, on_progress=Bars())
+                           temperature=o.temperature, on_progress=Bars(), backend=o.backend or DEFAULT_BACKEND)
 
 
 def _report(result: EvalResult, output: Path | None, samples: Path | None) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from umm.atomic import write_json_atomic, write_text_atomic
+from umm.eval.generate import DEFAULT_BACKEND
 from umm.eval.sandbox import DEFAULT_WORKERS, SandboxLimits
 from umm.eval.stats import bootstrap_interval, pass_at_k, wilson_interval
 from umm.eval.task import EvalError, EvalSplit, Sample, Task, resolve_tasks
@@ -143,6 +144,7 @@ def evaluate(
     num_samples: int = 1,
     temperature: float = 0.0,
     ks: Sequence[int] = (1, 10, 100),
+    backend: str = DEFAULT_BACKEND,
 ) -> EvalResult:
     """Generate for each task's ``split`` items (a seeded subset of ``limit``) and score.
 
@@ -153,8 +155,10 @@ def evaluate(
     tokenizer's chat template; ``num_threads`` sets torch's CPU threads for the call.
     ``on_progress`` receives a bar per task (generation; scoring too for code tasks);
     ``show_progress`` is shorthand for terminal bars (:func:`umm.ui.progress_sink`).
+    ``model`` may also be an :class:`umm.eval.backends.Engine` (vLLM), which generates itself;
+    ``backend`` picks the PyTorch decoding otherwise (:func:`umm.eval.backends.complete`).
     """
-    from umm.eval.generate import generate
+    from umm.eval.backends import backend_name, complete
 
     if num_samples < 1:
         raise EvalError(f"num_samples must be >= 1, got {num_samples}")
@@ -163,7 +167,8 @@ def evaluate(
     resolved = resolve_tasks(tasks)
     on_progress = progress_sink(on_progress, show_progress)
     result = EvalResult(meta={"split": split, "limit": limit, "seed": seed, "batch_size": batch_size,
-                              "num_samples": num_samples, "temperature": temperature})
+                              "num_samples": num_samples, "temperature": temperature,
+                              "backend": backend_name(model, backend)})
     with _torch_threads(num_threads):
         for task in resolved:
             t0 = time.perf_counter()
@@ -173,10 +178,11 @@ def evaluate(
             runs = [s for s in items for _ in range(num_samples)]
             bar = open_bar(on_progress, len(runs), f"{task.name} ({split})", "sample")
             try:
-                outputs = generate(
+                outputs = complete(
                     model,
                     tokenizer,
                     [s.prompt for s in runs],
+                    backend=backend,
                     max_new_tokens=max_new_tokens or task.max_new_tokens,
                     stop=task.stop,
                     batch_size=batch_size,
@@ -225,26 +231,34 @@ def evaluate_folder(
     temperature: float = 0.0,
     show_progress: bool = False,
     on_progress: ProgressSink | None = None,
+    backend: str = DEFAULT_BACKEND,
 ) -> EvalResult:
     """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
 
     ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
     checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
     returning. ``result.meta["model"]`` is ``path``. ``on_progress``/``show_progress``: as :func:`evaluate`.
+    ``backend``: ``loop``/``hf`` (PyTorch), ``vllm`` (a vLLM engine, or :class:`~umm.eval.backends.BackendError`
+    with the reason) or ``auto`` (vLLM if it can run here and load the model, else PyTorch);
+    ``result.meta["backend"]`` is the one that ran.
     """
     import torch
 
     from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+    from umm.eval.backends import open_engine
 
-    dev = resolve_device(device)
-    model = load_causal_lm(path, device=dev, dtype=dtype)
-    tokenizer = load_tokenizer(path)
+    engine = open_engine(path, backend, device=device, dtype=dtype, seed=seed)
+    dev = resolve_device(device) if engine is None else torch.device("cuda")
+    model = load_causal_lm(path, device=dev, dtype=dtype) if engine is None else engine
+    tokenizer = load_tokenizer(path) if engine is None else engine.tokenizer
     try:
         result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
                           device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
                           sandbox_workers=sandbox_workers, num_samples=num_samples, temperature=temperature,
-                          show_progress=show_progress, on_progress=on_progress)
+                          show_progress=show_progress, on_progress=on_progress, backend=backend)
     finally:
+        if engine is not None:
+            engine.close()
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -49,6 +49,20 @@ def _context_limit(model: Any) -> int | None:
     return None
 
 
+def generation_budget(model: Any, max_new_tokens: int, temperature: float) -> tuple[int, int | None]:
+    """``(max_new_tokens, context limit)``: the arguments checked, and the new tokens cut to half
+    the context when they would fill it (with a warning). ``model``: anything with a ``config``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    limit = _context_limit(model)
+    if limit is not None and max_new_tokens >= limit:
+        max_new_tokens = max(1, limit // 2)
+        logger.warning("max_new_tokens reduced to %d to fit the model's context of %d", max_new_tokens, limit)
+    return max_new_tokens, limit
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool, max_prompt_tokens: int | None) -> list[list[int]]:
     """Token ids per prompt; prompts longer than ``max_prompt_tokens`` keep their last tokens."""
     out = []
@@ -91,15 +105,8 @@ def generate(
 
     if not prompts:
         return []
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    max_new_tokens, limit = generation_budget(model, max_new_tokens, temperature)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    limit = _context_limit(model)
-    if limit is not None and max_new_tokens >= limit:
-        max_new_tokens = max(1, limit // 2)
-        logger.warning("max_new_tokens reduced to %d to fit the model's context of %d", max_new_tokens, limit)
     encoded = encode_prompts(tokenizer, prompts, chat, None if limit is None else limit - max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:

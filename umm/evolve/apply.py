@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -109,6 +110,11 @@ class LiveMerge:
     ``cache_dtype``: sources stored in exactly this dtype are cached as they are (bfloat16 halves
     the memory for bf16 checkpoints, losslessly); everything else is cached in float32. The
     arithmetic is float32 either way.
+
+    ``sink``: when given (a generation engine's ``load_weights``, :mod:`umm.eval.backends`), each
+    merged tensor is handed to it as ``(name, tensor in the parameter's dtype)``, one at a time in
+    one call, instead of being copied into ``model``, which then only gives the names, shapes and
+    dtypes (it may live on the ``meta`` device).
     """
 
     def __init__(
@@ -120,11 +126,14 @@ class LiveMerge:
         seed: int = 0,
         cache_dtype: torch.dtype = torch.float32,
         threads: int | None = None,
+        sink: Callable[[Iterable[tuple[str, torch.Tensor]]], Any] | None = None,
     ) -> None:
         from umm.merge.inputs import open_inputs
 
         self.device = torch.device(device)
         self.model = model
+        #: where merged tensors go instead of ``model``'s parameters (an engine's ``load_weights``)
+        self.sink = sink
         self.seed = int(seed)
         #: CPU worker threads for methods without a fused path (TIES, DARE, SLERP, ...)
         self.threads = max(1, threads if threads is not None else min(4, os.cpu_count() or 1))
@@ -325,31 +334,56 @@ class LiveMerge:
         """
         plan = self._plan(recipe)
         t0 = time.perf_counter()
+        if self.sink is not None:
+            self.sink(self._merged_pairs(recipe, plan))
+            self._synchronize()
+            return time.perf_counter() - t0
         generic: list[str] = []
         for name, param in self.params.items():
             coeffs = self._linear_coefficients(recipe, name, plan)
             if coeffs is None:
                 generic.append(name)
                 continue
-            cached = self.inputs[name]
             out = param.data if param.dtype == torch.float32 else self._scratch(param)
-            (i0, c0), rest = coeffs[0], coeffs[1:]
-            if c0 == 1.0 and rest and cached[i0].dtype == torch.float32:
-                (i1, c1), rest = rest[0], rest[1:]
-                torch.add(cached[i0], cached[i1], alpha=c1, out=out)  # base + c1 * delta1, one pass
-            else:
-                out.copy_(cached[i0])  # upcast first: float32 arithmetic whatever the cache dtype
-                if c0 != 1.0:
-                    out.mul_(c0)
-            for i, c in rest:
-                out.add_(cached[i], alpha=c)
+            self._combine(self.inputs[name], coeffs, out)
             if out is not param.data:
                 param.data.copy_(out)
         if generic:
             self._apply_generic(recipe, generic, plan)
+        self._synchronize()
+        return time.perf_counter() - t0
+
+    def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
+
+    @staticmethod
+    def _combine(cached: list[torch.Tensor], coeffs: list[tuple[int, float]], out: torch.Tensor) -> torch.Tensor:
+        """``out = sum_i c_i * cached[i]`` for the (index, c_i) pairs of :meth:`_linear_coefficients`,
+        accumulated in float32 (``out``), one pass per model."""
+        (i0, c0), rest = coeffs[0], coeffs[1:]
+        if c0 == 1.0 and rest and cached[i0].dtype == torch.float32:
+            (i1, c1), rest = rest[0], rest[1:]
+            torch.add(cached[i0], cached[i1], alpha=c1, out=out)  # base + c1 * delta1, one pass
+        else:
+            out.copy_(cached[i0])  # upcast first: float32 arithmetic whatever the cache dtype
+            if c0 != 1.0:
+                out.mul_(c0)
+        for i, c in rest:
+            out.add_(cached[i], alpha=c)
+        return out
+
+    @torch.no_grad()
+    def _merged_pairs(self, recipe: Any, plan: tuple[Any, int | None]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, merged tensor in the parameter's dtype)`` for every parameter, computed when
+        asked for (one new tensor at a time: the consumer may keep or free it)."""
+        for name, param in self.params.items():
+            coeffs = self._linear_coefficients(recipe, name, plan)
+            if coeffs is None:
+                merged = self.merged_tensor(recipe, name, plan)
+            else:
+                merged = self._combine(self.inputs[name], coeffs, self._scratch(param))
+            yield name, merged.to(param.dtype, copy=True)
 
     @torch.no_grad()
     def _apply_generic(self, recipe: Any, names: list[str], plan: tuple[Any, int | None]) -> None:
@@ -380,6 +414,9 @@ class LiveMerge:
 
     @torch.no_grad()
     def load_source(self, index: int) -> None:
-        """Put the unmerged model ``model_paths[index]`` into the live model."""
+        """Put the unmerged model ``model_paths[index]`` into the live model (or the sink)."""
+        if self.sink is not None:
+            self.sink((name, self.source(name, index).to(param.dtype, copy=True)) for name, param in self.params.items())
+            return
         for name, param in self.params.items():
             param.data.copy_(self.source(name, index))

@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from umm import configfile
 from umm.errors import UmmError
+from umm.eval.backends import Backend
+from umm.eval.generate import DEFAULT_BACKEND
 
 #: Default search bounds per method parameter (``weight`` may exceed 1 only if widened here).
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
@@ -108,6 +110,10 @@ class EvolveSettings(configfile.Strict):
     #: dtype of the live model and of the precomputed tensors (``float32`` or ``bfloat16``...)
     dtype: str = "float32"
     batch_size: int = Field(default=16, ge=1)
+    #: who generates the candidates' completions: ``loop``/``hf`` (PyTorch), ``vllm`` (one vLLM
+    #: engine whose weights each candidate replaces in memory; ``umm[vllm]``, a CUDA GPU) or
+    #: ``auto`` (vLLM when it can run and load the model, else PyTorch); see :mod:`umm.eval.backends`
+    backend: Backend = DEFAULT_BACKEND
     #: dtype of the written merged model
     out_dtype: str | None = None
 

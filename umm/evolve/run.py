@@ -69,7 +69,7 @@ MODEL_DIR = "merged"
 #: sub-folder of the random-search baseline's own state and history
 RANDOM_DIR = "random"
 #: config keys that may change between a run and its resume (they do not change the search)
-RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype", "baselines"})
+RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype", "baselines", "backend"})
 #: bootstrap replicates and seed of ``evolved_minus_best_source``
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -189,12 +189,17 @@ def check_tasks(config: EvolveConfig) -> list[Any]:
 
 
 class Worker:
-    """One device: a live model, its tokenizer and the cached sources; scores genome vectors."""
+    """One device: a live model, its tokenizer and the cached sources; scores genome vectors.
+
+    With the vLLM back end (``config.backend``; :func:`umm.eval.backends.open_engine`) the live
+    model is a vLLM engine: each candidate's merged tensors go into it in memory
+    (``LiveMerge(sink=engine.load_weights)``), and ``model`` only describes the parameters."""
 
     def __init__(self, config: EvolveConfig, genome: Any, tasks: Sequence[Any], device: str) -> None:
         import torch
 
         from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_dtype
+        from umm.eval.backends import open_engine, shape_model
         from umm.evolve.apply import LiveMerge
 
         self.config = config
@@ -202,16 +207,22 @@ class Worker:
         self.tasks = list(tasks)
         self.device = device
         ref = config.base_model or config.models[0]
-        self.model = load_causal_lm(ref, device=device, dtype=config.dtype)
+        self.engine = open_engine(ref, config.backend, device=device, dtype=config.dtype, seed=config.seed)
+        if self.engine is None:
+            self.model = load_causal_lm(ref, device=device, dtype=config.dtype)
+        else:
+            self.model = shape_model(ref, config.dtype)
         self.model.eval()
         self.tokenizer = load_tokenizer(ref)
         self.live = LiveMerge(
-            genome.to_recipe(), self.model, device=device, cache_dtype=resolve_dtype(config.dtype) or torch.float32
+            genome.to_recipe(), self.model, device=device, cache_dtype=resolve_dtype(config.dtype) or torch.float32,
+            sink=None if self.engine is None else self.engine.load_weights,
         )
 
     def evaluate(self, split: str) -> dict[str, TaskEval]:
         """Task name -> score and per-item correctness of the live model on ``split``."""
-        return evaluate_tasks(self.config, self.tasks, self.model, self.tokenizer, split, self.device)
+        model = self.model if self.engine is None else self.engine
+        return evaluate_tasks(self.config, self.tasks, model, self.tokenizer, split, self.device)
 
     def score(self, x: np.ndarray) -> Scored:
         t0 = time.perf_counter()
@@ -237,15 +248,17 @@ def evaluate_tasks(
     config: EvolveConfig, tasks: Sequence[Any], model: Any, tokenizer: Any, split: str, device: Any
 ) -> dict[str, TaskEval]:
     """Score ``model`` on each task's seeded ``split`` subset (``search_size`` / ``test_size``)
-    with :func:`umm.eval.evaluate`, as ``umm eval --split SPLIT --limit SIZE --seed SEED`` does."""
+    with :func:`umm.eval.evaluate`, as ``umm eval --split SPLIT --limit SIZE --seed SEED`` does.
+    ``model``: a PyTorch model (decoded with the PyTorch side of ``config.backend``) or an engine."""
     from umm.eval import evaluate
+    from umm.eval.backends import torch_backend
 
     out: dict[str, TaskEval] = {}
     for spec, task in zip(config.tasks, tasks):
         limit = spec.search_size if split == "search" else spec.test_size
         result = evaluate(
             model, tokenizer, [task], split=split, limit=limit, seed=config.seed,
-            batch_size=config.batch_size, device=device,
+            batch_size=config.batch_size, device=device, backend=torch_backend(config.backend),
         )
         out[spec.name] = TaskEval(result.scores[spec.name], {r.id: bool(r.correct) for r in result.samples[spec.name]})
     return out
@@ -385,7 +398,11 @@ def run_evolve(
         raise ResumeError(f"cannot resume {run_dir}: its search settings differ from the config's")
 
     devices = devices_for(config)
-    workers = [Worker(config, genome, tasks, d) for d in devices]
+    workers = [Worker(config, genome, tasks, devices[0])]
+    if workers[0].engine is None:
+        workers += [Worker(config, genome, tasks, d) for d in devices[1:]]
+    elif len(devices) > 1:
+        logger.info("backend %s: one engine, on %s; the other GPUs stay idle", workers[0].engine.name, devices[0])
     references = reference_objectives(config, workers[0], run_dir)
     search = _Search(transform, workers, names, generations, config.budget.seconds, on_progress)
 
@@ -614,7 +631,7 @@ def compare_on_test(
     return Comparison(
         weights=weights, rows=rows, best_source=best.name, evolved_minus_best_source=diff,
         resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
-        eval_commands=eval_commands(config, model_dir) if model_dir is not None else [],
+        eval_commands=eval_commands(config, model_dir, worker.engine) if model_dir is not None else [],
     )
 
 
@@ -634,9 +651,17 @@ def paired_difference(
 
 
 def _evaluate_folder(config: EvolveConfig, worker: Worker, folder: Path) -> dict[str, TaskEval]:
-    """Test scores of the model in ``folder``, loaded as ``umm eval`` loads it (its own dtype)."""
+    """Test scores of the model in ``folder``, loaded as ``umm eval`` loads it (its own dtype);
+    with an engine, the folder's tensors are loaded into it (as ``umm eval --backend vllm
+    --dtype DTYPE``), so every row of the table comes from the same back end."""
     from umm.checkpoints.loading import load_causal_lm, load_tokenizer
 
+    if worker.engine is not None:
+        from umm.checkpoints.reader import Checkpoint
+
+        with Checkpoint.open(folder) as ckpt:
+            worker.engine.load_weights((name, ckpt.get_tensor(name)) for name in worker.live.tensor_names)
+        return evaluate_tasks(config, worker.tasks, worker.engine, worker.tokenizer, "test", worker.device)
     model = load_causal_lm(folder, device=worker.device, dtype="auto")
     try:
         return evaluate_tasks(config, worker.tasks, model, load_tokenizer(folder), "test", worker.device)
@@ -644,13 +669,15 @@ def _evaluate_folder(config: EvolveConfig, worker: Worker, folder: Path) -> dict
         del model
 
 
-def eval_commands(config: EvolveConfig, folder: Path) -> list[str]:
-    """``umm eval`` commands that score ``folder`` on the same test items (one per test size)."""
+def eval_commands(config: EvolveConfig, folder: Path, engine: Any = None) -> list[str]:
+    """``umm eval`` commands that score ``folder`` on the same test items (one per test size),
+    with the search's generation ``engine`` if it had one."""
     by_size: dict[int | None, list[str]] = {}
     for t in config.tasks:
         by_size.setdefault(t.test_size, []).append(t.name)
+    via = f" --backend {engine.name} --dtype {config.dtype}" if engine is not None else ""
     return [
         f"umm eval {folder} --task {','.join(names)} --split test --seed {config.seed} "
-        f"--batch-size {config.batch_size}" + (f" --limit {size}" if size is not None else "")
+        f"--batch-size {config.batch_size}" + (f" --limit {size}" if size is not None else "") + via
         for size, names in by_size.items()
     ]
