@@ -198,8 +198,11 @@ def test_coordinator_passes_its_eval_backend_to_the_evaluation(tmp_path) -> None
     assert evaluate_spec(CoordinatorConfig(), tmp_path, "search").backend == "loop"
     cfg = parse_config({"eval_backend": "auto", "evolve": {"backend": "vllm"}})
     assert evaluate_spec(cfg, tmp_path, "test").backend == "auto"
-    assert cfg.evolve.evolve_config(models=["a", "b"], tasks=["synth-math"], search_size=8, test_size=8,
-                                    device="cuda", seed=0).backend == "vllm"
+    from coordinator.jobspec import CombineJob
+
+    job = CombineJob(models=[tmp_path / "a", tmp_path / "b"], pivot=tmp_path / "a", tasks=["synth-math"], search_size=8,
+                     test_size=8, device="cuda", seed=0, run_dir=tmp_path / "run", settings=cfg.combine_settings())
+    assert job.combine_config().evolve.backend == "vllm"  # the round's search runs on the evolve section's back end
 
 
 # ---------------------------------------------------------------------------------------------
