@@ -412,9 +412,8 @@ class PushResult:
     commit_url: str | None
 
 
-def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> PushPlan:
-    """The upload of ``folder`` to ``repo_id``, checked without a network: a valid repo id, a model
-    folder with safetensors weights, ``config.json`` and a ``README.md`` model card."""
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a ``--push-to-hub`` target that is not ``org/name`` (before any work, no network)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -423,6 +422,12 @@ def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, commit
         raise HubPushError(f"--push-to-hub {repo_id!r} is not a repo id ({exc}); write org/name") from None
     if "/" not in repo_id:
         raise HubPushError(f"--push-to-hub {repo_id!r}: write the repo as org/name (your user name or an organisation)")
+
+
+def plan_push(folder: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None) -> PushPlan:
+    """The upload of ``folder`` to ``repo_id``, checked without a network: a valid repo id, a model
+    folder with safetensors weights, ``config.json`` and a ``README.md`` model card."""
+    check_repo_id(repo_id)
     root = Path(folder)
     if not (root / "config.json").is_file():
         raise HubPushError(f"{root}: no config.json; only a finished model folder is pushed")
