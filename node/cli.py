@@ -139,7 +139,7 @@ def join(
     from umm.ui import Bars
 
     cfg = NodeConfig(
-        model=resolve_folder(model, on_progress=Bars()), domains=list(domain), name=name, network=network,
+        model=resolve_folder(model, on_progress=Bars(), real_files=True), domains=list(domain), name=name, network=network,
         data_dir=data_dir if data_dir is not None else default_data_dir(), identity_path=identity_path,
         initial_peers=list(initial_peers or []), coordinator_public_key=_coordinator_key(coordinator_key),
         host=host, port=port, dht_port=dht_port, announce_host=announce_host, refresh_period=refresh_period,

@@ -176,10 +176,14 @@ def resolve(text: str, *, base_dir: str | Path | None = None, on_progress: Progr
 
 
 def resolve_folder(text: str, *, base_dir: str | Path | None = None,
-                   on_progress: ProgressSink | None = None) -> Path:
+                   on_progress: ProgressSink | None = None, real_files: bool = False) -> Path:
     """The model folder of ``text`` for a command that loads the model whole (eval, evolve, fuse,
-    a node): as :func:`resolve`, refusing ``model+adapter`` (merge it first)."""
+    a node): as :func:`resolve`, refusing ``model+adapter`` (merge it first). ``real_files``: a hub
+    snapshot (symlinks into the cache's blobs) is given as a folder of plain files
+    (:func:`materialize`), for code that refuses links, such as a node's manifest."""
     r = resolve(text, base_dir=base_dir, on_progress=on_progress)
+    if real_files and r.adapter is None:
+        return materialize(r.folder)
     if r.adapter is not None:
         raise AdapterNotSupportedError(
             f"{text}: a model+adapter reference is applied in merge recipes only; write the adapted "
@@ -187,6 +191,54 @@ def resolve_folder(text: str, *, base_dir: str | Path | None = None,
             "run with `umm merge`) and give its folder here"
         )
     return r.folder
+
+
+def snapshot_root(folder: Path) -> Path | None:
+    """The cache folder (``models--org--name``) of a hub snapshot folder, whose files are links into
+    its ``blobs``; ``None`` for any other folder."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return None
+
+
+def materialize(folder: Path) -> Path:
+    """A hub snapshot's files as plain files (hard links to the blobs where the filesystem allows,
+    else copies) in ``<umm home>/hub/<models--org--name>/<commit>``, made once; other folders as is.
+    Only links that resolve inside the snapshot's own cache folder are followed."""
+    import shutil
+
+    from umm.paths import home
+
+    root = snapshot_root(folder)
+    if root is None:
+        return folder
+    target = home() / "hub" / root.name / folder.name
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for entry in sorted(folder.iterdir()):
+            src = entry.resolve()
+            if not src.is_file() or root.resolve() not in src.parents:
+                raise CheckpointError(f"{entry}: a snapshot file that is not a link into {root}; the cache is damaged")
+            try:
+                os.link(src, tmp / entry.name)
+            except OSError:
+                shutil.copyfile(src, tmp / entry.name)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process made it meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def _refuse_adapter(text: str, folder: Path) -> None:

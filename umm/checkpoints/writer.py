@@ -407,13 +407,14 @@ class CheckpointWriter:
     def write_json(self, relpath: str, obj: Any) -> None:
         self.write_text(relpath, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-    def copy_files(self, src_dir: str | Path, names: Iterable[str]) -> list[str]:
-        """Copy the named files that exist in ``src_dir`` (regular files only); return those copied."""
+    def copy_files(self, src_dir: str | Path, names: Iterable[str], *, links_within: Path | None = None) -> list[str]:
+        """Copy the named files that exist in ``src_dir`` (regular files only, or symlinks whose target
+        lies inside ``links_within``, as a hub cache snapshot's links into its blobs); return those copied."""
         copied = []
         src_dir = Path(src_dir)
         for name in names:
             src = src_dir / name
-            if src.is_file() and not src.is_symlink():
+            if src.is_file() and (not src.is_symlink() or _link_inside(src, links_within)):
                 try:
                     shutil.copyfile(src, self._tmp(name))
                 except OSError as exc:
@@ -533,6 +534,13 @@ class BackgroundSync:
             thread.join()
         if self._error is not None:
             raise self._error
+
+
+def _link_inside(link: Path, root: Path | None) -> bool:
+    """Whether the symlink ``link`` resolves to a file inside ``root`` (never when ``root`` is ``None``)."""
+    if root is None:
+        return False
+    return Path(root).resolve() in link.resolve().parents
 
 
 def partial_prefix(out_dir: str | Path) -> str:

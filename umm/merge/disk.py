@@ -22,6 +22,7 @@ import torch
 from umm import __version__
 from umm.checkpoints.errors import IncompatibleCheckpointsError
 from umm.checkpoints.fingerprint import tokenizer_fingerprint
+from umm.checkpoints.hub import snapshot_root
 from umm.checkpoints.reader import read_json_file
 from umm.checkpoints.writer import (
     TOKENIZER_FILES,
@@ -123,7 +124,7 @@ class Extras:
     def write(self, writer: CheckpointWriter) -> None:
         """Write every file into the writer's (temporary) output folder."""
         for src, name in self.copies:
-            writer.copy_files(src, [name])
+            writer.copy_files(src, [name], links_within=snapshot_root(src))
         for rel, text in self.texts.items():
             writer.write_text(rel, text)
 
