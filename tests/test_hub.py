@@ -226,3 +226,21 @@ def test_a_node_gets_plain_files_for_a_hub_id(offline_cache, tmp_path, monkeypat
     assert not any(p.is_symlink() for p in folder.iterdir())
     assert build_manifest(folder).files
     assert hub.resolve_folder("org/base", real_files=True) == folder  # made once
+
+
+def test_the_progress_class_takes_what_huggingface_hub_does_to_its_bars(recorder):
+    """snapshot_download drives tqdm_class bars by attributes and helpers, not only update()."""
+    bar_class = hub.sink_tqdm(recorder, "org/x")
+    bar = bar_class(desc="Downloading bytes", total=0, initial=0, unit="B", unit_scale=True, bar_format="{n}")
+    bar.total = 10
+    bar.refresh()
+    bar.update(4)
+    bar.set_postfix_str(str(bar.format_dict.get("rate")), refresh=False)
+    bar.set_description_str("Download complete")
+    assert not bar.disable and bar.n == 4
+    with bar_class.get_lock():
+        items = list(bar_class(iter([1, 2]), desc="Fetching 2 files"))
+    bar.close()
+    assert items == [1, 2]
+    assert [(b.desc, b.unit, b.done, b.closed) for b in recorder.bars] == [
+        ("download org/x: Downloading bytes", "B", 4, True), ("download org/x: Fetching 2 files", "file", 2, True)]

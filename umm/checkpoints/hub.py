@@ -318,13 +318,14 @@ def snapshot(repo_id: str, revision: str | None = None, *, on_progress: Progress
     except hf.LocalEntryNotFoundError:
         if offline:
             raise NotCachedOfflineError(
-                f"{what}: not in the hub cache ({hub_cache_dir() or 'huggingface_hub default'}) and "
+                f"{what}: no such folder here, and not in the hub cache "
+                f"({hub_cache_dir() or 'huggingface_hub default'}) while "
                 f"HF_HUB_OFFLINE=1 forbids downloading it: download it once online with "
                 f"`hf download {repo_id}{f' --revision {revision}' if revision else ''} --include "
                 f"'*.safetensors' '*.json' 'tokenizer.model' '*.txt'`, or unset HF_HUB_OFFLINE"
             ) from None
         raise HubUnreachableError(
-            f"{what}: the Hugging Face Hub cannot be reached and the files are not in the cache; "
+            f"{what}: no such folder here, the Hugging Face Hub cannot be reached and the files are not in the cache; "
             "check the network (or a proxy), or download it where there is one"
         ) from None
     except (hf.HfHubHTTPError, OSError) as exc:
@@ -387,6 +388,7 @@ def sink_tqdm(sink: ProgressSink | None, what: str) -> type:
 
     class SinkTqdm:
         _lock = threading.RLock()
+        disable = False
 
         def __init__(self, iterable: Iterable[Any] | None = None, *args: Any, total: float | None = None,
                      desc: str | None = None, unit: str = "it", initial: float = 0, **kwargs: Any) -> None:
@@ -425,6 +427,10 @@ def sink_tqdm(sink: ProgressSink | None, what: str) -> type:
         @classmethod
         def set_lock(cls, lock: Any) -> None:
             cls._lock = lock
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {"n": self.n, "total": self.total, "rate": None}
 
         def __getattr__(self, name: str) -> Any:  # refresh, set_description, set_postfix_str ...
             return lambda *a, **k: None
