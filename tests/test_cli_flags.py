@@ -46,6 +46,6 @@ def test_no_overwrite_and_overwrite_both_parse(tiny_models, tmp_path):
     out.mkdir()
     (out / "x").write_text("occupied")
     res = runner.invoke(umm_app, ["merge", str(recipe), str(out), "--dry-run", "--no-overwrite"])
-    assert res.exit_code == 2 and "already exists" in res.output
+    assert res.exit_code == 2 and "already exists" in " ".join(res.output.split())
     res = runner.invoke(umm_app, ["merge", str(recipe), str(out), "--dry-run", "--overwrite"])
     assert res.exit_code == 0, res.output
