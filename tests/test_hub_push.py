@@ -94,3 +94,13 @@ def test_umm_merge_push_to_hub_uploads_the_output(tiny_models, tmp_path, monkeyp
     assert "pushed" in res.output
     res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "p"), "--push-to-hub", "noslash"])
     assert res.exit_code == 2 and "org/name" in res.output and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("command", ["evolve", "fuse"])
+def test_evolve_and_fuse_refuse_a_bad_push_target_before_any_work(command, tmp_path):
+    """The examples name suite: models, which would be built first: the repo id is checked before."""
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / f"{command}.yaml"
+    res = CliRunner().invoke(app, [command, str(example), "--push-to-hub", "noslash"])
+    assert res.exit_code == 2 and "org/name" in res.output

@@ -43,16 +43,18 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     from umm.evolve.run import default_run_dir, run_evolve
     from umm.ui import Bars, console
 
+    if push_to_hub is not None:
+        from umm.checkpoints.hub import check_repo_id
+
+        check_repo_id(push_to_hub)  # before the suite or the hub models are fetched
     over = config_overrides(config, sets=sets, suite=suite, model_keys=("models", "base_model"))
     over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity))
                  if v is not None})
     cfg = load_config(config, **over)
-    if push_to_hub is not None:
-        from umm.checkpoints.hub import HubPushError, check_repo_id
+    if push_to_hub is not None and not cfg.write_model:
+        from umm.checkpoints.hub import HubPushError
 
-        check_repo_id(push_to_hub)
-        if not cfg.write_model:
-            raise HubPushError("--push-to-hub needs the merged model: set write_model: true in the config")
+        raise HubPushError("--push-to-hub needs the merged model: set write_model: true in the config")
     n_threads = set_threads(threads, sandbox_workers=DEFAULT_WORKERS)  # what scoring a code task runs
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
