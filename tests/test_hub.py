@@ -169,7 +169,7 @@ def test_downloads_fetch_safetensors_configs_and_tokenizers_only_and_report_prog
     allow, ignore = seen["allow_patterns"], seen["ignore_patterns"]
     assert "*.safetensors" in allow and "*.json" in allow and "tokenizer.model" in allow and "*.tiktoken" in allow
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in allow)
-    assert {"*.bin", "*.pt", "*.pth"} <= set(ignore)
+    assert {"*.bin", "*.pt", "*.pth", "consolidated*", "*/*"} <= set(ignore)
     (bar,) = recorder.bars
     assert bar.total == 3 and bar.done == 3 and "org/x" in bar.desc and bar.closed
 

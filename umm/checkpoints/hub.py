@@ -39,8 +39,9 @@ from umm.progress import ProgressBar, ProgressSink, open_bar
 ALLOW_PATTERNS: tuple[str, ...] = (
     "*.safetensors", "*.json", "tokenizer.model", "spiece.model", "*.tiktoken", "*.txt", "*.jinja",
 )
-#: never fetched: anything in a sub-folder (other formats, originals), and pickle weights
-IGNORE_PATTERNS: tuple[str, ...] = ("*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+#: never fetched: anything in a sub-folder (other formats, originals), pickle weights, and the
+#: ``consolidated*`` copy of the weights some repos (Mistral's) keep beside the transformers shards
+IGNORE_PATTERNS: tuple[str, ...] = ("*/*", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "consolidated*")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKEN_HELP = "set HF_TOKEN (or run `hf auth login`)"
 
