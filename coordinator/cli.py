@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags shown as --x/--no-x, never with a <bool> metavar
 )
 
 
@@ -29,7 +30,7 @@ def _root() -> None:
 def init(
     folder: Path = typer.Argument(Path("."), help="Where to write coordinator.yaml and coordinator.key."),
     network: str = typer.Option("umm", help="Network name (letters, digits, '-', '_')."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing config and key."),
+    force: bool = typer.Option(False, "--force/--no-force", help="Overwrite an existing config and key."),
 ) -> None:
     """Write a commented config and a fresh key pair; print the public key nodes must trust."""
     from coordinator.config import write_config
@@ -47,7 +48,7 @@ def run(
     config: Path = typer.Option(..., "--config", "-c", help="coordinator.yaml (from `umm-coordinator init`)."),
     rounds: int = typer.Option(0, help="Stop after this many rounds (0: run until interrupted)."),
     linger: bool = typer.Option(
-        False, "--linger", help="After the last of --rounds, keep serving files, status and records until interrupted."
+        False, "--linger/--no-linger", help="After the last of --rounds, keep serving files, status and records until interrupted."
     ),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
     ready_file: Path = typer.Option(

@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags shown as --x/--no-x, never with a <bool> metavar
 )
 
 
@@ -95,7 +96,7 @@ def _add_log_file(data_dir: Path) -> None:
 
 @app.command()
 def join(
-    model: Path = typer.Option(..., "--model", help=_describe("model")),
+    model: str = typer.Option(..., "--model", help=_describe("model")),  # a hub id (org/name[@rev]) is fetched first
     domain: list[str] = typer.Option(..., "--domain", help="Domain the model is an expert in (repeatable)."),
     name: str | None = typer.Option(None, "--name", help=_describe("name")),
     network: str = _NETWORK,
@@ -134,9 +135,11 @@ def join(
     from node.app import Node, check_model
     from node.config import default_data_dir
     from node.selfeval import parse_tasks, self_evaluate
+    from umm.checkpoints.hub import resolve_folder
+    from umm.ui import Bars
 
     cfg = NodeConfig(
-        model=model, domains=list(domain), name=name, network=network,
+        model=resolve_folder(model, on_progress=Bars(), real_files=True), domains=list(domain), name=name, network=network,
         data_dir=data_dir if data_dir is not None else default_data_dir(), identity_path=identity_path,
         initial_peers=list(initial_peers or []), coordinator_public_key=_coordinator_key(coordinator_key),
         host=host, port=port, dht_port=dht_port, announce_host=announce_host, refresh_period=refresh_period,
@@ -197,7 +200,7 @@ def status(
     network: str = _NETWORK,
     initial_peers: list[str] = typer.Option(..., "--initial-peers", help="Multiaddr of a running peer; repeat for several."),
     coordinator_key: str | None = _COORD,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    as_json: bool = typer.Option(False, "--json/--no-json", help="Print JSON instead of tables."),
 ) -> None:
     """Print what the network holds: experts, leaderboard, latest merged model."""
     from node.status import read_status, render, to_json

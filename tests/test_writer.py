@@ -220,10 +220,11 @@ def test_existing_output_refused_unless_overwrite(tmp_path: Path):
 
 def test_model_card_names_sources_method_and_recipe():
     card = model_card(method="ties", sources=["/m/base", "/m/a"], base_model="/m/base",
-                      parameters={"normalize": True}, recipe_yaml="merge_method: ties\n",
+                      recipe={"merge_method": "ties", "parameters": {"normalize": True}},
+                      recipe_yaml="merge_method: ties\n",
                       out_dtype="bfloat16", version="9.9")
     assert "`/m/base` (base)" in card and "`/m/a`" in card
-    assert "ties" in card and "`normalize`: true" in card and "merge_method: ties" in card and "9.9" in card
+    assert "ties" in card and "`normalize`: `true`" in card and "merge_method: ties" in card and "9.9" in card
 
 
 def test_background_syncs_run_while_writing_and_their_errors_fail_the_output(

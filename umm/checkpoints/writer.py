@@ -407,13 +407,14 @@ class CheckpointWriter:
     def write_json(self, relpath: str, obj: Any) -> None:
         self.write_text(relpath, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-    def copy_files(self, src_dir: str | Path, names: Iterable[str]) -> list[str]:
-        """Copy the named files that exist in ``src_dir`` (regular files only); return those copied."""
+    def copy_files(self, src_dir: str | Path, names: Iterable[str], *, links_within: Path | None = None) -> list[str]:
+        """Copy the named files that exist in ``src_dir`` (regular files only, or symlinks whose target
+        lies inside ``links_within``, as a hub cache snapshot's links into its blobs); return those copied."""
         copied = []
         src_dir = Path(src_dir)
         for name in names:
             src = src_dir / name
-            if src.is_file() and not src.is_symlink():
+            if src.is_file() and (not src.is_symlink() or _link_inside(src, links_within)):
                 try:
                     shutil.copyfile(src, self._tmp(name))
                 except OSError as exc:
@@ -535,6 +536,13 @@ class BackgroundSync:
             raise self._error
 
 
+def _link_inside(link: Path, root: Path | None) -> bool:
+    """Whether the symlink ``link`` resolves to a file inside ``root`` (never when ``root`` is ``None``)."""
+    if root is None:
+        return False
+    return Path(root).resolve() in link.resolve().parents
+
+
 def partial_prefix(out_dir: str | Path) -> str:
     """Name prefix of the temporary folders of an output ``out_dir`` (beside it)."""
     return f".{Path(out_dir).name}.partial-"
@@ -555,28 +563,56 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
             raise OutputExistsError(f"output path {p} exists and is not a folder; remove it first")
 
 
+def card_base_models(sources: Sequence[str]) -> list[str]:
+    """The hub ids among ``sources`` as the card's ``base_model`` lists them: ``org/name`` of each
+    reference written as ``org/name``, ``org/name@rev`` or ``org/name+adapter`` (the revision and
+    the adapter dropped); references written as other paths (``./x``, ``/abs/x``) are not ids."""
+    from umm.checkpoints.hub import parse_repo_id
+
+    out: list[str] = []
+    for s in sources:
+        repo = parse_repo_id(s.partition("+")[0])
+        if repo is not None and repo not in out:
+            out.append(repo)
+    return out
+
+
 def model_card(
     *,
     method: str,
     sources: Sequence[str],
     base_model: str | None,
-    parameters: Mapping[str, Any],
+    recipe: Mapping[str, Any],
     recipe_yaml: str,
     out_dtype: str,
     version: str,
+    scores: Mapping[str, float] | None = None,
     date: _dt.datetime | None = None,
 ) -> str:
-    """A README.md model card naming the sources, the method, its parameters and the recipe."""
+    """The README.md model card of a merge, built with :class:`huggingface_hub.ModelCard`.
+
+    Card data: ``base_model`` (:func:`card_base_models` of ``sources``) with
+    ``base_model_relation: merge``, ``library_name: transformers``, ``tags`` (merge, umm, the
+    method), and under ``umm`` the ``recipe`` (its plain-data form, as its YAML reads) and the
+    ``scores`` when known. The text names every source, the parameters and the recipe YAML.
+    The card is parsed back before it is returned, so a card that would not load fails here.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
     date = date or _dt.datetime.now(_dt.timezone.utc)
+    bases = card_base_models(sources)
+    umm_data: dict[str, Any] = {"version": version, "method": method, "sources": list(sources),
+                                "recipe": _plain_data(recipe)}
+    if scores:
+        umm_data["scores"] = {k: float(v) for k, v in scores.items()}
+    data = ModelCardData(
+        base_model=bases or None,
+        library_name="transformers",
+        tags=["merge", "umm", method],
+        umm=umm_data,
+        **({"base_model_relation": "merge"} if bases else {}),
+    )
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- umm",
-        "- merge",
-        f"- {method}",
-        "---",
-        "",
         f"# Merged model ({method})",
         "",
         f"Made with umm {version} on {date.strftime('%Y-%m-%d %H:%M UTC')} "
@@ -587,12 +623,29 @@ def model_card(
     ]
     for s in sources:
         lines.append(f"- `{s}`" + (" (base)" if base_model is not None and s == base_model else ""))
+    params = recipe.get("parameters") or {}
     lines += ["", "## Parameters", ""]
-    if parameters:
-        for k, v in parameters.items():
-            lines.append(f"- `{k}`: {json.dumps(v)}")
-    else:
-        lines.append("(method defaults)")
+    lines += [f"- `{k}`: `{json.dumps(_plain_data(v))}`" for k, v in params.items()] or ["(method defaults)"]
+    if scores:
+        lines += ["", "## Scores", "", "| task | score |", "|---|---|"]
+        lines += [f"| {k} | {float(v):.4f} |" for k, v in scores.items()]
     lines += ["", "## Recipe", "", "Reproduce with `umm merge umm_recipe.yaml OUT_DIR`:", "", "```yaml",
               recipe_yaml.rstrip("\n"), "```", ""]
-    return "\n".join(lines)
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    try:
+        ModelCard(text)
+    except Exception as exc:  # the card must load on the hub: say so before any tensor is written
+        raise UmmError(f"the model card does not parse back ({exc}); this is a bug in umm") from None
+    return text
+
+
+def _plain_data(value: Any) -> Any:
+    """``value`` as JSON-able plain data: pydantic models dumped, tuples as lists (a recipe's
+    filter rules are pydantic models; ``json.dumps`` of them raised ``TypeError``)."""
+    if hasattr(value, "model_dump"):
+        return _plain_data(value.model_dump(mode="json", exclude_none=True))
+    if isinstance(value, Mapping):
+        return {str(k): _plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(v) for v in value]
+    return value

@@ -34,6 +34,24 @@ def user_errors() -> Iterator[None]:
 
 
 
+PUSH_HELP = ("Upload the model folder to this Hugging Face Hub repo (org/name; created if needed) once it is "
+             "written; token from HF_TOKEN or `hf auth login`.")
+PRIVATE_HELP = "With --push-to-hub: create the repo private."
+
+
+def push_output(folder: Path, repo: str, private: bool, message: str) -> None:
+    """``--push-to-hub``: upload ``folder`` to ``repo`` (:func:`umm.checkpoints.hub.push_folder`)
+    and print where it went."""
+    from umm.checkpoints.hub import execute_push, plan_push
+    from umm.ui import console, human_bytes
+
+    plan = plan_push(folder, repo, private=private, commit_message=message)
+    console.print(f"pushing {len(plan.files)} files ({human_bytes(plan.total_bytes)}) to {repo}"
+                  f"{' (private)' if private else ''} ...", highlight=False)
+    result = execute_push(plan)
+    console.print(f"pushed: {result.commit_url or result.repo_url}", highlight=False)
+
+
 def field_default(config: type[BaseModel], name: str) -> Any:
     """The default of the pydantic model ``config``'s field ``name`` (its ``default_factory`` called
     if it has one): the config owns every default, and the command-line flags that set the field
@@ -138,6 +156,21 @@ def resolve_suite_ref(ref: str, variant: str | None = None) -> str:
     return str(suite.path(model))
 
 
+def resolve_model_ref(ref: str, suite: str | None = None, base_dir: Path | None = None) -> str:
+    """The folder of a model reference that is not a plain path: ``suite:<variant>/<model>``
+    (:func:`resolve_suite_ref`) or a hub id (:func:`umm.checkpoints.hub.resolve_folder`, downloaded
+    with a progress bar); anything else is returned as is, for the config's path rule
+    (relative to ``base_dir``, the config's folder) to read."""
+    if ref.startswith(SUITE_PREFIX):
+        return resolve_suite_ref(ref, suite)
+    from umm.checkpoints.hub import is_hub_ref, resolve_folder
+    from umm.ui import Bars
+
+    if not is_hub_ref(ref, base_dir=base_dir):
+        return ref
+    return str(resolve_folder(ref, base_dir=base_dir, on_progress=Bars()))
+
+
 def resolve_instructions_ref(ref: str) -> str:
     """The JSONL file of ``instructions:<domain>=<n>,...`` (e.g. ``instructions:list=1000,math=1000``),
     written once into ``$UMM_HOME/fusion/data/`` from the suites' ``train`` split
@@ -170,9 +203,9 @@ def config_overrides(
     """Top-level values that replace those of the YAML config at ``path``, for its ``load_config``.
 
     ``sets`` are ``KEY=VALUE`` overrides (``KEY`` may be dotted, e.g. ``budget.evaluations=9``;
-    ``VALUE`` is read as YAML, e.g. ``tasks=[synth-math]``). Then every ``suite:<variant>/<model>``
-    under ``model_keys`` becomes its folder (:func:`resolve_suite_ref`, ``suite`` replacing the
-    variant) and every ``instructions:...`` under ``data_keys`` its file
+    ``VALUE`` is read as YAML, e.g. ``tasks=[synth-math]``). Then every model reference under
+    ``model_keys`` that is not a folder becomes one (:func:`resolve_model_ref`: ``suite:<variant>/<model>``,
+    ``suite`` replacing the variant; a hub id ``org/name[@rev]``) and every ``instructions:...`` under ``data_keys`` its file
     (:func:`resolve_instructions_ref`). A file the library cannot read is left to it to report.
     """
     import copy
@@ -195,9 +228,9 @@ def config_overrides(
     for key in model_keys:
         value = data.get(key)
         refs = value if isinstance(value, list) else [value]
-        if any(isinstance(v, str) and v.startswith(SUITE_PREFIX) for v in refs):
-            found = True
-            done = [resolve_suite_ref(v, suite) if isinstance(v, str) and v.startswith(SUITE_PREFIX) else v for v in refs]
+        found = found or any(isinstance(v, str) and v.startswith(SUITE_PREFIX) for v in refs)
+        done = [resolve_model_ref(v, suite, Path(path).parent) if isinstance(v, str) else v for v in refs]
+        if done != refs:
             data[key] = done if isinstance(value, list) else done[0]
     if suite is not None and not found:
         raise UmmError(f"--suite {suite} applies to suite:<variant>/<model> references, and {path} has none "

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the CLI imports the library lazily, so `umm --help` stays f
 class EvalOptions:
     """What ``umm eval`` was asked to do (its arguments and flags, as typed values)."""
 
-    model: Path | None
+    model: str | None
     tasks: tuple[str, ...]
     split: str | None
     limit: int | None
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    model: Path | None = typer.Argument(None, help="Model folder (Hugging Face format, safetensors). Not needed with --completions or --list."),
+    model: str | None = typer.Argument(None, help="Model folder (Hugging Face format, safetensors) or Hugging Face Hub id (org/name, org/name@revision). Not needed with --completions or --list."),
     task: str = typer.Option("", "--task", "-t", help="Task name(s), comma-separated (see --list)."),
     split: str | None = typer.Option(None, "--split", help="search (used to tune merges) or test (used to report; the default). With --completions, default: every item."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate a seeded subset of N items per task."),
@@ -72,7 +72,7 @@ def eval_command(
     workers: int | None = typer.Option(None, "--workers", help="Sandboxed programs run in parallel (code tasks; default: umm.eval's default)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus --workers, at least 1)."),
     backend: str | None = typer.Option(None, "--backend", help="Who generates: loop (umm's PyTorch decoding, the default), hf (transformers' generate), vllm (a vLLM engine: umm[vllm] and a CUDA GPU, else an error saying why) or auto (vllm when it can run and load the model, else the default, with a warning saying why)."),
-    list_: bool = typer.Option(False, "--list", help="List the tasks with their domains and split sizes, and exit."),
+    list_: bool = typer.Option(False, "--list/--no-list", help="List the tasks with their domains and split sizes, and exit."),
 ) -> None:
     """Evaluate MODEL on one or more tasks and print scores with 95% confidence intervals."""
     with user_errors():
@@ -163,6 +163,7 @@ def _score_completions(o: EvalOptions, tasks: list[Task]) -> EvalResult:
 
 
 def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
+    from umm.checkpoints.hub import resolve_folder
     from umm.cli.common import set_threads
     from umm.errors import UmmError
     from umm.eval.evaluate import evaluate_folder
@@ -171,8 +172,9 @@ def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
 
     if o.model is None:
         raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
+    folder = resolve_folder(o.model, on_progress=Bars())
     set_threads(o.threads, sandbox_workers=o.workers)
-    return evaluate_folder(o.model, tasks, split=o.split or "test", limit=o.limit, seed=o.seed,  # type: ignore[arg-type]
+    return evaluate_folder(folder, tasks, split=o.split or "test", limit=o.limit, seed=o.seed,  # type: ignore[arg-type]
                            batch_size=o.batch_size, device=o.device, dtype=o.dtype, max_new_tokens=o.max_new_tokens,
                            chat_template=o.chat, sandbox_workers=o.workers, num_samples=o.num_samples,
                            temperature=o.temperature, on_progress=Bars(), backend=o.backend or DEFAULT_BACKEND)

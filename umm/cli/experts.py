@@ -43,7 +43,7 @@ def _models_table(suite) -> object:
 def prepare(
     variant: str = typer.Option("full", "--variant", help="full (the demo suite, ~10 min on 2 cores) or small (tests, < 1 min)."),
     directory: Path | None = typer.Option(None, "--dir", help="Parent folder of the suite (default: umm's experts cache)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if a suite from the same recipe is cached."),
+    force: bool = typer.Option(False, "--force/--no-force", help="Rebuild even if a suite from the same recipe is cached."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
     stage: str | None = typer.Option(
         None, "--stage", help="Train only this model (e.g. base) and save it as the prebuilt folder its recipe names "

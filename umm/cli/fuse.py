@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from umm.cli.common import user_errors
+from umm.cli.common import PRIVATE_HELP, PUSH_HELP, push_output, user_errors
 
 if TYPE_CHECKING:
     from umm.fusion.pipeline import FuseConfig, FuseResult, Stage, TeacherInfo
@@ -22,23 +22,30 @@ def register(app: typer.Typer) -> None:
 
 def fuse_command(
     config: Path = typer.Argument(..., help="Fuse config YAML (see examples/fuse.yaml)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (teacher passes and training resume; a finished output is only re-evaluated)."),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue an interrupted run (teacher passes and training resume; a finished output is only re-evaluated)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
     output: Path | None = typer.Option(None, "--output", help="Folder of the fused model: overrides the config."),
     suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: training.max_steps=2): overrides the config. Repeatable."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO", help=PUSH_HELP),
+    private: bool = typer.Option(False, "--private/--no-private", help=PRIVATE_HELP),
 ) -> None:
     """Fuse the sources' token distributions into the pivot, then compare on the test split.
 
     Stages: check inputs, choose the pivot (best on the hardest domain, search split) unless the
     config names one, teacher passes (cached; storage per token printed), training, final table.
+    Models in the config are folders, suite:<variant>/<model> or Hugging Face Hub ids (org/name[@revision]).
     """
     with user_errors():
         from umm.cli.common import config_overrides, set_threads
         from umm.fusion.pipeline import load_config, run_fuse
         from umm.ui import Bars, console
 
+        if push_to_hub is not None:
+            from umm.checkpoints.hub import check_repo_id
+
+            check_repo_id(push_to_hub)
         over = config_overrides(config, sets=set_, suite=suite, model_keys=("pivot", "sources"), data_keys=("data",))
         over.update({k: v for k, v in (("device", device), ("output", output)) if v is not None})
         cfg = load_config(config, **over)
@@ -52,6 +59,8 @@ def fuse_command(
             events.steps.close()
         console.print(f"pivot {result.pivot}; fused model in {result.output} "
                       f"(report: {result.output / 'fuse_report.json'})", highlight=False)
+        if push_to_hub is not None:
+            push_output(result.output, push_to_hub, private, f"umm fuse: {cfg.fusion} into {Path(result.pivot).name}")
 
 
 class ConsoleFuseEvents:

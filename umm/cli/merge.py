@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from umm.cli.common import user_errors
+from umm.cli.common import PRIVATE_HELP, PUSH_HELP, push_output, user_errors
 from umm.speedups import import_frozen, tune_allocator
 
 
@@ -21,20 +21,24 @@ def merge_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda:N)."),
     threads: int = typer.Option(0, "--threads", help="Worker threads, also torch's thread count (0: automatic: up to 4 workers by CPU count, sharing the cores as torch threads)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard, e.g. 5GB, 200MB."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new model is complete)."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace OUT_DIR if it exists (only once the new model is complete)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of random methods (DARE, DELLA), as mergekit's --random-seed; default 0."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and the models, print the plan, write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run/--no-dry-run", help="Check the recipe and the models, print the plan, write nothing."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO", help=PUSH_HELP),
+    private: bool = typer.Option(False, "--private/--no-private", help=PRIVATE_HELP),
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR, one tensor at a time.
 
-    Relative model paths in the recipe are read from the current directory (as mergekit does).
+    Models are folders (relative paths are read from the current directory, as mergekit does),
+    Hugging Face Hub ids (org/name, org/name@revision; downloaded into the hub cache, read from it
+    when HF_HUB_OFFLINE=1) or MODEL+LORA_ADAPTER (the adapter applied in memory).
     """
     with user_errors():
-        _merge(recipe, out_dir, device, threads, shard_size, overwrite, seed, dry_run)
+        _merge(recipe, out_dir, device, threads, shard_size, overwrite, seed, dry_run, push_to_hub, private)
 
 
 def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: str, overwrite: bool,
-           seed: int | None, dry_run: bool) -> None:
+           seed: int | None, dry_run: bool, push_to_hub: str | None = None, private: bool = False) -> None:
     from umm.errors import UmmError
     from umm.ui import Bars, console, human_bytes, table
 
@@ -44,6 +48,10 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         raise UmmError("--threads must be >= 0")
     if not recipe.is_file():
         raise UmmError(f"recipe file not found: {recipe}")
+    if push_to_hub is not None:
+        from umm.checkpoints.hub import check_repo_id
+
+        check_repo_id(push_to_hub)
     # torch, the methods, the checkpoint reader/writer: see umm.speedups.import_frozen
     import_frozen("umm.merge.disk", "umm.merge.recipe")
     from umm.merge.recipe import MergeRecipe
@@ -51,7 +59,7 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
     rec = MergeRecipe.load(recipe)
 
     if dry_run:
-        _dry_run(rec, out_dir, overwrite, shard_size)
+        _dry_run(rec, out_dir, overwrite, shard_size, push_to_hub)
         return
 
     from umm.merge.disk import merge
@@ -73,16 +81,20 @@ def _merge(recipe: Path, out_dir: Path, device: str, threads: int, shard_size: s
         ("device / threads", f"{s.device} / {s.threads}"),
     ]
     console.print(table("umm merge", ["", ""], rows))
+    if push_to_hub:
+        push_output(s.out_dir, push_to_hub, private, f"umm merge: {s.method} of {len(s.models)} models")
 
 
-def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:
+def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str, push_to_hub: str | None = None) -> None:
     from umm.checkpoints.writer import TensorSpec, check_output_dir, parse_size, plan_shards
+    from umm.merge.disk import prepare_extras
     from umm.merge.inputs import open_inputs
-    from umm.ui import console, human_bytes, table
+    from umm.ui import Bars, console, human_bytes, table
 
     check_output_dir(out_dir, overwrite)
-    inputs = open_inputs(rec)
+    inputs = open_inputs(rec, on_progress=Bars())
     try:
+        extras = prepare_extras(inputs, rec)  # the chat template and the card are checked too
         specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
         plan = plan_shards(specs, parse_size(shard_size))
         rows = [
@@ -91,6 +103,8 @@ def _dry_run(rec, out_dir: Path, overwrite: bool, shard_size: str) -> None:
             ("tensors", len(specs)),
             ("output size", f"{human_bytes(plan.total_tensor_bytes)} in {len(plan.files)} shard(s)"),
             ("would write", str(out_dir)),
+            ("and", ", ".join(sorted({*extras.texts, *(name for _, name in extras.copies)}))),
+            *([("would push to", push_to_hub)] if push_to_hub else []),
         ]
         console.print(table("umm merge --dry-run (nothing written)", ["", ""], rows))
     finally:

@@ -22,6 +22,8 @@ import torch
 from umm import __version__
 from umm.checkpoints.errors import IncompatibleCheckpointsError
 from umm.checkpoints.fingerprint import tokenizer_fingerprint
+from umm.checkpoints.hub import snapshot_root
+from umm.checkpoints.reader import read_json_file
 from umm.checkpoints.writer import (
     TOKENIZER_FILES,
     CheckpointWriter,
@@ -31,6 +33,7 @@ from umm.checkpoints.writer import (
     parse_size,
 )
 from umm.errors import UmmError
+from umm.merge.chat_template import TEMPLATE_FILES, resolve_chat_template
 from umm.merge.dtypes import dtype_name
 from umm.merge.inputs import MergeInputs, open_inputs
 from umm.merge.plan import DEFAULT_CHUNK_BYTES
@@ -64,11 +67,11 @@ def peak_rss_bytes() -> int:
 
 def _tokenizer_dir(inputs: MergeInputs) -> Path:
     """The folder whose tokenizer files are copied (``tokenizer_source``: base/union/<model>)."""
-    ref = Path(inputs.names[inputs.ref_index])
+    ref = inputs.folders[inputs.ref_index]
     src = getattr(inputs.recipe, "tokenizer_source", None)
     if src is None or src == "base":
         return ref
-    fps = {p: tokenizer_fingerprint(p) for p in inputs.names}
+    fps = {p: tokenizer_fingerprint(p) for p in inputs.folders}
     if src == "union":
         if len(set(fps.values())) > 1:
             raise IncompatibleCheckpointsError(
@@ -77,11 +80,11 @@ def _tokenizer_dir(inputs: MergeInputs) -> Path:
                 "for heterogeneous models"
             )
         return ref
-    path = Path(str(src))
+    path = inputs.folders[inputs.names.index(src)] if src in inputs.names else Path(str(src))
     if not path.is_dir():
         valid = ", ".join(["base", "union", *inputs.names])
         raise UmmError(f"tokenizer_source {src!r} is not a model folder; valid: {valid}")
-    if tokenizer_fingerprint(path) != fps[str(ref)]:
+    if tokenizer_fingerprint(path) != fps[ref]:
         raise IncompatibleCheckpointsError(
             f"tokenizer_source {src} has a different tokenizer from the merged models; a merge "
             "keeps the models' vocabulary: use `umm fuse` (distribution fusion) to change tokenizers"
@@ -109,25 +112,57 @@ def _out_dtypes(inputs: MergeInputs) -> str:
     return ", ".join(sorted({dtype_name(d) for d in inputs.out_dtypes.values()}))
 
 
-def _write_extras(writer: CheckpointWriter, inputs: MergeInputs, tok_dir: Path, recipe_yaml: str) -> None:
-    """Everything besides the tensors: config, generation config, tokenizer, recipe, model card."""
-    ref_dir = Path(inputs.names[inputs.ref_index])
+@dataclass(frozen=True)
+class Extras:
+    """Everything of the output besides the tensors, built and checked before any tensor is merged
+    (a bad chat template or model card must not cost a finished merge): ``texts`` written as
+    they are (relative path -> text) and ``copies``, files copied from an input folder."""
+
+    texts: Mapping[str, str]
+    copies: tuple[tuple[Path, str], ...]
+
+    def write(self, writer: CheckpointWriter) -> None:
+        """Write every file into the writer's (temporary) output folder."""
+        for src, name in self.copies:
+            writer.copy_files(src, [name], links_within=snapshot_root(src))
+        for rel, text in self.texts.items():
+            writer.write_text(rel, text)
+
+
+def prepare_extras(inputs: MergeInputs, recipe: Any) -> Extras:
+    """Config (with the output dtype), generation config, tokenizer (``tokenizer_source``, and
+    ``chat_template`` written into ``tokenizer_config.json``), the recipe, and the model card."""
+    ref_dir = inputs.folders[inputs.ref_index]
+    tok_dir = _tokenizer_dir(inputs)
+    texts: dict[str, str] = {}
     cfg = _updated_config(ref_dir, inputs.out_dtypes)
     if cfg is not None:
-        writer.write_json("config.json", cfg)
-    writer.copy_files(ref_dir, ["generation_config.json"])
-    writer.copy_files(tok_dir, TOKENIZER_FILES)
-    writer.write_text("umm_recipe.yaml", recipe_yaml)
-    writer.write_text("mergekit_config.yml", recipe_yaml)
-    writer.write_text("README.md", model_card(
+        texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
+    tok_files = [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]
+    template = resolve_chat_template(getattr(recipe, "chat_template", None), inputs.folders)
+    if template is not None:
+        tok_files = [n for n in tok_files if n not in (*TEMPLATE_FILES, "tokenizer_config.json")]
+        tok_cfg_path = tok_dir / "tokenizer_config.json"
+        tok_cfg = read_json_file(tok_cfg_path, "tokenizer_config.json") if tok_cfg_path.is_file() else {}
+        if not isinstance(tok_cfg, dict):
+            raise UmmError(f"{tok_cfg_path}: is not a JSON object; cannot write the chat template into it")
+        tok_cfg["chat_template"] = template
+        texts["tokenizer_config.json"] = json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n"
+    copies = [(ref_dir, "generation_config.json")] if (ref_dir / "generation_config.json").is_file() else []
+    copies += [(tok_dir, n) for n in tok_files]
+    recipe_yaml = recipe.to_yaml()
+    texts["umm_recipe.yaml"] = recipe_yaml
+    texts["mergekit_config.yml"] = recipe_yaml
+    texts["README.md"] = model_card(
         method=inputs.method.name,
         sources=inputs.names,
         base_model=inputs.base_name,
-        parameters=dict(getattr(inputs.recipe, "parameters", {}) or {}),
+        recipe=recipe.to_dict(),
         recipe_yaml=recipe_yaml,
         out_dtype=_out_dtypes(inputs),
         version=__version__,
-    ))
+    )
+    return Extras(texts, tuple(copies))
 
 
 def merge(
@@ -152,8 +187,10 @@ def merge(
 
     ``threads``: worker threads, also torch's thread count (default: up to 4 workers by CPU
     count, with the cores shared out between them as torch threads); restored on return.
-    ``on_progress`` receives a bar of the output bytes (``merge (METHOD)``), advanced from this
-    thread as blocks are written.
+    ``on_progress`` receives the downloads of hub models (:mod:`umm.checkpoints.hub`) and a bar of
+    the output bytes (``merge (METHOD)``), advanced from this thread as blocks are written. The
+    config, tokenizer, chat template and model card are built before any tensor
+    (:func:`prepare_extras`).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -161,14 +198,13 @@ def merge(
     max_shard = parse_size(shard_size)
     workers = default_workers(threads)
     the_seed = resolve_seed(seed)
-    inputs = open_inputs(recipe)
+    inputs = open_inputs(recipe, on_progress=on_progress)
     torch_threads = torch.get_num_threads()
     # automatic: workers x torch threads = the cores (more threads would only spin)
     torch.set_num_threads(max(1, threads or (os.cpu_count() or 1) // workers))
     try:
-        tok_dir = _tokenizer_dir(inputs)
+        extras = prepare_extras(inputs, recipe)
         specs = [TensorSpec(n, inputs.out_dtypes[n], inputs.shapes[n]) for n in inputs.tensor_names]
-        recipe_yaml = recipe.to_yaml()
         with CheckpointWriter(out, specs, max_shard_bytes=max_shard, overwrite=overwrite) as writer:
             bar = open_bar(on_progress, inputs.output_bytes, f"merge ({inputs.method.name})", "B")
             try:
@@ -176,7 +212,7 @@ def merge(
                                   chunk_bytes=chunk_bytes, on_bytes=bar.advance)
             finally:
                 bar.close()
-            _write_extras(writer, inputs, tok_dir, recipe_yaml)
+            extras.write(writer)
             writer.finalize()
             shards = len(writer.plan.files)
     finally:

@@ -9,7 +9,6 @@ serve a merge to disk and one in memory.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ from typing import Any
 import torch
 
 from umm.checkpoints.fingerprint import require_compatible
-from umm.checkpoints.reader import Checkpoint
-from umm.errors import UmmError
+from umm.checkpoints.hub import open_model
 from umm.merge.dtypes import parse_dtype
 from umm.merge.methods.registry import get_method
 from umm.merge.params import resolve_tensor_params
+from umm.progress import ProgressSink
 
 
 class CheckpointSource:
@@ -49,7 +48,9 @@ class MergeInputs:
     ``sources[i]`` / ``names[i]`` are the models in ``recipe.model_paths()`` order;
     ``base_index`` points at the model passed as ``base`` (``None`` for base-less methods);
     ``merge_indices`` are the models passed as ``tensors`` (``recipe.source_models()`` order);
-    ``ref_index`` is the model whose config, tokenizer and tensor layout the output takes.
+    ``ref_index`` is the model whose config, tokenizer and tensor layout the output takes;
+    ``folders[i]`` is the local folder of ``names[i]`` (a hub snapshot for a hub id; the base
+    model's folder for ``model+adapter``).
     """
 
     recipe: Any
@@ -65,6 +66,7 @@ class MergeInputs:
     in_dtypes: dict[str, torch.dtype]
     out_dtypes: dict[str, torch.dtype]
     checkpoints: list[Any] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
 
     def tensor_params(self, name: str) -> Any:
@@ -109,17 +111,13 @@ def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int], int]:
     return paths, base_index, merge_indices, ref_index
 
 
-def _open_checkpoints(paths: list[str]) -> list[Any]:
-    """Open every model folder and check they are compatible; nothing stays open on an error."""
+def _open_checkpoints(paths: list[str], on_progress: ProgressSink | None = None) -> list[Any]:
+    """Open every model (a folder, a hub id, ``model+adapter``: :func:`umm.checkpoints.hub.open_model`)
+    and check they are compatible; nothing stays open on an error."""
     ckpts: list[Any] = []
     try:
         for p in paths:
-            if not Path(p).exists():
-                raise UmmError(
-                    f"model folder not found: {p} (relative paths are read from the current "
-                    f"directory {os.getcwd()}; umm reads local folders only, download models first)"
-                )
-            ckpts.append(Checkpoint.open(p))
+            ckpts.append(open_model(p, on_progress=on_progress))
         if len(ckpts) > 1:
             require_compatible(ckpts)
     except BaseException:
@@ -129,15 +127,17 @@ def _open_checkpoints(paths: list[str]) -> list[Any]:
     return ckpts
 
 
-def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeInputs:
+def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None,
+                on_progress: ProgressSink | None = None) -> MergeInputs:
     """Validate the recipe, open every checkpoint and check they can be merged (before any work).
 
-    Raises :class:`UmmError` subclasses naming the model, file or tensor at fault.
+    Model references may be folders, hub ids (downloaded, progress to ``on_progress``) or
+    ``model+adapter`` (:mod:`umm.checkpoints.hub`). Raises :class:`UmmError` subclasses naming the model, file or tensor at fault.
     """
     recipe.validate_for_merge()
     method = get_method(recipe.merge_method)
     paths, base_index, merge_indices, ref_index = _model_roles(recipe)
-    ckpts = _open_checkpoints(paths)
+    ckpts = _open_checkpoints(paths, on_progress)
     ref = ckpts[ref_index]
     out = out_dtype
     if out is None:
@@ -158,4 +158,5 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None) -> MergeIn
         in_dtypes=in_dtypes,
         out_dtypes={n: (out if out is not None and d.is_floating_point else d) for n, d in in_dtypes.items()},
         checkpoints=ckpts,
+        folders=[Path(c.path) for c in ckpts],
     )

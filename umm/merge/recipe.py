@@ -111,6 +111,13 @@ class MergeRecipe(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> MergeRecipe:
         """Validate a parsed recipe mapping."""
+        moe = [k for k in ("experts", "gate_mode", "experts_per_token") if k in data]
+        if moe:
+            raise RecipeError(
+                f"{source}: {', '.join(moe)}: this is a mergekit-moe config (MoE assembly from dense "
+                "experts), which umm does not support; umm merges models of one architecture tensor by "
+                "tensor (umm merge) or fuses their distributions (umm fuse)"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
