@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 def combine_command(
     config: Path = typer.Argument(..., help="Combine config YAML (see examples/combine.yaml)."),
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Run folder (default: ./runs/combine-<config>-seed<seed> under the current directory)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run folder: finished stages are read back, a fusion or search in progress continues."),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue the run in the run folder: finished stages are read back, a fusion or search in progress continues."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N: overrides the config."),
     suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: evolve.budget.evaluations=9): overrides the config. Repeatable."),
