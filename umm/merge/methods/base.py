@@ -72,6 +72,14 @@ class MergeMethod:
     #: a sum of finite multiples of every input: w*Inf is +-Inf or NaN, and NaN/Inf survive
     #: sums), so the executor may screen the float32 result instead of each input.
     propagates_nonfinite: bool = False
+    #: A base is used when the recipe names one, and the method also runs without (nuslerp):
+    #: with a base it is passed as ``base`` and is not one of ``tensors``.
+    optional_base: bool = False
+    #: How many models a tensor merges (besides the base): at least / at most (None: any).
+    min_sources: int = 1
+    max_sources: int | None = None
+    #: Why the evolutionary search cannot search this method ("" when it can).
+    search_refusal: str = ""
     summary: str = ""
     reference_url: str = ""
     #: The method's formula and defaults; also its ``__doc__``, so ``help`` tools show it.
@@ -80,6 +88,11 @@ class MergeMethod:
     def __post_init__(self) -> None:
         if self.doc:
             object.__setattr__(self, "__doc__", self.doc)
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a named base model is passed as ``base`` (required or optional)."""
+        return self.requires_base or self.optional_base
 
     @property
     def param_names(self) -> tuple[str, ...]:
