@@ -33,6 +33,7 @@ from umm.checkpoints.writer import (
 from umm.errors import UmmError
 from umm.merge.dtypes import dtype_name
 from umm.merge.inputs import MergeInputs, open_inputs
+from umm.merge.layout import Layout, stacked_config
 from umm.merge.plan import DEFAULT_CHUNK_BYTES
 from umm.merge.run import default_workers, merge_tensors, resolve_seed
 from umm.progress import ProgressSink, open_bar
@@ -113,6 +114,8 @@ def _write_extras(writer: CheckpointWriter, inputs: MergeInputs, tok_dir: Path, 
     """Everything besides the tensors: config, generation config, tokenizer, recipe, model card."""
     ref_dir = Path(inputs.names[inputs.ref_index])
     cfg = _updated_config(ref_dir, inputs.out_dtypes)
+    if cfg is not None and inputs.stacked:  # layer stacking: the output's own layer count
+        cfg = stacked_config(cfg, Layout(inputs.routes, inputs.out_num_layers, inputs.layer_sources, False))
     if cfg is not None:
         writer.write_json("config.json", cfg)
     writer.copy_files(ref_dir, ["generation_config.json"])
