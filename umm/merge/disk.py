@@ -126,7 +126,7 @@ def _write_extras(writer: CheckpointWriter, inputs: MergeInputs, tok_dir: Path, 
         method=inputs.method.name,
         sources=inputs.names,
         base_model=inputs.base_name,
-        parameters=dict(getattr(inputs.recipe, "parameters", {}) or {}),
+        parameters=inputs.recipe.to_dict().get("parameters", {}),  # plain values (filter rules as dicts)
         recipe_yaml=recipe_yaml,
         out_dtype=_out_dtypes(inputs),
         version=__version__,
