@@ -101,7 +101,7 @@ def build_layout(
         layer = layer_index(name)
         (by_layer.setdefault(layer, []) if layer is not None else other).append(name)
 
-    def route(k: int, t: float, name_of) -> Route:  # noqa: ANN001
+    def route(k: int, t: float, name_of) -> Route:
         srcs = slices[k]
         b, merged = _roles([s.model for s in srcs], base)
         at = {s.model: name_of(s) for s in srcs}

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from umm.merge.methods.base import MergeMethod, MergeParameterError, as_float32
+from umm.merge.methods.base import MergeMethod, MergeParameterError, as_float32, base_float32, unchanged_base
 
 EPS = 1e-8
 
@@ -55,11 +55,9 @@ def _arcee_fusion(
     global_params: Mapping[str, float | bool],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    if base is None:
-        raise MergeParameterError("arcee_fusion needs a base model (set base_model in the recipe)")
-    b = as_float32(base)
+    b = base_float32("arcee_fusion", base)
     if not tensors:
-        return b.clone() if b is base else b
+        return unchanged_base(b, base)  # type: ignore[arg-type]
     if len(tensors) != 1:
         raise MergeParameterError(f"arcee_fusion merges exactly one model into the base, got {len(tensors)}")
     x = as_float32(tensors[0]).reshape(b.shape if b.dim() else (1,))

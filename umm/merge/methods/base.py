@@ -262,6 +262,19 @@ def as_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def base_float32(method: str, base: torch.Tensor | None) -> torch.Tensor:
+    """The base in float32 (may alias ``base``: never write into it); an error naming ``method``
+    when the recipe gave no base."""
+    if base is None:
+        raise MergeParameterError(f"{method} needs a base model (set base_model in the recipe)")
+    return as_float32(base)
+
+
+def unchanged_base(b32: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The result of merging nothing into the base: a new float32 tensor equal to it."""
+    return b32.clone() if b32 is base else b32
+
+
 def fresh_float32(x: torch.Tensor) -> torch.Tensor:
     """A new float32 copy of ``x`` (one allocation, safe to modify in place)."""
     return x.to(dtype=torch.float32, copy=True)

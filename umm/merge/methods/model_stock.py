@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from umm.merge.methods.base import MergeMethod, MergeParameterError, as_float32
+from umm.merge.methods.base import MergeMethod, MergeParameterError, as_float32, base_float32, unchanged_base
 
 NORM_EPS = 1e-6
 SINGULAR_EPS = 1e-6
@@ -33,11 +33,9 @@ def _model_stock(
     global_params: Mapping[str, float | bool],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    if base is None:
-        raise MergeParameterError("model_stock needs a base model (set base_model in the recipe)")
-    w0 = as_float32(base)
+    w0 = base_float32("model_stock", base)
     if not tensors:
-        return w0.clone() if w0 is base else w0
+        return unchanged_base(w0, base)  # type: ignore[arg-type]
     if len(tensors) < 2:
         raise MergeParameterError("model_stock needs at least two models besides the base")
     shape = w0.shape

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from umm.errors import UmmError
-from umm.merge.methods.base import MergeMethod, MergeParameterError, tensor_generator
 from umm.merge.methods.arcee_fusion import ARCEE_FUSION
+from umm.merge.methods.base import MergeMethod, MergeParameterError, tensor_generator
 from umm.merge.methods.karcher import KARCHER
 from umm.merge.methods.linear import LINEAR
 from umm.merge.methods.model_stock import MODEL_STOCK

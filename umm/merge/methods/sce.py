@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from umm.merge.methods.base import MergeMethod, MergeParameterError, as_float32
+from umm.merge.methods.base import MergeMethod, as_float32, base_float32, unchanged_base
 
 WEIGHT_EPS = 1e-6
 
@@ -47,11 +47,9 @@ def _sce(
     global_params: Mapping[str, float | bool],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    if base is None:
-        raise MergeParameterError("sce needs a base model (set base_model in the recipe)")
-    b = as_float32(base)
+    b = base_float32("sce", base)
     if not tensors:
-        return b.clone() if b is base else b
+        return unchanged_base(b, base)  # type: ignore[arg-type]
     deltas = torch.stack([as_float32(x) - b for x in tensors])
     topk = float(global_params["select_topk"])
     if topk < 1:
