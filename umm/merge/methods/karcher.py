@@ -32,9 +32,9 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int, tol: float) -> 
     if len(tensors) == 1:
         return tensors[0].clone()
     alphas = [1.0 / len(tensors)] * len(tensors)
-    norms = [float(torch.linalg.vector_norm(x)) for x in tensors]
-    units = [x / n if n > 0 else torch.zeros_like(x) for x, n in zip(tensors, norms)]
-    valid = [i for i, n in enumerate(norms) if n > tol]
+    norms = [torch.linalg.vector_norm(x) for x in tensors]  # float32 tensors, as mergekit 0.1.5
+    units = [x / n if float(n) > 0 else torch.zeros_like(x) for x, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
     if not valid:
         return torch.zeros_like(tensors[0])
     total = sum(alphas[i] for i in valid)
@@ -43,8 +43,8 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int, tol: float) -> 
     u = torch.zeros_like(us[0])
     for ai, ui in zip(a, us):
         u += ai * ui
-    norm_u = float(torch.linalg.vector_norm(u))
-    u = us[0].clone() if norm_u < tol else u / norm_u
+    norm_u = torch.linalg.vector_norm(u)
+    u = us[0].clone() if float(norm_u) < tol else u / norm_u
     for _ in range(int(max_iter)):
         step = torch.zeros_like(u)
         for ai, ui in zip(a, us):
@@ -60,9 +60,7 @@ def karcher_mean(tensors: Sequence[torch.Tensor], max_iter: int, tol: float) -> 
         norm = torch.linalg.vector_norm(u)
         if float(norm) > tol:
             u = u / norm
-    scale = 0.0
-    for ai, n in zip(alphas, norms):
-        scale += ai * n
+    scale = sum(ai * n for ai, n in zip(alphas, norms))  # a float32 0-d tensor
     return (scale * u).reshape(tensors[0].shape)
 
 
