@@ -2,7 +2,9 @@
 
 Builds four tiny seeded fp32 Llama folders (a base and three experts of it: 4 layers, hidden 64,
 vocab 256) in a temporary folder, writes one recipe per method (passthrough frankenmerge with
-two slices, model_stock, sce with select_topk 0.5, nuslerp with a base, karcher, arcee_fusion),
+two slices, model_stock, sce with select_topk 0.5, nuslerp with a base, karcher, arcee_fusion,
+plus two recipes with the features of mergekit's examples: a two-slice stacked slerp with
+filtered ``t`` gradients, and TIES with density / weight gradients and a filter rule),
 runs each through ``mergekit-yaml`` (a subprocess from the venv that has mergekit: fp32 in and
 out, CPU, no tokenizer copy, no model card) and through umm (``umm.merge.disk.merge``, in this
 process), and prints, per method, the worst absolute difference over every output tensor and
@@ -91,6 +93,44 @@ merge_method: arcee_fusion
 base_model: {a}
 dtype: float32
 """,
+    # recipe features of mergekit's examples, on the slices/gradient machinery (not new methods)
+    "slerp_slices": """\
+slices:
+  - sources:
+      - {{model: {a}, layer_range: [0, 2]}}
+      - {{model: {b}, layer_range: [0, 2]}}
+  - sources:
+      - {{model: {a}, layer_range: [1, 4]}}
+      - {{model: {b}, layer_range: [1, 4]}}
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    "ties_gradients": """\
+models:
+  - model: {a}
+    parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}
+  - model: {b}
+    parameters: {{density: 0.5, weight: [0, 0.3, 0.7, 1]}}
+  - model: {c}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float32
+""",
 }
 
 
@@ -167,7 +207,8 @@ def main() -> None:
             merge(MergeRecipe.from_yaml(text), umm_out, threads=1)
             worst, where, n = compare(umm_out, mk_out)
             results[method] = worst
-            print(f"{method:14s} {n:3d} tensors  worst |umm - mergekit| = {worst:.3g}  ({where})", flush=True)
+            at = f"({where})" if worst > 0 else "(every tensor bit-identical)"
+            print(f"{method:14s} {n:3d} tensors  worst |umm - mergekit| = {worst:.3g}  {at}", flush=True)
     line = ", ".join(f"{m}={v:.3g}" for m, v in results.items())
     print(f"worst |umm - mergekit| per method: {line}")
 

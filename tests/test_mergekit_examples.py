@@ -258,3 +258,45 @@ base_model: {m['base']}
 dtype: float32
 """)
     _loads_and_generates(out)
+
+
+def test_each_slice_reads_its_own_source_parameters(four_layer):
+    """The same models in two slices with different weights: each output layer uses its slice's."""
+    from umm.merge import MergeRecipe
+    from umm.merge.run import merge_state_dict
+
+    m = four_layer
+    recipe = MergeRecipe.from_yaml(f"""\
+slices:
+  - sources:
+      - {{model: {m['a']}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}
+      - {{model: {m['b']}, layer_range: [0, 2], parameters: {{weight: 0.0}}}}
+  - sources:
+      - {{model: {m['a']}, layer_range: [2, 4], parameters: {{weight: 0.25}}}}
+      - {{model: {m['b']}, layer_range: [2, 4], parameters: {{weight: 0.75}}}}
+merge_method: linear
+dtype: float32
+""")
+    got = merge_state_dict(recipe, threads=1)
+    a, b = _tensors(m["a"]), _tensors(m["b"])
+    leaf = "self_attn.o_proj.weight"
+    torch.testing.assert_close(got[f"model.layers.1.{leaf}"], a[f"model.layers.1.{leaf}"], rtol=0, atol=0)
+    want = 0.25 * a[f"model.layers.3.{leaf}"] + 0.75 * b[f"model.layers.3.{leaf}"]
+    torch.testing.assert_close(got[f"model.layers.3.{leaf}"], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got["lm_head.weight"], 0.25 * a["lm_head.weight"] + 0.75 * b["lm_head.weight"],
+                               rtol=0, atol=1e-6)  # post weights: the last slice's parameters
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # first slice's
+
+
+def test_partial_layer_ranges_are_checked_against_the_models(four_layer, tmp_path):
+    m = four_layer
+    path = tmp_path / "r.yml"
+    path.write_text(f"""\
+slices:
+  - sources: [{{model: {m['a']}, layer_range: [2, 6]}}]
+merge_method: passthrough
+""")
+    res = runner.invoke(app, ["merge", str(path), str(tmp_path / "out")])
+    assert res.exit_code != 0
+    assert "goes past the model's 4 layers" in res.output
+    assert not (tmp_path / "out").exists()
