@@ -257,3 +257,30 @@ def test_evolve_can_search_nuslerp_weights():
     recipe = g.to_recipe()
     recipe.validate_for_merge()
     assert recipe.merge_base() == "b" and recipe.source_models() == ["x", "y"]
+
+
+@pytest.mark.parametrize(("method", "base", "per_model", "params"), [
+    ("nuslerp", True, [{"weight": 0.3}, {"weight": 0.9}], {}),
+    ("nuslerp", False, [{"weight": 1.0}, {"weight": 0.5}], {"nuslerp_flatten": False}),
+    ("sce", True, [{}, {}], {"select_topk": 0.4}),
+])
+def test_evolve_in_memory_apply_of_new_methods_equals_the_streamed_merge(tiny_models, method, base, per_model,
+                                                                          params):
+    """evolve's LiveMerge runs the new methods through their own function: same tensors as umm merge."""
+    from umm.checkpoints.loading import load_causal_lm
+    from umm.evolve.apply import LiveMerge
+    from umm.merge import MergeRecipe
+    from umm.merge.run import merge_state_dict
+
+    recipe = MergeRecipe.from_dict({
+        "merge_method": method,
+        "base_model": str(tiny_models["base"]) if base else None,
+        "models": [{"model": str(tiny_models[k]), "parameters": p} for k, p in zip(("math", "code"), per_model)],
+        "parameters": params,
+        "dtype": "float32",
+    })
+    expected = merge_state_dict(recipe, threads=1)
+    live = LiveMerge(recipe, load_causal_lm(tiny_models["base"], device="cpu", dtype="float32"), threads=1)
+    live.apply(recipe)
+    for name, p in live.model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-6, msg=name)
