@@ -12,6 +12,11 @@ from umm.errors import UmmError
 from umm.merge import METHODS, get_method, tensor_generator
 
 
+def _count(method, want: int) -> int:
+    """``want`` models, or the nearest count the method merges (slerp: 1, nuslerp: 2, ...)."""
+    return max(method.min_sources, min(want, method.max_sources or want))
+
+
 def _inputs(n_models: int = 3, shape=(12, 20), seed: int = 0, scale: float = 0.1):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(*shape, generator=g)
@@ -169,7 +174,7 @@ def test_int8_mask_does_not_change_the_result():
 def test_all_zero_deltas_return_the_base(name):
     base, _ = _inputs(1)
     method = get_method(name)
-    n = 1 if name == "slerp" else 3
+    n = _count(method, 3)
     params = [{"weight": 0.5, "density": 0.5} if method.tensor_params else {} for _ in range(n)]
     params = [{k: v for k, v in p.items() if k in method.tensor_params} for p in params]
     gp = {"t": 0.4} if name == "slerp" else {}
@@ -283,19 +288,19 @@ def test_slerp_colinear_falls_back_to_lerp_and_needs_two_models():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_contract_float32_out_inputs_untouched_any_float_dtype(name):
     method = get_method(name)
-    base, xs = _inputs(1 if name == "slerp" else 2)
+    base, xs = _inputs(_count(method, 2))
     base16, xs16 = base.bfloat16(), [x.bfloat16() for x in xs]
     keep = [base16.clone(), *(x.clone() for x in xs16)]
     params = [{k: v for k, v in {"weight": 0.6, "density": 0.5}.items() if k in method.tensor_params} for _ in xs]
     gp = {"t": 0.3} if name == "slerp" else {}
     gen = tensor_generator(0, "x") if method.random else None
-    b = base16 if method.requires_base else None
+    b = base16 if method.uses_base else None
     out = method.merge(b, xs16, params, gp, generator=gen)
     assert out.dtype == torch.float32 and out.shape == base.shape
     assert torch.equal(base16, keep[0]) and all(torch.equal(x, k) for x, k in zip(xs16, keep[1:]))
     # float32 inputs must not be aliased or modified either
     xs32 = [x.clone() for x in xs]
-    out32 = method.merge(base if method.requires_base else None, xs32, params, gp,
+    out32 = method.merge(base if method.uses_base else None, xs32, params, gp,
                          generator=tensor_generator(0, "x") if method.random else None)
     assert all(torch.equal(a, c) for a, c in zip(xs32, xs))
     assert out32.data_ptr() not in {x.data_ptr() for x in [base, *xs32]}
@@ -304,15 +309,16 @@ def test_contract_float32_out_inputs_untouched_any_float_dtype(name):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_elementwise_methods_merge_row_chunks_exactly(name):
     method = get_method(name)
-    base, xs = _inputs(1 if name == "slerp" else 3, shape=(24, 16))
+    base, xs = _inputs(_count(method, 3), shape=(24, 16))
     params = [{k: v for k, v in {"weight": 0.3 + i / 10, "density": 1.0}.items() if k in method.tensor_params}
               for i in range(len(xs))]
     gp = {"t": 0.3} if name == "slerp" else {}
     elementwise = method.is_elementwise(params, gp)
-    assert elementwise == (name not in ("slerp",))  # density 1 makes every GTA method elementwise
+    whole_tensor = ("slerp", "model_stock", "sce", "nuslerp", "karcher", "arcee_fusion")
+    assert elementwise == (name not in whole_tensor)  # density 1 makes every GTA method elementwise
     if method.elementwise:
-        assert name in ("linear", "task_arithmetic")
-    b = base if method.requires_base else None
+        assert name in ("linear", "task_arithmetic", "passthrough")
+    b = base if method.uses_base else None
     gen = (lambda: tensor_generator(0, "x")) if method.random else (lambda: None)
     whole = method.merge(b, xs, params, gp, generator=gen())
     parts = [
@@ -322,7 +328,7 @@ def test_elementwise_methods_merge_row_chunks_exactly(name):
     same = torch.equal(torch.cat(parts), whole)
     if elementwise:
         assert same
-    if name == "slerp":
+    if name in whole_tensor:
         assert not same
     sparse = [{**p, "density": 0.5} for p in params] if "density" in method.tensor_params else params
     assert method.is_elementwise(sparse, gp) == method.elementwise
@@ -361,7 +367,8 @@ def test_method_defaults_match_mergekit():
     assert METHODS["breadcrumbs"].tensor_params["gamma"] == 0.01
     assert METHODS["della"].tensor_params["epsilon"] == 0.15
     assert METHODS["ties"].tensor_params == {"weight": None, "density": 1.0}
-    assert [n for n, m in METHODS.items() if not m.requires_base] == ["linear"]
+    assert [n for n, m in METHODS.items() if not m.requires_base] == ["linear", "passthrough", "nuslerp", "karcher"]
+    assert [n for n, m in METHODS.items() if m.optional_base] == ["nuslerp"]
 
 
 def test_tensor_generator_depends_only_on_seed_and_name():

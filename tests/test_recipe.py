@@ -184,11 +184,20 @@ def test_bad_yaml_names_the_line(tmp_path: Path):
         ("merge_method: ties\nbase_model: b\nmodels: [{model: b}]", "no model to merge besides the base"),
         ("merge_method: slerp\nbase_model: a\nparameters: {t: 0.5}\nslices:\n"
          "  - sources: [{model: a, layer_range: [0, 4]}, {model: c, layer_range: [0, 4]}]\n"
-         "  - sources: [{model: a, layer_range: [4, 8]}, {model: c, layer_range: [4, 8]}]",
-         "not supported yet"),
+         "  - sources: [{model: c, layer_range: [4, 8]}]",
+         r"slice 1: slerp needs the base_model a among the slice's sources"),
         ("merge_method: slerp\nbase_model: a\nparameters: {t: 0.5}\nslices:\n"
-         "  - sources: [{model: a, layer_range: [0, 4]}, {model: c, layer_range: [2, 6]}]",
-         "not supported yet"),
+         "  - sources: [{model: a, layer_range: [0, 4]}, {model: c, layer_range: [2, 8]}]",
+         "same number of layers"),
+        ("merge_method: passthrough\nslices:\n"
+         "  - sources: [{model: a, layer_range: [0, 4]}, {model: c, layer_range: [0, 4]}]",
+         r"passthrough merges exactly 1 model\(s\); got 2"),
+        ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [3, 3]}]",
+         r"0 <= start < end"),
+        ("merge_method: model_stock\nbase_model: b\nmodels: [{model: a}]", "at least 2 model"),
+        ("merge_method: arcee_fusion\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]",
+         "exactly 1 model"),
+        ("merge_method: nuslerp\nmodels: [{model: a, parameters: {weight: 1}}]", "exactly 2 model"),
     ],
 )
 def test_recipes_umm_cannot_run_get_clear_errors(text, message):

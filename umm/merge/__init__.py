@@ -1,8 +1,10 @@
 """Model merging: pure tensor methods, mergekit-compatible recipes, layer-wise parameters, genome.
 
-- :mod:`umm.merge.methods`: linear, slerp, the task-arithmetic family (task_arithmetic, ties,
-  dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear: one table of
-  variants over one engine) and the registry.
+- :mod:`umm.merge.methods`: linear, slerp, passthrough, model_stock, sce, nuslerp, karcher,
+  arcee_fusion, the task-arithmetic family (task_arithmetic, ties, dare_linear, dare_ties,
+  breadcrumbs, breadcrumbs_ties, della, della_linear: one table of variants over one engine)
+  and the registry.
+- :mod:`umm.merge.layout`: which input tensors make each output tensor (slices, layer stacking).
 - :mod:`umm.merge.params`: parameter values (scalars, gradients, filter rules) and their
   resolution for one tensor, with mergekit's precedence.
 - :mod:`umm.merge.recipe`: the recipe YAML (mergekit's schema).

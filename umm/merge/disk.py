@@ -36,6 +36,7 @@ from umm.errors import UmmError
 from umm.merge.chat_template import TEMPLATE_FILES, resolve_chat_template
 from umm.merge.dtypes import dtype_name
 from umm.merge.inputs import MergeInputs, open_inputs
+from umm.merge.layout import Layout, stacked_config
 from umm.merge.plan import DEFAULT_CHUNK_BYTES
 from umm.merge.run import default_workers, merge_tensors, resolve_seed
 from umm.progress import ProgressSink, open_bar
@@ -136,6 +137,8 @@ def prepare_extras(inputs: MergeInputs, recipe: Any) -> Extras:
     tok_dir = _tokenizer_dir(inputs)
     texts: dict[str, str] = {}
     cfg = _updated_config(ref_dir, inputs.out_dtypes)
+    if cfg is not None and inputs.stacked:  # layer stacking: the output's own layer count
+        cfg = stacked_config(cfg, Layout(inputs.routes, inputs.out_num_layers, inputs.layer_sources, False))
     if cfg is not None:
         texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
     tok_files = [n for n in TOKENIZER_FILES if (tok_dir / n).is_file()]

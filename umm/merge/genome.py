@@ -66,6 +66,8 @@ class Genome:
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
+        if method.search_refusal:
+            raise GenomeError(f"evolve cannot search merge_method {self.method}: {method.search_refusal}")
         set_ = object.__setattr__
         set_(self, "models", tuple(self.models))
         set_(self, "param_names", tuple(self.param_names))
@@ -80,10 +82,13 @@ class Genome:
             raise GenomeError(f"{self.method} needs a base_model")
         if self.base_model in self.models:
             raise GenomeError("models are the merge sources and must not include the base model")
-        if not method.requires_base and self.base_model is not None:
+        if not method.uses_base and self.base_model is not None:
             raise GenomeError(f"{self.method} does not use a base model: list it under models instead")
         if self.method == "slerp" and len(self.models) != 1:
             raise GenomeError("slerp merges the base with exactly one model")
+        lo, hi = method.min_sources, method.max_sources
+        if len(self.models) < lo or (hi is not None and len(self.models) > hi):
+            raise GenomeError(f"{self.method} merges {lo} to {hi or 'any number of'} models, got {len(self.models)}")
         if not (1 <= self.groups <= max(1, self.num_layers)):
             raise GenomeError(f"groups must be between 1 and num_layers ({self.num_layers}), got {self.groups}")
         valid = [*method.tensor_params, *(k for k, d in method.global_params.items() if not isinstance(d, bool))]
@@ -264,6 +269,11 @@ class Genome:
         parameters written in the recipe go to ``global_params``.
         """
         recipe.validate_for_merge()
+        if recipe.is_stacked(num_layers):
+            raise GenomeError(
+                "the recipe stacks layers (slices with partial layer ranges); evolve searches merges "
+                "that keep the models' layers: use 'models:' or one slice spanning every layer"
+            )
         method = get_method(recipe.merge_method)
         sources = tuple(recipe.source_models())
         levels = [*(recipe.model_parameters(m) for m in sources), *recipe.shared_parameter_levels()]

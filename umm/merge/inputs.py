@@ -68,14 +68,29 @@ class MergeInputs:
     checkpoints: list[Any] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    #: output tensor name -> its :class:`~umm.merge.layout.Route` (which inputs, which roles)
+    routes: dict[str, Any] = field(default_factory=dict)
+    #: the output's layers: their count and the input layer each is made from
+    out_num_layers: int = 0
+    layer_sources: tuple[int, ...] = ()
+    #: whether the output layers differ from the inputs' (layer stacking with slices)
+    stacked: bool = False
 
     def tensor_params(self, name: str) -> Any:
-        """The resolved :class:`~umm.merge.TensorParams` of tensor ``name`` (cached)."""
+        """The resolved :class:`~umm.merge.TensorParams` of output tensor ``name`` (cached)."""
         p = self.params.get(name)
         if p is None:
-            p = resolve_tensor_params(self.recipe, self.method, name, self.num_layers)
+            p = resolve_tensor_params(self.recipe, self.method, name, self.num_layers, route=self.routes.get(name))
             self.params[name] = p
         return p
+
+    def reads(self, name: str) -> tuple[tuple[int, str] | None, list[tuple[int, str]], tuple[int, str]]:
+        """(source index, input tensor name) of output tensor ``name``'s base (None: none), of
+        each merged model, and of the input it takes its layout from."""
+        route = self.routes[name]
+        index = {p: i for i, p in enumerate(self.names)}
+        base = (index[route.base[0]], route.base[1]) if route.base is not None else None
+        return base, [(index[m], n) for m, n in route.tensors], (index[route.ref[0]], route.ref[1])
 
     def close(self) -> None:
         """Close every source and checkpoint."""
@@ -142,8 +157,15 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None,
     out = out_dtype
     if out is None:
         out = parse_dtype(recipe.out_dtype, "out_dtype") or parse_dtype(recipe.dtype, "dtype")
-    names = list(ref.tensors)
-    in_dtypes = {n: ref.tensors[n].dtype for n in names}
+    num_layers = ref.num_layers if ref.num_layers is not None else 0
+    try:
+        layout = recipe.layout(list(ref.tensors), num_layers, paths[ref_index])
+    except BaseException:
+        for c in ckpts:
+            c.close()
+        raise
+    names = list(layout.routes)
+    in_dtypes = {n: ref.tensors[layout.routes[n].ref[1]].dtype for n in names}
     return MergeInputs(
         recipe=recipe,
         method=method,
@@ -152,11 +174,15 @@ def open_inputs(recipe: Any, *, out_dtype: torch.dtype | None = None,
         base_index=base_index,
         merge_indices=merge_indices,
         ref_index=ref_index,
-        num_layers=ref.num_layers if ref.num_layers is not None else 0,
+        num_layers=num_layers,
         tensor_names=names,
-        shapes={n: tuple(ref.tensors[n].shape) for n in names},
+        shapes={n: tuple(ref.tensors[layout.routes[n].ref[1]].shape) for n in names},
         in_dtypes=in_dtypes,
         out_dtypes={n: (out if out is not None and d.is_floating_point else d) for n, d in in_dtypes.items()},
         checkpoints=ckpts,
         folders=[Path(c.path) for c in ckpts],
+        routes=layout.routes,
+        out_num_layers=layout.num_layers,
+        layer_sources=layout.layer_sources,
+        stacked=not layout.identity,
     )

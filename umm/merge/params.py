@@ -11,8 +11,9 @@ A parameter value is one of (exactly mergekit's ``ParameterSetting``):
   rule matches (or the list is empty) the value is *unset* (``None``) and the next level of
   precedence is consulted.
 
-Tensors outside the numbered layers (embeddings, final norm, lm_head) are evaluated at
-``t = 0`` — the first element of any gradient — as mergekit does for its "pre" and "post"
+In a ``slices:`` recipe ``L`` and ``N`` are the layer's offset in its slice and the slice's
+length (see :mod:`umm.merge.layout`). Tensors outside the numbered layers (embeddings, final
+norm, lm_head) are evaluated at ``t = 0`` — the first element of any gradient — as mergekit does for its "pre" and "post"
 weights. Precedence (:func:`resolve_tensor_params`): the model's own ``parameters`` > the
 slice's ``parameters`` > the recipe's top-level ``parameters`` > the method's default.
 Global parameters (``normalize``, ``t``, ...) are read from the slice and top level only.
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool
 from umm.errors import UmmError
 
 if TYPE_CHECKING:
+    from umm.merge.layout import Route
     from umm.merge.methods.base import MergeMethod
     from umm.merge.recipe import MergeRecipe
 
@@ -138,20 +140,30 @@ def _first(levels: list[Mapping[str, Any]], key: str, tensor_name: str, t: float
 
 
 def resolve_tensor_params(
-    recipe: MergeRecipe, method: MergeMethod, tensor_name: str, num_layers: int
+    recipe: MergeRecipe, method: MergeMethod, tensor_name: str, num_layers: int, route: Route | None = None
 ) -> TensorParams:
-    """Every parameter of ``method`` for one tensor, per merge source and global.
+    """Every parameter of ``method`` for one output tensor, per merge source and global.
 
+    ``route`` (from the recipe's :meth:`~umm.merge.recipe.MergeRecipe.layout`) gives the
+    tensor's slice, gradient position and models; without it the recipe must keep the inputs'
+    layers (no layer stacking) and the tensor's position is ``layer_t(tensor_name, num_layers)``.
     Per-model parameters take precedence over the slice's and the top-level ``parameters``;
     defaults come from the method; a missing required parameter raises :class:`ParameterError`.
     """
-    t = layer_t(tensor_name, num_layers)
-    recipe.check_layer_count(num_layers)
-    shared = recipe.shared_parameter_levels()
+    if route is None:
+        recipe.check_layer_count(num_layers)
+        if recipe.is_stacked(num_layers):
+            raise ParameterError(
+                "this recipe stacks layers (slices with partial layer ranges): resolve its tensors "
+                "through the recipe's layout (umm.merge.inputs.open_inputs), not by input tensor name"
+            )
+        t, k, sources = layer_t(tensor_name, num_layers), 0, list(recipe.source_models())
+    else:
+        t, k, sources = route.t, route.slice_index, list(route.models)
+    shared = recipe.shared_parameter_levels(k)
     per_model: list[dict[str, float]] = []
-    sources = recipe.source_models()
     for model in sources:
-        levels = [recipe.model_parameters(model), *shared]
+        levels = [recipe.model_parameters(model, k), *shared]
         values: dict[str, float] = {}
         for key, default in method.tensor_params.items():
             v = _first(levels, key, tensor_name, t)

@@ -64,7 +64,8 @@ def _tensor_plan(inputs: MergeInputs, name: str) -> _TensorPlan:
     )
     prepared = can_chunk and is_float and method.needs_prepare(params.per_model, params.global_)
     shape = inputs.shapes[name]
-    n_in = len(inputs.sources)
+    base, tensors, _ = inputs.reads(name)
+    n_in = len(tensors) + (base is not None)  # the inputs this tensor reads
     in_item = inputs.in_dtypes[name].itemsize
     out_item = inputs.out_dtypes[name].itemsize
     if can_chunk and not prepared:  # inputs as stored + a float32 accumulator + the cast result

@@ -7,9 +7,10 @@ Accepted keys (mergekit's ``MergeConfiguration``): ``merge_method``, ``models`` 
 that lists the valid ones. A recipe written by :meth:`MergeRecipe.to_yaml` is valid mergekit YAML.
 
 What umm can run (:meth:`MergeRecipe.validate_for_merge`): a ``models:`` recipe, or a
-``slices:`` recipe made of one slice whose sources all span every layer (mergekit's documented
-equivalent of ``models:``); other slice layouts, ``modules`` and ``tokenizer`` are parsed but
-rejected with a "not supported yet" error.
+``slices:`` recipe: slices one after the other, each with sources of equal layer counts
+(``layer_range: [start, end)``), the output layers renumbered from 0 (layer stacking, see
+:mod:`umm.merge.layout`); ``modules`` and ``tokenizer`` are parsed but rejected with a "not
+supported yet" error. A model may appear in several slices, once per slice.
 
 Models and the base (as mergekit): for methods with a base (task arithmetic, TIES, slerp, ...)
 the base may also be listed under ``models``; it is then not merged as a task vector and its
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from umm import configfile
 from umm.errors import UmmError
+from umm.merge.layout import Layout, build_layout
+from umm.merge.layout import SliceSource as LayoutSource
 from umm.merge.params import FilterRule, ParameterError, ParamValue, evaluate
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -182,7 +185,7 @@ class MergeRecipe(BaseModel):
 
         method = get_method(self.merge_method)
         inputs = _dedup(self._input_models())
-        if method.requires_base:
+        if method.uses_base and self.base_model:
             return [m for m in inputs if m != self.base_model]
         if self.base_model and self.base_model not in inputs:
             inputs.append(self.base_model)
@@ -192,12 +195,12 @@ class MergeRecipe(BaseModel):
         """The model passed as ``base`` to :meth:`MergeMethod.merge` (``None`` for ``linear``)."""
         from umm.merge.methods.registry import get_method
 
-        return self.base_model if get_method(self.merge_method).requires_base else None
+        return self.base_model if get_method(self.merge_method).uses_base else None
 
-    def model_parameters(self, model: str) -> dict[str, ParamValue]:
-        """The per-model parameters written for ``model`` (empty if none)."""
+    def model_parameters(self, model: str, slice_index: int = 0) -> dict[str, ParamValue]:
+        """The per-model parameters written for ``model`` (in slice ``slice_index``; empty if none)."""
         if self.slices:
-            for src in self.slices[0].sources:
+            for src in self.slices[slice_index].sources:
                 if src.model == model:
                     return src.parameters
             return {}
@@ -206,33 +209,52 @@ class MergeRecipe(BaseModel):
                 return entry.parameters
         return {}
 
-    def shared_parameter_levels(self) -> list[dict[str, ParamValue]]:
-        """Parameter mappings below the per-model level, highest precedence first."""
+    def shared_parameter_levels(self, slice_index: int = 0) -> list[dict[str, ParamValue]]:
+        """Parameter mappings below the per-model level (of slice ``slice_index``), highest first."""
         levels = []
         if self.slices:
-            levels.append(self.slices[0].parameters)
+            levels.append(self.slices[slice_index].parameters)
         levels.append(self.parameters)
         return levels
 
     def check_layer_count(self, num_layers: int) -> None:
-        """A ``slices:`` recipe must span all ``num_layers`` layers (only that layout is supported)."""
+        """Every layer range must lie inside the models' ``num_layers`` layers (``models:``
+        entries, which mergekit-evolve may give a ``layer_range``, must span them all)."""
         for entry in self.models:
             if entry.layer_range is not None and tuple(entry.layer_range) != (0, num_layers):
                 raise RecipeError(
                     f"model {entry.model}: layer_range {list(entry.layer_range)} does not cover the "
-                    f"model's {num_layers} layers (not supported yet: partial layer ranges)"
+                    f"model's {num_layers} layers; to take part of a model's layers use 'slices:'"
                 )
+        for k, sl in enumerate(self.slices or []):
+            for src in sl.sources:
+                if src.layer_range[1] > num_layers:
+                    raise RecipeError(
+                        f"slice {k}: model {src.model} layer_range {list(src.layer_range)} goes past "
+                        f"the model's {num_layers} layers"
+                    )
+
+    def is_stacked(self, num_layers: int) -> bool:
+        """Whether the output layers differ from the inputs' (several slices, or partial ranges)."""
+        return bool(self.slices) and not (
+            len(self.slices) == 1 and all(tuple(s.layer_range) == (0, num_layers) for s in self.slices[0].sources)
+        )
+
+    def layout(self, tensor_names: list[str], num_layers: int, ref_model: str) -> Layout:
+        """Which input tensors make each output tensor (:mod:`umm.merge.layout`), for models
+        whose tensors are ``tensor_names`` with ``num_layers`` layers."""
+        self.check_layer_count(num_layers)
         if self.slices:
-            lr = self.slices[0].sources[0].layer_range
-            if tuple(lr) != (0, num_layers):
-                raise RecipeError(
-                    f"slice layer_range {list(lr)} does not cover the model's {num_layers} layers; "
-                    "umm supports slices spanning every layer only (not supported yet: layer stacking)"
-                )
+            slices = [[LayoutSource(s.model, *s.layer_range) for s in sl.sources] for sl in self.slices]
+        else:
+            base = self.merge_base()
+            models = ([base] if base else []) + self.source_models()  # mergekit's order of inputs
+            slices = [[LayoutSource(m, 0, num_layers) for m in models]]
+        return build_layout(slices, self.merge_base(), ref_model, tensor_names, num_layers)
 
     def _input_models(self) -> list[str]:
         if self.slices:
-            return [s.model for s in self.slices[0].sources]
+            return [s.model for sl in self.slices for s in sl.sources]
         return [e.model for e in self.models]
 
     # ---------------------------------------------------------------------------- validation
@@ -251,10 +273,10 @@ class MergeRecipe(BaseModel):
             self._check_slices()
         elif not self.models:
             raise RecipeError("the recipe lists no models: add a 'models:' list")
-        inputs = self._input_models()
-        dupes = sorted({m for m in inputs if inputs.count(m) > 1})
-        if dupes:
-            raise RecipeError(f"model(s) listed more than once: {dupes}")
+        for inputs in self._slice_models():
+            dupes = sorted({m for m in inputs if inputs.count(m) > 1})
+            if dupes:
+                raise RecipeError(f"model(s) listed more than once: {dupes}")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value.removeprefix("torch.") not in DTYPES:
@@ -264,11 +286,7 @@ class MergeRecipe(BaseModel):
         sources = self.source_models()
         if not sources:
             raise RecipeError("the recipe has no model to merge besides the base")
-        if method.name == "slerp" and len(sources) != 1:
-            raise RecipeError(
-                f"slerp merges exactly two models (base_model and one other); got {len(sources) + 1}: "
-                f"{[self.base_model, *sources]}"
-            )
+        self._check_counts(method)
         valid_all = sorted(method.param_names)
         for where, params in self._parameter_sets():
             for key, value in params.items():
@@ -281,20 +299,25 @@ class MergeRecipe(BaseModel):
                         f"{where}: {key!r} is a global parameter of {method.name}; move it to the "
                         f"top-level 'parameters' (per-model parameters: {', '.join(method.tensor_params) or 'none'})"
                     )
-                _check_value(where, key, value, boolean=key in ("normalize", "rescale", "int8_mask"))
-        shared = self.shared_parameter_levels()
-        for model in sources:
-            for key, default in method.tensor_params.items():
-                if default is None and not any(
-                    key in level for level in [self.model_parameters(model), *shared]
-                ):
-                    raise RecipeError(
-                        f"model {model}: missing required parameter {key!r} for {method.name} "
-                        "(set it under the model's parameters or the top-level parameters)"
-                    )
-        for key, default in method.global_params.items():
-            if default is None and not any(key in level for level in shared):
-                raise RecipeError(f"{method.name} needs parameter {key!r} in the top-level 'parameters'")
+                default = {**method.tensor_params, **method.global_params}.get(key)
+                _check_value(where, key, value, boolean=isinstance(default, bool))
+        slice_sources = [[m for m in ms if m != self.merge_base()] for ms in self._slice_models()]
+        if not self.slices:
+            slice_sources = [sources]
+        for k, models in enumerate(slice_sources):
+            shared = self.shared_parameter_levels(k)
+            for model in models:
+                for key, default in method.tensor_params.items():
+                    if default is None and not any(
+                        key in level for level in [self.model_parameters(model, k), *shared]
+                    ):
+                        raise RecipeError(
+                            f"model {model}: missing required parameter {key!r} for {method.name} "
+                            "(set it under the model's parameters or the top-level parameters)"
+                        )
+            for key, default in method.global_params.items():
+                if default is None and not any(key in level for level in shared):
+                    raise RecipeError(f"{method.name} needs parameter {key!r} in the top-level 'parameters'")
         if self.tokenizer_source not in (None, "base", "union") and self.tokenizer_source not in self.model_paths():
             raise RecipeError(
                 f"tokenizer_source {self.tokenizer_source!r} is none of 'base', 'union' or a model of the recipe"
@@ -302,30 +325,62 @@ class MergeRecipe(BaseModel):
 
     def _check_slices(self) -> None:
         assert self.slices is not None
-        if len(self.slices) != 1:
-            raise RecipeError(
-                f"recipes with {len(self.slices)} slices (layer stacking) are not supported yet; "
-                "use one slice spanning every layer, or 'models:'"
-            )
-        sl = self.slices[0]
-        if not sl.sources:
-            raise RecipeError("the slice has no sources")
-        ranges = {tuple(s.layer_range) for s in sl.sources}
-        if len(ranges) != 1 or next(iter(ranges))[0] != 0:
-            raise RecipeError(
-                f"slice layer ranges {sorted(ranges)} are not supported yet: every source must span "
-                "the same layers starting at 0 (all of the model's layers)"
-            )
-        if sl.residual_weight is not None:
-            raise RecipeError("slice residual_weight is not supported yet")
-        if sl.base_model is not None and sl.base_model != self.base_model:
-            raise RecipeError("a slice base_model different from the recipe's base_model is not supported yet")
+        if not self.slices:
+            raise RecipeError("'slices' is empty: list at least one slice with its sources")
+        for k, sl in enumerate(self.slices):
+            if not sl.sources:
+                raise RecipeError(f"slice {k} has no sources")
+            for src in sl.sources:
+                start, end = src.layer_range
+                if not 0 <= start < end:
+                    raise RecipeError(
+                        f"slice {k}: model {src.model} layer_range {[start, end]} must be [start, end) "
+                        "with 0 <= start < end"
+                    )
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) != 1:
+                raise RecipeError(
+                    f"slice {k}: every source must have the same number of layers, got "
+                    f"{[list(s.layer_range) for s in sl.sources]}"
+                )
+            if sl.residual_weight is not None:
+                raise RecipeError("slice residual_weight is not supported yet")
+            if sl.base_model is not None and sl.base_model != self.base_model:
+                raise RecipeError("a slice base_model different from the recipe's base_model is not supported yet")
+
+    def _slice_models(self) -> list[list[str]]:
+        """The models of each slice (of the ``models:`` list when there are no slices)."""
+        if self.slices:
+            return [[s.model for s in sl.sources] for sl in self.slices]
+        return [[e.model for e in self.models]]
+
+    def _check_counts(self, method: Any) -> None:
+        """Each slice gives the method a base (when it needs one) and an allowed number of models."""
+        base = self.base_model if method.uses_base else None
+        for k, models in enumerate(self._slice_models()):
+            where = f"slice {k}: " if self.slices and len(self.slices) > 1 else ""
+            if self.slices and method.requires_base and base not in models:
+                raise RecipeError(
+                    f"{where}{method.name} needs the base_model {base} among the slice's sources "
+                    "(with the same number of layers)"
+                )
+            merged = [m for m in models if m != base]
+            if not self.slices and base is None and self.base_model and self.base_model not in merged:
+                merged.append(self.base_model)  # linear & co.: the base is one more input
+            n = len(merged)
+            lo, hi = method.min_sources, method.max_sources
+            if n < lo or (hi is not None and n > hi):
+                want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+                total = n + (1 if base is not None else 0)
+                what = "exactly two models (base_model and one other)" if method.name == "slerp" else (
+                    f"{want} model(s)" + (" besides the base_model" if base is not None else ""))
+                raise RecipeError(f"{where}{method.name} merges {what}; got {total}: {models}")
 
     def _parameter_sets(self) -> list[tuple[str, dict[str, ParamValue]]]:
         out: list[tuple[str, dict[str, ParamValue]]] = [("parameters", self.parameters)]
-        if self.slices:
-            out.append(("slice parameters", self.slices[0].parameters))
-            out += [(f"model {s.model}", s.parameters) for s in self.slices[0].sources]
+        for k, sl in enumerate(self.slices or []):
+            out.append((f"slice {k} parameters", sl.parameters))
+            out += [(f"model {s.model}", s.parameters) for s in sl.sources]
         else:
             out += [(f"model {e.model}", e.parameters) for e in self.models]
         return out

@@ -49,28 +49,35 @@ def _run_prepare(inputs: MergeInputs, job: Job, device: torch.device) -> Any:
     """The method's whole-tensor state of ``job.name``, reading rows of one model at a time."""
     name = job.name
 
-    def reader(src: Any) -> Callable[[int, int], torch.Tensor]:
+    def reader(index: int, input_name: str) -> Callable[[int, int], torch.Tensor]:
+        src = inputs.sources[index]
+
         def read(start: int, end: int) -> torch.Tensor:
-            t = src.read_rows(name, start, end)
+            t = src.read_rows(input_name, start, end)
             return t if device.type == "cpu" else t.to(device)
 
         return read
 
     params = inputs.tensor_params(name)
-    base = reader(inputs.sources[inputs.base_index]) if inputs.base_index is not None else None
-    tensors = [reader(inputs.sources[i]) for i in inputs.merge_indices]
+    base_at, tensors_at, _ = inputs.reads(name)
+    base = reader(*base_at) if base_at is not None else None
+    tensors = [reader(*at) for at in tensors_at]
     return inputs.method.prepare(base, tensors, inputs.shapes[name], params.per_model, params.global_,
                                  block_rows=job.block_rows)
 
 
-def _read_blocks(inputs: MergeInputs, job: Job, screen_inputs: bool) -> list[torch.Tensor]:
-    """The job's rows of every model, as stored; each checked for NaN/Inf if ``screen_inputs``."""
-    blocks = []
-    for src, model in zip(inputs.sources, inputs.names):
-        t = src.read_rows(job.name, job.start, job.end)
+def _read_blocks(inputs: MergeInputs, job: Job, screen_inputs: bool) -> dict[tuple[int, str], torch.Tensor]:
+    """The job's rows of every input of its tensor (by source index and input name), as stored;
+    each checked for NaN/Inf if ``screen_inputs``."""
+    base, tensors, ref = inputs.reads(job.name)
+    blocks: dict[tuple[int, str], torch.Tensor] = {}
+    for i, input_name in [*([base] if base is not None else []), *tensors, ref]:
+        if (i, input_name) in blocks:
+            continue
+        t = inputs.sources[i].read_rows(input_name, job.start, job.end)
         if screen_inputs:
-            check_finite_tensor(t, job.name, model)
-        blocks.append(t)
+            check_finite_tensor(t, input_name, inputs.names[i])
+        blocks[(i, input_name)] = t
     return blocks
 
 
@@ -81,20 +88,21 @@ def _run_merge(inputs: MergeInputs, job: Job, device: torch.device, seed: int, c
     # methods that carry NaN/Inf into the result are screened once, on the result (cheaper)
     screen_result = check_finite and method.propagates_nonfinite
     blocks = _read_blocks(inputs, job, check_finite and not screen_result)
+    base_at, tensors_at, ref_at = inputs.reads(name)
     out_dtype = inputs.out_dtypes[name]
     if not inputs.in_dtypes[name].is_floating_point:
-        return blocks[inputs.ref_index].to(out_dtype)
+        return blocks[ref_at].to(out_dtype)
     if device.type != "cpu":
-        blocks = [b.to(device, non_blocking=True) for b in blocks]
+        blocks = {k: b.to(device, non_blocking=True) for k, b in blocks.items()}
     params = inputs.tensor_params(name)
-    base = blocks[inputs.base_index] if inputs.base_index is not None else None
-    tensors = [blocks[i] for i in inputs.merge_indices]
+    base = blocks[base_at] if base_at is not None else None
+    tensors = [blocks[at] for at in tensors_at]
     gen = tensor_generator(seed, name, device=device) if getattr(method, "random", False) else None
     extra = {"state": state, "row_offset": job.start or 0} if job.uses_state else {}
     result = method.merge(base, tensors, params.per_model, params.global_, generator=gen, **extra)
     if screen_result and result.numel() and not bool(torch.isfinite(result.sum())):
-        for t, model in zip(blocks, inputs.names):  # name the culprit; finite inputs that overflowed pass
-            check_finite_tensor(t, name, model)
+        for (i, input_name), t in blocks.items():  # name the culprit; finite inputs that overflowed pass
+            check_finite_tensor(t, input_name, inputs.names[i])
     del blocks, tensors, base
     if result.dtype != out_dtype:
         result = result.to(out_dtype)

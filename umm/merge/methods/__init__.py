@@ -1,6 +1,7 @@
 """Merge methods: pure functions over tensors (see :mod:`.registry`).
 
-``linear`` and ``slerp`` have a module each; the task-arithmetic family is one table of variants
+``linear``, ``slerp``, ``passthrough``, ``model_stock``, ``sce``, ``nuslerp``, ``karcher`` and
+``arcee_fusion`` have a module each; the task-arithmetic family is one table of variants
 (:mod:`.variants`) over one engine (:mod:`.gta`).
 """
 

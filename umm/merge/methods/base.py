@@ -72,6 +72,14 @@ class MergeMethod:
     #: a sum of finite multiples of every input: w*Inf is +-Inf or NaN, and NaN/Inf survive
     #: sums), so the executor may screen the float32 result instead of each input.
     propagates_nonfinite: bool = False
+    #: A base is used when the recipe names one, and the method also runs without (nuslerp):
+    #: with a base it is passed as ``base`` and is not one of ``tensors``.
+    optional_base: bool = False
+    #: How many models a tensor merges (besides the base): at least / at most (None: any).
+    min_sources: int = 1
+    max_sources: int | None = None
+    #: Why the evolutionary search cannot search this method ("" when it can).
+    search_refusal: str = ""
     summary: str = ""
     reference_url: str = ""
     #: The method's formula and defaults; also its ``__doc__``, so ``help`` tools show it.
@@ -80,6 +88,11 @@ class MergeMethod:
     def __post_init__(self) -> None:
         if self.doc:
             object.__setattr__(self, "__doc__", self.doc)
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a named base model is passed as ``base`` (required or optional)."""
+        return self.requires_base or self.optional_base
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -247,6 +260,19 @@ def tensor_generator(seed: int, tensor_name: str, device: str | torch.device = "
 def as_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32; may alias ``x`` (never write into the result)."""
     return x if x.dtype == torch.float32 else x.float()
+
+
+def base_float32(method: str, base: torch.Tensor | None) -> torch.Tensor:
+    """The base in float32 (may alias ``base``: never write into it); an error naming ``method``
+    when the recipe gave no base."""
+    if base is None:
+        raise MergeParameterError(f"{method} needs a base model (set base_model in the recipe)")
+    return as_float32(base)
+
+
+def unchanged_base(b32: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The result of merging nothing into the base: a new float32 tensor equal to it."""
+    return b32.clone() if b32 is base else b32
 
 
 def fresh_float32(x: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ SLERP = MergeMethod(
     random=False,
     elementwise=False,
     fn=_slerp,
+    max_sources=1,
     summary="spherical interpolation between the base (t=0) and one model (t=1)",
     reference_url="https://en.wikipedia.org/wiki/Slerp",
     doc=__doc__ or "",
