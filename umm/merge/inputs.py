@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from umm.checkpoints.fingerprint import require_compatible
-from umm.checkpoints.reader import Checkpoint
+from umm.checkpoints.loading import check_model_config
+from umm.checkpoints.reader import CONFIG_NAME, Checkpoint
 from umm.errors import UmmError
 from umm.merge.dtypes import parse_dtype
 from umm.merge.methods.registry import get_method
@@ -110,7 +111,9 @@ def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int], int]:
 
 
 def _open_checkpoints(paths: list[str]) -> list[Any]:
-    """Open every model folder and check they are compatible; nothing stays open on an error."""
+    """Open every model folder, check that transformers can run it (no custom code, a known causal-LM
+    type: :func:`~umm.checkpoints.loading.check_model_config`) and that they are compatible; nothing
+    stays open on an error."""
     ckpts: list[Any] = []
     try:
         for p in paths:
@@ -120,6 +123,7 @@ def _open_checkpoints(paths: list[str]) -> list[Any]:
                     f"directory {os.getcwd()}; umm reads local folders only, download models first)"
                 )
             ckpts.append(Checkpoint.open(p))
+            check_model_config(ckpts[-1].config, ckpts[-1].path / CONFIG_NAME)
         if len(ckpts) > 1:
             require_compatible(ckpts)
     except BaseException:
