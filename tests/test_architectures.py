@@ -17,6 +17,7 @@ before any work, with the reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typer.testing import CliRunner
 from umm.cli import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait on a shared machine
 PROMPT = torch.tensor([[1, 40, 41, 42, 43]])
 
 
@@ -101,12 +103,12 @@ def _build_family(name: str, root: Path) -> Family:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         base = _save(model, tokenizer, root / "base")
+        weights = [(p, p.clone()) for p in model.parameters()]
         tuned = []
         for i in (1, 2):
-            ft = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
-            for p in ft.parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-            tuned.append(_save(ft, tokenizer, root / f"ft{i}"))
+            for p, w in weights:
+                p.copy_(w + torch.randn(p.shape, generator=gen) * 0.01)
+            tuned.append(_save(model, tokenizer, root / f"ft{i}"))
     return Family(name, base, *tuned)
 
 
@@ -136,7 +138,12 @@ class Merged:
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def merged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Merged:
     root = tmp_path_factory.mktemp(request.param)
-    family = _build_family(request.param, root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        family = _build_family(request.param, root)
+    finally:
+        torch.set_num_threads(threads)
     recipes, outputs = {}, {}
     for method, params in RECIPES.items():
         recipes[method] = root / f"{method}.yaml"
@@ -145,6 +152,17 @@ def merged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         res = runner.invoke(app, ["merge", str(recipes[method]), str(outputs[method]), "--threads", "1"])
         assert res.exit_code == 0, res.output
     return Merged(family, recipes, outputs)
+
+
+@functools.cache
+def _load(folder: Path) -> Any:
+    """``AutoModelForCausalLM`` of a merged folder, loaded once per session (tests only read it)."""
+    from transformers import AutoModelForCausalLM
+
+    from umm.ui import transformers_bars_off
+
+    with transformers_bars_off():
+        return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False).eval()
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -169,13 +187,10 @@ def test_layer_gradients_number_the_layers(merged: Merged) -> None:
 
 
 def test_merged_models_load_with_transformers_and_generate(merged: Merged) -> None:
-    from transformers import AutoModelForCausalLM
-
     arch = ARCHS[merged.family.name]
     for method, folder in merged.outputs.items():
         files = _tensors(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
-        model.eval()
+        model = _load(folder)
         out_w = model.get_output_embeddings().weight
         in_w = model.get_input_embeddings().weight
         assert (out_w.data_ptr() == in_w.data_ptr()) == arch.tied, method
@@ -191,8 +206,6 @@ def test_merged_models_load_with_transformers_and_generate(merged: Merged) -> No
 def test_in_memory_apply_equals_the_disk_merge(merged: Merged) -> None:
     """evolve's LiveMerge on the base, for both recipes: every checkpoint tensor (wherever
     transformers put it in the live model) and the logits equal those of the disk merge."""
-    from transformers import AutoModelForCausalLM
-
     from umm.checkpoints.loading import load_causal_lm
     from umm.checkpoints.placement import checkpoint_slots
     from umm.evolve.apply import LiveMerge
@@ -208,9 +221,8 @@ def test_in_memory_apply_equals_the_disk_merge(merged: Merged) -> None:
         assert set(slots) <= set(files)
         for name, slot in slots.items():
             torch.testing.assert_close(slot.read(), files[name], rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
-        disk = AutoModelForCausalLM.from_pretrained(merged.outputs[method], use_safetensors=True).eval()
         with torch.no_grad():
-            torch.testing.assert_close(model(PROMPT).logits, disk(PROMPT).logits, rtol=1e-4, atol=1e-5,
+            torch.testing.assert_close(model(PROMPT).logits, _load(merged.outputs[method])(PROMPT).logits, rtol=1e-4, atol=1e-5,
                                        msg=method)
 
 
@@ -218,7 +230,7 @@ def test_merged_models_pass_admission(merged: Merged) -> None:
     from umm.checkpoints.admission import admit
     from umm.checkpoints.fingerprint import tokenizer_fingerprint
 
-    for folder in (merged.family.base, *merged.outputs.values()):
+    for folder in merged.outputs.values():
         report = admit(folder)
         assert report.fingerprint.model_type == json.loads((folder / "config.json").read_text())["model_type"]
         assert report.fingerprint.tokenizer == tokenizer_fingerprint(merged.family.base)
@@ -263,3 +275,56 @@ models:
     model = load_causal_lm(tiny_models["base"], device="cpu", dtype="float32")
     with pytest.raises(UnsupportedModelError, match=words):
         LiveMerge(MergeRecipe.load(recipe), model)
+
+
+# --- placement of checkpoint tensors in a live model (the conversions the matrix does not meet) ---
+
+class _Two(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(12.0).view(3, 4))
+        self.v = torch.nn.Parameter(torch.zeros(2))
+
+
+def _slots_with(monkeypatch: pytest.MonkeyPatch, convert_w: Any) -> dict[str, Any]:
+    """:func:`checkpoint_slots` of :class:`_Two` whose reverse conversion maps ``w`` to the tensors
+    ``convert_w(w)`` returns (name -> tensor) and keeps ``v``, as transformers does: on whichever
+    parameters it is given."""
+    from umm.checkpoints import placement
+
+    def revert(model: Any, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**({} if "w" not in sd else convert_w(sd["w"])), **{k: t for k, t in sd.items() if k != "w"}}
+
+    monkeypatch.setattr(placement, "_revert", lambda: revert)
+    return placement.checkpoint_slots(_Two())
+
+
+def test_a_transposed_or_split_parameter_is_written_where_it_belongs(monkeypatch: pytest.MonkeyPatch) -> None:
+    slots = _slots_with(monkeypatch, lambda w: {"w.T": w.T})
+    t = slots["w.T"]
+    assert t.index is not None and t.shape == (4, 3) and slots["v"].view is not None
+    value = torch.randn(4, 3)
+    t.write(value)
+    assert torch.equal(t.param.data, value.T) and torch.equal(t.read(), value)
+    slots = _slots_with(monkeypatch, lambda w: {"top": w[:1], "rest": w[1:]})
+    assert slots["top"].view is not None and slots["rest"].view is not None and slots["rest"].shape == (2, 4)
+    slots["rest"].write(torch.full((2, 4), -1.0))
+    assert torch.equal(slots["top"].param.data[0], torch.arange(4.0))
+    assert bool((slots["top"].param.data[1:] == -1).all())
+
+
+@pytest.mark.parametrize(("convert_w", "words"), [
+    (lambda w: {"a": w, "b": w}, "'w' has 12 entries but its checkpoint tensors hold 24"),
+    (lambda w: {}, "'w' has 12 entries but its checkpoint tensors hold 0"),
+    (lambda w: {"a": w[:2], "b": w[1:]}, "has 12 entries but its checkpoint tensors hold 16"),
+    (lambda w: {"a": w[:2], "b": w[1].flip(0)}, "two checkpoint tensors map onto the same entries of 'w'"),
+], ids=["duplicated", "dropped", "overlapping", "overlapping-same-count"])
+def test_a_conversion_that_is_not_one_to_one_is_refused(monkeypatch: pytest.MonkeyPatch, convert_w: Any,
+                                                        words: str) -> None:
+    from umm.checkpoints import placement
+
+    with pytest.raises(placement.PlacementError, match=words):
+        _slots_with(monkeypatch, convert_w)
+    monkeypatch.setattr(placement, "_revert", lambda: lambda model, sd: {"wv": torch.cat([sd["w"].reshape(-1), sd["v"]])})
+    with pytest.raises(placement.PlacementError, match="mixes entries of several live parameters"):
+        placement.checkpoint_slots(_Two())
