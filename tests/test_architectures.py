@@ -205,7 +205,8 @@ def test_merged_models_load_with_transformers_and_generate(merged: Merged) -> No
 
 def test_in_memory_apply_equals_the_disk_merge(merged: Merged) -> None:
     """evolve's LiveMerge on the base, for both recipes: every checkpoint tensor (wherever
-    transformers put it in the live model) and the logits equal those of the disk merge."""
+    transformers put it in the live model) and the logits equal those of the disk merge; a source
+    loaded back is that source."""
     from umm.checkpoints.loading import load_causal_lm
     from umm.checkpoints.placement import checkpoint_slots
     from umm.evolve.apply import LiveMerge
@@ -222,8 +223,12 @@ def test_in_memory_apply_equals_the_disk_merge(merged: Merged) -> None:
         for name, slot in slots.items():
             torch.testing.assert_close(slot.read(), files[name], rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
         with torch.no_grad():
-            torch.testing.assert_close(model(PROMPT).logits, _load(merged.outputs[method])(PROMPT).logits, rtol=1e-4, atol=1e-5,
-                                       msg=method)
+            disk_logits = _load(merged.outputs[method])(PROMPT).logits
+            torch.testing.assert_close(model(PROMPT).logits, disk_logits, rtol=1e-4, atol=1e-5, msg=method)
+    live.load_source(live.model_paths.index(str(merged.family.ft2)))  # a source, unmerged, back in place
+    files = _tensors(merged.family.ft2)
+    for name, slot in slots.items():
+        torch.testing.assert_close(slot.read(), files[name], rtol=1e-6, atol=1e-8, msg=f"ft2: {name}")
 
 
 def test_merged_models_pass_admission(merged: Merged) -> None:
@@ -325,6 +330,18 @@ def test_a_conversion_that_is_not_one_to_one_is_refused(monkeypatch: pytest.Monk
 
     with pytest.raises(placement.PlacementError, match=words):
         _slots_with(monkeypatch, convert_w)
+
+
+def test_a_conversion_mixing_parameters_or_failing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from umm.checkpoints import placement
+
     monkeypatch.setattr(placement, "_revert", lambda: lambda model, sd: {"wv": torch.cat([sd["w"].reshape(-1), sd["v"]])})
     with pytest.raises(placement.PlacementError, match="mixes entries of several live parameters"):
+        placement.checkpoint_slots(_Two())
+
+    def broken(model: Any, sd: dict) -> dict:
+        raise KeyError("experts")
+
+    monkeypatch.setattr(placement, "_revert", lambda: broken)
+    with pytest.raises(placement.PlacementError, match="cannot map _Two's parameters back.*KeyError"):
         placement.checkpoint_slots(_Two())

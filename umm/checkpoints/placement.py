@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.loading import first_line
 
 
 class PlacementError(CheckpointError):
@@ -86,6 +87,16 @@ def _revert():  # -> Callable[[model, dict], dict] | None
     return revert_weight_conversion
 
 
+def _reverted(revert, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``revert(model, state)``; whatever it raises is a :class:`PlacementError` naming the model."""
+    try:
+        return dict(revert(model, dict(state)))
+    except Exception as e:
+        raise PlacementError(
+            f"transformers cannot map {type(model).__name__}'s parameters back to checkpoint tensors: {first_line(e)}"
+        ) from None
+
+
 def checkpoint_slots(model: torch.nn.Module) -> dict[str, Slot]:
     """Checkpoint tensor name -> :class:`Slot` for every parameter of ``model`` (see the module docstring).
 
@@ -99,7 +110,7 @@ def checkpoint_slots(model: torch.nn.Module) -> dict[str, Slot]:
     meta = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in params.items()}
     by_id = {id(t): n for n, t in meta.items()}
     slots: dict[str, Slot] = {}
-    for name, t in revert(model, dict(meta)).items():
+    for name, t in _reverted(revert, model, meta).items():
         source = by_id.get(id(t))
         if source is not None:
             slots[name] = _whole(name, source, params[source])
@@ -128,7 +139,7 @@ def _traced(model: torch.nn.Module, revert, params: dict[str, torch.nn.Parameter
             raise PlacementError(f"live parameter {n!r} is not contiguous; cannot place checkpoint tensors in it")
     bounds = torch.tensor([*starts, total], dtype=torch.int64)
     out: dict[str, Slot] = {}
-    for ck_name, idx in revert(model, filled).items():
+    for ck_name, idx in _reverted(revert, model, filled).items():
         if ck_name in taken:
             raise PlacementError(f"checkpoint tensor {ck_name!r} is made from more than one live parameter")
         flat = idx.reshape(-1).to(torch.int64)
