@@ -322,8 +322,9 @@ def test_a_transposed_or_split_parameter_is_written_where_it_belongs(monkeypatch
     (lambda w: {"a": w, "b": w}, "'w' has 12 entries but its checkpoint tensors hold 24"),
     (lambda w: {}, "'w' has 12 entries but its checkpoint tensors hold 0"),
     (lambda w: {"a": w[:2], "b": w[1:]}, "has 12 entries but its checkpoint tensors hold 16"),
-    (lambda w: {"a": w[:2], "b": w[1].flip(0)}, "two checkpoint tensors map onto the same entries of 'w'"),
-], ids=["duplicated", "dropped", "overlapping", "overlapping-same-count"])
+    (lambda w: {"a": w[:2], "b": w[1].flip(0)}, "land twice on some entries of 'w' and never on others"),
+    (lambda w: {"a": w.reshape(-1)[[0, 0, *range(2, 12)]]}, "land twice on some entries of 'w'"),
+], ids=["duplicated", "dropped", "overlapping", "overlapping-same-count", "repeated-entry"])
 def test_a_conversion_that_is_not_one_to_one_is_refused(monkeypatch: pytest.MonkeyPatch, convert_w: Any,
                                                         words: str) -> None:
     from umm.checkpoints import placement

@@ -130,13 +130,13 @@ def _traced(model: torch.nn.Module, revert, params: dict[str, torch.nn.Parameter
     for p in params.values():
         starts.append(total)
         total += p.numel()
+    for n, p in params.items():
+        if not p.data.is_contiguous():
+            raise PlacementError(f"live parameter {n!r} is not contiguous; cannot place checkpoint tensors in it")
     itype = torch.int32 if total < 2**31 else torch.int64
     filled = {n: torch.arange(s, s + p.numel(), dtype=itype).view(p.shape)
               for (n, p), s in zip(params.items(), starts)}
     names = list(params)
-    for n, p in params.items():
-        if not p.data.is_contiguous():
-            raise PlacementError(f"live parameter {n!r} is not contiguous; cannot place checkpoint tensors in it")
     bounds = torch.tensor([*starts, total], dtype=torch.int64)
     out: dict[str, Slot] = {}
     for ck_name, idx in _reverted(revert, model, filled).items():
@@ -162,25 +162,22 @@ def _traced(model: torch.nn.Module, revert, params: dict[str, torch.nn.Parameter
 
 
 def _check_one_to_one(slots: dict[str, Slot], params: dict[str, torch.nn.Parameter]) -> None:
-    """Every entry of every parameter is the target of exactly one checkpoint entry."""
-    count = {n: 0 for n in params}
+    """Every entry of every parameter is the target of exactly one checkpoint entry: the counts agree
+    and, where a parameter is not one whole view, every entry is reached (so none twice)."""
+    parts: dict[str, list[Slot]] = {n: [] for n in params}
     for s in slots.values():
-        count[s.param_name] += s.numel
+        parts[s.param_name].append(s)
     for n, p in params.items():
-        if count[n] != p.numel():
-            raise PlacementError(
-                f"live parameter {n!r} has {p.numel()} entries but its checkpoint tensors hold {count[n]}"
-            )
-    for n, p in params.items():
-        parts = [s for s in slots.values() if s.param_name == n]
-        if len(parts) <= 1:
+        held = sum(s.numel for s in parts[n])
+        if held != p.numel():
+            raise PlacementError(f"live parameter {n!r} has {p.numel()} entries but its checkpoint tensors hold {held}")
+        if len(parts[n]) == 1 and parts[n][0].index is None:
             continue
         seen = torch.zeros(p.numel(), dtype=torch.bool)
-        for s in parts:
-            pos = s.index.cpu() if s.index is not None else _view_range(s, p)
-            if bool(seen[pos].any()):
-                raise PlacementError(f"two checkpoint tensors map onto the same entries of {n!r}")
-            seen[pos] = True
+        for s in parts[n]:
+            seen[s.index.cpu() if s.index is not None else _view_range(s, p)] = True
+        if not bool(seen.all()):
+            raise PlacementError(f"checkpoint entries land twice on some entries of {n!r} and never on others")
 
 
 def _view_range(s: Slot, p: torch.nn.Parameter) -> slice:
