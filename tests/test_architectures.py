@@ -5,8 +5,10 @@ Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (text), Phi3, GPT-NeoX, Mixtral and Qwen2-
 from its transformers config class and saved with ``save_pretrained``. Between them they cover
 tied embeddings (Qwen2, Qwen3, Gemma2, Gemma3), an untied ``lm_head`` (Llama, Mistral, Phi3,
 Mixtral, Qwen2-MoE; GPT-NeoX's ``embed_out``, which transformers renames on load), biases (Qwen2's
-and Qwen2-MoE's q/k/v, every GPT-NeoX linear and norm), fused projections (Phi3) and MoE experts
-that transformers fuses into stacked parameters on load (Mixtral, Qwen2-MoE).
+and Qwen2-MoE's q/k/v, every GPT-NeoX linear and norm), fused projections (Phi3), MoE experts
+that transformers fuses into stacked parameters on load (Mixtral, Qwen2-MoE), and checkpoints saved
+by older transformers versions with buffers today's drop on load (Llama's per-layer
+``rotary_emb.inv_freq``, GPT-NeoX's ``attention.bias``/``masked_bias`` as in Pythia).
 
 For each: ``umm merge`` (linear with a layer gradient, which also checks layer numbering, and
 TIES) of two fine-tune-like perturbations onto the base; every output loads with
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,19 @@ class Arch:
     options: dict[str, Any] = field(default_factory=dict)
     tied: bool = False
     gqa: bool = True  # num_key_value_heads < num_attention_heads
+    #: buffers that older transformers versions saved with the weights (and today's drop on load)
+    stale: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+def _inv_freq() -> dict[str, torch.Tensor]:
+    return {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": 1e4 ** -(torch.arange(0, 8, 2) / 8) for i in range(2)}
+
+
+def _neox_masks() -> dict[str, torch.Tensor]:
+    causal = torch.ones(1, 1, 64, 64, dtype=torch.bool).tril()
+    return {name: t.clone() for i in range(2) for name, t in ((f"gpt_neox.layers.{i}.attention.bias", causal),
+                                                              (f"gpt_neox.layers.{i}.attention.masked_bias",
+                                                               torch.tensor(-1e9)))}
 
 
 ARCHS: dict[str, Arch] = {
@@ -54,6 +70,9 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch("Gemma3TextConfig", {"head_dim": 8, "sliding_window": 4}, tied=True),
     "phi3": Arch("Phi3Config"),  # fused qkv_proj and gate_up_proj
     "gpt_neox": Arch("GPTNeoXConfig", gqa=False),  # biases everywhere, embed_out renamed on load
+    # as saved by transformers 4.x (Llama-1/2 conversions, Pythia): the stale buffers are merged, admitted, dropped on load
+    "llama+inv_freq": Arch("LlamaConfig", stale=_inv_freq),
+    "gpt_neox+masks": Arch("GPTNeoXConfig", gqa=False, stale=_neox_masks),
     "mixtral": Arch("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": Arch("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                                          "shared_expert_intermediate_size": 24}),
@@ -72,9 +91,13 @@ def _config(arch: Arch, tokenizer: Any) -> Any:
     return getattr(transformers, arch.config_class)(**sizes, **arch.options)
 
 
-def _save(model: Any, tokenizer: Any, folder: Path) -> Path:
+def _save(model: Any, tokenizer: Any, folder: Path, stale: dict[str, torch.Tensor] | None) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if stale:
+        from safetensors.torch import load_file, save_file
+
+        save_file({**load_file(folder / "model.safetensors"), **stale}, folder / "model.safetensors", {"format": "pt"})
     return folder
 
 
@@ -95,20 +118,22 @@ def _build_family(name: str, root: Path) -> Family:
     from umm.experts.random_models import make_tokenizer
     from umm.ui import transformers_bars_off
 
+    arch = ARCHS[name]
     tokenizer = make_tokenizer(256)
+    stale = arch.stale() if arch.stale else None
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # buffers the constructor draws
-    model = AutoModelForCausalLM.from_config(_config(ARCHS[name], tokenizer))
+    model = AutoModelForCausalLM.from_config(_config(arch, tokenizer))
     with torch.no_grad(), transformers_bars_off():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        base = _save(model, tokenizer, root / "base")
+        base = _save(model, tokenizer, root / "base", stale)
         weights = [(p, p.clone()) for p in model.parameters()]
         tuned = []
         for i in (1, 2):
             for p, w in weights:
                 p.copy_(w + torch.randn(p.shape, generator=gen) * 0.01)
-            tuned.append(_save(model, tokenizer, root / f"ft{i}"))
+            tuned.append(_save(model, tokenizer, root / f"ft{i}", stale))
     return Family(name, base, *tuned)
 
 
