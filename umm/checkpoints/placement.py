@@ -42,26 +42,39 @@ class PlacementError(CheckpointError):
 @dataclass(frozen=True, eq=False)
 class Slot:
     """The entries of live parameter ``param_name`` that checkpoint tensor ``name`` (``shape``) becomes:
-    ``view`` (a view of the parameter, in the checkpoint's shape) or ``index`` (flat positions in the
-    parameter, in the checkpoint tensor's row-major order)."""
+    the flat entries ``start ..`` of the parameter in order (:attr:`view`), or, with ``start`` None,
+    the flat positions ``index`` in the checkpoint tensor's row-major order. Both are resolved
+    against ``param.data`` at each use, so they stay right if the parameter's storage is replaced."""
 
     name: str
     shape: tuple[int, ...]
     param_name: str
     param: torch.nn.Parameter
-    view: torch.Tensor | None
+    start: int | None
     index: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def view(self) -> torch.Tensor | None:
+        """The parameter's entries as a tensor of the checkpoint's shape (``None`` for a scatter slot)."""
+        if self.start is None:
+            return None
+        data = self.param.data
+        if self.start == 0 and self.numel == data.numel():
+            return data.view(self.shape) if data.is_contiguous() else data
+        return data.view(-1)[self.start : self.start + self.numel].view(self.shape)
+
     def write(self, value: torch.Tensor) -> None:
         """Copy ``value`` (the checkpoint tensor's shape, any dtype) into the live parameter."""
         with torch.no_grad():
-            if self.view is not None:
-                if value is not self.view:
-                    self.view.copy_(value)
+            view = self.view
+            if view is not None:
+                same = (value.data_ptr(), value.shape, value.stride()) == (view.data_ptr(), view.shape, view.stride())
+                if not same:  # a result computed in place needs no copy
+                    view.copy_(value)
             else:
                 assert self.index is not None
                 flat = self.param.data.view(-1)
@@ -69,14 +82,15 @@ class Slot:
 
     def read(self) -> torch.Tensor:
         """The live value of this checkpoint tensor (a view when possible)."""
-        if self.view is not None:
-            return self.view
+        view = self.view
+        if view is not None:
+            return view
         assert self.index is not None
         return self.param.data.view(-1)[self.index].view(self.shape)
 
 
 def _whole(name: str, param_name: str, param: torch.nn.Parameter) -> Slot:
-    return Slot(name, tuple(param.shape), param_name, param, param.data)
+    return Slot(name, tuple(param.shape), param_name, param, 0)
 
 
 def _revert():  # -> Callable[[model, dict], dict] | None
@@ -154,8 +168,7 @@ def _traced(model: torch.nn.Module, revert, params: dict[str, torch.nn.Parameter
         first = int(local[0])
         in_order = bool((local == torch.arange(first, first + local.numel())).all())
         if in_order:
-            view = param.data.view(-1)[first : first + local.numel()].view(tuple(idx.shape))
-            out[ck_name] = Slot(ck_name, tuple(idx.shape), pname, param, view)
+            out[ck_name] = Slot(ck_name, tuple(idx.shape), pname, param, first)
         else:
             out[ck_name] = Slot(ck_name, tuple(idx.shape), pname, param, None, local.to(param.device))
     return out
@@ -175,12 +188,7 @@ def _check_one_to_one(slots: dict[str, Slot], params: dict[str, torch.nn.Paramet
             continue
         seen = torch.zeros(p.numel(), dtype=torch.bool)
         for s in parts[n]:
-            seen[s.index.cpu() if s.index is not None else _view_range(s, p)] = True
+            seen[s.index.cpu() if s.index is not None else slice(s.start, s.start + s.numel)] = True
         if not bool(seen.all()):
             raise PlacementError(f"checkpoint entries land twice on some entries of {n!r} and never on others")
 
-
-def _view_range(s: Slot, p: torch.nn.Parameter) -> slice:
-    assert s.view is not None
-    start = s.view.storage_offset() - p.data.storage_offset()
-    return slice(start, start + s.numel)

@@ -341,8 +341,9 @@ class LiveMerge:
                 generic.append(name)
                 continue
             cached = self.inputs[name]
-            direct = slot.view is not None and slot.view.dtype == torch.float32 and slot.view.is_contiguous()
-            out = slot.view if direct else self._scratch(slot.shape)
+            view = slot.view
+            direct = view is not None and view.dtype == torch.float32 and view.is_contiguous()
+            out = view if direct else self._scratch(slot.shape)
             (i0, c0), rest = coeffs[0], coeffs[1:]
             if c0 == 1.0 and rest and cached[i0].dtype == torch.float32:
                 (i1, c1), rest = rest[0], rest[1:]
