@@ -4,7 +4,7 @@ Submodules: :mod:`.reader` (headers + tensor reads), :mod:`.fingerprint` (archit
 tokenizer identity, merge compatibility), :mod:`.manifest` (file hashes), :mod:`.admission`
 (checks on untrusted folders), :mod:`.budget` (what an untrusted config may ask for),
 :mod:`.safejson` (size- and depth-bounded JSON), :mod:`.loading` (transformers models/tokenizers),
-:mod:`.writer`.
+:mod:`.placement` (checkpoint tensors in a loaded model's parameters), :mod:`.writer`.
 """
 
 from umm.checkpoints.admission import AdmissionLimits, AdmissionReport, admit, check_finite
@@ -18,6 +18,7 @@ from umm.checkpoints.errors import (
     ManifestMismatchError,
     NonFiniteTensorError,
     NotSafetensorsError,
+    UnsupportedModelError,
 )
 from umm.checkpoints.fingerprint import (
     Fingerprint,
@@ -52,6 +53,7 @@ __all__ = [
     "NonFiniteTensorError",
     "NotSafetensorsError",
     "TensorInfo",
+    "UnsupportedModelError",
     "admit",
     "architecture_fingerprint",
     "build_manifest",

@@ -9,8 +9,9 @@
 3. size: folder bytes and tensor count within :class:`AdmissionLimits`; the parameters stored
    are within the budget and not far fewer than the config implies (nothing is built yet);
 4. structure: the tensor names and shapes are exactly those of the model the config describes
-   (built on the ``meta`` device, so no memory is used), tied weights allowed to be absent; the
-   buffers that model would allocate when loaded (attention masks...) are within the budget;
+   (built on the ``meta`` device, so no memory is used), tied weights allowed to be absent and
+   the stale buffers of older checkpoints that transformers drops on load allowed to be present;
+   the buffers that model would allocate when loaded (attention masks...) are within the budget;
 5. a tokenizer is present, needs no custom code, and its ids fit the embedding;
 6. every tensor is finite (read one at a time, so memory stays at one tensor);
 7. the manifest (sha256 of every file) and fingerprint are computed for the report.
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,13 +85,29 @@ class Layout:
 
     ``tied``: sets of names sharing one tensor (only one of each needs to be stored); ``renamed``:
     transformers converts this model's checkpoint names on load (e.g. fused MoE experts), so names
-    cannot be compared; ``buffer_bytes``: what its buffers (masks, caches) take once really built.
+    cannot be compared; ``buffer_bytes``: what its buffers (masks, caches) take once really built;
+    ``ignored``: stored tensors transformers drops on load (see :func:`ignored_on_load`).
     """
 
     shapes: dict[str, tuple[int, ...]]
     tied: list[set[str]]
     renamed: bool
     buffer_bytes: int
+    ignored: re.Pattern[str] | None = None
+
+
+def ignored_on_load(model: torch.nn.Module) -> re.Pattern[str] | None:
+    """What transformers drops from a checkpoint as expected, not as an error: the model's
+    ``_keys_to_ignore_on_load_unexpected`` (GPT-NeoX's ``attention.bias``/``masked_bias``) and, when
+    the model has such buffers, the per-layer ``rotary_emb.inv_freq`` and ``position_ids`` that
+    older transformers versions saved. ``None`` when nothing is ignored."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [name for name, _ in model.named_buffers()]
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
 
 
 def expected_layout(config_path: Path) -> Layout:
@@ -119,7 +137,7 @@ def expected_layout(config_path: Path) -> Layout:
         renamed = bool(get_model_conversion_mapping(model, add_legacy=False))
     except ImportError:  # older transformers: no load-time conversions
         pass
-    return Layout(shapes, [g for g in groups.values() if len(g) > 1], renamed, buffer_bytes)
+    return Layout(shapes, [g for g in groups.values() if len(g) > 1], renamed, buffer_bytes, ignored_on_load(model))
 
 
 def structure_mismatch(ckpt: Checkpoint, budget: ModelBudget | None = None) -> str | None:
@@ -130,17 +148,21 @@ def structure_mismatch(ckpt: Checkpoint, budget: ModelBudget | None = None) -> s
     layout = expected_layout(ckpt.path / CONFIG_NAME)
     check_buffer_bytes(layout.buffer_bytes, ckpt.path, budget)
     shapes, tied = layout.shapes, layout.tied
+    dropped = {n for n in ckpt.tensors if n not in shapes and layout.ignored is not None and layout.ignored.search(n)}
     if layout.renamed:
         # Names are converted at load time (e.g. fused MoE experts); the parameter count still
         # has to agree: every distinct tensor once, tied copies optionally stored as well.
         unique = sum(_numel(shapes[next(iter(g))]) for g in _groups(shapes, tied))
         full = sum(_numel(s) for s in shapes.values())
-        if not unique <= ckpt.num_parameters <= full:
-            return f"it stores {ckpt.num_parameters} parameters but config.json implies {unique}"
+        stored = ckpt.num_parameters - sum(ckpt.tensors[n].numel for n in dropped)
+        if not unique <= stored <= full:
+            return f"it stores {stored} parameters but config.json implies {unique}"
         return None
     optional = set().union(*[set(g) for g in tied]) if tied else set()
     for name, info in ckpt.tensors.items():
         want = shapes.get(name)
+        if want is None and name in dropped:
+            continue
         if want is None:
             return f"tensor {name!r} is not part of the model config.json describes"
         if want != info.shape:

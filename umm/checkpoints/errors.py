@@ -39,3 +39,8 @@ class CheckpointTooLargeError(CheckpointError):
 
 class InvalidConfigError(CheckpointError):
     """config.json declares sizes no model can be built from (zero heads, a config bigger than its weights)."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """config.json names a model umm cannot run: custom code (``auto_map``), a model type the
+    installed transformers does not know, or a model that is not a causal LM."""

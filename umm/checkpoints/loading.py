@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from umm.checkpoints.budget import ModelBudget, check_config_budget
-from umm.checkpoints.errors import CheckpointError
+from umm.checkpoints.errors import CheckpointError, UnsupportedModelError
 from umm.checkpoints.reader import CONFIG_NAME, Checkpoint, read_json_file
 from umm.errors import UmmError
 
@@ -80,8 +80,9 @@ def first_line(e: BaseException) -> str:
 
 
 def check_model_config(config: Mapping[str, Any], where: str | Path, budget: ModelBudget | None = None) -> str:
-    """Refuse a config that needs remote code, names an unknown model type, is not a causal LM, or
-    declares sizes that are invalid or over ``budget`` (:func:`~umm.checkpoints.budget.check_config_budget`).
+    """Refuse a config that needs remote code, names an unknown model type or is not a causal LM
+    (:class:`UnsupportedModelError`), or declares sizes that are invalid or over ``budget``
+    (:func:`~umm.checkpoints.budget.check_config_budget`).
 
     Returns the causal-LM class name transformers would build. ``where`` names the folder in messages.
     """
@@ -89,25 +90,25 @@ def check_model_config(config: Mapping[str, Any], where: str | Path, budget: Mod
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if "auto_map" in config or config.get("trust_remote_code"):
-        raise CheckpointError(
+        raise UnsupportedModelError(
             f"{where}: config.json asks for custom model code (auto_map); umm never runs code that "
             "comes with a model (trust_remote_code=False): use a model type built into transformers"
         )
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
-        raise CheckpointError(
+        raise UnsupportedModelError(
             f"{where}: model_type {model_type!r} is unknown to the installed transformers; "
             "upgrade transformers or convert the model to a supported architecture"
         )
     mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if mapped is None:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not a causal language model")
+        raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not a causal language model")
     names = (mapped,) if isinstance(mapped, str) else tuple(mapped)
     archs = config.get("architectures")
     if isinstance(archs, list) and archs and not any(
         isinstance(a, str) and (a.endswith(("ForCausalLM", "LMHeadModel")) or a in names) for a in archs
     ):
-        raise CheckpointError(
+        raise UnsupportedModelError(
             f"{where}: architectures {archs} is not a causal LM head (expected e.g. {names[0]}); "
             "its weights would not fit a causal LM"
         )

@@ -3,9 +3,9 @@
 :class:`LiveMerge` reads every source tensor once (through the merge executor's checked
 :func:`~umm.merge.inputs.open_inputs`, so incompatible models fail here with the executor's
 error naming the tensor or tokenizer), keeps float32 copies on the device, and for each
-candidate computes every parameter with the recipe's merge method (the same pure function,
+candidate computes every checkpoint tensor with the recipe's merge method (the same pure function,
 parameters resolution and per-tensor random generator as ``umm merge``) and copies it into the
-live model's parameter with ``param.data.copy_``. The result equals the streamed merge of the
+live model's parameter (or the part of a fused parameter it became). The result equals the streamed merge of the
 same recipe, up to the live model's dtype.
 
 TIES (magnitude top-k, then sign election) is the other fast path: the sources are cached as
@@ -19,11 +19,16 @@ Memory: (number of models) x (parameters) x (4 bytes, or 2 with a bfloat16 cache
 device, plus the live model; a TIES search adds an int32 rank per expert entry (as much again
 as the task vectors).
 Tied embeddings are handled by the model: ``named_parameters`` yields a tied weight once.
+Models that transformers converts on load (renamed tensors, MoE experts fused into one stacked
+parameter) are merged tensor by tensor under their checkpoint names, exactly as on disk, and each
+result is written into the entries of the live parameter it becomes
+(:func:`~umm.checkpoints.placement.checkpoint_slots`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +36,7 @@ from typing import Any
 
 import torch
 
+from umm.checkpoints.placement import Slot, checkpoint_slots
 from umm.errors import UmmError
 
 logger = logging.getLogger(__name__)
@@ -149,24 +155,9 @@ class LiveMerge:
             self.delta_mode = self.base_index is not None and (
                 self.method.name in FAST_METHODS or self.method.name in RANKED_METHODS
             )
-            params = dict(model.named_parameters())
-            missing = [n for n in params if n not in inputs.shapes]
-            if missing:
-                raise LiveMergeError(
-                    f"the live model has parameter(s) the checkpoints do not: {missing[:5]}; "
-                    "load the live model from the base model folder of the recipe"
-                )
-            self.params: dict[str, torch.nn.Parameter] = {}
+            self.slots = self._slots(model, inputs.shapes)
             self.inputs: dict[str, list[torch.Tensor]] = {}
-            for name, param in params.items():
-                if tuple(param.shape) != tuple(inputs.shapes[name]):
-                    raise LiveMergeError(
-                        f"tensor {name!r}: live model shape {tuple(param.shape)} != checkpoint "
-                        f"shape {inputs.shapes[name]}"
-                    )
-                if not param.is_floating_point():
-                    continue
-                self.params[name] = param
+            for name in self.slots:
                 cached = [_cached(src.read_rows(name), self.device, cache_dtype) for src in inputs.sources]
                 if self.delta_mode:
                     base = cached[self.base_index]
@@ -176,7 +167,7 @@ class LiveMerge:
                 self.inputs[name] = cached
         finally:
             inputs.close()
-        self.tensor_names = list(self.params)
+        self.tensor_names = list(self.slots)
         self._index = {p: i for i, p in enumerate(self.model_paths)}
         self._buffer: torch.Tensor | None = None
         #: (tensor, cached index) -> descending_rank of the task vector (TIES), filled lazily
@@ -192,6 +183,24 @@ class LiveMerge:
             "live merge ready: %d tensors x %d models cached on %s", len(self.tensor_names),
             len(self.model_paths), self.device,
         )
+
+    @staticmethod
+    def _slots(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, Slot]:
+        """The live model's floating-point parameters, as the checkpoint tensors they hold
+        (:func:`~umm.checkpoints.placement.checkpoint_slots`), checked against the checkpoints' shapes."""
+        slots = checkpoint_slots(model)
+        missing = [f"{n} ({s.param_name})" if s.param_name != n else n for n, s in slots.items() if n not in shapes]
+        if missing:
+            raise LiveMergeError(
+                f"the live model has parameter(s) the checkpoints do not: {missing[:5]}; "
+                "load the live model from the base model folder of the recipe"
+            )
+        for name, slot in slots.items():
+            if slot.shape != tuple(shapes[name]):
+                raise LiveMergeError(
+                    f"tensor {name!r}: live model shape {slot.shape} != checkpoint shape {tuple(shapes[name])}"
+                )
+        return {n: s for n, s in slots.items() if s.param.is_floating_point()}
 
     def _plan(self, recipe: Any) -> tuple[Any, int | None]:
         """Method and base index (in the cached model order) of ``recipe``."""
@@ -339,15 +348,16 @@ class LiveMerge:
             self._synchronize()
             return time.perf_counter() - t0
         generic: list[str] = []
-        for name, param in self.params.items():
+        for name, slot in self.slots.items():
             coeffs = self._linear_coefficients(recipe, name, plan)
             if coeffs is None:
                 generic.append(name)
                 continue
-            out = param.data if param.dtype == torch.float32 else self._scratch(param)
+            view = slot.view
+            direct = view is not None and view.dtype == torch.float32 and view.is_contiguous()
+            out = view if direct else self._scratch(slot.shape)
             self._combine(self.inputs[name], coeffs, out)
-            if out is not param.data:
-                param.data.copy_(out)
+            slot.write(out)
         if generic:
             self._apply_generic(recipe, generic, plan)
         self._synchronize()
@@ -377,13 +387,13 @@ class LiveMerge:
     def _merged_pairs(self, recipe: Any, plan: tuple[Any, int | None]) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, merged tensor in the parameter's dtype)`` for every parameter, computed when
         asked for (one new tensor at a time: the consumer may keep or free it)."""
-        for name, param in self.params.items():
+        for name, slot in self.slots.items():
             coeffs = self._linear_coefficients(recipe, name, plan)
             if coeffs is None:
                 merged = self.merged_tensor(recipe, name, plan)
             else:
-                merged = self._combine(self.inputs[name], coeffs, self._scratch(param))
-            yield name, merged.to(param.dtype, copy=True)
+                merged = self._combine(self.inputs[name], coeffs, self._scratch(slot.shape))
+            yield name, merged.to(slot.param.dtype, copy=True)
 
     @torch.no_grad()
     def _apply_generic(self, recipe: Any, names: list[str], plan: tuple[Any, int | None]) -> None:
@@ -392,7 +402,7 @@ class LiveMerge:
 
         def one(name: str) -> None:
             with torch.no_grad():
-                self.params[name].data.copy_(self.merged_tensor(recipe, name, plan))
+                self.slots[name].write(self.merged_tensor(recipe, name, plan))
 
         workers = self.threads if self.device.type == "cpu" else 1
         if workers <= 1 or len(names) == 1:
@@ -401,22 +411,23 @@ class LiveMerge:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        names = sorted(names, key=lambda n: -self.params[n].numel())
+        names = sorted(names, key=lambda n: -self.slots[n].numel)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="umm-live-merge") as pool:
             for f in [pool.submit(one, n) for n in names]:
                 f.result()
 
-    def _scratch(self, param: torch.Tensor) -> torch.Tensor:
-        numel = param.numel()
+    def _scratch(self, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
         if self._buffer is None or self._buffer.numel() < numel:
             self._buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
-        return self._buffer[:numel].view(param.shape)
+        return self._buffer[:numel].view(shape)
 
     @torch.no_grad()
     def load_source(self, index: int) -> None:
         """Put the unmerged model ``model_paths[index]`` into the live model (or the sink)."""
         if self.sink is not None:
-            self.sink((name, self.source(name, index).to(param.dtype, copy=True)) for name, param in self.params.items())
+            self.sink((name, self.source(name, index).to(slot.param.dtype, copy=True))
+                      for name, slot in self.slots.items())
             return
-        for name, param in self.params.items():
-            param.data.copy_(self.source(name, index))
+        for name, slot in self.slots.items():
+            slot.write(self.source(name, index))

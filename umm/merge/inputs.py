@@ -17,6 +17,8 @@ import torch
 
 from umm.checkpoints.fingerprint import require_compatible
 from umm.checkpoints.hub import open_model
+from umm.checkpoints.loading import check_model_config
+from umm.checkpoints.reader import CONFIG_NAME
 from umm.merge.dtypes import parse_dtype
 from umm.merge.methods.registry import get_method
 from umm.merge.params import resolve_tensor_params
@@ -127,12 +129,15 @@ def _model_roles(recipe: Any) -> tuple[list[str], int | None, list[int], int]:
 
 
 def _open_checkpoints(paths: list[str], on_progress: ProgressSink | None = None) -> list[Any]:
-    """Open every model (a folder, a hub id, ``model+adapter``: :func:`umm.checkpoints.hub.open_model`)
-    and check they are compatible; nothing stays open on an error."""
+    """Open every model (a folder, a hub id, ``model+adapter``: :func:`umm.checkpoints.hub.open_model`),
+    check that transformers can run it (no custom code, a known causal-LM type:
+    :func:`~umm.checkpoints.loading.check_model_config`) and that they are compatible; nothing stays
+    open on an error."""
     ckpts: list[Any] = []
     try:
         for p in paths:
             ckpts.append(open_model(p, on_progress=on_progress))
+            check_model_config(ckpts[-1].config, ckpts[-1].path / CONFIG_NAME)
         if len(ckpts) > 1:
             require_compatible(ckpts)
     except BaseException:
