@@ -23,13 +23,14 @@ def register(app: typer.Typer) -> None:
         suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
         set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: budget.evaluations=9): overrides the config. Repeatable."),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
+        ray: str | None = typer.Option(None, "--ray", help="auto or HOST:PORT of a Ray cluster whose actors score each generation's candidates in parallel (umm[ray]): overrides the config."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
         with user_errors():
-            _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, set_, threads)
+            _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, set_, threads, ray)
 
 
-def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads) -> None:
+def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads, ray=None) -> None:
     from umm.cli.common import config_overrides, set_threads
     from umm.eval.sandbox import DEFAULT_WORKERS
     from umm.evolve.config import load_config
@@ -37,13 +38,14 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     from umm.ui import Bars, console
 
     over = config_overrides(config, sets=sets, suite=suite, model_keys=("models", "base_model"))
-    over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity))
+    over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity),
+                                   ("ray", ray))
                  if v is not None})
     cfg = load_config(config, **over)
     n_threads = set_threads(threads, sandbox_workers=DEFAULT_WORKERS)  # what scoring a code task runs
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
-                  f"{n_threads} torch thread(s)", highlight=False)
+                  f"{n_threads} torch thread(s)" + (f", candidates on Ray ({cfg.ray})" if cfg.ray else ""), highlight=False)
 
     def show(state, gen, total) -> None:
         best = state.best()
