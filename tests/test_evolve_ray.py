@@ -153,10 +153,17 @@ def test_resume_after_the_driver_is_killed(cluster, probe, serial, tiny_models, 
     assert len(json.loads(state_file.read_text())["generations"]) == 2
     assert not (run / "best_recipe.yaml").exists()
 
-    # new actors (the killed driver's died with it) finish the search: the serial result
-    run_evolve(load_config(cfg_path, ray_actors=2), run, resume=True)
+    # new actors (the killed driver's died with it) finish the search: the serial result; and with
+    # the final table on (a resumable change), its rows come from the actors and the merged model
+    result = run_evolve(load_config(cfg_path, ray_actors=2, compare=True, write_model=True, baselines=["task_arithmetic"]),
+                        run, resume=True)
     assert _candidates(run) == _candidates(serial)
     assert (run / "best_recipe.yaml").read_text() == (serial / "best_recipe.yaml").read_text()
+    rows = {r.name: r for r in result.comparison.rows}
+    assert list(rows) == ["evolved (cma, task_arithmetic)", "base: base", "source: math", "source: code",
+                          "untuned task_arithmetic"]
+    assert rows["source: math"].objective == pytest.approx(1.0, abs=0.15)  # the probe mimics the math expert
+    assert result.model_dir == run / "merged" and rows["evolved (cma, task_arithmetic)"].path == str(run / "merged")
 
 
 def test_a_bad_cluster_fails_before_the_search(cluster, probe, tiny_models, tmp_path) -> None:

@@ -134,9 +134,6 @@ class RemoteWorker:
     def evaluate(self, split: str) -> Any:
         return self._ray.get(self._actor.evaluate.remote(split))
 
-    def score(self, x: np.ndarray) -> Scored:
-        return self._ray.get(self._actor.score.remote(np.asarray(x)))
-
 
 # ---------------------------------------------------------------------------------------------
 # Connecting and checking the cluster
