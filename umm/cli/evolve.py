@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
         set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: budget.evaluations=9): overrides the config. Repeatable."),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
-        ray: str | None = typer.Option(None, "--ray", help="auto or HOST:PORT of a Ray cluster whose actors score each generation's candidates in parallel (umm[ray]): overrides the config."),
+        ray: str | None = typer.Option(None, "--ray", help="auto or HOST:PORT of a Ray cluster whose actors score each generation's candidates in parallel (needs the ray extra: pip install 'umm\\[ray]'): overrides the config."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split."""
         with user_errors():
