@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         backend: str | None = typer.Option(None, "--backend", help="loop, hf, vllm or auto: who generates the candidates' completions (vllm: one engine whose weights each candidate replaces in memory): overrides the config."),
         push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO", help=PUSH_HELP),
         private: bool = typer.Option(False, "--private/--no-private", help=PRIVATE_HELP),
+        ray: str | None = typer.Option(None, "--ray", help="auto or HOST:PORT of a Ray cluster whose actors score each generation's candidates in parallel (needs the ray extra: pip install 'umm\\[ray]'): overrides the config."),
     ) -> None:
         """Search layer-wise merge coefficients with CMA-ES against the evaluator's search split.
 
@@ -33,11 +34,11 @@ def register(app: typer.Typer) -> None:
         """
         with user_errors():
             _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, set_, threads, backend,
-                    push_to_hub, private)
+                    push_to_hub, private, ray)
 
 
 def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite, sets, threads, backend=None,
-            push_to_hub=None, private=False) -> None:
+            push_to_hub=None, private=False, ray=None) -> None:
     from umm.cli.common import config_overrides, set_threads
     from umm.eval.sandbox import DEFAULT_WORKERS
     from umm.evolve.config import load_config
@@ -50,7 +51,7 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
         check_repo_id(push_to_hub)  # before the suite or the hub models are fetched
     over = config_overrides(config, sets=sets, suite=suite, model_keys=("models", "base_model"))
     over.update({k: v for k, v in (("optimizer", optimizer), ("device", device), ("layer_granularity", layer_granularity),
-                                   ("backend", backend)) if v is not None})
+                                   ("backend", backend), ("ray", ray)) if v is not None})
     cfg = load_config(config, **over)
     if push_to_hub is not None and not cfg.write_model:
         from umm.checkpoints.hub import HubPushError
@@ -59,7 +60,8 @@ def _evolve(config, resume, optimizer, device, run_dir, layer_granularity, suite
     n_threads = set_threads(threads, sandbox_workers=DEFAULT_WORKERS)  # what scoring a code task runs
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm evolve[/]: {cfg.optimizer}, method {cfg.method}, run folder {out}, "
-                  f"{n_threads} torch thread(s), backend {cfg.backend}", highlight=False)
+                  f"{n_threads} torch thread(s), backend {cfg.backend}"
+                  + (f", candidates on Ray ({cfg.ray})" if cfg.ray else ""), highlight=False)
 
     def show(state, gen, total) -> None:
         best = state.best()

@@ -116,6 +116,15 @@ class EvolveSettings(configfile.Strict):
     backend: Backend = DEFAULT_BACKEND
     #: dtype of the written merged model
     out_dtype: str | None = None
+    #: Ray cluster whose actors score each generation's candidates in parallel (``auto``: the
+    #: cluster of ``$RAY_ADDRESS`` or the one last started on this machine; ``host:port``;
+    #: ``None``: this process, on its own devices). Needs ``umm[ray]``; the models must be at the
+    #: same paths on every node.
+    ray: str | None = None
+    #: Ray actors (``None``: one per GPU of the cluster for a CUDA device, else one per ``ray_threads`` CPUs)
+    ray_actors: int | None = Field(default=None, ge=1)
+    #: torch threads of each Ray actor (and the CPUs it reserves on a CPU search)
+    ray_threads: int = Field(default=1, ge=1)
 
     @field_validator("bounds")
     @classmethod

@@ -18,6 +18,7 @@ Run folder contents are listed in :func:`run_evolve`'s docstring.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from umm.evolve.report import (
     write_comparison,
     write_history,
 )
-from umm.evolve.search import Scored, generations_for, run_search
+from umm.evolve.search import EvaluateFn, Scored, generations_for, run_search
 from umm.evolve.state import (
     STATE_FILE,
     Generation,
@@ -69,7 +70,8 @@ MODEL_DIR = "merged"
 #: sub-folder of the random-search baseline's own state and history
 RANDOM_DIR = "random"
 #: config keys that may change between a run and its resume (they do not change the search)
-RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype", "baselines", "backend"})
+RESUMABLE_CHANGES = frozenset({"budget", "device", "compare", "write_model", "out_dtype", "baselines", "backend",
+                               "ray", "ray_actors", "ray_threads"})
 #: bootstrap replicates and seed of ``evolved_minus_best_source``
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -397,14 +399,50 @@ def run_evolve(
     elif state.settings() != fresh.settings():
         raise ResumeError(f"cannot resume {run_dir}: its search settings differ from the config's")
 
+    with contextlib.ExitStack() as stack:
+        devices, workers, make_eval = _start_workers(config, genome, tasks, stack)
+        return _search_and_report(config, run_dir, state, fresh, genome, tasks, transform, names, generations,
+                                  devices, workers, make_eval, on_generation, on_progress)
+
+
+def _start_workers(
+    config: EvolveConfig, genome: Any, tasks: Sequence[Any], stack: contextlib.ExitStack
+) -> tuple[list[str], list[Any], Callable[[Callable[[Scored], None]], EvaluateFn]]:
+    """The devices and workers of a search, and its evaluator factory: one :class:`Worker` per
+    device of this machine (:func:`make_evaluator`), or with ``config.ray`` the actors of a
+    :class:`~umm.evolve.ray_pool.RayPool` (closed by ``stack``), the first one standing in as
+    ``workers[0]`` and the driver's device (for the final merge) as ``devices[0]``."""
+    if config.ray:
+        from umm.evolve.ray_pool import RayPool
+
+        pool = stack.enter_context(RayPool.start(config, genome, tasks))
+        device = _driver_device(config)
+        return [device], [pool.remote_worker(config, tasks, device)], pool.evaluator
     devices = devices_for(config)
     workers = [Worker(config, genome, tasks, devices[0])]
     if workers[0].engine is None:
         workers += [Worker(config, genome, tasks, d) for d in devices[1:]]
     elif len(devices) > 1:
         logger.info("backend %s: one engine, on %s; the other GPUs stay idle", workers[0].engine.name, devices[0])
+    return devices, workers, lambda tick: make_evaluator(workers, tick)
+
+
+def _driver_device(config: EvolveConfig) -> str:
+    """This machine's device for the final merge in a Ray search: the config's if it is here, else CPU."""
+    try:
+        return devices_for(config)[0]
+    except UmmError:
+        return "cpu"
+
+
+def _search_and_report(
+    config: EvolveConfig, run_dir: Path, state: SearchState, fresh: SearchState, genome: Any, tasks: Sequence[Any],
+    transform: BoxTransform, names: list[str], generations: int, devices: list[str], workers: Sequence[Any],
+    make_eval: Callable[[Callable[[Scored], None]], EvaluateFn],
+    on_generation: Callable[[SearchState, Generation, int], None] | None, on_progress: ProgressSink | None,
+) -> EvolveResult:
     references = reference_objectives(config, workers[0], run_dir)
-    search = _Search(transform, workers, names, generations, config.budget.seconds, on_progress)
+    search = _Search(transform, workers, names, generations, config.budget.seconds, on_progress, make_eval)
 
     t0 = time.perf_counter()
     search.run(state, run_dir, f"evolve ({config.optimizer})", on_generation)
@@ -483,6 +521,8 @@ class _Search:
     generations: int
     max_seconds: float | None
     on_progress: ProgressSink | None
+    #: ``make_eval(on_candidate)``: the evaluator of a generation (default: :func:`make_evaluator`)
+    make_eval: Callable[[Callable[[Scored], None]], EvaluateFn] | None = None
 
     def run(
         self, state: SearchState, folder: Path, label: str,
@@ -508,7 +548,7 @@ class _Search:
 
         try:
             run_search(
-                state, self.transform, make_evaluator(self.workers, tick), generations=self.generations,
+                state, self.transform, (self.make_eval or (lambda t: make_evaluator(self.workers, t)))(tick), generations=self.generations,
                 max_seconds=self.max_seconds, save=save, on_generation=progress,
             )
         finally:
