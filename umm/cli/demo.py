@@ -51,6 +51,9 @@ def demo_command(
     evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
     experts_dir: Path | None = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
+    dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
+                                         help=describe("dashboard")),
+    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
 ) -> None:
     """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with
     the demo's defaults. Prints the leaderboard, the merged model beside its sources, and where
@@ -59,13 +62,14 @@ def demo_command(
 
     with user_errors():
         code = _demo(workdir, variant, nodes, rounds, eval_limit, test_limit, max_new_tokens, evolve_evaluations,
-                     experts_dir)
+                     experts_dir, dashboard, linger)
     if code:
         raise typer.Exit(code)
 
 
 def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limit: int, test_limit: int,
-          max_new_tokens: int | None, evolve_evaluations: int, experts_dir: Path | None) -> int:
+          max_new_tokens: int | None, evolve_evaluations: int, experts_dir: Path | None, dashboard: str | None = None,
+          linger: bool = False) -> int:
     from umm import paths
     from umm.cli.net import run_and_report
     from umm.experts.build import SuiteNotBuiltError, ensure_suite, is_current, load_suite
@@ -77,7 +81,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
     cfg = LocalNetConfig(
         workdir=(workdir if workdir is not None else paths.home() / "demo").expanduser().absolute(), nodes=nodes,
         rounds=rounds, variant=variant, experts_root=experts_dir, eval_limit=eval_limit, test_limit=test_limit,
-        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations,
+        max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, dashboard=dashboard, linger=linger,
     )  # checks the options before anything is built
     try:
         cached = is_current(load_suite(variant, experts_dir), get_recipe(variant))
@@ -104,6 +108,7 @@ def _demo(workdir: Path | None, variant: str, nodes: int, rounds: int, eval_limi
                     f"{eval_limit} search / {test_limit} test items per task; {t_net:.0f} s"),
         ("merged model", str(holder.data_dir / "models" / merged) if holder and merged else "none"),
         ("nodes holding it (verified)", f"{sum(n.holds_merged for n in result.nodes)} of {len(result.nodes)}"),
+        *([("dashboard (while it ran)", result.dashboard_url)] if result.dashboard_url else []),
         ("coordinator state", str(cfg.workdir / "coordinator" / "data" / "state.db")),
         ("logs of every process", str(cfg.workdir / "logs")),
     ]

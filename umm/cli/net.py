@@ -46,6 +46,9 @@ def local_command(
     evolve_evaluations: int = typer.Option(default("evolve_evaluations"), "--evolve-evaluations", help=describe("evolve_evaluations")),
     fusion_max_steps: int = typer.Option(default("fusion_max_steps"), "--fusion-max-steps", help=describe("fusion_max_steps")),
     round_timeout: float = typer.Option(default("round_timeout"), "--round-timeout", help=describe("round_timeout")),
+    dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
+                                         help=describe("dashboard")),
+    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
@@ -54,20 +57,21 @@ def local_command(
 
     with user_errors():
         code = _local(nodes, rounds, workdir, variant, experts_dir, device, eval_limit, test_limit,
-                      max_new_tokens, evolve_evaluations, fusion_max_steps, round_timeout)
+                      max_new_tokens, evolve_evaluations, fusion_max_steps, round_timeout, dashboard, linger)
     if code:
         raise typer.Exit(code)
 
 
 def _local(nodes: int, rounds: int, workdir: Path | None, variant: str, experts_dir: Path | None, device: str,
            eval_limit: int, test_limit: int, max_new_tokens: int | None, evolve_evaluations: int, fusion_max_steps: int,
-           round_timeout: float) -> int:
+           round_timeout: float, dashboard: str | None = None, linger: bool = False) -> int:
     from umm import paths
 
     cfg = LocalNetConfig(
         workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
         variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
         max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps, round_timeout=round_timeout,
+        dashboard=dashboard, linger=linger,
     )
     return run_and_report(cfg)[0]
 
