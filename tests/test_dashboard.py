@@ -216,3 +216,19 @@ def test_the_config_refuses_a_malformed_dashboard_address(tmp_path):
     assert CoordinatorConfig().dashboard is None
     with pytest.raises(ValueError, match="not HOST:PORT"):
         CoordinatorConfig(dashboard="nope:x")
+
+
+def test_a_search_before_its_first_generation_has_a_curve_without_data(tmp_path):
+    from coordinator.config import EvolveSettings
+    from coordinator.dashboard import queries
+    from coordinator.db import StateDB
+    from coordinator.jobspec import EvolveJob
+
+    db = StateDB(tmp_path / "state.db")
+    n = db.start_round()
+    db.create_job(n, EvolveJob(models=[tmp_path / "a"], tasks=["synth-math"], search_size=2, test_size=2,
+                               device="cpu", seed=0, run_dir=tmp_path / "not-yet", settings=EvolveSettings()))
+    c = queries.curves(db, n)
+    db.close()
+    assert c.fusion is None
+    assert c.evolve.series == [] and c.evolve.job.status == "pending"

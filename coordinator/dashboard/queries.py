@@ -259,21 +259,23 @@ def _points(xs: Iterable[float], ys: Iterable[float | None]) -> list[Point]:
 
 def evolve_curve(job: JobRow) -> Curve | None:
     """The CMA-ES search's fitness per generation (best so far, best of generation, mean) from its
-    run folder's search state (:func:`umm.evolve.report.fitness_curves`); None before generation 0."""
+    run folder's search state (:func:`umm.evolve.report.fitness_curves`); no series before its
+    first generation."""
     from umm.evolve.report import fitness_curves
     from umm.evolve.state import STATE_FILE, ResumeError, load_state
 
     spec = job.spec
-    if not isinstance(spec, EvolveJob) or not (spec.run_dir / STATE_FILE).is_file():
+    if not isinstance(spec, EvolveJob):
         return None
-    try:
-        state = load_state(spec.run_dir)
-    except ResumeError as e:  # being rewritten, or damaged: shown as no curve
-        logger.info("no fitness curve for job %d: %s", job.id, e)
-        return None
-    gens = [g.index for g in state.generations]
-    names = {"best": "best so far", "generation_best": "best of generation", "mean": "mean of generation"}
-    series = [Series(name=names[k], points=_points(gens, v)) for k, v in fitness_curves(state).items()]
+    series = []
+    if (spec.run_dir / STATE_FILE).is_file():
+        try:
+            state = load_state(spec.run_dir)
+            gens = [g.index for g in state.generations]
+            names = {"best": "best so far", "generation_best": "best of generation", "mean": "mean of generation"}
+            series = [Series(name=names[k], points=_points(gens, v)) for k, v in fitness_curves(state).items()]
+        except ResumeError as e:  # damaged: shown as no data
+            logger.info("no fitness curve for job %d: %s", job.id, e)
     return Curve(job=job_view(job), title=f"CMA-ES fitness (job {job.id})", x_label="generation",
                  y_label="fitness (search split)", series=series)
 
@@ -302,12 +304,10 @@ def fusion_history(spec: FusionJob) -> list[dict[str, Any]]:
 
 
 def fusion_curve(job: JobRow) -> Curve | None:
-    """The fusion's training loss per step (and its terms), or None before its first step."""
+    """The fusion's training loss per step (and its terms); no series before its first checkpoint."""
     if not isinstance(job.spec, FusionJob):
         return None
     history = fusion_history(job.spec)
-    if not history:
-        return None
     steps = [h.get("step") for h in history]
     keys = [k for k in ("loss", "ce_gold", "ce_fused") if any(k in h for h in history)]
     series = [Series(name=k, points=[p for x, h in zip(steps, history) if _number(x) is not None
@@ -317,7 +317,8 @@ def fusion_curve(job: JobRow) -> Curve | None:
 
 
 def curves(db: StateDB, number: int) -> Curves | None:
-    """The curves of round ``number``'s last evolve and last fusion job (None: no such round)."""
+    """The curves of round ``number``'s last evolve and last fusion job (None: no such round; a curve
+    is None when the round has no such job)."""
     if db.round(number) is None:
         return None
     jobs = round_jobs(db, number)

@@ -70,7 +70,7 @@ class DashboardServer:
     def __init__(self, source: DashboardSource, host: str = DEFAULT_HOST, port: int = 0, *,
                  providers_ttl: float = 10.0):
         self.source, self.host, self.port, self.providers_ttl = source, host, port, providers_ttl
-        self.db = StateDB(source.db_path) if source.db_path.exists() else None
+        self.db: StateDB | None = None  # opened on the reads thread (one connection per thread)
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umm-dashboard-db")
         self._dht = ThreadPoolExecutor(max_workers=1, thread_name_prefix="umm-dashboard-dht")
         self._providers: tuple[float, str, list[tuple[bytes, str]], str] | None = None
@@ -164,13 +164,8 @@ class DashboardServer:
     async def _read(self, fn: Callable[[StateDB], BaseModel | None], missing: str = "") -> Any:
         """``fn(db)`` on the reads thread, as JSON; 404 with ``missing`` when it returns None, 503
         before the coordinator wrote its state."""
-        db = self.db
-        if db is None and self.source.db_path.exists():
-            db = self.db = StateDB(self.source.db_path)
-        if db is None:
-            raise web.HTTPServiceUnavailable(reason="the coordinator has no state yet")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._reads, fn, db)
+            result = await self._read_value(fn)
         except StateError as e:
             logger.warning("dashboard: %s", e)
             raise web.HTTPServiceUnavailable(reason="the state database cannot be read now") from None
@@ -205,9 +200,13 @@ class DashboardServer:
             providers_error=error, experts=queries.expert_nodes(db)))
 
     async def _read_value(self, fn: Callable[[StateDB], Any]) -> Any:
+        """``fn(db)`` on the reads thread; 503 before the coordinator wrote its state."""
+        loop = asyncio.get_running_loop()
+        if self.db is None and self.source.db_path.exists():
+            self.db = await loop.run_in_executor(self._reads, StateDB, self.source.db_path)
         if self.db is None:
             raise web.HTTPServiceUnavailable(reason="the coordinator has no state yet")
-        return await asyncio.get_running_loop().run_in_executor(self._reads, fn, self.db)
+        return await loop.run_in_executor(self._reads, fn, self.db)
 
     async def _merged_providers(self, manifest_hash: str) -> tuple[list[tuple[bytes, str]], str]:
         """The DHT's providers of ``manifest_hash`` and an error text, cached ``providers_ttl`` seconds."""
