@@ -48,6 +48,7 @@ def build_state(root: Path) -> BuiltState:
     from umm.evolve.state import Candidate, Generation, SearchState, save_state
     from umm.fusion.settings import TrainingSettings
     from umm.fusion.train import STATE_NAME
+    from umm.net.records import ScoresRecord
 
     math_h, code_h, bad_h, pend_h, merged_h = (h(x) for x in ("math", "code", "bad", "pending", "merged"))
     db = StateDB(root / "state.db")
@@ -79,7 +80,7 @@ def build_state(root: Path) -> BuiltState:
         ("fetch", FetchStep(fetched=[math_h, code_h, bad_h], failed=[pend_h], rejected=[])),
         ("admit", AdmitStep(admitted=[math_h, code_h], rejected=[bad_h])),
         ("evaluate", EvaluateStep(evaluated=[math_h, code_h], failed=[])),
-        ("rank", RankStep(ranks=[], published=True, record={})),
+        ("rank", RankStep(ranks=[], published=True, record=ScoresRecord(round=1, updated_at=1.0e9, experts={}).dict())),
         ("plan", PlanStep(kind="evolve", sources=[math_h, code_h], best_per_domain={"math": math_h, "code": code_h})),
         ("job", JobStep(job=job, output=MergeOutput(model_dir=run_dir / "model", recipe_hash=h("r"), method="linear"))),
         ("evaluate_result", EvaluateResultStep(manifest_hash=merged_h, scores={"synth-math": 0.55, "synth-code": 0.45},
