@@ -39,6 +39,7 @@ class Coordinator:
         self.dht: Any = None
         self.checkpoint_server: Any = None
         self.status_server: Any = None
+        self.dashboard: Any = None  # coordinator.dashboard.server.DashboardServer, when config.dashboard is set
         self.refresher: Any = None
         self.records: Any = None
         self.store: Any = None
@@ -78,6 +79,12 @@ class Coordinator:
             self.status_server = StatusServer(StatusServicer(str(self.db.path), lambda: info), host=cfg.grpc_host,
                                               port=cfg.status_port)
             (cfg.data_dir / "status_address").write_text(self.status_server.address + "\n")
+            if cfg.dashboard:  # after the DHT has forked, as the gRPC servers
+                from coordinator.dashboard.address import URL_FILE
+                from coordinator.dashboard.server import for_coordinator
+
+                self.dashboard = for_coordinator(self, cfg.dashboard)
+                (cfg.data_dir / URL_FILE).write_text(self.dashboard.url + "\n")
             self._republish()
         except BaseException:
             self.stop()
@@ -121,6 +128,9 @@ class Coordinator:
         if self.refresher is not None:
             refresher, self.refresher = self.refresher, None
             withdraw_records(refresher)  # the DHT is still up: Ctrl-C does not reach its process group
+        if self.dashboard is not None:
+            dashboard, self.dashboard = self.dashboard, None
+            dashboard.stop()
         for server in (self.status_server, self.checkpoint_server):
             if server is not None:
                 stop_server(server, grace=None)

@@ -50,6 +50,10 @@ def run(
     linger: bool = typer.Option(
         False, "--linger/--no-linger", help="After the last of --rounds, keep serving files, status and records until interrupted."
     ),
+    dashboard: str = typer.Option(
+        None, "--dashboard", metavar="HOST:PORT", help="Serve the read-only web dashboard here (default: the "
+        "config's `dashboard`, else off; :PORT binds 127.0.0.1, port 0 a free port)."
+    ),
     verbose: int = typer.Option(1, "--verbose", "-v", count=True, help="More log output."),
     ready_file: Path = typer.Option(
         None, "--ready-file", help="Once serving, write the coordinator's peer id and addresses here as JSON "
@@ -66,6 +70,11 @@ def run(
 
     setup_logging(verbose)
     cfg = load_config(config)
+    if dashboard is not None:
+        from coordinator.dashboard.address import parse_bind
+
+        parse_bind(dashboard)  # a malformed HOST:PORT is refused before anything starts
+        cfg = cfg.model_copy(update={"dashboard": dashboard})
     coordinator = Coordinator(cfg)
     # SIGTERM as Ctrl-C: the work in progress (an evaluation, a fetch) is interrupted at once and
     # the round resumes on the next start, as after a crash
@@ -79,6 +88,8 @@ def run(
             console.print(f"  checkpoint service: {coordinator.address}", highlight=False)
             if ready_file is not None:  # before the last line: a reader of either sees a coordinator that serves
                 write_ready(ready_file, coordinator.ready(maddrs))
+            if coordinator.dashboard is not None:
+                console.print(f"  dashboard: {coordinator.dashboard.url}", highlight=False)
             console.print(f"  status service: {coordinator.status_address}", highlight=False)
             coordinator.run(rounds=rounds or None)
             if linger and not coordinator.stop_event.is_set():

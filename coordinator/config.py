@@ -95,6 +95,9 @@ class CoordinatorConfig(configfile.Strict):
         json_schema_extra=_section("gRPC"))
     grpc_port: int = Field(0, ge=0, le=65535, description="Port of the checkpoint service (0: a free port).")
     status_port: int = Field(0, ge=0, le=65535, description="Port of the status service (0: a free port).")
+    dashboard: str | None = Field(None, description=(
+        "HOST:PORT of the read-only web dashboard (null: off; a bare :PORT binds 127.0.0.1; "
+        "`run --dashboard` overrides it)."))
     public_address: str = Field("", description=(
         "host:port that peers dial for the checkpoint service, written into records "
         "(empty: grpc_host and the bound port)."))
@@ -191,6 +194,18 @@ class CoordinatorConfig(configfile.Strict):
                 ipaddress.ip_network(net, strict=False)
             except ValueError as e:
                 raise ValueError(f"{net!r} is not an IP network in CIDR form: {e}") from None
+        return v
+
+    @field_validator("dashboard")
+    @classmethod
+    def _dashboard(cls, v: str | None) -> str | None:
+        from coordinator.dashboard.address import DashboardError, parse_bind
+
+        if v is not None:
+            try:
+                parse_bind(v)
+            except DashboardError as e:
+                raise ValueError(str(e)) from None
         return v
 
     def address_policy(self) -> AddressPolicy:

@@ -61,6 +61,9 @@ def demo_command(
     experts_dir: Path | None = typer.Option(None, "--experts-dir", help="Where the expert suites live "
                                                "(default: <umm home>/experts)."),
     summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
+    dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
+                                         help=describe("dashboard")),
+    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
 ) -> None:
     """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with
     the demo's defaults. Prints the leaderboard, the merged model beside its sources, and where
@@ -76,6 +79,7 @@ def demo_command(
             max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations,
             evolve_population=max(2, min(DEMO_EVOLVE_POPULATION, evolve_evaluations - 1)),
             fusion_records=fusion_records, fusion_epochs=DEMO_FUSION_EPOCHS, fusion_max_steps=None, margin=margin,
+            dashboard=dashboard, linger=linger,
         )  # checks the options before anything is built
         code = _demo(cfg, summary_json)
     if code:
@@ -115,6 +119,7 @@ def _demo(cfg: LocalNetConfig, summary_json: Path | None) -> int:
                     f"{cfg.eval_limit} search / {cfg.test_limit} test items per task; {t_net:.0f} s"),
         ("merged model", str(holder.data_dir / "models" / merged) if holder and merged else "none"),
         ("nodes holding it (verified)", f"{sum(n.holds_merged for n in result.nodes)} of {len(result.nodes)}"),
+        *([("dashboard (while it ran)", result.dashboard_url)] if result.dashboard_url else []),
         ("coordinator state", str(cfg.workdir / "coordinator" / "data" / "state.db")),
         ("logs of every process", str(cfg.workdir / "logs")),
     ]

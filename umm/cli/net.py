@@ -53,6 +53,9 @@ def local_command(
     margin: float = typer.Option(default("margin"), "--margin", help=describe("margin")),
     keep_state: bool = typer.Option(default("keep_state"), "--keep-state/--fresh", help=describe("keep_state")),
     summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
+    dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
+                                         help=describe("dashboard")),
+    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
@@ -65,7 +68,7 @@ def local_command(
             workdir=workdir if workdir is not None else paths.home() / "net-local", nodes=nodes, rounds=rounds,
             variant=variant, experts_root=experts_dir, device=device, eval_limit=eval_limit, test_limit=test_limit,
             max_new_tokens=max_new_tokens, evolve_evaluations=evolve_evaluations, fusion_max_steps=fusion_max_steps,
-            round_timeout=round_timeout, margin=margin, keep_state=keep_state,
+            round_timeout=round_timeout, margin=margin, keep_state=keep_state, dashboard=dashboard, linger=linger,
         )
         code = run_and_report(cfg, summary_json=summary_json)[0]
     if code:

@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = ".umm-net-local"
 EXPERT_ORDER = ("math", "code", "list")
+#: where the coordinator writes its dashboard's URL in its data dir (coordinator.dashboard.address.URL_FILE)
+DASHBOARD_URL_FILE = "dashboard_url"
 _NODE_CMD = "from node.cli import main; main()"
 
 
@@ -91,6 +93,10 @@ class LocalNetConfig(Strict):
     round_timeout: float = Field(1800.0, description="Seconds to wait for all the rounds.")
     fetch_timeout: float = Field(180.0, description="Seconds to wait for every node to hold the merged model.")
     stop_timeout: float = Field(30.0, description="Seconds all processes have, in all, to leave after SIGTERM before they are killed.")
+    dashboard: str | None = Field(None, description="HOST:PORT of the coordinator's web dashboard (:PORT binds "
+                                  "127.0.0.1; port 0 a free port); off when not given.")
+    linger: bool = Field(False, description="After the rounds and checks, keep the network and its dashboard up "
+                         "until Ctrl-C.")
 
     @model_validator(mode="after")
     def _fits_together(self) -> LocalNetConfig:
@@ -125,6 +131,7 @@ class LocalNetResult:
 
     view: CoordinatorView | None = None  # the coordinator's status service, last read
     rounds: list[int] = field(default_factory=list)
+    dashboard_url: str = ""  # the coordinator's dashboard, when asked for
     merged_hash: str = ""
     comparison: pb.RoundComparison | None = None
     nodes: list[NodeOutcome] = field(default_factory=list)
@@ -367,10 +374,11 @@ def node_join_command(suite: Any, expert: str, *, name: str, network: str, data_
     return cmd
 
 
-def coordinator_command(config: Path, *, rounds: int, ready_file: Path) -> list[str]:
-    """The ``umm-coordinator run`` command line of the local coordinator (it lingers after its rounds)."""
+def coordinator_command(config: Path, *, rounds: int, ready_file: Path, dashboard: str | None = None) -> list[str]:
+    """The ``umm-coordinator run`` command line of the local coordinator (it lingers after its rounds;
+    ``dashboard``: HOST:PORT of its web dashboard)."""
     return [sys.executable, "-m", "coordinator.cli", "run", "--config", str(config), "--rounds", str(rounds),
-            "--linger", "--ready-file", str(ready_file)]
+            "--linger", "--ready-file", str(ready_file), *(["--dashboard", dashboard] if dashboard else [])]
 
 
 def coordinator_settings(cfg: LocalNetConfig, suite: Any, experts: list[str], fusion_data: Path) -> dict[str, Any]:
@@ -447,14 +455,20 @@ def run_local_network(cfg: LocalNetConfig, *, suite: Any = None, say: Any = None
         coord_dir = workdir / "coordinator"
         write_coordinator_config(coord_dir / "coordinator.yaml", {**settings, "initial_peers": bootstrap})
         coord = _start(procs, "coordinator", coordinator_command(coord_dir / "coordinator.yaml", rounds=cfg.rounds,
-                                                                 ready_file=workdir / "ready" / "coordinator.json"),
+                                                                 ready_file=workdir / "ready" / "coordinator.json",
+                                                                 dashboard=cfg.dashboard),
                        workdir, data_dir=coord_dir / "data")
         address = coord.wait_ready(cfg.start_timeout).status_address
+        if cfg.dashboard:
+            result.dashboard_url = (coord_dir / "data" / DASHBOARD_URL_FILE).read_text().strip()
+            say(f"dashboard: {result.dashboard_url}")
         say(f"coordinator up (status at {address}); running {cfg.rounds} round(s) on {', '.join(settings['tasks'])}")
         _wait_rounds(cfg, coord, address, result, say)
         if not result.problems:
             _check_nodes(cfg, result, procs, say)
         result.comparison = _published_comparison(result)
+        if cfg.linger:
+            _linger(procs, result, say)
     except (LocalNetError, NetError) as e:
         result.problems.append(str(e))
     finally:
@@ -525,6 +539,18 @@ def _published_comparison(result: LocalNetResult) -> pb.RoundComparison | None:
         if r.published and r.merged_manifest_hash == result.merged_hash and r.HasField("comparison"):
             return r.comparison
     return None
+
+
+def _linger(procs: list[Proc], result: LocalNetResult, say: Any) -> None:
+    """Keep every process up until Ctrl-C (or until one of them exits)."""
+    say("rounds done; the network" + (f" and its dashboard ({result.dashboard_url})" if result.dashboard_url else "")
+        + " stay up until Ctrl-C")
+    try:
+        while all(p.alive() for p in procs):
+            time.sleep(0.5)
+        say("a process exited: " + ", ".join(p.name for p in procs if not p.alive()))
+    except KeyboardInterrupt:
+        say("interrupted")
 
 
 def _stop_all(cfg: LocalNetConfig, procs: list[Proc], result: LocalNetResult, say: Any) -> None:
