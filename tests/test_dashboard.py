@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dashboard_state import REJECT_REASON, XSS, build_state
+from dashboard_state import NOT_BETTER, PUBLISHED, REJECT_REASON, XSS, build_state
 
 from coordinator.dashboard.address import DashboardError, parse_bind, url_of
 from coordinator.dashboard.models import Identity
@@ -79,7 +79,7 @@ def test_the_leaderboard_ranks_per_domain_with_verdicts_and_names_as_plain_text(
 
 def test_rounds_are_listed_newest_first_with_their_state_and_stage(server, state):
     rounds = api(server, "/api/rounds")["rounds"]
-    assert [(r["number"], r["state"], r["published"]) for r in rounds] == [(2, "not_better", False),
+    assert [(r["number"], r["state"], r["published"]) for r in rounds] == [(2, "no_improvement", False),
                                                                             (1, "published", True)]
     assert rounds[1]["merged"]["manifest_hash"] == state.merged
     assert [r["number"] for r in api(server, "/api/rounds?limit=1")["rounds"]] == [2]
@@ -91,25 +91,28 @@ def test_a_round_shows_its_plan_decision_figures_and_merged_vs_sources(server, s
     assert d["plan"]["kind"] == "evolve"
     assert [[m["manifest_hash"] for m in s["models"]] for s in d["plan"]["stages"]] == [[state.math, state.code]]
     dec = d["decision"]
-    assert dec["published"] is True and dec["text"] == "first merged model, objective 0.5000"
+    assert dec["published"] is True and dec["text"] == PUBLISHED
     figures = {f["name"]: f["value"] for f in dec["figures"]}
     assert figures["merged objective (test)"] == 0.5
     assert figures["best source objective (test)"] == 0.3
     assert figures["merged − best source"] == pytest.approx(0.2)
+    gain = next(f for f in dec["figures"] if f["name"] == "diff_vs_best_source")  # the decision's interval
+    assert (gain["value"], gain["ci_low"], gain["ci_high"]) == (0.2, 0.05, 0.35)
     comp = d["comparison"]
     assert comp["tasks"] == ["synth-code", "synth-math"]
     assert [(m["role"], m["model"]["manifest_hash"], m["objective"]) for m in comp["models"]] == [
         ("merged", state.merged, 0.5), ("source", state.math, 0.3), ("source", state.code, 0.25)]
-    assert [(j["kind"], j["status"]) for j in d["jobs"]] == [("evolve", "done")]
+    assert [(j["kind"], j["status"]) for j in d["jobs"]] == [("combine", "done")]
 
 
 def test_a_round_without_improvement_says_so_with_the_figure_it_had_to_beat(server, state):
     d = api(server, "/api/rounds/2")
-    assert d["decision"]["published"] is False and d["decision"]["state"] == "not_better"
-    assert "does not beat round 1" in d["decision"]["text"]
+    assert d["decision"]["published"] is False and d["decision"]["state"] == "no_improvement"
+    assert d["decision"]["text"] == NOT_BETTER
     assert {"name": "previously published objective", "value": 0.5, "ci_low": None, "ci_high": None} in \
         d["decision"]["figures"]
-    assert d["plan"]["kind"] == "fusion" and d["plan"]["pivot"]["manifest_hash"] == state.math
+    assert d["plan"]["kind"] == "combine" and d["plan"]["pivot"]["manifest_hash"] == state.math
+    assert [s["name"] for s in d["plan"]["stages"]] == ["fuse", "evolve"]
     assert d["comparison"] is None
 
 
@@ -119,7 +122,7 @@ def test_curves_come_from_the_jobs_run_folders(server):
     assert [(p["x"], p["y"]) for p in best["points"]] == [(0, 0.30), (1, 0.42), (2, 0.47)]
     assert c1["fusion"] is None
     c2 = api(server, "/api/curves/2")
-    assert c2["evolve"] is None
+    assert c2["evolve"]["series"] == []  # the search has not started
     loss = next(s for s in c2["fusion"]["series"] if s["name"] == "loss")
     assert [(p["x"], p["y"]) for p in loss["points"]] == [(1, 2.0), (2, 1.6), (3, 1.3)]
     assert c2["fusion"]["job"]["status"] == "running"
@@ -219,15 +222,16 @@ def test_the_config_refuses_a_malformed_dashboard_address(tmp_path):
 
 
 def test_a_search_before_its_first_generation_has_a_curve_without_data(tmp_path):
-    from coordinator.config import EvolveSettings
     from coordinator.dashboard import queries
     from coordinator.db import StateDB
-    from coordinator.jobspec import EvolveJob
+    from coordinator.jobspec import CombineJob
+    from umm.combine.config import CombineSettings
 
     db = StateDB(tmp_path / "state.db")
     n = db.start_round()
-    db.create_job(n, EvolveJob(models=[tmp_path / "a"], tasks=["synth-math"], search_size=2, test_size=2,
-                               device="cpu", seed=0, run_dir=tmp_path / "not-yet", settings=EvolveSettings()))
+    db.create_job(n, CombineJob(models=[tmp_path / "a"], pivot=tmp_path / "a", tasks=["synth-math"], search_size=2,
+                                test_size=2, device="cpu", seed=0, run_dir=tmp_path / "not-yet",
+                                settings=CombineSettings()))
     c = queries.curves(db, n)
     db.close()
     assert c.fusion is None

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from coordinator.dashboard.models import (
@@ -39,7 +40,7 @@ from coordinator.dashboard.models import (
     StepView,
 )
 from coordinator.db import ExpertRow, JobRow, RoundRow, StateDB, StepRow
-from coordinator.jobspec import EvolveJob, FusionJob
+from coordinator.jobspec import CombineJob
 from coordinator.steps import EvaluateResultStep
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def round_detail(db: StateDB, number: int) -> RoundDetail | None:
         round=round_summary(row, experts),
         steps=[StepView(name=s.name, status=s.status, started_at=s.started_at, finished_at=s.finished_at,
                         attempts=s.attempts) for s in steps],
-        plan=plan_view(results.get("plan"), experts),
+        plan=plan_view(results.get("plan"), experts, getattr(results.get("job"), "output", None)),
         decision=decision(row, results),
         comparison=comparison(results.get("evaluate_result"), experts),
         jobs=[job_view(j) for j in round_jobs(db, number, steps)],
@@ -146,24 +147,22 @@ def _hashes(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str) and v] if isinstance(value, list) else []
 
 
-def plan_view(plan: Any, experts: dict[str, ExpertRow]) -> PlanView | None:
-    """The plan step's result: its ``stages`` when it records them (each with a ``name`` or ``kind``
-    and its ``models`` or ``sources``/``pivot``), else one stage of its kind over its models."""
+def plan_view(plan: Any, experts: dict[str, ExpertRow], output: Any = None) -> PlanView | None:
+    """The plan step's result as its stages in order (``fuse``: the experts of other families, fused
+    pairwise into the pivot's; ``evolve``: the pivot's family), each with its models. ``output``: the
+    round's job result (:class:`umm.combine.run.CombineResult`), which names the models of each
+    stage (store folders are named by manifest hash); without it every stage lists the plan's experts."""
     if plan is None:
         return None
     data = plan.model_dump(mode="json")
-    stages = []
-    for i, s in enumerate(data.get("stages") or []):
-        if not isinstance(s, dict):
-            continue
-        models = _hashes(s.get("models")) or [*_hashes(s.get("sources")), *_hashes([s.get("pivot")])]
-        detail = s.get("reason") or s.get("detail") or ""
-        stages.append(Stage(name=str(s.get("name") or s.get("kind") or f"stage {i + 1}"),
-                            models=[model_ref(h, experts) for h in models], detail=str(detail)))
     kind = str(data.get("kind", ""))
-    if not stages and kind != "none":
-        models = [*_hashes(data.get("sources")), *_hashes([data.get("pivot")])]
-        stages = [Stage(name=kind, models=[model_ref(h, experts) for h in models])]
+    experts_of_plan = [*_hashes(data.get("sources")), *_hashes([data.get("pivot")])]
+    by_stage: dict[str, list[str]] = {}
+    if output is not None:
+        by_stage = {"fuse": [Path(p).name for p in output.plan.fuse],
+                    "evolve": [Path(p).name for p in output.plan.family]}
+    stages = [Stage(name=name, models=[model_ref(h, experts) for h in by_stage.get(name, experts_of_plan)])
+              for name in getattr(plan, "stages", ())]
     pivot = data.get("pivot")
     return PlanView(kind=kind, stages=stages, pivot=model_ref(pivot, experts) if isinstance(pivot, str) and pivot
                     else None, reason=str(data.get("reason", "")))
@@ -258,19 +257,21 @@ def _points(xs: Iterable[float], ys: Iterable[float | None]) -> list[Point]:
 
 
 def evolve_curve(job: JobRow) -> Curve | None:
-    """The CMA-ES search's fitness per generation (best so far, best of generation, mean) from its
-    run folder's search state (:func:`umm.evolve.report.fitness_curves`); no series before its
-    first generation."""
+    """The CMA-ES search's fitness per generation (best so far, best of generation, mean) from the
+    job's evolve stage's search state (:func:`umm.evolve.report.fitness_curves`); no series before
+    its first generation."""
+    from umm.combine.run import EVOLVE_DIR
     from umm.evolve.report import fitness_curves
     from umm.evolve.state import STATE_FILE, ResumeError, load_state
 
     spec = job.spec
-    if not isinstance(spec, EvolveJob):
+    if not isinstance(spec, CombineJob):
         return None
+    folder = spec.run_dir / EVOLVE_DIR
     series = []
-    if (spec.run_dir / STATE_FILE).is_file():
+    if (folder / STATE_FILE).is_file():
         try:
-            state = load_state(spec.run_dir)
+            state = load_state(folder)
             gens = [g.index for g in state.generations]
             names = {"best": "best so far", "generation_best": "best of generation", "mean": "mean of generation"}
             series = [Series(name=names[k], points=_points(gens, v)) for k, v in fitness_curves(state).items()]
@@ -280,18 +281,18 @@ def evolve_curve(job: JobRow) -> Curve | None:
                  y_label="fitness (search split)", series=series)
 
 
-def fusion_history(spec: FusionJob) -> list[dict[str, Any]]:
-    """The fusion's training steps so far (``step``, ``loss``, its terms): from its latest checkpoint
-    while it trains; once it is done, from its output's recipe (``history`` if recorded, else the
-    final step's loss only)."""
+def fusion_history(work: Path, output: Path) -> list[dict[str, Any]]:
+    """One fusion's training steps so far (``step``, ``loss``, its terms): from its latest checkpoint
+    in ``work`` while it trains; once it is done, from ``output``'s recipe (``history`` if recorded,
+    else the final step's loss only)."""
     from umm.fusion.train import STATE_NAME, latest_checkpoint
 
-    ckpt = latest_checkpoint(spec.work_dir)
     try:
+        ckpt = latest_checkpoint(work)
         if ckpt is not None:
             history = json.loads((ckpt / STATE_NAME).read_text(encoding="utf-8")).get("trainer", {}).get("history")
             return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
-        recipe_path = spec.output / "fusion_recipe.json"
+        recipe_path = output / "fusion_recipe.json"
         if recipe_path.is_file():
             recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
             history = recipe.get("history")
@@ -299,26 +300,49 @@ def fusion_history(spec: FusionJob) -> list[dict[str, Any]]:
                 return [h for h in history if isinstance(h, dict)]
             return [recipe["final_loss"]] if isinstance(recipe.get("final_loss"), dict) else []
     except (OSError, ValueError, AttributeError) as e:  # a checkpoint being replaced: no curve this time
-        logger.info("no fusion history in %s: %s", spec.work_dir, e)
+        logger.info("no fusion history in %s: %s", work, e)
     return []
 
 
-def fusion_curve(job: JobRow) -> Curve | None:
-    """The fusion's training loss per step (and its terms); no series before its first checkpoint."""
-    if not isinstance(job.spec, FusionJob):
+def _latest_fusion(run_dir: Path) -> tuple[str, Path, Path] | None:
+    """(source name, work dir, output) of the job's most recently written pairwise fusion, if any:
+    ``fused/<name>/`` once done, ``fused/.<name>.work/`` while it trains."""
+    from umm.combine.run import FUSED_DIR
+
+    fused = run_dir / FUSED_DIR
+    try:
+        entries = [p for p in fused.iterdir() if p.is_dir()]
+    except OSError:
         return None
-    history = fusion_history(job.spec)
+    names = {p.name[1:-len(".work")] if p.name.startswith(".") and p.name.endswith(".work") else p.name: p
+             for p in entries}
+    if not names:
+        return None
+    name = max(names, key=lambda n: names[n].stat().st_mtime)
+    return name, fused / f".{name}.work", fused / name
+
+
+def fusion_curve(job: JobRow) -> Curve | None:
+    """The latest pairwise fusion's training loss per step (and its terms); None when the job fuses
+    nothing (yet)."""
+    if not isinstance(job.spec, CombineJob):
+        return None
+    latest = _latest_fusion(job.spec.run_dir)
+    if latest is None:
+        return None
+    name, work, output = latest
+    history = fusion_history(work, output)
     steps = [h.get("step") for h in history]
     keys = [k for k in ("loss", "ce_gold", "ce_fused") if any(k in h for h in history)]
     series = [Series(name=k, points=[p for x, h in zip(steps, history) if _number(x) is not None
                                      for p in _points([x], [h.get(k)])]) for k in keys]
-    return Curve(job=job_view(job), title=f"fusion training loss (job {job.id})", x_label="step",
+    return Curve(job=job_view(job), title=f"fusion of {name[:12]}: training loss (job {job.id})", x_label="step",
                  y_label="loss", series=series)
 
 
 def curves(db: StateDB, number: int) -> Curves | None:
-    """The curves of round ``number``'s last evolve and last fusion job (None: no such round; a curve
-    is None when the round has no such job)."""
+    """The curves of round ``number``'s last job: its search and its latest fusion (None: no such
+    round; a curve is None when the round has no job, or the job fuses nothing)."""
     if db.round(number) is None:
         return None
     jobs = round_jobs(db, number)
@@ -329,7 +353,7 @@ def curves(db: StateDB, number: int) -> Curves | None:
                 return make(job)
         return None
 
-    return Curves(round=number, evolve=last("evolve", evolve_curve), fusion=last("fusion", fusion_curve))
+    return Curves(round=number, evolve=last("combine", evolve_curve), fusion=last("combine", fusion_curve))
 
 
 # ---------------------------------------------------------------------------------- nodes
