@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import os
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from pydantic_core import to_jsonable_python
 from umm import configfile
 from umm.atomic import write_text_atomic
 from umm.checkpoints.budget import ModelBudget
-from umm.errors import UmmError
 from umm.combine.config import CombineSettings, FusionStageSettings
+from umm.errors import UmmError
 from umm.eval.backends import Backend
 from umm.eval.generate import DEFAULT_BACKEND
 from umm.evolve.config import Budget

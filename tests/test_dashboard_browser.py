@@ -60,7 +60,7 @@ def test_the_page_shows_the_leaderboard_and_the_decision_and_contributor_text_as
     assert LOADED.search(dom), dom[-2000:]
     assert len(re.findall(r'class="leader-row"', dom)) == 5  # 3 ranked rows + rejected + pending
     assert "code-expert" in dom and "slow-expert" in dom
-    assert re.search(r'id="decision-text">.*?not better.*?does not beat round 1', dom)
+    assert re.search(r'id="decision-text">.*?no improvement.*?no improvement over previous', dom)
     assert "badge state-published" in dom  # round 1, in the rounds table
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and XSS not in dom  # text, not an element
     assert "data-pwned" not in dom  # the reason's <img onerror=...> never became an element
