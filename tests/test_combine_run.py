@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from experts_fixtures import small_suite  # noqa: F401
 
@@ -106,10 +107,14 @@ def test_two_families_fuse_then_evolve_and_write_every_output(first, small_suite
     for name in ("model/config.json", "model/model.safetensors", "model/README.md", "comparison.json",
                  "comparison.md", "combine.json", "fitness.png", "weights.png", "fused/list/config.json"):
         assert (run_dir / name).is_file(), name
-    # the pivot was chosen on the search split only; every model then once on test
+    # the pivot was chosen on the search split only, then the search started at the best of the models it
+    # merges (scored on search); every model then once on test
     search = [c for c in first["scorer"].calls if c[1] == "search"]
     test = [c for c in first["scorer"].calls if c[1] == "test"]
-    assert sorted(n for n, _ in search) == ["code", "list", "math"]
+    assert sorted(n for n, _ in search) == ["code", "code", "list", "list", "math", "math"]
+    start = yaml.safe_load((run_dir / "evolve" / "start.yaml").read_text())
+    weights = [m["parameters"]["weight"] for m in start["models"]]  # a value, or one per layer
+    assert sorted(max(w) if isinstance(w, list) else w for w in weights) == [0.1, 0.1, 0.9]
     assert sorted(n for n, _ in test) == ["code", "list", "math", "model"]
     # the evolve stage merged the pivot family and the fused list model onto the base
     recipe = (run_dir / "evolve" / "best_recipe.yaml").read_text()
@@ -163,7 +168,8 @@ def test_low_coverage_source_is_dropped_and_previous_joins_and_is_compared(first
     assert [d.source for d in result.dropped] == [str(small_suite.path("list"))]
     assert "vocabulary coverage" in result.dropped[0].reason and "0.95" in result.dropped[0].reason
     assert events.dropped_sources == result.dropped and result.fused == {}
-    assert not any(split == "search" for _, split in scorer.calls)  # the pivot came from the config
+    # the pivot came from the config: the search split scored only the merged models, for the search's start
+    assert sorted(n for n, split in scorer.calls if split == "search") == ["code", "math", "model"]
     assert result.plan.family == [str(small_suite.path("math")), str(small_suite.path("code")), str(previous)]
     kinds = [(r.kind, r.name) for r in result.comparison.rows]
     assert kinds[-1] == ("previous", "previous: model") and result.decision.previous == "previous: model"

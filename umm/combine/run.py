@@ -239,7 +239,7 @@ def run_combine(
         fused, dropped = fusion_stage(config, plan, infos, run_dir, events, on_progress)
 
     events.stage("evolve", f"{config.evolve.method}, {config.evolve.optimizer}")
-    outcome = evolve_stage(config, plan, list(fused.values()), run_dir, events, on_progress)
+    outcome = evolve_stage(config, plan, list(fused.values()), run_dir, events, on_progress, scorer)
 
     events.stage("compare", "test split: the merged model, every input model" + (", previous" if previous else ""))
     rows = compare_stage(config, infos, previous, Path(outcome.model_dir), run_dir, scorer, events, plan.pivot)
@@ -506,13 +506,49 @@ def evolve_config(config: CombineConfig, models: Sequence[str], base: str) -> Ev
     })
 
 
+#: where the search starts, in each weight's bounds: the best single model near the top, the others near the bottom
+START_HIGH, START_LOW = 0.9, 0.1
+START_FILE = "start.yaml"
+
+
+def start_recipe(config: CombineConfig, models: Sequence[str], base: str, scorer: Scorer, folder: Path) -> str:
+    """The search's starting recipe (``evolve/start.yaml``): with a ``weight`` parameter, the model
+    with the best ``search`` objective (each scored once) at ``START_HIGH`` of
+    its weight's bounds and every other at ``START_LOW``, so the search starts near the best model
+    it can merge (a fused model is often it: an even start dilutes the fusion's delta and loses its
+    skill) and grows the others' share from there; other methods: ``uniform``."""
+    import numpy as np
+
+    from umm.checkpoints.reader import Checkpoint
+    from umm.evolve.run import start_genome
+
+    ecfg = evolve_config(config, models, base)
+    with Checkpoint.open(base) as ref:
+        genome = start_genome(ecfg, ref.num_layers or 0)
+    if "weight" not in genome.param_names or len(models) < 2:
+        return "uniform"
+    weights = {t.name: t.weight for t in config.tasks}
+    objectives = [objective({t: r.score for t, r in score_tasks(config, scorer, Path(m), "search").items()}, weights)
+                  for m in models]
+    best = int(np.argmax(objectives))
+    lo, hi = ecfg.bounds_for("weight")
+    values = np.array(genome.values, dtype=np.float64)
+    k = genome.param_names.index("weight")
+    values[:, :, ..., k] = lo + START_LOW * (hi - lo)
+    values[:, best, ..., k] = lo + START_HIGH * (hi - lo)
+    path = folder / START_FILE
+    write_text_atomic(path, genome.with_vector(values.reshape(-1)).to_recipe().to_yaml())
+    return str(path)
+
+
 def evolve_stage(
     config: CombineConfig, plan: CombinePlan, fused: Sequence[str], run_dir: Path,
-    events: CombineEvents, on_progress: ProgressSink | None,
+    events: CombineEvents, on_progress: ProgressSink | None, scorer: Scorer,
 ) -> EvolveOutcome:
     """Stage 4: :func:`umm.evolve.run.run_evolve` over the pivot's family and the fused models
-    onto ``plan.base``, in ``evolve/`` (resumed from its state when there is one); its merged model
-    is moved to ``model/``, its plots copied into the run folder. Recorded in ``evolve.json``."""
+    onto ``plan.base``, from :func:`start_recipe`, in ``evolve/`` (resumed from its state when there
+    is one); its merged model is moved to ``model/``, its plots copied into the run folder.
+    Recorded in ``evolve.json``."""
     from umm.evolve.run import MODEL_DIR as EVOLVE_MODEL_DIR
     from umm.evolve.run import run_evolve
     from umm.evolve.state import STATE_FILE
@@ -525,8 +561,11 @@ def evolve_stage(
     if not models:
         raise CombineError(f"nothing left to merge onto {Path(plan.base).name}: every fusion source was dropped "
                            f"(see {run_dir / FUSED_DIR})")
-    ecfg = evolve_config(config, models, plan.base)
     folder = run_dir / EVOLVE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    start = str(folder / START_FILE) if (folder / STATE_FILE).is_file() and (folder / START_FILE).is_file() \
+        else start_recipe(config, models, plan.base, scorer, folder)
+    ecfg = evolve_config(config, models, plan.base).model_copy(update={"start": start})
 
     def show(state, gen, total) -> None:  # type: ignore[no-untyped-def]
         best = state.best()
