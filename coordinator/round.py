@@ -597,7 +597,8 @@ class RoundRunner:
                 others[Path(row.path).name] = row
         if merged is None:
             raise UmmError(f"the job's comparison has no row for its merged model {output.model_dir}")
-        families = {h: self._family(h) for h in [*others, manifest_hash]}
+        families = {h: self._family(h) for h in others}
+        families[manifest_hash] = families.get(results.plan.pivot, "")  # merged in the pivot's family
         self.db.update_round(number, scores=merged.scores, objective=merged.objective, merged_hash=manifest_hash,
                              recipe_hash=output.recipe_hash, method=output.method)
         return EvaluateResultStep(manifest_hash=manifest_hash, scores=merged.scores, objective=merged.objective,

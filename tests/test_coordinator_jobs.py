@@ -143,6 +143,7 @@ def test_the_round_reads_the_jobs_comparison_by_manifest_hash(tiny_models, tmp_p
     ev = runner.step_evaluate_result(r1, RoundResults(plan=plan, job=JobStep(job=1, output=result)))
     assert ev.manifest_hash == build_manifest(tiny_models["math"]).hash and ev.objective == 0.5
     assert ev.source_objectives == {a: 0.4, b: pytest.approx(0.3)} and ev.decision == result.decision
+    assert ev.families[ev.manifest_hash] == ev.families[a]  # the merged model is of the pivot's family
     assert db.round(r1).merged_hash == ev.manifest_hash and db.round(r1).method == "task_arithmetic"
 def test_status_phase_shows_the_running_jobs_progress(tmp_path):
     from coordinator.status import _phase_text
