@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from umm.cli.common import user_errors
+from umm.cli.common import PRIVATE_HELP, PUSH_HELP, push_output, user_errors
 
 if TYPE_CHECKING:
     from umm.combine.run import CombineResult, Dropped
@@ -27,16 +27,31 @@ def combine_command(
     suite: str | None = typer.Option(None, "--suite", help="Expert suite variant (full, small) for the config's suite:<variant>/<model> references: overrides the variant they name."),
     set_: list[str] = typer.Option([], "--set", help="KEY=VALUE (YAML value; dotted key for nested: evolve.budget.evaluations=9): overrides the config. Repeatable."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the usable cores minus the sandbox workers, at least 1)."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", metavar="REPO", help=PUSH_HELP + " Only a merged "
+                                           "model that the decision publishes is pushed."),
+    private: bool = typer.Option(False, "--private/--no-private", help=PRIVATE_HELP),
 ) -> None:
     """Fuse each model of another family into the pivot, merge the pivot's family with CMA-ES,
     compare on the test split, and say whether the merged model beats the best source (and the
     previous merged model) with a paired-bootstrap 95% CI above the margin."""
     with user_errors():
-        _combine(config, run_dir, resume, device, suite, set_, threads)
+        if push_to_hub is not None:
+            from umm.checkpoints.hub import check_repo_id
+
+            check_repo_id(push_to_hub)  # before any work
+        result = _combine(config, run_dir, resume, device, suite, set_, threads)
+        if push_to_hub is not None:
+            if result.decision.published:
+                push_output(result.model_dir, push_to_hub, private, f"umm combine: {result.decision.text}"[:500])
+            else:
+                from umm.ui import console
+
+                console.print(f"[yellow]not pushed to {push_to_hub}[/]: the merged model is no improvement",
+                              highlight=False)
 
 
 def _combine(config: Path, run_dir: Path | None, resume: bool, device: str | None, suite: str | None,
-             sets: list[str], threads: int | None) -> None:
+             sets: list[str], threads: int | None) -> CombineResult:
     from umm.cli.common import config_overrides, resolve_instructions_ref, set_threads
     from umm.combine.config import load_config
     from umm.combine.run import default_run_dir, run_combine
@@ -53,7 +68,7 @@ def _combine(config: Path, run_dir: Path | None, resume: bool, device: str | Non
     out = (run_dir or default_run_dir(config, cfg)).resolve()
     console.print(f"[bold]umm combine[/]: {len(cfg.models)} models, run folder {out}, {n_threads} torch thread(s)",
                   highlight=False)
-    run_combine(cfg, out, resume=resume, events=ConsoleCombineEvents(), on_progress=Bars())
+    return run_combine(cfg, out, resume=resume, events=ConsoleCombineEvents(), on_progress=Bars())
 
 
 class ConsoleCombineEvents:
