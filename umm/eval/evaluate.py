@@ -234,11 +234,10 @@ def evaluate_folder(
     """
     import torch
 
-    from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+    from umm.checkpoints.loading import resolve_device
 
     dev = resolve_device(device)
-    model = load_causal_lm(path, device=dev, dtype=dtype)
-    tokenizer = load_tokenizer(path)
+    model, tokenizer = _load(path, dev, dtype)
     try:
         result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
                           device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
@@ -250,6 +249,24 @@ def evaluate_folder(
             torch.cuda.empty_cache()
     result.meta["model"] = str(path)
     return result
+
+
+def _load(path: str | Path, dev: Any, dtype: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer of ``path``: umm's lean forward and the ``tokenizers`` library where they
+    compute exactly what transformers does (:mod:`umm.eval.native`: a plain float32 Llama on the CPU),
+    else transformers' classes. ``UMM_SPEEDUPS=0`` always takes transformers'."""
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+    from umm.speedups import enabled
+
+    if enabled():
+        from umm.eval.native import load_native_llama, load_native_tokenizer
+
+        tokenizer = load_native_tokenizer(path)
+        model = load_native_llama(path, dev, dtype) if tokenizer is not None else None
+        if model is not None:
+            logger.debug("%s: umm's native Llama forward", path)
+            return model, tokenizer
+    return load_causal_lm(path, device=dev, dtype=dtype), load_tokenizer(path)
 
 
 def score_completions(
