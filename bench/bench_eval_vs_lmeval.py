@@ -25,7 +25,7 @@ generated ``test`` items all fall into the half called ``search``, hence ``--spl
 (the bench checks that umm scored every item).
 
     /work/venv-bench/bin/python bench/bench_eval_vs_lmeval.py                # 1,024 items
-    python bench/bench_eval_vs_lmeval.py --n 256 --batch-sizes 16 --skip-code
+    python bench/bench_eval_vs_lmeval.py --n 256 --batch-sizes 16 --tasks synth-math
     python bench/bench_eval_vs_lmeval.py --experts-dir /work/exp/home/experts
 
 Needs ``lm-eval`` in the same environment (``pip install -e '.[bench]'``, into a separate
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=f"1,{UMM_DEFAULT_BATCH}", help="batch sizes run by both tools")
     ap.add_argument("--experts-dir", type=Path, help="root of the expert suites (default: umm's, $UMM_HOME/experts)")
     ap.add_argument("--variant", default="full", help="expert suite variant (built if missing)")
-    ap.add_argument("--skip-code", action="store_true", help="only the math task")
+    ap.add_argument("--tasks", default="synth-math,synth-code", help="comma-separated, of: " + ", ".join(TASKS))
     ap.add_argument("--out", type=Path, default=HERE / "out" / "eval_vs_lmeval")
     args = ap.parse_args()
 
@@ -234,7 +234,9 @@ def main() -> None:
     task_dir.mkdir(exist_ok=True)
     byte_compile_umm()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    names = ["synth-math"] + ([] if args.skip_code else ["synth-code"])
+    names = [t for t in args.tasks.split(",") if t]
+    if not names or any(t not in TASKS for t in names):
+        sys.exit(f"--tasks: give some of {', '.join(TASKS)}")
     print(f"{args.n} items per task, one thread, suite {suite.variant} at {suite.root}", flush=True)
     runs: dict[tuple[str, str, int], Run] = {}
     for name in names:
@@ -253,11 +255,13 @@ def main() -> None:
             print(f"{name:<11} batch {bs:>3}: umm/lm-eval items/s {u.items_per_s / lm.items_per_s:.2f}, "
                   f"CPU lm-eval/umm {lm.cpu / u.cpu:.2f}, differing answers {len(diff)}", flush=True)
             explain(u, lm, diff)
-    u = runs.get(("umm", "synth-math", UMM_DEFAULT_BATCH)) or runs[("umm", "synth-math", sizes[-1])]
-    lm = runs.get(("lm-eval", "synth-math", LMEVAL_DEFAULT_BATCH)) or runs[("lm-eval", "synth-math", sizes[0])]
+    head = names[0]
+    u = runs.get(("umm", head, UMM_DEFAULT_BATCH)) or runs[("umm", head, sizes[-1])]
+    lm = runs.get(("lm-eval", head, LMEVAL_DEFAULT_BATCH)) or runs[("lm-eval", head, sizes[0])]
     defaults = u.batch_size == UMM_DEFAULT_BATCH and lm.batch_size == LMEVAL_DEFAULT_BATCH
-    print(f"headline: synth-math, umm at batch {u.batch_size} against lm-eval at batch {lm.batch_size}"
+    print(f"headline: {head}, umm at batch {u.batch_size} against lm-eval at batch {lm.batch_size}"
           + (" (each tool's default)" if defaults else ""))
+    print(f"CPU seconds lm-eval/umm: {lm.cpu / u.cpu:.2f} (steadier than wall time on a shared machine)")
     print(f"umm/lm-eval items/s: {u.items_per_s / lm.items_per_s:.2f}; accuracy umm {u.accuracy:.3f}, "
           f"lm-eval {lm.accuracy:.3f}; differing answers {len(differing(u, lm))}")
 
