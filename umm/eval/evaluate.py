@@ -229,7 +229,8 @@ def evaluate_folder(
     """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
 
     ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
-    checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
+    checkpoint's) are how it is loaded (a plain float32 Llama on the CPU through
+    :mod:`umm.eval.native`, same outputs); the model is freed (and the CUDA cache emptied) before
     returning. ``result.meta["model"]`` is ``path``. ``on_progress``/``show_progress``: as :func:`evaluate`.
     """
     import torch
