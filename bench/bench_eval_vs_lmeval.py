@@ -27,6 +27,7 @@ generated ``test`` items all fall into the half called ``search``, hence ``--spl
     /work/venv-bench/bin/python bench/bench_eval_vs_lmeval.py                # 1,024 items
     python bench/bench_eval_vs_lmeval.py --n 256 --batch-sizes 16 --tasks synth-math
     python bench/bench_eval_vs_lmeval.py --experts-dir /work/exp/home/experts
+    UMM_SPEEDUPS=0 python bench/bench_eval_vs_lmeval.py   # umm with transformers' model and tokenizer
 
 Needs ``lm-eval`` in the same environment (``pip install -e '.[bench]'``, into a separate
 virtual environment: see bench/README.md). The last line reads
