@@ -58,6 +58,16 @@ def test_logits_are_bitwise_those_of_transformers(tiny_models, tied, which, one_
         assert torch.equal(a2.logits, b2.logits)
 
 
+def test_without_a_mask_and_with_several_new_tokens_too(tiny_models, one_thread) -> None:
+    """No attention mask: causal prefill, then two tokens at once on the cache (a causal mask with an offset)."""
+    native, (hf, _) = load_native_llama(tiny_models["code"], CPU), _hf(tiny_models["code"])
+    ids, more = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]), torch.tensor([[5, 8], [9, 7]])
+    with torch.inference_mode():
+        a, b = native(ids, use_cache=True), hf(input_ids=ids, use_cache=True)
+        assert torch.equal(a.logits, b.logits)
+        assert torch.equal(native(more, cache=a.cache).logits, hf(input_ids=more, cache=b.cache).logits)
+
+
 def test_greedy_outputs_equal_transformers(tiny_models, one_thread) -> None:
     folder = tiny_models["math"]
     native = load_native_llama(folder, CPU)

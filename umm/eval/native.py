@@ -150,7 +150,7 @@ class NativeLlama(torch.nn.Module):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    def _mask(self, attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    def _mask(self, attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int) -> torch.Tensor | None:
         """transformers' SDPA mask: None when nothing is padded and causality is implied, else
         ``causal & padding`` as a (batch, 1, q, kv) boolean view."""
         pad = None if attention_mask is None else attention_mask[:, -kv_len:].bool()
@@ -161,7 +161,7 @@ class NativeLlama(torch.nn.Module):
         mask = kv_pos[None, None, None, :] <= q_pos[None, None, :, None]
         if pad is not None:
             mask = mask & pad[:, None, None, :]
-        return mask.expand(pad.shape[0] if pad is not None else 1, -1, q_len, kv_len)
+        return mask.expand(b, -1, q_len, kv_len)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: list | None = None, use_cache: bool = True,
@@ -176,7 +176,7 @@ class NativeLlama(torch.nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = (emb.cos() * 1.0).to(h.dtype).unsqueeze(1), (emb.sin() * 1.0).to(h.dtype).unsqueeze(1)
-        mask = self._mask(attention_mask, q_len, kv_len)
+        mask = self._mask(attention_mask, b, q_len, kv_len)
         scale = c.head_dim ** -0.5
         causal = q_len > 1 and mask is None
         shape = (b, q_len, -1, c.head_dim)
