@@ -178,8 +178,8 @@ def _stopped_rows(tokenizer, generated: list[list[int]], rows: list[int], stop: 
     so the window holds any stop that the newest token completed; a stop seen late would only
     cost steps (outputs are cut at the first stop).
     """
-    return [r for r in rows
-            if any(s and s in tokenizer.decode(generated[r][-window:], skip_special_tokens=True) for s in stop)]
+    tails = ((r, tokenizer.decode(generated[r][-window:], skip_special_tokens=True)) for r in rows)
+    return [r for r, tail in tails if any(s and s in tail for s in stop)]
 
 
 def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev, temperature=0.0,
