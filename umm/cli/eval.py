@@ -159,8 +159,12 @@ def _score_completions(o: EvalOptions, tasks: list[Task]) -> EvalResult:
 def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     from umm.cli.common import set_threads
     from umm.errors import UmmError
-    from umm.eval.evaluate import evaluate_folder
+    from umm.speedups import import_frozen
     from umm.ui import Bars
+
+    # torch and the model code: see umm.speedups.import_frozen
+    import_frozen("umm.eval.evaluate", "umm.eval.native")
+    from umm.eval.evaluate import evaluate_folder
 
     if o.model is None:
         raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")
