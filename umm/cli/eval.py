@@ -166,9 +166,13 @@ def _score_model(o: EvalOptions, tasks: list[Task]) -> EvalResult:
     from umm.checkpoints.hub import resolve_folder
     from umm.cli.common import set_threads
     from umm.errors import UmmError
+    from umm.speedups import import_frozen
+    from umm.ui import Bars
+
+    # torch and the model code: see umm.speedups.import_frozen
+    import_frozen("umm.eval.evaluate", "umm.eval.native")
     from umm.eval.evaluate import evaluate_folder
     from umm.eval.generate import DEFAULT_BACKEND
-    from umm.ui import Bars
 
     if o.model is None:
         raise UmmError("give a MODEL folder (or --completions FILE to score completions without a model)")

@@ -236,7 +236,8 @@ def evaluate_folder(
     """Load the model folder ``path`` (safetensors, no remote code) and score it with :func:`evaluate`.
 
     ``device`` (``None``/``auto``: CUDA if available) and ``dtype`` (``None``/``auto``: the
-    checkpoint's) are how it is loaded; the model is freed (and the CUDA cache emptied) before
+    checkpoint's) are how it is loaded (a plain float32 Llama on the CPU through
+    :mod:`umm.eval.native`, same outputs); the model is freed (and the CUDA cache emptied) before
     returning. ``result.meta["model"]`` is ``path``. ``on_progress``/``show_progress``: as :func:`evaluate`.
     ``backend``: ``loop``/``hf`` (PyTorch), ``vllm`` (a vLLM engine, or :class:`~umm.eval.backends.BackendError`
     with the reason) or ``auto`` (vLLM if it can run here and load the model, else PyTorch);
@@ -244,13 +245,15 @@ def evaluate_folder(
     """
     import torch
 
-    from umm.checkpoints.loading import load_causal_lm, load_tokenizer, resolve_device
+    from umm.checkpoints.loading import resolve_device
     from umm.eval.backends import open_engine
 
     engine = open_engine(path, backend, device=device, dtype=dtype, seed=seed)
-    dev = resolve_device(device) if engine is None else torch.device("cuda")
-    model = load_causal_lm(path, device=dev, dtype=dtype) if engine is None else engine
-    tokenizer = load_tokenizer(path) if engine is None else engine.tokenizer
+    if engine is not None:
+        dev, model, tokenizer = torch.device("cuda"), engine, engine.tokenizer
+    else:  # transformers' generate (hf) needs transformers' model; umm's own loop runs either
+        dev = resolve_device(device)
+        model, tokenizer = _load(path, dev, dtype, native=backend != "hf")
     try:
         result = evaluate(model, tokenizer, tasks, split=split, limit=limit, seed=seed, batch_size=batch_size,
                           device=dev, max_new_tokens=max_new_tokens, chat_template=chat_template,
@@ -264,6 +267,24 @@ def evaluate_folder(
             torch.cuda.empty_cache()
     result.meta["model"] = str(path)
     return result
+
+
+def _load(path: str | Path, dev: Any, dtype: str | None, native: bool = True) -> tuple[Any, Any]:
+    """The model and tokenizer of ``path``: umm's lean forward and the ``tokenizers`` library where they
+    compute exactly what transformers does (:mod:`umm.eval.native`: a plain float32 Llama on the CPU),
+    else (or without ``native``) transformers' classes. ``UMM_SPEEDUPS=0`` always takes transformers'."""
+    from umm.checkpoints.loading import load_causal_lm, load_tokenizer
+    from umm.speedups import enabled
+
+    if native and enabled():
+        from umm.eval.native import load_native_llama, load_native_tokenizer
+
+        tokenizer = load_native_tokenizer(path)
+        model = load_native_llama(path, dev, dtype) if tokenizer is not None else None
+        if model is not None:
+            logger.debug("%s: umm's native Llama forward", path)
+            return model, tokenizer
+    return load_causal_lm(path, device=dev, dtype=dtype), load_tokenizer(path)
 
 
 def score_completions(

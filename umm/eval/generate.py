@@ -163,34 +163,56 @@ def _left_pad(batch: list[list[int]], pad_id: int, dev: Any) -> tuple[Any, Any]:
     return ids.to(dev), mask.to(dev)
 
 
-def _cache_argument(model) -> str:
-    """The name under which ``model.forward`` takes and returns its KV cache.
+def _forward_arguments(model) -> tuple[str, bool]:
+    """The name under which ``model.forward`` takes and returns its KV cache, and whether it takes
+    ``logits_to_keep``.
 
     transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name still works, with a
     deprecation warning on every run); earlier versions know only ``past_key_values``.
+    ``logits_to_keep=1`` (transformers >= 4.50) projects only the last position onto the
+    vocabulary, the only one the loop reads.
     """
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _stopped_rows(tokenizer, generated: list[list[int]], rows: list[int], stop: Sequence[str], window: int) -> list[int]:
+    """The ``rows`` whose last ``window`` generated tokens decode to text holding a stop sequence.
+
+    A stop sequence of k characters spans at most k tokens (every token decodes to >= 1 byte),
+    so the window holds any stop that the newest token completed; a stop seen late would only
+    cost steps (outputs are cut at the first stop).
+    """
+    tails = ((r, tokenizer.decode(generated[r][-window:], skip_special_tokens=True)) for r in rows)
+    return [r for r, tail in tails if any(s and s in tail for s in stop)]
 
 
 def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_ids, dev, temperature=0.0,
                    sampler=None) -> list[str]:
+    """Greedy (or sampled) decoding of one left-padded batch with the KV cache.
+
+    The attention mask of every step is a view of one mask allocated up front (prompt mask,
+    then ones for the new tokens); the stop check decodes only the rows still running.
+    """
     import torch
 
     ids, mask = _left_pad(batch, pad_id, dev)
-    n = ids.shape[0]
+    n, width = ids.shape
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    full_mask = torch.cat([mask, torch.ones((n, max_new_tokens), dtype=mask.dtype, device=dev)], dim=-1)
     generated: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
-    # a stop string of k characters spans at most k tokens (every token decodes to >= 1 byte)
     window = max((len(s.encode("utf-8")) for s in stop if s), default=0) + 2
     eos_t = torch.tensor(sorted(eos_ids), device=dev) if eos_ids else None
     past = None
-    cache_arg = _cache_argument(model)
+    cache_arg, keep_arg = _forward_arguments(model)
+    extra = {"logits_to_keep": 1} if keep_arg else {}
     step_ids, step_pos = ids, positions
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past})
+    for step in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=full_mask[:, : width + step], position_ids=step_pos,
+                    use_cache=True, **{cache_arg: past}, **extra)
         past = getattr(out, cache_arg)
         logits = out.logits[:, -1, :]
         if temperature > 0:
@@ -198,8 +220,9 @@ def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_id
             nxt = torch.multinomial(probs, 1, generator=sampler).squeeze(-1)
         else:
             nxt = logits.argmax(dim=-1)
-        is_eos = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
-        toks, eos_flags = nxt.tolist(), is_eos.tolist()
+        toks = nxt.tolist()
+        eos_flags = torch.isin(nxt, eos_t).tolist() if eos_t is not None else [False] * n
+        grown = []
         for r in range(n):
             if done[r]:
                 continue
@@ -207,15 +230,14 @@ def _generate_loop(model, tokenizer, batch, max_new_tokens, stop, pad_id, eos_id
                 done[r] = True
                 continue
             generated[r].append(toks[r])
-            if window > 2:
-                tail = tokenizer.decode(generated[r][-window:], skip_special_tokens=True)
-                if any(s and s in tail for s in stop):
-                    done[r] = True
+            grown.append(r)
+        if window > 2 and grown:
+            for r in _stopped_rows(tokenizer, generated, grown, stop, window):
+                done[r] = True
         if all(done):
             break
         step_ids = nxt.unsqueeze(-1)
         step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=-1)
     return [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
 
 
