@@ -392,6 +392,7 @@ def _fill_output(config: FusionTrainConfig, tmp: Path, model: Any, tokenizer: An
         "fallback_fraction": dict(zip(targets.teacher_names, targets.fallback_fraction)),
         "minCE_wins": dict(zip(targets.teacher_names, targets.chosen)),
         "final_loss": state["history"][-1] if state["history"] else None,
+        "history": state["history"],  # every step's loss and terms (the dashboard's curve once the checkpoints are gone)
         "train_seconds_last_call": round(seconds, 2),
     }
     (tmp / "fusion_recipe.json").write_text(json.dumps(recipe, indent=1), encoding="utf-8")
