@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from experts_fixtures import small_suite  # noqa: F401
 
 from umm.combine.config import CombineConfigError, parse_config
