@@ -63,7 +63,7 @@ def demo_command(
     summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
     dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
                                          help=describe("dashboard")),
-    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
+    linger: bool = typer.Option(default("linger"), "--linger/--no-linger", help=describe("linger")),
 ) -> None:
     """Prepare the tiny experts (cached) and run a local umm network on them: ``umm net local`` with
     the demo's defaults. Prints the leaderboard, the merged model beside its sources, and where

@@ -55,7 +55,7 @@ def local_command(
     summary_json: Path | None = typer.Option(None, "--summary-json", help=SUMMARY_HELP),
     dashboard: str | None = typer.Option(default("dashboard"), "--dashboard", metavar="HOST:PORT",
                                          help=describe("dashboard")),
-    linger: bool = typer.Option(default("linger"), "--linger", help=describe("linger")),
+    linger: bool = typer.Option(default("linger"), "--linger/--no-linger", help=describe("linger")),
 ) -> None:
     """Start a coordinator and N nodes locally, run the rounds, print the leaderboard and the merged
     model's scores beside its sources', check every node holds the verified merged model, stop all.
