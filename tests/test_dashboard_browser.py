@@ -2,10 +2,10 @@
 the DOM after the page's scripts ran holds the leaderboard rows and the round's decision, and
 contributor text shows as text (no injected handler ran).
 
-Two servers: the dashboard over a state built by the tests (seconds), and a real
+Two servers here: the dashboard over a state built by the tests (seconds), and a real
 ``umm-coordinator run --dashboard 127.0.0.1:0`` process over that state, read once its own round
-has finished (a whole ``umm net local`` round takes minutes on 2 CPU cores: README's command, run
-by hand, made docs/dashboard.png).
+has finished. The page of a whole ``umm net local --dashboard ... --linger`` round is read in
+tests/test_net_local.py (its round runs there anyway).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ pivot's family, then evolve the family), run them in the coordinator's worker, c
 with its sources, publish it, and every node must download and verify it. The small suite's toy
 models score about 0, so the run sets ``--margin -1`` (publish whatever the gain); the publish
 gate itself is tested where it is decided. The command must print the leaderboard and the merged
-model beside its sources, exit 0, write its summary, and leave no process behind. A second run on
+model beside its sources, exit 0, write its summary, and leave no process behind; it lingers with its
+dashboard, whose page a real headless chromium reads (leaderboard rows, the decision, the plan's
+stages) before Ctrl-C. A second run on
 the same work dir (``--keep-state``) has no new expert: it ends ``no_improvement`` and publishes
 nothing.
 """
@@ -16,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,6 +57,34 @@ def _step(db: Path, name: str) -> Any:
     return row.result
 
 
+def _run_with_dashboard(cmd: list[str], env: dict[str, str], tmp_path: Path) -> tuple[Any, str, str | None]:
+    """Run ``cmd --dashboard 127.0.0.1:0 --linger``; once its rounds are done, read the dashboard's
+    DOM with headless chromium (None where chromium is absent), then Ctrl-C it. Bounded waits."""
+    from test_dashboard_browser import CHROMIUM, browser_dom
+
+    log = tmp_path / "net-local.out"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([*cmd, "--dashboard", "127.0.0.1:0", "--linger"], stdout=fh,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    dom = None
+    try:
+        deadline = time.monotonic() + 580
+        while proc.poll() is None and "stay up until Ctrl-C" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        url = re.search(r"(http://127\.0\.0\.1:\d+/)", log.read_text())
+        if proc.poll() is None and url and CHROMIUM is not None:
+            dom = browser_dom(url.group(1), tmp_path / "profile")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc, log.read_text(), dom
+
+
 @pytest.mark.timeout(1200)
 def test_local_network_fuses_two_families_and_every_node_holds_the_verified_model(small_suite, tmp_path):  # noqa: F811
     from umm.checkpoints.fingerprint import fingerprint
@@ -67,9 +99,12 @@ def test_local_network_fuses_two_families_and_every_node_holds_the_verified_mode
            "--max-new-tokens", "4", "--fusion-max-steps", "2", "--margin", "-1",
            "--summary-json", str(tmp_path / "summary.json")]
     env = {**os.environ, "COLUMNS": "250", "UMM_NO_PROGRESS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580, env=env)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    # the first run lingers with its dashboard, which a real headless browser reads before Ctrl-C
+    proc, out, dom = _run_with_dashboard(cmd, env, tmp_path)
+    assert proc.returncode == 0, out[-4000:]
+    if dom is not None:
+        assert all(name in dom for name in NODES) and "published" in dom, dom[-3000:]
+        assert "fuse" in dom and "evolve" in dom  # the plan's stages
 
     # the leaderboard ranks the three served experts in the three domains
     assert "Leaderboard" in out
