@@ -132,3 +132,15 @@ def test_experts_of_one_base_are_compatible(tiny_models: dict[str, Path]) -> Non
     finally:
         for c in ckpts:
             c.close()
+
+
+def test_a_different_vocabulary_is_named_before_the_shapes_it_changes(tiny_models: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    """A merge of models with different vocabularies (e.g. a recipe asking ``tokenizer_source:
+    union``) says that the tokenizers differ, not that ``lm_head.weight`` has another shape."""
+    folder = make_random_llama(tmp_path / "bigger_vocab", vocab_size=512)
+    make_tokenizer(512, corpus="completely different text: lorem ipsum dolor sit amet " * 3).save_pretrained(folder)
+    with Checkpoint.open(tiny_models["base"]) as a, Checkpoint.open(folder) as b:
+        assert a.tensors["lm_head.weight"].shape != b.tensors["lm_head.weight"].shape
+        reason = incompatibility(a, b) or ""
+        assert "tokenizers differ" in reason and "tokenizer_source: union" in reason and "shape" not in reason

@@ -169,6 +169,21 @@ def incompatibility(a: Checkpoint, b: Checkpoint) -> str | None:
 def _incompatibility(a: Checkpoint, b: Checkpoint, ta: str | None) -> str | None:
     if a.model_type != b.model_type:
         return f"model types differ: {a.model_type!r} ({a.path}) vs {b.model_type!r} ({b.path})"
+    # the vocabulary first: a different one also shows as embedding shapes, which would hide the cause
+    tb = tokenizer_fingerprint(b.path)
+    if ta is None or tb is None:
+        if ta != tb:
+            logger.warning(
+                "%s has no tokenizer files: cannot check that its vocabulary matches %s",
+                a.path if ta is None else b.path,
+                b.path if ta is None else a.path,
+            )
+    elif ta != tb:
+        return (
+            f"tokenizers differ between {a.path} and {b.path}: these models are heterogeneous (umm merges "
+            "models with one vocabulary, so tokenizer_source: union over different vocabularies is not "
+            "supported); use `umm fuse` (distribution fusion)"
+        )
     for name, info in a.tensors.items():
         other = b.tensors.get(name)
         if other is None:
@@ -181,19 +196,6 @@ def _incompatibility(a: Checkpoint, b: Checkpoint, ta: str | None) -> str | None
     for name in b.tensors:
         if name not in a.tensors:
             return f"tensor {name!r} is in {b.path} but missing from {a.path}"
-    tb = tokenizer_fingerprint(b.path)
-    if ta is None or tb is None:
-        if ta != tb:
-            logger.warning(
-                "%s has no tokenizer files: cannot check that its vocabulary matches %s",
-                a.path if ta is None else b.path,
-                b.path if ta is None else a.path,
-            )
-    elif ta != tb:
-        return (
-            f"tokenizers differ between {a.path} and {b.path}: these models are heterogeneous; "
-            "use `umm fuse` (distribution fusion)"
-        )
     return None
 
 

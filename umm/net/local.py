@@ -246,6 +246,8 @@ class Proc:
                  ready_file: Path | None = None):
         self.name, self.cmd, self.log, self.dht_pids, self.ready_file = name, cmd, log, dht_pids, ready_file
         log.parent.mkdir(parents=True, exist_ok=True)
+        #: when it was started (wall clock, as the coordinator's round times)
+        self.started_at = time.time()
         with open(log, "wb") as fh:
             self.popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True)
@@ -571,7 +573,9 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
 
     deadline = time.monotonic() + cfg.round_timeout
     last_phase = ""
-    before: int | None = None  # the last round finished before this run (a keep_state run's earlier rounds)
+    # this run's rounds end after the coordinator started (a keep_state run also sees the earlier ones;
+    # a round with nothing new to do can end before the first answer of the status service)
+    started = coord.started_at
     while True:
         try:
             result.view = view = fetch_status(address, limit=0)
@@ -581,9 +585,7 @@ def _wait_rounds(cfg: LocalNetConfig, coord: Proc, address: str, result: LocalNe
             logger.info("%s; asking again", e)
             time.sleep(2.0)
             continue
-        if before is None:
-            before = max((r.number for r in view.rounds if r.state != "running"), default=0)
-        result.rounds = sorted(r.number for r in view.rounds if r.number > before and r.state != "running")
+        result.rounds = sorted(r.number for r in view.rounds if r.state != "running" and r.finished_at >= started)
         if len(result.rounds) >= cfg.rounds:
             break
         phase = f"round {view.status.current_round}: {view.status.phase}"
