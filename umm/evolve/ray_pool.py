@@ -130,6 +130,8 @@ class RemoteWorker:
         self._ray, self._actor = ray, actor
         self.config, self.tasks, self.device = config, list(tasks), device
         self.live = _RemoteLive(ray, actor)
+        #: no generation engine on the driver: a model on disk is scored here with PyTorch
+        self.engine = None
 
     def evaluate(self, split: str) -> Any:
         return self._ray.get(self._actor.evaluate.remote(split))
