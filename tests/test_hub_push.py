@@ -104,3 +104,29 @@ def test_evolve_and_fuse_refuse_a_bad_push_target_before_any_work(command, tmp_p
     example = Path(__file__).parent.parent / "examples" / f"{command}.yaml"
     res = CliRunner().invoke(app, [command, str(example), "--push-to-hub", "noslash"])
     assert res.exit_code == 2 and "org/name" in res.output
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_umm_combine_pushes_only_a_model_its_decision_publishes(merged, tmp_path, monkeypatch, published):
+    """The run itself is stood in for (tests/test_combine_run.py runs it): what is checked is that the
+    hub gets the merged model only when the decision publishes it."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from umm.cli import combine as combine_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    api = FakeApi()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    decision = SimpleNamespace(published=published, text="published: merged beats ..." if published else "no improvement")
+    monkeypatch.setattr(combine_cli, "_combine", lambda *a, **k: SimpleNamespace(model_dir=merged, decision=decision))
+    res = CliRunner().invoke(app, ["combine", str(tmp_path / "c.yaml"), "--push-to-hub", "me/combined"])
+    assert res.exit_code == 0, res.output
+    if published:
+        assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+        assert api.calls[1][2]["commit_message"].startswith("umm combine: published")
+    else:
+        assert api.calls == [] and "not pushed to me/combined" in res.output
+    res = CliRunner().invoke(app, ["combine", str(tmp_path / "c.yaml"), "--push-to-hub", "noslash"])
+    assert res.exit_code == 2 and "org/name" in res.output
