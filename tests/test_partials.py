@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from umm.partials import owner_alive, partial_path, remove_stale_partials
 
 
@@ -32,8 +34,23 @@ def test_a_dead_writers_folder_is_removed_and_a_live_ones_kept(tmp_path):
 def test_owner_alive_tells_a_reused_pid_from_its_owner():
     import os
 
-    import psutil
-
-    start = round(psutil.Process(os.getpid()).create_time() * 100)
+    start = int(partial_path(".", "x-").name.split("-")[2])  # this process's start, as its folders name it
     assert owner_alive(os.getpid(), start)
     assert not owner_alive(os.getpid(), start - 1000)  # same pid, another start: the owner is gone
+
+
+def test_a_live_owner_stays_alive_when_the_wall_clock_is_stepped(monkeypatch):
+    """The start time of a folder's owner does not move with the wall clock (a VM's clock step made a
+    long-running writer's folder look stale): on Linux it is read from boot, not from the epoch."""
+    import os
+    import time
+
+    import psutil
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("the start time counts from boot on Linux only")
+    start = int(partial_path(".", "x-").name.split("-")[2])
+    real = psutil.Process.create_time
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: real(self) + 5.0)  # the clock stepped 5 s
+    monkeypatch.setattr(time, "time", lambda: 4.0e9)
+    assert owner_alive(os.getpid(), start)

@@ -6,9 +6,11 @@ removes it. A process killed outright (SIGKILL, out of memory, power loss) canno
 run that writes beside it calls :func:`remove_stale_partials`, which removes exactly the folders
 whose owner is gone:
 
-- ``pid`` is the owner's process id and ``start`` its start time in centiseconds since the epoch
-  (``psutil``'s ``create_time``), so a reused pid is told apart from the owner: the folder is
-  stale when no process has that pid, when it is a zombie, or when it started at another time;
+- ``pid`` is the owner's process id and ``start`` its start time in centiseconds, so a reused pid
+  is told apart from the owner: the folder is stale when no process has that pid, when it is a
+  zombie, or when it started at another time. On Linux ``start`` counts from boot (the kernel's
+  ``starttime`` in ``/proc/<pid>/stat``): a wall-clock start time (``psutil``'s ``create_time``,
+  used elsewhere) moves when the clock is stepped, and a live owner's folder could then look stale;
 - a folder whose owner still runs is never touched, nor any name that does not parse (older
   layouts, other programs' files): those are left to the user.
 
@@ -28,15 +30,25 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: slack when comparing start times (psutil derives them from clock ticks; 1 tick = 1 cs on Linux)
+#: slack when comparing start times (rounding of clock ticks to centiseconds)
 _START_SLACK_CS = 2
 
 
 def _start_cs(pid: int) -> int:
-    """Start time of process ``pid`` in centiseconds since the epoch (``psutil.Error`` if gone)."""
+    """Start time of process ``pid`` in centiseconds: since boot on Linux (``/proc/<pid>/stat``'s
+    ``starttime`` ticks), else since the epoch (psutil); ``psutil.NoSuchProcess`` if it is gone."""
     import psutil
 
-    return round(psutil.Process(pid).create_time() * 100)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():  # Linux, and no such process
+            raise psutil.NoSuchProcess(pid) from None
+        return round(psutil.Process(pid).create_time() * 100)
+    except OSError:
+        return round(psutil.Process(pid).create_time() * 100)
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in (...) may hold spaces
+    return round(ticks * 100 / os.sysconf("SC_CLK_TCK"))
 
 
 @functools.cache
@@ -61,7 +73,7 @@ def owner_alive(pid: int, start_cs: int) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return abs(round(proc.create_time() * 100) - start_cs) <= _START_SLACK_CS
+        return abs(_start_cs(pid) - start_cs) <= _START_SLACK_CS
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:  # AccessDenied and the like: it exists
