@@ -174,14 +174,14 @@ def test_a_merge_removes_partial_folders_of_dead_processes_only(ties_recipe, tmp
     import subprocess
     import sys
 
-    import psutil
+    from umm.partials import process_start_cs  # the start time partial folder names carry
 
     out = tmp_path / "merged"
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    dead_start = round(psutil.Process(child.pid).create_time() * 100)
+    dead_start = process_start_cs(child.pid)
     child.communicate(b"")  # now gone; its pid may be reused, its start time is not
     me = os.getpid()
-    my_start = round(psutil.Process(me).create_time() * 100)
+    my_start = process_start_cs(me)
     planted = {
         "dead": tmp_path / f".merged.partial-{child.pid}-{dead_start}-0badf00d",
         "reused pid": tmp_path / f".merged.partial-{me}-{my_start - 1000}-0badf00d",

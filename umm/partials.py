@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 _START_SLACK_CS = 2
 
 
-def _start_cs(pid: int) -> int:
+def process_start_cs(pid: int) -> int:
     """Start time of process ``pid`` in centiseconds: since boot on Linux (``/proc/<pid>/stat``'s
     ``starttime`` ticks), else since the epoch (psutil); ``psutil.NoSuchProcess`` if it is gone."""
     import psutil
@@ -53,7 +53,7 @@ def _start_cs(pid: int) -> int:
 
 @functools.cache
 def _own_start_cs(pid: int) -> int:
-    return _start_cs(pid)
+    return process_start_cs(pid)
 
 
 def partial_path(parent: str | os.PathLike[str], prefix: str) -> Path:
@@ -73,7 +73,7 @@ def owner_alive(pid: int, start_cs: int) -> bool:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
-        return abs(_start_cs(pid) - start_cs) <= _START_SLACK_CS
+        return abs(process_start_cs(pid) - start_cs) <= _START_SLACK_CS
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:  # AccessDenied and the like: it exists
